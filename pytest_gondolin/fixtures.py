@@ -1,0 +1,188 @@
+"""The ``vm``, ``session_vm``, ``vm_factory`` fixtures and the factory behind them.
+
+The factory owns every VM it builds and closes them all at session end
+(Firecracker's test framework pattern). The ``vm`` fixture does not boot
+per test: a template VM per option set is booted once, saved with an
+internal snapshot, and put back to it before each test.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from pytest_gondolin import config as cfg
+from pytest_gondolin.errors import ConfigError, GondolinError
+from pytest_gondolin.image.store import Image, ensure_image
+from pytest_gondolin.vm.accel import AccelChoice, choose_accel
+from pytest_gondolin.vm.machine import VM, VMConfig
+from pytest_gondolin.vm.warm import CLEAN_TAG, launch_clean
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GuestKey:
+    """The options that change the guest itself (and so need their own boot)."""
+
+    image: str
+    memory_mib: int
+    cpus: int
+
+
+class VMFactory:
+    """Builds VMs with options; closes all of them at session end."""
+
+    def __init__(self, settings: cfg.Settings, progress: Progress | None = None) -> None:
+        self.settings = settings
+        self._progress = progress or (lambda msg: log.info("%s", msg))
+        self._lock = threading.RLock()
+        self._vms: list[VM] = []
+        self._images: dict[str, Image] = {}
+        self._accel: AccelChoice | None = None
+        self._templates: dict[GuestKey, VM] = {}
+        self._count = 0
+
+    # -- option handling ---------------------------------------------------
+
+    @property
+    def accel(self) -> AccelChoice:
+        with self._lock:
+            if self._accel is None:
+                self._accel = choose_accel(self.settings.accel)
+                if self._accel.name == "tcg" and self.settings.accel == "auto":
+                    self._progress(f"using TCG (software emulation): {self._accel.reason}")
+            return self._accel
+
+    def image(self, name: str | None = None) -> Image:
+        name = name or self.settings.image
+        with self._lock:
+            if name not in self._images:
+                self._images[name] = ensure_image(name, progress=self._progress)
+            return self._images[name]
+
+    def guest_key(self, *, memory: Any = None, cpus: Any = None, image: str | None = None, source: str = "vm_factory") -> GuestKey:
+        memory_mib = self.settings.memory_mib if memory is None else cfg.parse_memory(memory, f"{source}(memory=...)")
+        ncpus = self.settings.cpus if cpus is None else cfg.parse_number(cpus, f"{source}(cpus=...)", kind=int, low=1, high=64, what="cpus")
+        if image is not None and not isinstance(image, str):
+            raise ConfigError(f"{source}(image=...): must be a string, got {image!r}")
+        return GuestKey(image or self.settings.image, memory_mib, ncpus)
+
+    def _config(self, key: GuestKey) -> VMConfig:
+        return VMConfig(image=self.image(key.image), accel=self.accel.name, memory_mib=key.memory_mib,
+                        cpus=key.cpus, boot_timeout=self.settings.boot_timeout)
+
+    # -- building VMs ----------------------------------------------------------
+
+    def __call__(self, *, memory: Any = None, cpus: Any = None, image: str | None = None, **network: Any) -> VM:
+        """Boot a new VM with these options. It is closed at session end (or by ``vm.close()``)."""
+        if network:
+            raise ConfigError(f"vm_factory: unknown option(s): {', '.join(sorted(network))}")
+        key = self.guest_key(memory=memory, cpus=cpus, image=image)
+        return self._boot(key)
+
+    def _boot(self, key: GuestKey) -> VM:
+        config = self._config(key)
+        with self._lock:
+            self._count += 1
+            name = f"vm{self._count}"
+        self._progress(f"booting {name} ({config.accel}, {key.memory_mib} MiB, image {config.image.name}-{config.image.build_id})")
+        started = time.monotonic()
+        vm = VM.launch(config, name=name)
+        self._progress(f"{name} ready in {time.monotonic() - started:.1f} s")
+        with self._lock:
+            self._vms.append(vm)
+        return vm
+
+    def clean_vm(self, key: GuestKey) -> VM:
+        """Return the template VM for ``key``, put back to its clean snapshot."""
+        with self._lock:
+            vm = self._templates.get(key)
+            if vm is not None and vm.state.value != "running":
+                self._templates.pop(key)
+                vm = None
+            if vm is None:
+                config = self._config(key)
+                self._count += 1
+                vm = launch_clean(config, name=f"vm{self._count}", progress=self._progress)
+                self._vms.append(vm)
+                self._templates[key] = vm
+                return vm
+        vm.load_internal(CLEAN_TAG)
+        return vm
+
+    def close_all(self) -> None:
+        with self._lock:
+            vms, self._vms = self._vms, []
+            self._templates.clear()
+        for vm in reversed(vms):
+            try:
+                vm.close()
+            except Exception:
+                log.exception("closing %r failed", vm)
+
+
+FACTORY_KEY = pytest.StashKey[VMFactory]()
+SETTINGS_KEY = pytest.StashKey[cfg.Settings]()
+
+
+def get_factory(config: pytest.Config) -> VMFactory:
+    factory = config.stash.get(FACTORY_KEY, None)
+    if factory is None:
+        factory = VMFactory(config.stash[SETTINGS_KEY], progress=_terminal_progress(config))
+        config.stash[FACTORY_KEY] = factory
+    return factory
+
+
+def _terminal_progress(config: pytest.Config) -> Progress:
+    """Progress lines on the terminal even while output is captured."""
+
+    def show(msg: str) -> None:
+        log.info("%s", msg)
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        capman = config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None or config.get_verbosity() < 0:
+            return
+        if capman is not None:
+            with capman.global_and_fixture_disabled():
+                reporter.write_line(f"gondolin: {msg}")
+        else:
+            reporter.write_line(f"gondolin: {msg}")
+
+    return show
+
+
+@pytest.fixture(scope="session")
+def vm_factory(pytestconfig: pytest.Config) -> Iterator[VMFactory]:
+    """Session-scoped factory: ``vm_factory(memory="1G", ...)`` boots a VM it closes at session end."""
+    factory = get_factory(pytestconfig)
+    yield factory
+    factory.close_all()
+
+
+@pytest.fixture(scope="session")
+def session_vm(vm_factory: VMFactory) -> VM:
+    """One VM for the whole session, never restored: state carries over between tests."""
+    return vm_factory()
+
+
+@pytest.fixture
+def vm(vm_factory: VMFactory, request: pytest.FixtureRequest) -> Iterator[VM]:
+    """A VM put back to a clean snapshot (RAM, devices, disk) before this test."""
+    try:
+        machine = vm_factory.clean_vm(vm_factory.guest_key(source="vm fixture"))
+    except GondolinError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    request.node.stash[ACTIVE_VM_KEY] = machine
+    yield machine
+
+
+ACTIVE_VM_KEY = pytest.StashKey[VM]()

@@ -1,0 +1,22 @@
+#!/bin/sh
+# mmdebstrap customize hook: runs on the host with $1 = the new root.
+# Fetches the kernel package inside the chroot (so the host's own apt, which
+# may be Ubuntu or absent, plays no part) and unpacks it under /gondolin-kernel (not /tmp: mmdebstrap empties /tmp) for the
+# image builder to pick up. No initramfs-tools: we build our own initramfs.
+set -eu
+root="$1"
+kernel_meta="$2"
+chroot "$root" sh -eu -c '
+  meta="$1"
+  pkg=$(apt-cache depends "$meta" | sed -n "s/^ *Depends: \(linux-image-[0-9][^ ]*\)$/\1/p" | head -n 1)
+  [ -n "$pkg" ] || { echo "cannot resolve kernel package from $meta" >&2; exit 1; }
+  mkdir -p /gondolin-kernel
+  cd /gondolin-kernel
+  apt-get download -q "$pkg" 2>&1
+  dpkg-deb -x ./*.deb extract
+  rm -f ./*.deb
+' sh "$kernel_meta"
+echo gondolin > "$root/etc/hostname"
+printf '127.0.0.1 localhost\n127.0.1.1 gondolin\n' > "$root/etc/hosts"
+printf 'nameserver 192.168.127.1\n' > "$root/etc/resolv.conf"
+printf '/dev/vda / ext4 rw,noatime 0 1\n' > "$root/etc/fstab"

@@ -1,0 +1,84 @@
+"""Ready-state snapshots cached across runs, so a second run skips the cold boot.
+
+The first VM for a given :func:`~pytest_gondolin.vm.machine.state_key` boots
+cold, saves an internal snapshot ``CLEAN_TAG`` (RAM + devices + disk) in its
+overlay, and exports that overlay to ``<cache>/snapshots/<key>.qcow2``.
+Later VMs with the same key start QEMU with a copy of that file and
+``-loadvm`` (no boot at all). The key covers the image build, the boot
+payload (agent code, CA, MTU), memory, CPUs, accelerator, QEMU version and
+command line, so any change invalidates it. Writers hold a file lock and
+rename into place; a cached file that fails to load is deleted and rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import filelock
+
+from pytest_gondolin import paths
+from pytest_gondolin.errors import VMError
+from pytest_gondolin.vm.machine import VM, VMConfig, _copy_file, state_key
+
+log = logging.getLogger(__name__)
+
+CLEAN_TAG = "gondolin-clean"
+#: A cold boot plus save takes ~6 s here; a lock held far longer is a hung peer.
+WARM_LOCK_TIMEOUT = 600.0
+
+
+def snapshots_dir() -> Path:
+    path = paths.cache_dir() / "snapshots"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def launch_clean(config: VMConfig, *, name: str, progress: Callable[[str], None] | None = None,
+                 use_cache: bool = True) -> VM:
+    """Return a running VM that holds internal snapshot ``CLEAN_TAG`` of its ready state."""
+    say = progress or (lambda msg: log.info("%s", msg))
+    key = state_key(config)
+    cached = snapshots_dir() / f"{key}.qcow2"
+    lock = filelock.FileLock(str(cached.with_suffix(".lock")))
+    with lock.acquire(timeout=WARM_LOCK_TIMEOUT):
+        if use_cache and cached.exists():
+            started = time.monotonic()
+            try:
+                vm = VM.launch(config, name=name, loadvm_disk=cached, loadvm_tag=CLEAN_TAG)
+            except VMError as exc:
+                log.warning("cached snapshot %s did not load (%s); booting cold", cached, exc)
+                cached.unlink(missing_ok=True)
+            else:
+                say(f"{name} restored from the cached ready snapshot in {time.monotonic() - started:.2f} s")
+                return vm
+        started = time.monotonic()
+        say(f"booting {name} cold ({config.accel}, {config.memory_mib} MiB, image {config.image.name}-{config.image.build_id})")
+        vm = VM.launch(config, name=name)
+        try:
+            vm.save_internal(CLEAN_TAG)
+            if use_cache:
+                _export(vm, cached)
+        except BaseException:
+            vm.close()
+            raise
+        say(f"{name} booted and snapshotted in {time.monotonic() - started:.1f} s (cached for later runs)")
+        return vm
+
+
+def _export(vm: VM, target: Path) -> None:
+    if vm.rundir is None:
+        return
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    vm.pause()  # the overlay must not change while it is copied
+    try:
+        _copy_file(vm.rundir / "disk.qcow2", tmp)
+        tmp.rename(target)
+    except OSError as exc:
+        log.warning("could not cache the ready snapshot at %s: %s", target, exc)
+        tmp.unlink(missing_ok=True)
+    finally:
+        vm.resume()
