@@ -20,8 +20,10 @@ def _cmd_image_build(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     image = ensure_image(args.recipe, progress=_progress, rebuild=args.rebuild)
-    print(f"{image.name}-{image.build_id}  {image.path}  ({image.size_bytes() / 2**20:.0f} MiB, "
-          f"{time.monotonic() - started:.1f} s)")
+    print(
+        f"{image.name}-{image.build_id}  {image.path}  ({image.size_bytes() / 2**20:.0f} MiB, "
+        f"{time.monotonic() - started:.1f} s)"
+    )
     return 0
 
 
@@ -34,10 +36,14 @@ def _cmd_image_list(args: argparse.Namespace) -> int:
     for entry in entries:
         if isinstance(entry, Image):
             m = entry.manifest
-            print(f"{entry.path.name}  kernel {m.get('kernel_version')}  built {m.get('created')}  "
-                  f"{entry.size_bytes() / 2**20:.0f} MiB")
+            print(
+                f"{entry.path.name}  kernel {m.get('kernel_version')}  built {m.get('created')}  "
+                f"{entry.size_bytes() / 2**20:.0f} MiB"
+            )
         else:
-            print(f"{entry.name}  INCOMPLETE (will be rebuilt on use; `gondolin image prune` removes it)")
+            print(
+                f"{entry.name}  INCOMPLETE (will be rebuilt on use; `gondolin image prune` removes it)"
+            )
     return 0
 
 
@@ -45,7 +51,11 @@ def _cmd_image_prune(args: argparse.Namespace) -> int:
     from pytest_gondolin.image.recipe import RECIPES_DIR, load_recipe
     from pytest_gondolin.image.store import prune_images
 
-    keep = set() if args.all else {load_recipe(p.name).image_key for p in RECIPES_DIR.iterdir() if p.is_dir()}
+    keep = (
+        set()
+        if args.all
+        else {load_recipe(p.name).image_key for p in RECIPES_DIR.iterdir() if p.is_dir()}
+    )
     removed = prune_images(keep)
     for path in removed:
         print(f"removed {path}")
@@ -63,7 +73,9 @@ def _boot(args: argparse.Namespace) -> object:
     reap_orphans()
     accel = choose_accel(args.accel)
     image = ensure_image(args.image, progress=_progress)
-    config = VMConfig(image=image, accel=accel.name, memory_mib=parse_memory(args.memory, "--memory"))
+    config = VMConfig(
+        image=image, accel=accel.name, memory_mib=parse_memory(args.memory, "--memory")
+    )
     _progress(f"booting ({accel.name}: {accel.reason})")
     return VM.launch(config, name="cli")
 
@@ -91,7 +103,10 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     vm = _boot(args)
     assert isinstance(vm, VM)
     with vm:
-        print("gondolin shell: each line runs in the guest with /bin/sh -c; Ctrl-D exits", file=sys.stderr)
+        print(
+            "gondolin shell: each line runs in the guest with /bin/sh -c; Ctrl-D exits",
+            file=sys.stderr,
+        )
         while True:
             try:
                 line = input("gondolin# ")
@@ -115,28 +130,40 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gondolin", description="Sandboxed test execution in QEMU micro-VMs.")
+    parser = argparse.ArgumentParser(
+        prog="gondolin", description="Sandboxed test execution in QEMU micro-VMs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     image = sub.add_parser("image", help="build, list and prune cached guest images")
     isub = image.add_subparsers(dest="image_command", required=True)
     build = isub.add_parser("build", help="build (or find in the cache) the guest image")
-    build.add_argument("recipe", nargs="?", default="bookworm", help="recipe name or folder (default: bookworm)")
+    build.add_argument(
+        "recipe", nargs="?", default="bookworm", help="recipe name or folder (default: bookworm)"
+    )
     build.add_argument("--rebuild", action="store_true", help="build even if a cached image exists")
     build.set_defaults(func=_cmd_image_build)
     isub.add_parser("list", help="list cached images").set_defaults(func=_cmd_image_list)
-    prune = isub.add_parser("prune", help="remove images no current recipe produces, and abandoned builds")
+    prune = isub.add_parser(
+        "prune", help="remove images no current recipe produces, and abandoned builds"
+    )
     prune.add_argument("--all", action="store_true", help="remove every cached image")
     prune.set_defaults(func=_cmd_image_prune)
 
-    for name, func, helptext in (("exec", _cmd_exec, "run one command in a fresh guest; exit code passed through"),
-                                 ("shell", _cmd_shell, "an interactive shell in a fresh guest")):
+    for name, func, helptext in (
+        ("exec", _cmd_exec, "run one command in a fresh guest; exit code passed through"),
+        ("shell", _cmd_shell, "an interactive shell in a fresh guest"),
+    ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--image", default="bookworm", help="recipe name, recipe folder or image folder")
+        p.add_argument(
+            "--image", default="bookworm", help="recipe name, recipe folder or image folder"
+        )
         p.add_argument("--memory", default="256M", help="guest memory (default 256M)")
         p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
         if name == "exec":
-            p.add_argument("--timeout", type=float, default=None, help="seconds before the command is killed")
+            p.add_argument(
+                "--timeout", type=float, default=None, help="seconds before the command is killed"
+            )
             p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
         p.set_defaults(func=func)
 

@@ -22,6 +22,12 @@ T = TypeVar("T")
 
 RECORD_MODES = ("none", "once", "new_episodes", "all")
 
+MARKER_DOC = (
+    "sandboxed(*, allow_hosts=(), resolve={}, secrets={}, timeout=None, memory=None, image=None, "
+    "cassette=None, block_internal=True, upstream_ca=None): run this test "
+    "(fixtures included) inside a fresh QEMU guest restored from a clean snapshot"
+)
+
 
 @dataclass(frozen=True)
 class Option:
@@ -45,29 +51,53 @@ class Option:
 
 
 OPTIONS = (
-    Option("accel", "accelerator: auto (KVM if it works, else TCG), kvm or tcg", "auto", ("auto", "kvm", "tcg")),
-    Option("image", "guest image: a built-in recipe name, a recipe folder or an image folder", "bookworm"),
+    Option(
+        "accel",
+        "accelerator: auto (KVM if it works, else TCG), kvm or tcg",
+        "auto",
+        ("auto", "kvm", "tcg"),
+    ),
+    Option(
+        "image",
+        "guest image: a built-in recipe name, a recipe folder or an image folder",
+        "bookworm",
+    ),
     Option("memory", "guest memory, e.g. 256M or 1G", "256M"),
     Option("cpus", "guest vCPUs", "1"),
     Option("boot_timeout", "seconds a guest may take to boot", "120"),
     Option("timeout", "default timeout in seconds for a sandboxed test (0: none)", "0"),
     Option("keep_vm", "leave the VM of a failing test running for debugging", None, flag=True),
-    Option("record_mode", "cassette record mode: none, once, new_episodes, all (default: none if $CI is set, else once)",
-           None, RECORD_MODES),
-    Option("artifacts", "folder for failure artifacts (console log, traffic); default under pytest's basetemp", None),
+    Option(
+        "record_mode",
+        "cassette record mode: none, once, new_episodes, all (default: none if $CI is set, else once)",
+        None,
+        RECORD_MODES,
+    ),
+    Option(
+        "artifacts",
+        "folder for failure artifacts (console log, traffic); default under pytest's basetemp",
+        None,
+    ),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
 
 def add_options(parser: pytest.Parser) -> None:
     """Register every option in one ``gondolin`` group, plus its ini key."""
-    group = parser.getgroup("gondolin", "sandboxed test execution in QEMU micro-VMs (pytest-gondolin)")
+    group = parser.getgroup(
+        "gondolin", "sandboxed test execution in QEMU micro-VMs (pytest-gondolin)"
+    )
     for opt in OPTIONS:
         if opt.flag:
             group.addoption(opt.cli, action="store_true", default=None, help=opt.help)
             parser.addini(opt.ini, opt.help, type="bool", default=False)
         else:
-            group.addoption(opt.cli, default=None, choices=opt.choices, help=f"{opt.help} (default: {opt.default})")
+            group.addoption(
+                opt.cli,
+                default=None,
+                choices=opt.choices,
+                help=f"{opt.help} (default: {opt.default})",
+            )
             parser.addini(opt.ini, opt.help, default=None)
 
 
@@ -113,7 +143,9 @@ def parse_memory(value: object, source: str) -> int:
     return mib
 
 
-def parse_number(value: object, source: str, *, kind: Callable[[Any], T], low: float, high: float, what: str) -> T:
+def parse_number(
+    value: object, source: str, *, kind: Callable[[Any], T], low: float, high: float, what: str
+) -> T:
     """Parse ``value`` with ``kind`` (int/float) and check ``low <= value <= high``."""
     if isinstance(value, bool):
         raise ConfigError(f"{source}: {what} must be a number, got {value!r}")
@@ -169,7 +201,13 @@ def load_settings(config: pytest.Config) -> Settings:
     except ConfigError as exc:
         raise pytest.UsageError(f"pytest-gondolin: {exc}") from exc
     return Settings(
-        accel=accel, image=str(image), memory_mib=memory, cpus=cpus, boot_timeout=boot_timeout,
-        timeout=timeout or None, keep_vm=bool(keep_vm), record_mode=mode,
+        accel=accel,
+        image=str(image),
+        memory_mib=memory,
+        cpus=cpus,
+        boot_timeout=boot_timeout,
+        timeout=timeout or None,
+        keep_vm=bool(keep_vm),
+        record_mode=mode,
         artifacts=str(artifacts) if artifacts else None,
     )

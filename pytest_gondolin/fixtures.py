@@ -43,13 +43,13 @@ class VMFactory:
 
     def __init__(self, settings: cfg.Settings, progress: Progress | None = None) -> None:
         self.settings = settings
-        self._progress = progress or (lambda msg: log.info("%s", msg))
+        self.progress = progress or (lambda msg: log.info("%s", msg))
         self._lock = threading.RLock()
         self._vms: list[VM] = []
         self._images: dict[str, Image] = {}
         self._accel: AccelChoice | None = None
         self._templates: dict[GuestKey, VM] = {}
-        self._count = 0
+        self.count = 0
 
     # -- option handling ---------------------------------------------------
 
@@ -59,30 +59,54 @@ class VMFactory:
             if self._accel is None:
                 self._accel = choose_accel(self.settings.accel)
                 if self._accel.name == "tcg" and self.settings.accel == "auto":
-                    self._progress(f"using TCG (software emulation): {self._accel.reason}")
+                    self.progress(f"using TCG (software emulation): {self._accel.reason}")
             return self._accel
 
     def image(self, name: str | None = None) -> Image:
         name = name or self.settings.image
         with self._lock:
             if name not in self._images:
-                self._images[name] = ensure_image(name, progress=self._progress)
+                self._images[name] = ensure_image(name, progress=self.progress)
             return self._images[name]
 
-    def guest_key(self, *, memory: Any = None, cpus: Any = None, image: str | None = None, source: str = "vm_factory") -> GuestKey:
-        memory_mib = self.settings.memory_mib if memory is None else cfg.parse_memory(memory, f"{source}(memory=...)")
-        ncpus = self.settings.cpus if cpus is None else cfg.parse_number(cpus, f"{source}(cpus=...)", kind=int, low=1, high=64, what="cpus")
+    def guest_key(
+        self,
+        *,
+        memory: Any = None,
+        cpus: Any = None,
+        image: str | None = None,
+        source: str = "vm_factory",
+    ) -> GuestKey:
+        memory_mib = (
+            self.settings.memory_mib
+            if memory is None
+            else cfg.parse_memory(memory, f"{source}(memory=...)")
+        )
+        ncpus = (
+            self.settings.cpus
+            if cpus is None
+            else cfg.parse_number(
+                cpus, f"{source}(cpus=...)", kind=int, low=1, high=64, what="cpus"
+            )
+        )
         if image is not None and not isinstance(image, str):
             raise ConfigError(f"{source}(image=...): must be a string, got {image!r}")
         return GuestKey(image or self.settings.image, memory_mib, ncpus)
 
-    def _config(self, key: GuestKey) -> VMConfig:
-        return VMConfig(image=self.image(key.image), accel=self.accel.name, memory_mib=key.memory_mib,
-                        cpus=key.cpus, boot_timeout=self.settings.boot_timeout)
+    def vm_config(self, key: GuestKey) -> VMConfig:
+        return VMConfig(
+            image=self.image(key.image),
+            accel=self.accel.name,
+            memory_mib=key.memory_mib,
+            cpus=key.cpus,
+            boot_timeout=self.settings.boot_timeout,
+        )
 
     # -- building VMs ----------------------------------------------------------
 
-    def __call__(self, *, memory: Any = None, cpus: Any = None, image: str | None = None, **network: Any) -> VM:
+    def __call__(
+        self, *, memory: Any = None, cpus: Any = None, image: str | None = None, **network: Any
+    ) -> VM:
         """Boot a new VM with these options. It is closed at session end (or by ``vm.close()``)."""
         if network:
             raise ConfigError(f"vm_factory: unknown option(s): {', '.join(sorted(network))}")
@@ -90,14 +114,16 @@ class VMFactory:
         return self._boot(key)
 
     def _boot(self, key: GuestKey) -> VM:
-        config = self._config(key)
+        config = self.vm_config(key)
         with self._lock:
-            self._count += 1
-            name = f"vm{self._count}"
-        self._progress(f"booting {name} ({config.accel}, {key.memory_mib} MiB, image {config.image.name}-{config.image.build_id})")
+            self.count += 1
+            name = f"vm{self.count}"
+        self.progress(
+            f"booting {name} ({config.accel}, {key.memory_mib} MiB, image {config.image.name}-{config.image.build_id})"
+        )
         started = time.monotonic()
         vm = VM.launch(config, name=name)
-        self._progress(f"{name} ready in {time.monotonic() - started:.1f} s")
+        self.progress(f"{name} ready in {time.monotonic() - started:.1f} s")
         with self._lock:
             self._vms.append(vm)
         return vm
@@ -110,14 +136,19 @@ class VMFactory:
                 self._templates.pop(key)
                 vm = None
             if vm is None:
-                config = self._config(key)
-                self._count += 1
-                vm = launch_clean(config, name=f"vm{self._count}", progress=self._progress)
+                config = self.vm_config(key)
+                self.count += 1
+                vm = launch_clean(config, name=f"vm{self.count}", progress=self.progress)
                 self._vms.append(vm)
                 self._templates[key] = vm
                 return vm
         vm.load_internal(CLEAN_TAG)
         return vm
+
+    def adopt(self, vm: VM) -> None:
+        """Take ownership of ``vm``: it is closed with the factory."""
+        with self._lock:
+            self._vms.append(vm)
 
     def close_all(self) -> None:
         with self._lock:

@@ -10,20 +10,20 @@ from collections.abc import Generator
 import pytest
 
 from pytest_gondolin import config as cfg
+from pytest_gondolin.errors import ConfigError
 from pytest_gondolin.fixtures import (  # noqa: F401  (fixtures are found by name in this module)
     ACTIVE_VM_KEY,
     FACTORY_KEY,
     SETTINGS_KEY,
+    get_factory,
     session_vm,
     vm,
     vm_factory,
 )
+from pytest_gondolin.markers import SandboxOptions, sandbox_options
 
-MARKER_DOC = (
-    "sandboxed(*, allow_hosts=(), resolve={}, secrets={}, timeout=None, memory=None, image=None, "
-    "cassette=None, block_internal=True, upstream_ca=None, requirements=()): run this test "
-    "(fixtures included) inside a fresh QEMU guest restored from a clean snapshot"
-)
+OPTIONS_KEY = pytest.StashKey[SandboxOptions]()
+OPTIONS_ERROR_KEY = pytest.StashKey[str]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -31,7 +31,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", MARKER_DOC)
+    config.addinivalue_line("markers", cfg.MARKER_DOC)
     config.stash[SETTINGS_KEY] = cfg.load_settings(config)
 
 
@@ -41,8 +41,37 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     reap_orphans()
 
 
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Validate every sandboxed item's marker now, so a bad argument is named before anything boots."""
+    factory = get_factory(config)
+    for item in items:
+        if item.get_closest_marker("sandboxed") is None:
+            continue
+        try:
+            item.stash[OPTIONS_KEY] = sandbox_options(item, factory)
+        except ConfigError as exc:
+            item.stash[OPTIONS_ERROR_KEY] = str(exc)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    """Run sandboxed items in a guest and replay their reports; leave the rest to pytest."""
+    if item.get_closest_marker("sandboxed") is None:
+        return None
+    from pytest_gondolin import sandboxes
+
+    sandboxes.run_item(
+        item, item.stash.get(OPTIONS_KEY, None), item.stash.get(OPTIONS_ERROR_KEY, None)
+    )
+    return True
+
+
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed:
         machine = item.stash.get(ACTIVE_VM_KEY, None)

@@ -59,10 +59,17 @@ def _log(msg: str) -> None:
     sys.stderr.write(f"gondolin-sysinit: {msg}\n")
 
 
-def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+def mount(
+    source: str, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
     os.makedirs(target, exist_ok=True)
-    rc = _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
-                     data.encode() if data else None)
+    rc = _libc.mount(
+        source.encode(),
+        target.encode(),
+        fstype.encode() if fstype else None,
+        flags,
+        data.encode() if data else None,
+    )
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {fstype or 'bind'} on {target}: {os.strerror(err)}")
@@ -87,7 +94,19 @@ def _add_default_route(sock: socket.socket, gateway: str) -> None:
     # short pad; ulong pad; void* tos/class pad; short metric; char* dev; ulong mtu, window; ushort irtt.
     rtentry = struct.pack(
         "L16s16s16sHhLPhPLLH",
-        0, sin("0.0.0.0"), sin(gateway), sin("0.0.0.0"), RTF_UP | RTF_GATEWAY, 0, 0, 0, 0, 0, 0, 0, 0,
+        0,
+        sin("0.0.0.0"),
+        sin(gateway),
+        sin("0.0.0.0"),
+        RTF_UP | RTF_GATEWAY,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
     )
     fcntl.ioctl(sock, SIOCADDRT, rtentry.ljust(120, b"\0"))
 

@@ -35,13 +35,17 @@ from pytest_gondolin.image.store import MANIFEST_FORMAT, Progress
 MMDEBSTRAP_TIMEOUT = 30 * 60
 
 
-def _run_logged(cmd: list[str], log_path: Path, progress: Progress, step: str, timeout: float) -> None:
+def _run_logged(
+    cmd: list[str], log_path: Path, progress: Progress, step: str, timeout: float
+) -> None:
     """Run ``cmd`` with output to ``log_path``; echo its ``I:`` lines as progress."""
     started = time.monotonic()
     with log_path.open("ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         assert proc.stdout is not None
         try:
             for raw in proc.stdout:
@@ -64,7 +68,9 @@ def _run_logged(cmd: list[str], log_path: Path, progress: Progress, step: str, t
 def _check(cmd: list[str], what: str) -> None:
     res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if res.returncode != 0:
-        raise ImageError(f"{what} failed (exit code {res.returncode}): {' '.join(cmd)}\n{res.stdout}{res.stderr}")
+        raise ImageError(
+            f"{what} failed (exit code {res.returncode}): {' '.join(cmd)}\n{res.stdout}{res.stderr}"
+        )
 
 
 def _modinfo_depends(module: Path) -> list[str]:
@@ -75,7 +81,7 @@ def _modinfo_depends(module: Path) -> list[str]:
     """
     for field in module.read_bytes().split(b"\0"):
         if field.startswith(b"depends="):
-            return [d for d in field[len(b"depends="):].decode().split(",") if d]
+            return [d for d in field[len(b"depends=") :].decode().split(",") if d]
     return []
 
 
@@ -90,7 +96,9 @@ def resolve_modules(moddir: Path, wanted: tuple[str, ...]) -> list[Path]:
     """
     by_name = {_modname(p): p for p in moddir.rglob("*.ko*")}
     builtin_file = moddir / "modules.builtin"
-    builtin = {_modname(m) for m in (builtin_file.read_text().split() if builtin_file.exists() else [])}
+    builtin = {
+        _modname(m) for m in (builtin_file.read_text().split() if builtin_file.exists() else [])
+    }
     order: list[Path] = []
 
     def visit(name: str, chain: tuple[str, ...]) -> None:
@@ -98,7 +106,9 @@ def resolve_modules(moddir: Path, wanted: tuple[str, ...]) -> list[Path]:
         if key in builtin or by_name.get(key) in order:
             return
         if key not in by_name:
-            raise ImageError(f"kernel module {name!r} (needed by {' <- '.join(chain) or 'the recipe'}) is neither a module nor built in ({moddir})")
+            raise ImageError(
+                f"kernel module {name!r} (needed by {' <- '.join(chain) or 'the recipe'}) is neither a module nor built in ({moddir})"
+            )
         if key in chain:
             raise ImageError(f"kernel module dependency loop: {' -> '.join((*chain, key))}")
         for dep in _modinfo_depends(by_name[key]):
@@ -114,16 +124,25 @@ def build_initramfs(rootdir: Path, moddir: Path, recipe: Recipe) -> bytes:
     """Return the base initramfs archive for ``recipe`` (no per-boot payload)."""
     busybox = rootdir / "bin" / "busybox"
     if not busybox.is_file():
-        raise ImageError("the recipe must install busybox-static: /bin/busybox is missing from the root")
-    entries = [cpio.Entry.directory(d) for d in ("/bin", "/dev", "/proc", "/sys", "/newroot", "/lib", "/lib/modules")]
+        raise ImageError(
+            "the recipe must install busybox-static: /bin/busybox is missing from the root"
+        )
+    entries = [
+        cpio.Entry.directory(d)
+        for d in ("/bin", "/dev", "/proc", "/sys", "/newroot", "/lib", "/lib/modules")
+    ]
     entries.append(cpio.Entry.chardev("/dev/console", 5, 1))
     entries.append(cpio.Entry.file("/bin/busybox", busybox.read_bytes(), 0o755))
     modules = resolve_modules(moddir, recipe.initramfs_modules)
     for mod in modules:
         if mod.suffix != ".ko":
-            raise ImageError(f"compressed kernel module {mod.name}: busybox insmod needs plain .ko files")
+            raise ImageError(
+                f"compressed kernel module {mod.name}: busybox insmod needs plain .ko files"
+            )
         entries.append(cpio.Entry.file(f"/lib/modules/{mod.name}", mod.read_bytes()))
-    entries.append(cpio.Entry.file("/modules.order", "".join(f"{m.name}\n" for m in modules).encode()))
+    entries.append(
+        cpio.Entry.file("/modules.order", "".join(f"{m.name}\n" for m in modules).encode())
+    )
     entries.append(cpio.Entry.file("/init", (recipe.directory / "init").read_bytes(), 0o755))
     return cpio.archive(entries)
 
@@ -150,12 +169,14 @@ def build_image(recipe: Recipe, out: Path, *, progress: Progress) -> None:
         f"--include={','.join(recipe.packages)}",
         *(f"--dpkgopt=path-exclude={p}" for p in recipe.path_excludes),
         *(f"--dpkgopt=path-include={p}" for p in recipe.path_includes),
-        f"--customize-hook=sh {recipe.directory / 'customize.sh'} \"$1\" {recipe.kernel_package}",
+        f'--customize-hook=sh {recipe.directory / "customize.sh"} "$1" {recipe.kernel_package}',
         recipe.suite,
         str(rootdir),
         mirror,
     ]
-    progress(f"building image {recipe.image_key}: mmdebstrap {recipe.suite} ({len(recipe.packages)} packages)")
+    progress(
+        f"building image {recipe.image_key}: mmdebstrap {recipe.suite} ({len(recipe.packages)} packages)"
+    )
     _run_logged(cmd, log_path, progress, "mmdebstrap", MMDEBSTRAP_TIMEOUT)
 
     kdir = rootdir / "gondolin-kernel" / "extract"
@@ -171,9 +192,25 @@ def build_image(recipe: Recipe, out: Path, *, progress: Progress) -> None:
 
     progress(f"writing the root filesystem ({recipe.disk_size_mib} MiB ext4, sparse)")
     raw = out / "rootfs.ext4"
-    _check([mkfs, "-q", "-F", "-L", "gondolin-root", "-d", str(rootdir), str(raw), f"{recipe.disk_size_mib}M"], "mkfs.ext4")
+    _check(
+        [
+            mkfs,
+            "-q",
+            "-F",
+            "-L",
+            "gondolin-root",
+            "-d",
+            str(rootdir),
+            str(raw),
+            f"{recipe.disk_size_mib}M",
+        ],
+        "mkfs.ext4",
+    )
     shutil.rmtree(rootdir)
-    _check([qemu_img, "convert", "-O", "qcow2", str(raw), str(out / "rootfs.qcow2")], "qemu-img convert")
+    _check(
+        [qemu_img, "convert", "-O", "qcow2", str(raw), str(out / "rootfs.qcow2")],
+        "qemu-img convert",
+    )
     raw.unlink()
     log_path.unlink()
 
@@ -185,7 +222,9 @@ def build_image(recipe: Recipe, out: Path, *, progress: Progress) -> None:
         "kernel_version": kernel_version,
         "packages": list(recipe.packages),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": {name: (out / name).stat().st_size for name in ("vmlinuz", "initrd.img", "rootfs.qcow2")},
+        "files": {
+            name: (out / name).stat().st_size for name in ("vmlinuz", "initrd.img", "rootfs.qcow2")
+        },
     }
     tmp_manifest = out / "manifest.json.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")

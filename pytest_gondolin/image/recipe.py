@@ -58,7 +58,9 @@ def _hash_dir(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _str_list(data: dict[str, object], key: str, where: str, pattern: re.Pattern[str] | None = None) -> tuple[str, ...]:
+def _str_list(
+    data: dict[str, object], key: str, where: str, pattern: re.Pattern[str] | None = None
+) -> tuple[str, ...]:
     value = data.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where}: {key!r} must be a list of strings, got {value!r}")
@@ -75,7 +77,11 @@ def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> Recipe:
     Raises :class:`ConfigError` naming the recipe and the bad field.
     """
     candidate = Path(name_or_path)
-    if isinstance(name_or_path, str) and _NAME_RE.match(name_or_path) and (RECIPES_DIR / name_or_path).is_dir():
+    if (
+        isinstance(name_or_path, str)
+        and _NAME_RE.match(name_or_path)
+        and (RECIPES_DIR / name_or_path).is_dir()
+    ):
         directory = RECIPES_DIR / name_or_path
     elif candidate.is_dir():
         directory = candidate.resolve()
@@ -106,7 +112,9 @@ def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> Recipe:
         raise ConfigError(f"{where}: 'name' {name!r} must match {_NAME_RE.pattern}")
     size = data.get("disk_size_mib", 4096)
     if not isinstance(size, int) or not 512 <= size <= 1024 * 1024:
-        raise ConfigError(f"{where}: 'disk_size_mib' must be an integer in 512..1048576, got {size!r}")
+        raise ConfigError(
+            f"{where}: 'disk_size_mib' must be an integer in 512..1048576, got {size!r}"
+        )
     return Recipe(
         directory=directory,
         name=name,

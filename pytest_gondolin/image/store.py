@@ -120,7 +120,9 @@ def _remove_stale_builds(root: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_image(recipe: Recipe | str | None = None, *, progress: Progress | None = None, rebuild: bool = False) -> Image:
+def ensure_image(
+    recipe: Recipe | str | None = None, *, progress: Progress | None = None, rebuild: bool = False
+) -> Image:
     """Return the cached image for ``recipe``, building it first if needed.
 
     ``recipe`` may be a Recipe, a built-in recipe name, a recipe folder, or a
@@ -145,7 +147,9 @@ def ensure_image(recipe: Recipe | str | None = None, *, progress: Progress | Non
     try:
         lock.acquire(timeout=BUILD_LOCK_TIMEOUT)
     except filelock.Timeout as exc:
-        raise ImageError(f"timed out after {BUILD_LOCK_TIMEOUT} s waiting for another build of {recipe.image_key}") from exc
+        raise ImageError(
+            f"timed out after {BUILD_LOCK_TIMEOUT} s waiting for another build of {recipe.image_key}"
+        ) from exc
     try:
         if not rebuild:
             try:

@@ -44,9 +44,27 @@ def probe_kvm() -> str | None:
     qemu = hosttools.require("qemu-system-x86_64")
     try:
         res = subprocess.run(
-            [qemu, "-accel", "kvm", "-cpu", "host", "-nodefaults", "-machine", "q35", "-display", "none",
-             "-m", "64", "-S", "-monitor", "stdio"],
-            input="quit\n", capture_output=True, text=True, timeout=PROBE_TIMEOUT,
+            [
+                qemu,
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-nodefaults",
+                "-machine",
+                "q35",
+                "-display",
+                "none",
+                "-m",
+                "64",
+                "-S",
+                "-monitor",
+                "stdio",
+            ],
+            input="quit\n",
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"KVM probe failed: {exc}"

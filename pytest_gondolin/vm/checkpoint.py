@@ -62,7 +62,9 @@ def read_trailer(path: Path) -> dict[str, Any]:
     except ValueError as exc:
         raise SnapshotError(f"{path}: checkpoint metadata is not valid JSON") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
-        raise SnapshotError(f"{path}: unsupported checkpoint format {data.get('format') if isinstance(data, dict) else data!r}")
+        raise SnapshotError(
+            f"{path}: unsupported checkpoint format {data.get('format') if isinstance(data, dict) else data!r}"
+        )
     return data
 
 
@@ -74,11 +76,15 @@ def export_disk(disk: Path, base: Path, target: Path, metadata: dict[str, Any]) 
     tmp = target.with_name(f".{target.name}.tmp")
     res = subprocess.run(
         [qemu_img, "convert", "-O", "qcow2", "-F", "qcow2", "-B", str(base), str(disk), str(tmp)],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise SnapshotError(f"qemu-img convert failed writing checkpoint {target}: {res.stderr.strip()}")
+        raise SnapshotError(
+            f"qemu-img convert failed writing checkpoint {target}: {res.stderr.strip()}"
+        )
     write_trailer(tmp, {"format": FORMAT_VERSION, "created": time.time(), **metadata})
     tmp.rename(target)
 
@@ -96,8 +102,12 @@ class CheckpointInfo:
 def backing_of(path: Path) -> str | None:
     """The backing file name recorded in qcow2 ``path`` (None if it has none)."""
     qemu_img = hosttools.require("qemu-img")
-    res = subprocess.run([qemu_img, "info", "--output=json", "-U", str(path)], capture_output=True, text=True,
-                         stdin=subprocess.DEVNULL)
+    res = subprocess.run(
+        [qemu_img, "info", "--output=json", "-U", str(path)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     if res.returncode != 0:
         raise SnapshotError(f"{path} is not a readable qcow2 image: {res.stderr.strip()}")
     try:
@@ -113,7 +123,11 @@ def ensure_backing(path: Path, base: Path) -> None:
     if recorded is not None and Path(recorded).exists():
         return
     qemu_img = hosttools.require("qemu-img")
-    res = subprocess.run([qemu_img, "rebase", "-u", "-F", "qcow2", "-b", str(base), str(path)],
-                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    res = subprocess.run(
+        [qemu_img, "rebase", "-u", "-F", "qcow2", "-b", str(base), str(path)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     if res.returncode != 0:
         raise SnapshotError(f"cannot rebase checkpoint {path} onto {base}: {res.stderr.strip()}")

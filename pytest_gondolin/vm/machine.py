@@ -13,18 +13,18 @@ reaches pytest, which then closes VMs in order) under ``setpriv
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import enum
+import functools
+import hashlib
+import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import atexit
-import dataclasses
-import functools
-import hashlib
-import json
 import threading
 import time
 import uuid
@@ -46,7 +46,7 @@ from pytest_gondolin.errors import (
 from pytest_gondolin.image.store import Image
 from pytest_gondolin.vm import checkpoint as ckpt
 from pytest_gondolin.vm import payload, reaper
-from pytest_gondolin.vm.channel import AgentChannel
+from pytest_gondolin.vm.channel import AgentChannel, AgentProcess
 from pytest_gondolin.vm.qemu import MachineSpec, command_line
 from pytest_gondolin.vm.qmp import QMP
 
@@ -61,6 +61,17 @@ SHUTDOWN_GRACE = 3.0
 DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
 #: Largest file read_file() returns.
 MAX_READ_FILE = 1024 * 1024 * 1024
+#: The environment guest commands get when the caller gives none (sysinit sets the same).
+GUEST_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "TERM": "dumb",
+    "SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt",
+    "REQUESTS_CA_BUNDLE": "/etc/ssl/certs/ca-certificates.crt",
+    "CURL_CA_BUNDLE": "/etc/ssl/certs/ca-certificates.crt",
+    "NODE_EXTRA_CA_CERTS": "/etc/ssl/certs/ca-certificates.crt",
+}
 #: How many console bytes error messages quote.
 CONSOLE_TAIL_BYTES = 8192
 
@@ -99,7 +110,10 @@ class ExecResult:
         if self.returncode != 0:
             raise ExecError(
                 f"guest command {list(self.argv)!r} exited with {self.returncode}",
-                argv=self.argv, returncode=self.returncode, stdout=self.stdout, stderr=self.stderr,
+                argv=self.argv,
+                returncode=self.returncode,
+                stdout=self.stdout,
+                stderr=self.stderr,
             )
         return self
 
@@ -148,7 +162,9 @@ def boot_initrd(config: VMConfig) -> Path:
 
 @functools.cache
 def qemu_version(qemu: str) -> str:
-    res = subprocess.run([qemu, "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    res = subprocess.run(
+        [qemu, "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
     return res.stdout.splitlines()[0] if res.stdout else "unknown"
 
 
@@ -168,10 +184,20 @@ def state_key(config: VMConfig) -> str:
         "net": config.net_socket is not None,
         "mtu": config.mtu,
         "qemu": qemu_version(qemu),
-        "cmdline": command_line(MachineSpec(qemu="q", accel=config.accel, kernel=Path("k"), initrd=Path("i"),
-                                            disk=Path("d"), rundir=Path("r"), memory_mib=config.memory_mib,
-                                            cpus=config.cpus, net_socket=Path("n") if config.net_socket else None,
-                                            mtu=config.mtu)),
+        "cmdline": command_line(
+            MachineSpec(
+                qemu="q",
+                accel=config.accel,
+                kernel=Path("k"),
+                initrd=Path("i"),
+                disk=Path("d"),
+                rundir=Path("r"),
+                memory_mib=config.memory_mib,
+                cpus=config.cpus,
+                net_socket=Path("n") if config.net_socket else None,
+                mtu=config.mtu,
+            )
+        ),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -204,8 +230,15 @@ class VM:
     # -- lifecycle -----------------------------------------------------------
 
     @classmethod
-    def launch(cls, config: VMConfig, *, name: str = "vm", loadvm_disk: Path | None = None,
-               loadvm_tag: str | None = None, backing: Path | None = None) -> VM:
+    def launch(
+        cls,
+        config: VMConfig,
+        *,
+        name: str = "vm",
+        loadvm_disk: Path | None = None,
+        loadvm_tag: str | None = None,
+        backing: Path | None = None,
+    ) -> VM:
         """Boot a VM and return it once its agent answers. Raises VMLaunchError.
 
         With ``loadvm_disk``/``loadvm_tag``, the disk is a copy of that qcow2 and
@@ -235,23 +268,52 @@ class VM:
             _copy_file(loadvm_disk, disk)
         else:
             res = subprocess.run(
-                [qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(self._backing), str(disk)],
-                capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                [
+                    qemu_img,
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "qcow2",
+                    "-b",
+                    str(self._backing),
+                    str(disk),
+                ],
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
             )
             if res.returncode != 0:
-                raise VMLaunchError(f"qemu-img create failed: {res.stderr.strip()}", command=res.args)
+                raise VMLaunchError(
+                    f"qemu-img create failed: {res.stderr.strip()}", command=res.args
+                )
         initrd = boot_initrd(self.config)
         spec = MachineSpec(
-            qemu=qemu, accel=self.config.accel, kernel=self.config.image.kernel, initrd=initrd, disk=disk,
-            rundir=rundir, memory_mib=self.config.memory_mib, cpus=self.config.cpus,
-            net_socket=self.config.net_socket, mtu=self.config.mtu, loadvm=loadvm_tag,
+            qemu=qemu,
+            accel=self.config.accel,
+            kernel=self.config.image.kernel,
+            initrd=initrd,
+            disk=disk,
+            rundir=rundir,
+            memory_mib=self.config.memory_mib,
+            cpus=self.config.cpus,
+            net_socket=self.config.net_socket,
+            mtu=self.config.mtu,
+            loadvm=loadvm_tag,
         )
         self._argv = argv = command_line(spec)
-        log.info("%s: starting QEMU (%s, %d MiB)", self.name, self.config.accel, self.config.memory_mib)
+        log.info(
+            "%s: starting QEMU (%s, %d MiB)", self.name, self.config.accel, self.config.memory_mib
+        )
         with (rundir / "qemu.log").open("wb") as errlog:
             self._proc = subprocess.Popen(
-                _setpriv_prefix() + argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=rundir,
+                _setpriv_prefix() + argv,
+                stdin=subprocess.DEVNULL,
+                stdout=errlog,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=rundir,
             )
         (rundir / "qemu.pid").write_text(f"{self._proc.pid}\n")
         deadline = started + self.config.boot_timeout
@@ -287,11 +349,13 @@ class VM:
             self._raise_if_exited("QEMU exited during boot")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._launch_error(f"the guest agent did not answer within {self.config.boot_timeout:.0f} s")
+                raise self._launch_error(
+                    f"the guest agent did not answer within {self.config.boot_timeout:.0f} s"
+                )
             try:
                 self._channel.wait_ready(timeout=min(0.25, remaining))
                 return
-            except (TimeoutError, AgentError) as exc:
+            except (TimeoutError, VMError) as exc:
                 if self._channel.closed:
                     self._raise_if_exited("QEMU exited during boot")
                     raise self._launch_error(f"agent channel closed during boot: {exc}") from exc
@@ -300,7 +364,7 @@ class VM:
         assert self._channel is not None
         try:
             self._channel.sync(timeout=max(1.0, deadline - time.monotonic()))
-        except (TimeoutError, AgentError) as exc:
+        except (TimeoutError, VMError) as exc:
             self._raise_if_exited("QEMU exited while restoring")
             raise self._launch_error(f"the agent did not answer after restore: {exc}") from exc
 
@@ -316,7 +380,13 @@ class VM:
 
     def _launch_error(self, reason: str) -> VMLaunchError:
         code = self._proc.poll() if self._proc is not None else None
-        return VMLaunchError(reason, command=self._argv, exitcode=code, stderr=self.qemu_log(), console=self.console_log())
+        return VMLaunchError(
+            reason,
+            command=self._argv,
+            exitcode=code,
+            stderr=self.qemu_log(),
+            console=self.console_log(),
+        )
 
     def qemu_log(self) -> str:
         """QEMU's own stderr so far (empty if unavailable)."""
@@ -325,6 +395,13 @@ class VM:
     def console_log(self) -> str:
         """The tail of the guest's serial console."""
         return _read_tail(self.rundir / "console.log" if self.rundir else None)
+
+    @property
+    def alive(self) -> bool:
+        """True while the VM is running and its QEMU process has not exited."""
+        return (
+            self.state is Runstate.RUNNING and self._proc is not None and self._proc.poll() is None
+        )
 
     @property
     def pid(self) -> int | None:
@@ -391,8 +468,11 @@ class VM:
                 proc.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
                 return
-            raise VMCrashed(f"QEMU exited during a guest operation ({exc})", exitcode=proc.returncode,
-                            console=self.console_log()) from exc
+            raise VMCrashed(
+                f"QEMU exited during a guest operation ({exc})",
+                exitcode=proc.returncode,
+                console=self.console_log(),
+            ) from exc
 
     def exec(
         self,
@@ -422,8 +502,14 @@ class VM:
             raise ValueError(f"exec: timeout must be positive, got {timeout!r}")
         channel = self._require_channel()
         try:
-            raw = channel.exec(argv, input=data, env=dict(env) if env is not None else None, cwd=cwd,
-                               timeout=timeout, max_output=max_output)
+            raw = channel.exec(
+                argv,
+                input=data,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                timeout=timeout,
+                max_output=max_output,
+            )
         except ExecTimeout:
             raise
         except (AgentError, VMError) as exc:
@@ -433,7 +519,10 @@ class VM:
         if raw.timed_out:
             raise ExecTimeout(
                 f"guest command {argv!r} timed out after {timeout} s; its process group was killed",
-                argv=argv, returncode=raw.returncode, stdout=result.stdout, stderr=result.stderr,
+                argv=argv,
+                returncode=raw.returncode,
+                stdout=result.stdout,
+                stderr=result.stderr,
             )
         if check:
             result.check_returncode()
@@ -445,6 +534,27 @@ class VM:
         channel = self._require_channel()
         try:
             channel.write_file(path, blob, mode=mode)
+        except (AgentError, VMError) as exc:
+            self._crash_check(exc)
+            raise
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+    ) -> AgentProcess:
+        """Start ``argv`` in the guest without waiting; stream its stdin and output."""
+        channel = self._require_channel()
+        try:
+            return channel.spawn(
+                list(argv),
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                max_output=max_output,
+            )
         except (AgentError, VMError) as exc:
             self._crash_check(exc)
             raise
@@ -472,13 +582,16 @@ class VM:
         self._require_channel()
         self._hmp(f"savevm {tag}")
 
-    def load_internal(self, tag: str) -> None:
-        """Put the VM back to internal snapshot ``tag`` and resynchronize the agent."""
+    def load_internal(self, tag: str, *, preserve: Sequence[AgentProcess] = ()) -> None:
+        """Put the VM back to internal snapshot ``tag`` and resynchronize the agent.
+
+        ``preserve``: processes that were running when ``tag`` was saved; they stay attached.
+        """
         channel = self._require_channel()
         self._hmp(f"loadvm {tag}")
         try:
-            channel.sync(timeout=30.0)
-        except (TimeoutError, AgentError) as exc:
+            channel.sync(timeout=30.0, preserve=preserve)
+        except (TimeoutError, VMError) as exc:
             self._crash_check(exc)
             raise SnapshotError(f"the agent did not answer after restoring {tag!r}: {exc}") from exc
         self._refresh_guest()
@@ -505,7 +618,9 @@ class VM:
     def restore(self, snapshot: Snapshot) -> None:
         """Put the VM back exactly to ``snapshot``; the guest then gets fresh entropy and the host's clock."""
         if not isinstance(snapshot, Snapshot) or snapshot.vm_token != self.token:
-            raise SnapshotError(f"{snapshot!r} was not taken of {self.name}; snapshots restore only into their own VM")
+            raise SnapshotError(
+                f"{snapshot!r} was not taken of {self.name}; snapshots restore only into their own VM"
+            )
         self.load_internal(snapshot.tag)
 
     def export_disk(self, target: Path, metadata: dict[str, object]) -> None:
@@ -551,7 +666,9 @@ class VM:
 class Checkpoint:
     """A disk-only checkpoint file; :meth:`resume` boots new VMs from it."""
 
-    def __init__(self, path: Path, metadata: dict[str, object], config: VMConfig | None = None) -> None:
+    def __init__(
+        self, path: Path, metadata: dict[str, object], config: VMConfig | None = None
+    ) -> None:
         self.path = path
         self.metadata = metadata
         self._config = config
@@ -566,8 +683,14 @@ class Checkpoint:
     def build_id(self) -> str:
         return str(self.metadata.get("image_build_id"))
 
-    def resume(self, *, memory: object = None, accel: str | None = None, image: str | None = None,
-               name: str = "resumed") -> VM:
+    def resume(
+        self,
+        *,
+        memory: object = None,
+        accel: str | None = None,
+        image: str | None = None,
+        name: str = "resumed",
+    ) -> VM:
         """Boot a new VM whose disk starts as this checkpoint's. Each resume gets its own overlay."""
         from pytest_gondolin.config import parse_memory
         from pytest_gondolin.image.store import ensure_image
@@ -576,15 +699,20 @@ class Checkpoint:
         config = self._config
         if config is None or image is not None:
             img = ensure_image(image) if image is not None else ensure_image()
-            config = VMConfig(image=img, accel=choose_accel(accel or "auto").name,
-                              memory_mib=int(self.metadata.get("memory_mib", 256)))  # type: ignore[call-overload]
+            config = VMConfig(
+                image=img,
+                accel=choose_accel(accel or "auto").name,
+                memory_mib=int(str(self.metadata.get("memory_mib", 256))),
+            )
         if config.image.build_id != self.build_id:
             raise SnapshotError(
                 f"checkpoint {self.path} was made from image build {self.build_id}, "
                 f"but the VM would use image build {config.image.build_id}"
             )
         if memory is not None:
-            config = dataclasses.replace(config, memory_mib=parse_memory(memory, "resume(memory=...)"))
+            config = dataclasses.replace(
+                config, memory_mib=parse_memory(memory, "resume(memory=...)")
+            )
         if accel is not None:
             config = dataclasses.replace(config, accel=choose_accel(accel).name)
         ckpt.ensure_backing(self.path, config.image.rootfs)
@@ -595,7 +723,9 @@ def _copy_file(src: Path, dst: Path) -> None:
     """Copy ``src`` to ``dst``, reflinking where the filesystem allows."""
     cp = shutil.which("cp")
     if cp:
-        res = subprocess.run([cp, "--reflink=auto", "--sparse=always", str(src), str(dst)], capture_output=True)
+        res = subprocess.run(
+            [cp, "--reflink=auto", "--sparse=always", str(src), str(dst)], capture_output=True
+        )
         if res.returncode == 0:
             return
     shutil.copyfile(src, dst)

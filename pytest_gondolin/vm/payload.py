@@ -23,9 +23,18 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 #: Modules of this package the guest imports. They import only the stdlib
 #: (and, for the worker, pytest, which is shipped separately).
 GUEST_MODULES = (
-    "__init__.py", "errors.py", "guest/__init__.py", "guest/protocol.py", "guest/agent.py",
-    "guest/sysinit.py", "guest/worker.py",
+    "__init__.py",
+    "errors.py",
+    "guest/__init__.py",
+    "guest/protocol.py",
+    "guest/agent.py",
+    "guest/sysinit.py",
+    "guest/worker.py",
+    "config.py",
+    "guest/plugin.py",
 )
+#: Extra top-level names in the guest: ``-p gondolin`` must find a module there.
+GUEST_ALIASES = {"gondolin.py": "guest/plugin.py"}
 #: The guest image's Python (Debian bookworm). When the host runs the same
 #: minor version, the payload carries bytecode: compiling the agent costs
 #: ~0.5 s of boot under TCG.
@@ -36,7 +45,12 @@ def _pyc(source: bytes, guest_path: str) -> bytes:
     """Unchecked hash-based bytecode (PEP 552): valid without matching mtimes."""
     code = compile(source, guest_path, "exec", dont_inherit=True)
     flags = (0b01).to_bytes(4, "little")  # hash-based, not checked against the source
-    return importlib.util.MAGIC_NUMBER + flags + importlib.util.source_hash(source) + marshal.dumps(code)
+    return (
+        importlib.util.MAGIC_NUMBER
+        + flags
+        + importlib.util.source_hash(source)
+        + marshal.dumps(code)
+    )
 
 
 def _dirs_for(paths: Iterable[str]) -> list[str]:
@@ -71,6 +85,8 @@ def build_payload(extra_files: dict[str, bytes] | None = None) -> bytes:
             folder, _, name = guest_path.rpartition("/")
             pyc_path = f"{folder}/__pycache__/{name[:-3]}.{tag}.pyc"
             files[pyc_path] = (_pyc(source, "/run" + guest_path), 0o644)
+    for alias, rel in GUEST_ALIASES.items():
+        files[f"/gondolin/py/{alias}"] = ((PACKAGE_DIR / rel).read_bytes(), 0o644)
     for rel, data in (extra_files or {}).items():
         files[f"/gondolin/{rel.lstrip('/')}"] = (data, 0o644)
     entries = [cpio.Entry.directory(d) for d in _dirs_for(files)]
@@ -80,7 +96,12 @@ def build_payload(extra_files: dict[str, bytes] | None = None) -> bytes:
 
 def combined_initrd(base: Path, payload: bytes, cache: Path) -> Path:
     """Return a file holding ``base`` followed by ``payload``, cached by content hash."""
-    digest = hashlib.sha256(base.name.encode() + str(base.stat().st_size).encode() + str(base.resolve()).encode() + payload).hexdigest()[:20]
+    digest = hashlib.sha256(
+        base.name.encode()
+        + str(base.stat().st_size).encode()
+        + str(base.resolve()).encode()
+        + payload
+    ).hexdigest()[:20]
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / f"initrd-{digest}.img"
     if not target.exists():

@@ -37,8 +37,13 @@ def snapshots_dir() -> Path:
     return path
 
 
-def launch_clean(config: VMConfig, *, name: str, progress: Callable[[str], None] | None = None,
-                 use_cache: bool = True) -> VM:
+def launch_clean(
+    config: VMConfig,
+    *,
+    name: str,
+    progress: Callable[[str], None] | None = None,
+    use_cache: bool = True,
+) -> VM:
     """Return a running VM that holds internal snapshot ``CLEAN_TAG`` of its ready state."""
     say = progress or (lambda msg: log.info("%s", msg))
     key = state_key(config)
@@ -53,10 +58,14 @@ def launch_clean(config: VMConfig, *, name: str, progress: Callable[[str], None]
                 log.warning("cached snapshot %s did not load (%s); booting cold", cached, exc)
                 cached.unlink(missing_ok=True)
             else:
-                say(f"{name} restored from the cached ready snapshot in {time.monotonic() - started:.2f} s")
+                say(
+                    f"{name} restored from the cached ready snapshot in {time.monotonic() - started:.2f} s"
+                )
                 return vm
         started = time.monotonic()
-        say(f"booting {name} cold ({config.accel}, {config.memory_mib} MiB, image {config.image.name}-{config.image.build_id})")
+        say(
+            f"booting {name} cold ({config.accel}, {config.memory_mib} MiB, image {config.image.name}-{config.image.build_id})"
+        )
         vm = VM.launch(config, name=name)
         try:
             vm.save_internal(CLEAN_TAG)
@@ -65,7 +74,9 @@ def launch_clean(config: VMConfig, *, name: str, progress: Callable[[str], None]
         except BaseException:
             vm.close()
             raise
-        say(f"{name} booted and snapshotted in {time.monotonic() - started:.1f} s (cached for later runs)")
+        say(
+            f"{name} booted and snapshotted in {time.monotonic() - started:.1f} s (cached for later runs)"
+        )
         return vm
 
 

@@ -15,7 +15,9 @@ from pytest_gondolin.vm.machine import VM, VMConfig
 
 
 def test_guest_is_linux_with_python(session_vm: VM) -> None:
-    r = session_vm.exec(["python3", "-c", "import os, sys; print(os.uname().sysname, sys.version_info[:2])"])
+    r = session_vm.exec(
+        ["python3", "-c", "import os, sys; print(os.uname().sysname, sys.version_info[:2])"]
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Linux (3, 11)")
 

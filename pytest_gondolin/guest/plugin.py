@@ -1,0 +1,38 @@
+"""The plugin as the guest sees it: importable there as the top-level module ``gondolin``.
+
+Registers the same marker and options as the host plugin (so ``-p gondolin``
+in a project's ``addopts`` and ``--strict-markers`` work in the guest too),
+and replaces the host-only fixtures with ones that explain why they are not
+available. Imports only pytest and stdlib-only modules of this package.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_gondolin import config as cfg
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    cfg.add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", cfg.MARKER_DOC)
+
+
+def _host_only(name: str) -> object:
+    @pytest.fixture(name=name)
+    def fixture() -> None:
+        pytest.fail(
+            f"fixture {name!r} is a host fixture (it drives VMs from the host) and is not available "
+            "inside a @pytest.mark.sandboxed test, which already runs in a VM",
+            pytrace=False,
+        )
+
+    return fixture
+
+
+vm = _host_only("vm")
+session_vm = _host_only("session_vm")
+vm_factory = _host_only("vm_factory")

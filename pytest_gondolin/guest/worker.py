@@ -1,0 +1,378 @@
+"""The in-guest test worker: a pytest session that runs the items the host names.
+
+Runs on the far side of the VM boundary (or in a plain subprocess) as::
+
+    python3 -m pytest_gondolin.guest.worker [pytest args ...]
+
+with the host's invocation directory as cwd and the host's rootdir / inifile
+passed explicitly (``--rootdir=R``, ``-c INI``).  This module imports only
+the standard library and pytest: the guest has none of the host's
+dependencies.  Importing it has no side effects, so the host imports it for
+the protocol constants below.
+
+Wire protocol
+-------------
+
+Newline-delimited JSON, one object per line, UTF-8 with every non-ASCII
+character escaped (so a line never holds a raw newline or a lone surrogate
+byte sequence).  Every object has a string member ``"t"`` naming its type.
+
+host → worker, on the worker's fd 0, each line at most ``MAX_COMMAND_LINE``
+bytes::
+
+    {"t": "run", "nodeid": str, "seed": int}   run one item (reply: report*, warning*, done)
+    {"t": "ping", "nonce": str}                 liveness check (reply: pong)
+    {"t": "quit"}                                end the session (EOF means the same)
+
+worker → host, on the fd that was fd 1 at start-up, each line at most
+``MAX_WORKER_LINE`` bytes::
+
+    {"t": "collected", "nodeids": [str], "errors": [report]}   once, before any command is read
+    {"t": "report", "data": report}                             a pytest_runtest_logreport report
+    {"t": "warning", "message": str, "category": str,
+     "nodeid": str, "filename": str, "lineno": int}             a warning recorded during the run
+    {"t": "error", "message": str}                              a command could not be served
+    {"t": "done", "nodeid": str}                                the run command is finished
+    {"t": "pong", "nonce": str}                                 answer to ping, same nonce
+
+``report`` is the dict made by ``pytest_report_to_serializable``; the
+``errors`` of ``collected`` are the collect reports that failed.
+
+Guarantees the host relies on
+-----------------------------
+
+* Nothing a test or plugin writes to stdout reaches the protocol stream:
+  before pytest starts, fd 1 is duplicated into a private descriptor and fd 1
+  becomes a copy of fd 2.  fd 0 is likewise moved aside and replaced with
+  ``/dev/null`` so a test reading stdin cannot eat commands.
+* Each ``run`` uses ``nextitem=None``: every fixture the item uses, session
+  scope included, is set up and torn down within that run, because on the
+  real VM every run starts from the same clean snapshot.
+* ``random`` is seeded with the command's seed before each run.
+* SIGUSR1 dumps every thread's stack to stderr (``faulthandler``); the host
+  sends it before giving up on a run that timed out.
+* The environment variable ``PYTEST_GONDOLIN_WORKER`` is ``"1"`` in the worker,
+  so plugins loaded in both places can tell the far side from the host.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import math
+import os
+import random
+import signal
+import sys
+import traceback
+import warnings
+from collections.abc import Sequence
+from typing import IO, Any, Final
+
+import pytest
+
+#: Largest line the worker may send.  Reports carry captured output, so this
+#: is generous; the host rejects anything longer as a protocol violation.
+MAX_WORKER_LINE: Final = 64 * 1024 * 1024
+#: Largest command line the host may send (commands are tiny).
+MAX_COMMAND_LINE: Final = 1024 * 1024
+#: Deepest JSON nesting either side produces or accepts; serialized reports
+#: nest about a dozen levels (longrepr → chain → traceback → entry → ...).
+MAX_JSON_DEPTH: Final = 64
+#: Environment variable set to "1" inside the worker process.
+WORKER_ENV: Final = "PYTEST_GONDOLIN_WORKER"
+#: Module name to run with ``python -m``.
+WORKER_MODULE: Final = "pytest_gondolin.guest.worker"
+
+#: When a serialized report does not fit in MAX_WORKER_LINE, each string in
+#: it is cut to this many characters (then, failing that, the captured
+#: sections are dropped) rather than losing the report.
+_SHRINK_STRING_CHARS: Final = 1024 * 1024
+_TRUNCATION_MARK: Final = "\n[... truncated by the pytest-gondolin worker ...]\n"
+
+#: Message type names (the ``"t"`` member).
+COMMAND_TYPES: Final = frozenset({"run", "ping", "quit"})
+MESSAGE_TYPES: Final = frozenset({"collected", "report", "warning", "error", "done", "pong"})
+
+
+def to_jsonable(obj: object, depth: int = 0) -> Any:
+    """Return a copy of *obj* that ``json.dumps(..., allow_nan=False)`` accepts.
+
+    Tuples become lists, mapping keys become strings, non-finite floats and
+    any other object become their ``repr``, and nesting deeper than
+    ``MAX_JSON_DEPTH`` is replaced by the ``repr`` of the subtree.  Plugins
+    put arbitrary objects in reports (``user_properties`` values, extra
+    attributes), and one odd value must not lose the whole report.
+    """
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else repr(obj)
+    if depth >= MAX_JSON_DEPTH - 1:
+        return _safe_repr(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v, depth + 1) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return _safe_repr(obj)
+
+
+def _safe_repr(obj: object) -> str:
+    try:
+        return repr(obj)
+    except Exception as exc:  # a hostile __repr__ must not lose the report
+        return f"<unrepresentable {type(obj).__name__}: {type(exc).__name__}>"
+
+
+def encode_line(message: dict[str, Any]) -> bytes:
+    """Encode one protocol message as a line (ASCII JSON plus ``b"\\n"``)."""
+    return (
+        json.dumps(message, ensure_ascii=True, allow_nan=False, separators=(",", ":")) + "\n"
+    ).encode("ascii")
+
+
+def _shrink(obj: Any, limit: int) -> Any:
+    if isinstance(obj, str) and len(obj) > limit:
+        return obj[: limit // 2] + _TRUNCATION_MARK + obj[-limit // 2 :]
+    if isinstance(obj, dict):
+        return {k: _shrink(v, limit) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_shrink(v, limit) for v in obj]
+    return obj
+
+
+class Channel:
+    """The worker's end of the protocol: private fds for commands and messages.
+
+    Sending never raises: once the host is gone (a write fails), the channel
+    is marked closed, further messages are dropped and :meth:`recv` returns
+    ``None`` so the serving loop ends.
+    """
+
+    def __init__(self, in_fd: int, out_fd: int, *, max_out: int = MAX_WORKER_LINE) -> None:
+        self._in: IO[bytes] = open(in_fd, "rb", buffering=64 * 1024)  # noqa: SIM115 - lives as long as the worker
+        self._out_fd = out_fd
+        self._max_out = max_out
+        self.closed = False
+
+    @classmethod
+    def take_std_fds(cls) -> Channel:
+        """Move the protocol onto private copies of fds 0 and 1.
+
+        Afterwards fd 1 is a copy of fd 2 (stray prints land in stderr) and
+        fd 0 reads ``/dev/null``.  Must run before pytest starts capturing.
+        """
+        sys.stdout.flush()
+        out_fd = os.dup(1)  # os.dup makes the copy non-inheritable (PEP 446)
+        in_fd = os.dup(0)
+        os.dup2(2, 1)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        try:
+            os.dup2(devnull, 0)
+        finally:
+            os.close(devnull)
+        return cls(in_fd, out_fd)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Write one message; an oversized one is replaced by an ``error``."""
+        if self.closed:
+            return
+        line = encode_line(message)
+        if len(line) > self._max_out:
+            line = encode_line(
+                {
+                    "t": "error",
+                    "message": f"worker message {message.get('t')!r} too large "
+                    f"({len(line)} bytes > {self._max_out}); dropped",
+                }
+            )
+        view = memoryview(line)
+        try:
+            while view:
+                written = os.write(self._out_fd, view)
+                view = view[written:]
+        except OSError:
+            self.closed = True
+
+    def recv(self) -> dict[str, Any] | None:
+        """Read the next command; ``None`` at end of input or once closed.
+
+        A malformed command comes back as ``{"t": "invalid", "message": ...}``
+        so the loop can answer with an ``error`` and carry on.
+        """
+        if self.closed:
+            return None
+        try:
+            line = self._in.readline(MAX_COMMAND_LINE + 1)
+        except OSError:
+            return None
+        if not line:
+            return None
+        if not line.endswith(b"\n"):
+            if len(line) <= MAX_COMMAND_LINE:
+                return None  # input ended mid-line: the host went away
+            self._discard_rest_of_line()
+            return {"t": "invalid", "message": f"command longer than {MAX_COMMAND_LINE} bytes"}
+        return parse_command(line)
+
+    def _discard_rest_of_line(self) -> None:
+        while True:
+            chunk = self._in.readline(MAX_COMMAND_LINE)
+            if not chunk or chunk.endswith(b"\n"):
+                return
+
+
+def parse_command(line: bytes) -> dict[str, Any]:
+    """Validate one command line from the host.
+
+    Returns the command, or ``{"t": "invalid", "message": ...}`` describing
+    what is wrong with it; never raises.
+    """
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        return {"t": "invalid", "message": f"command is not JSON: {exc}"}
+    if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
+        return {"t": "invalid", "message": "command is not an object with a string 't'"}
+    kind = obj["t"]
+    if kind == "run":
+        nodeid, seed = obj.get("nodeid"), obj.get("seed")
+        if not isinstance(nodeid, str) or not isinstance(seed, int) or isinstance(seed, bool):
+            return {"t": "invalid", "message": "run needs a string nodeid and an integer seed"}
+    elif kind == "ping":
+        if not isinstance(obj.get("nonce"), str):
+            return {"t": "invalid", "message": "ping needs a string nonce"}
+    elif kind != "quit":
+        return {"t": "invalid", "message": f"unknown command type {kind[:100]!r}"}
+    return obj
+
+
+def _category_name(category: type[Warning] | None) -> str:
+    if category is None:
+        return "builtins.UserWarning"
+    return f"{category.__module__}.{category.__qualname__}"
+
+
+class WorkerPlugin:
+    """The pytest plugin that turns the session into a command server."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._config: pytest.Config | None = None
+        self._collect_errors: list[dict[str, Any]] = []
+        self._running: str | None = None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_cmdline_main(self, config: pytest.Config) -> None:
+        # A worker never distributes: if pytest-xdist is present and the
+        # user's addopts ask for ``-n``, turn it off before xdist reads it
+        # (blocking the plugin instead would make ``-n`` an unknown option).
+        if getattr(config.option, "numprocesses", None):
+            config.option.numprocesses = 0
+        if hasattr(config.option, "distload"):
+            config.option.distload = False
+
+    def pytest_configure(self, config: pytest.Config) -> None:
+        self._config = config
+
+    def _serialize(self, report: pytest.CollectReport | pytest.TestReport) -> dict[str, Any]:
+        assert self._config is not None
+        data = self._config.hook.pytest_report_to_serializable(config=self._config, report=report)
+        jsonable: dict[str, Any] = to_jsonable(data)
+        return jsonable
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self._collect_errors.append(self._serialize(report))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self._running is None:
+            return
+        data = self._serialize(report)
+        line_len = len(encode_line({"t": "report", "data": data}))
+        if line_len > MAX_WORKER_LINE:
+            data = _shrink(data, _SHRINK_STRING_CHARS)
+            if len(encode_line({"t": "report", "data": data})) > MAX_WORKER_LINE:
+                data["sections"] = []
+                data = _shrink(data, 64 * 1024)
+        self._channel.send({"t": "report", "data": data})
+
+    def pytest_warning_recorded(
+        self,
+        warning_message: warnings.WarningMessage,
+        when: str,
+        nodeid: str,
+        location: tuple[str, int, str] | None,
+    ) -> None:
+        if self._running is None or when != "runtest":
+            return
+        self._channel.send(
+            {
+                "t": "warning",
+                "message": str(warning_message.message),
+                "category": _category_name(warning_message.category),
+                "nodeid": nodeid,
+                "filename": str(warning_message.filename),
+                "lineno": int(warning_message.lineno or 0),
+            }
+        )
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> bool:
+        items: dict[str, pytest.Item] = {}
+        for item in session.items:
+            items.setdefault(item.nodeid, item)
+        self._channel.send(
+            {"t": "collected", "nodeids": list(items), "errors": self._collect_errors}
+        )
+        while True:
+            command = self._channel.recv()
+            if command is None or command["t"] == "quit":
+                return True
+            if command["t"] == "ping":
+                self._channel.send({"t": "pong", "nonce": command["nonce"]})
+            elif command["t"] == "run":
+                self._run(items, command["nodeid"], command["seed"])
+            else:
+                self._channel.send({"t": "error", "message": command["message"]})
+
+    def _run(self, items: dict[str, pytest.Item], nodeid: str, seed: int) -> None:
+        item = items.get(nodeid)
+        if item is None:
+            self._channel.send({"t": "error", "message": f"not collected in the worker: {nodeid}"})
+            self._channel.send({"t": "done", "nodeid": nodeid})
+            return
+        random.seed(seed)
+        self._running = nodeid
+        try:
+            # The hook (not runtestprotocol directly) so that the wrappers
+            # around it take part: warnings capture, unraisable-exception
+            # and thread-exception checks, faulthandler_timeout.
+            item.ihook.pytest_runtest_protocol(item=item, nextitem=None)
+        except Exception:
+            self._channel.send(
+                {"t": "error", "message": "worker internal error:\n" + traceback.format_exc()}
+            )
+        finally:
+            self._running = None
+        self._channel.send({"t": "done", "nodeid": nodeid})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the worker; returns pytest's exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    channel = Channel.take_std_fds()
+    # The stack dump must reach the real stderr even while pytest's fd
+    # capture has fd 2 redirected to a temporary file during a test.
+    dump_file = os.fdopen(os.dup(2), "w", closefd=True)
+    faulthandler.register(signal.SIGUSR1, file=dump_file, all_threads=True)
+    os.environ[WORKER_ENV] = "1"
+    plugin = WorkerPlugin(channel)
+    exit_code = pytest.main([*args, "-p", "no:cacheprovider"], plugins=[plugin])
+    return int(exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,920 @@
+"""Sans-IO HTTP interception: sniff a guest flow, parse requests, frame responses.
+
+Nothing here touches a socket or a clock it was not given; the network
+driver feeds bytes in and writes the bytes out. The pieces:
+
+:func:`sniff` / :func:`classify`
+    Look at the first bytes the guest sent on a TCP flow and say
+    ``"http"`` (an HTTP/1.x request line), ``"tls"`` (a complete, valid TLS
+    ClientHello, RFC 8446 §4.1.2, with its SNI), ``"other"`` (anything
+    else, including malformed or over-long hellos: deny the connection) or
+    ``"need_more"``. At most :data:`SNIFF_LIMIT` bytes are ever examined.
+
+:class:`HttpInterceptor`
+    One per guest flow (the TCP stream for plain HTTP, or the decrypted
+    stream after the driver terminated TLS with
+    :meth:`~pytest_gondolin.netpolicy.ca.CertificateAuthority.ssl_context_for`).
+    It runs h11 in the server role and emits :class:`RequestReceived` for
+    each complete request (head and body, bounded by :data:`MAX_HEADER_BYTES`
+    and :data:`MAX_BODY_BYTES`). The driver decides (stub, policy, secrets,
+    upstream) and calls :meth:`HttpInterceptor.respond` with the response;
+    the interceptor frames it and resumes with the next request on the same
+    connection (keep-alive, pipelining). Requests the interceptor refuses
+    on its own come out as :class:`RequestRefused` carrying a ready "denied"
+    :class:`~pytest_gondolin.netpolicy.recorder.Exchange`, with the error
+    response already queued:
+
+    ============================================  ======  =================
+    what                                          status  rule
+    ============================================  ======  =================
+    malformed HTTP (h11 ``RemoteProtocolError``)  400     ``http-protocol``
+    Content-Length *and* Transfer-Encoding        400     ``smuggling``
+    (RFC 9112 §6.1: a request-smuggling vector)
+    missing, repeated or invalid Host             400     ``host-header``
+    unsupported transfer coding                   501     ``http-protocol``
+    head larger than ``max_header_bytes``         431     ``limits``
+    body larger than ``max_body_bytes``           413     ``limits``
+    ``CONNECT`` (no tunnels, RFC 9110 §9.3.6)     405     ``connect``
+    ``Upgrade: websocket`` (not mediated)         403     ``websocket``
+    destination mismatch (see below)              421     ``misdirected``
+    ============================================  ======  =================
+
+The destination rule, identical for every flow:
+    The request's **Host header** names the destination (RFC 9112 §3.2;
+    for an absolute-form target, the target's authority, which must then
+    equal the Host header). Its port, explicit or the scheme's default
+    (80/443), must equal the TCP destination port of the flow when the
+    driver knows it. **For TLS, the SNI picks the certificate and the Host
+    name must equal the SNI** (a client that sends no SNI, as for an IP
+    literal, is matched against the flow's destination address, which the
+    driver passes as ``authority``); otherwise the request is refused with
+    421 Misdirected Request (RFC 9110 §15.5.20). The driver therefore uses
+    ``request.host``/``request.port`` for the policy decision and the
+    upstream, and never the raw SNI.
+
+Intended driver loop, per flow::
+
+    kind = classify(buf)                      # until it is not "need_more"
+    # "tls": hello = sniff(buf).client_hello; name = hello.server_name or dst_ip
+    #        terminate TLS with ca.ssl_context_for(name) (denials are then
+    #        visible to the guest as a 403 naming the rule)
+    # "other": recorder.record(Exchange.connection_denied(...)); close
+    icpt = HttpInterceptor(scheme, authority=name_or_dst_ip, port=dst_port)
+    for event in icpt.receive_data(plaintext):
+        RequestReceived -> stub? policy.decide? secrets.apply? fetch_upstream?
+                           icpt.respond(response) (returns further events)
+        RequestRefused  -> recorder.record(event.exchange)
+    send(icpt.data_to_send()); close once icpt.closed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+from urllib.parse import urlsplit
+
+import h11
+
+from pytest_gondolin.errors import NetworkPolicyError
+from pytest_gondolin.netpolicy.policy import (
+    format_authority,
+    normalize_host,
+    split_host_port,
+)
+from pytest_gondolin.netpolicy.recorder import Exchange, ExchangeDecision
+
+__all__ = [
+    "DEFAULT_PORTS",
+    "MAX_BODY_BYTES",
+    "MAX_HEADER_BYTES",
+    "SNIFF_LIMIT",
+    "ClientHello",
+    "ClientHelloError",
+    "FlowKind",
+    "HttpEvent",
+    "HttpInterceptor",
+    "HttpRequest",
+    "HttpResponse",
+    "RequestReceived",
+    "RequestRefused",
+    "Sniff",
+    "classify",
+    "denial_response",
+    "make_exchange",
+    "parse_client_hello",
+    "sniff",
+    "strip_hop_by_hop",
+]
+
+log = logging.getLogger(__name__)
+
+#: Bytes examined to classify a flow; a ClientHello must fit (real ones are
+#: 0.5-2 KiB, post-quantum key shares included).
+SNIFF_LIMIT: Final = 8 * 1024
+#: Request/response head limit (request line + headers).
+MAX_HEADER_BYTES: Final = 64 * 1024
+#: Request/response body limit; bodies are buffered whole in memory.
+MAX_BODY_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+# Refusal reasons go into records and the guest's error page: keep them short.
+_MAX_REASON: Final = 300
+
+FlowKind = Literal["http", "tls", "other", "need_more"]
+
+# RFC 9110 §5.6.2 token characters, for methods.
+_TCHAR: Final = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]"
+_REQUEST_LINE_RE: Final = re.compile(
+    rb"(" + _TCHAR + rb"{1,32}) ([\x21-\x7e\x80-\xff]+) HTTP/1\.[01]\r?\n"
+)
+_METHOD_PREFIX_RE: Final = re.compile(_TCHAR + rb"{1,32}")
+_TARGET_PREFIX_RE: Final = re.compile(_TCHAR + rb"{1,32} [\x21-\x7e\x80-\xff]*")
+_VERSION_PREFIX_RE: Final = re.compile(_TCHAR + rb"{1,32} [\x21-\x7e\x80-\xff]+ (.*)", re.DOTALL)
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus framing we recompute ourselves.
+_HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "expect",
+    }
+)
+
+
+# --------------------------------------------------------------------------- sniffing
+
+
+class ClientHelloError(NetworkPolicyError):
+    """The bytes are not a valid TLS ClientHello (or exceed :data:`SNIFF_LIMIT`)."""
+
+
+@dataclass(frozen=True)
+class ClientHello:
+    """What the interceptor needs from a ClientHello.
+
+    ``server_name`` is the normalised SNI host name (RFC 6066 §3) or
+    ``None``; ``alpn`` the offered protocols (RFC 7301); ``length`` the
+    bytes of TLS records the hello occupied.
+    """
+
+    server_name: str | None
+    alpn: tuple[str, ...]
+    length: int
+
+
+class _Reader:
+    """Bounds-checked big-endian reader; every overrun is a ClientHelloError."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data = data
+        self._pos = 0
+        self._what = what
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._pos
+
+    def take(self, n: int) -> bytes:
+        if n > self.remaining:
+            raise ClientHelloError(
+                f"{self._what}: truncated (wanted {n} bytes, {self.remaining} left)"
+            )
+        out = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def uint(self, size: int) -> int:
+        return int.from_bytes(self.take(size), "big")
+
+    def vector(self, length_size: int, minimum: int, maximum: int, what: str) -> _Reader:
+        n = self.uint(length_size)
+        if not minimum <= n <= maximum:
+            raise ClientHelloError(f"{what}: length {n} outside {minimum}..{maximum}")
+        return _Reader(self.take(n), what)
+
+    def take_all(self) -> bytes:
+        return self.take(self.remaining)
+
+    def done(self) -> None:
+        if self.remaining:
+            raise ClientHelloError(f"{self._what}: {self.remaining} trailing bytes")
+
+
+_TLS_HANDSHAKE: Final = 22
+_CLIENT_HELLO: Final = 1
+_MAX_RECORD: Final = 1 << 14  # RFC 8446 §5.1: TLSPlaintext.length <= 2^14
+_EXT_SERVER_NAME: Final = 0
+_EXT_ALPN: Final = 16
+
+
+def parse_client_hello(data: bytes) -> ClientHello | None:
+    """Parse the TLS ClientHello at the start of ``data``.
+
+    Returns ``None`` while more bytes are needed, a :class:`ClientHello`
+    once it is complete, and raises :class:`ClientHelloError` for anything
+    malformed or larger than :data:`SNIFF_LIMIT` — never another exception.
+    The hello may span several handshake records (RFC 8446 §5.1).
+    """
+    data = bytes(data[: SNIFF_LIMIT + 1])
+    handshake = bytearray()
+    pos = 0
+    while True:
+        if len(handshake) >= 4:
+            if handshake[0] != _CLIENT_HELLO:
+                raise ClientHelloError(
+                    f"first handshake message has type {handshake[0]}, not ClientHello"
+                )
+            body_len = int.from_bytes(handshake[1:4], "big")
+            if 4 + body_len > SNIFF_LIMIT:
+                raise ClientHelloError(
+                    f"ClientHello of {body_len} bytes exceeds the {SNIFF_LIMIT}-byte sniff limit"
+                )
+            if len(handshake) >= 4 + body_len:
+                if len(handshake) > 4 + body_len:
+                    raise ClientHelloError("unexpected handshake bytes after the ClientHello")
+                server_name, alpn = _parse_hello_body(bytes(handshake[4:]))
+                return ClientHello(server_name=server_name, alpn=alpn, length=pos)
+        if pos + 5 > len(data):
+            if len(data) > SNIFF_LIMIT:
+                raise ClientHelloError(f"no complete ClientHello within {SNIFF_LIMIT} bytes")
+            return None
+        content_type = data[pos]
+        major, minor = data[pos + 1], data[pos + 2]
+        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
+        if content_type != _TLS_HANDSHAKE:
+            raise ClientHelloError(
+                f"record type {content_type} where a handshake record was expected"
+            )
+        if major != 3 or minor > 4:
+            raise ClientHelloError(f"record version {major}.{minor} is not TLS")
+        if not 1 <= length <= _MAX_RECORD:
+            raise ClientHelloError(f"record length {length} outside 1..{_MAX_RECORD}")
+        if pos + 5 + length > SNIFF_LIMIT:
+            raise ClientHelloError(f"ClientHello records exceed the {SNIFF_LIMIT}-byte sniff limit")
+        if pos + 5 + length > len(data):
+            return None
+        handshake += data[pos + 5 : pos + 5 + length]
+        pos += 5 + length
+
+
+def _parse_hello_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
+    r = _Reader(body, "ClientHello")
+    version = r.uint(2)
+    if version >> 8 != 3:
+        raise ClientHelloError(f"ClientHello legacy_version {version:#06x} is not TLS")
+    r.take(32)  # random
+    r.vector(1, 0, 32, "legacy_session_id")
+    suites = r.vector(2, 2, 0xFFFE, "cipher_suites")
+    if suites.remaining % 2:
+        raise ClientHelloError("cipher_suites: odd length")
+    r.vector(1, 1, 0xFF, "legacy_compression_methods")
+    server_name: str | None = None
+    alpn: tuple[str, ...] = ()
+    if r.remaining == 0:  # TLS 1.2 allows a hello without extensions
+        return server_name, alpn
+    extensions = r.vector(2, 0, 0xFFFF, "extensions")
+    r.done()
+    seen: set[int] = set()
+    while extensions.remaining:
+        ext_type = extensions.uint(2)
+        ext = extensions.vector(2, 0, 0xFFFF, f"extension {ext_type}")
+        if ext_type in seen:  # RFC 8446 §4.2: at most one of each type
+            raise ClientHelloError(f"extension {ext_type} appears twice")
+        seen.add(ext_type)
+        if ext_type == _EXT_SERVER_NAME:
+            server_name = _parse_sni(ext)
+        elif ext_type == _EXT_ALPN:
+            alpn = _parse_alpn(ext)
+    return server_name, alpn
+
+
+def _parse_sni(ext: _Reader) -> str:
+    names = ext.vector(2, 1, 0xFFFF, "server_name_list")
+    ext.done()
+    host: str | None = None
+    while names.remaining:
+        name_type = names.uint(1)
+        if name_type != 0:  # RFC 6066 §3: host_name(0) is the only type
+            raise ClientHelloError(f"server_name type {name_type} is unknown")
+        raw = names.vector(2, 1, 0xFFFF, "host_name").take_all()
+        if host is not None:  # RFC 6066 §3: one name per type
+            raise ClientHelloError("more than one host_name in server_name")
+        try:
+            text = raw.decode("ascii")
+            host = normalize_host(text)
+        except (UnicodeDecodeError, NetworkPolicyError):
+            raise ClientHelloError(f"server_name {raw[:80]!r} is not a valid host name") from None
+        if text.startswith("[") or ":" in host or _is_ipv4(host):
+            # RFC 6066 §3: "Literal IPv4 and IPv6 addresses are not permitted"
+            raise ClientHelloError(f"server_name {text!r} is an IP literal")
+    if host is None:
+        raise ClientHelloError("server_name extension has no host_name")
+    return host
+
+
+def _is_ipv4(host: str) -> bool:
+    return bool(re.fullmatch(r"[0-9.]+", host))
+
+
+def _parse_alpn(ext: _Reader) -> tuple[str, ...]:
+    protocols = ext.vector(2, 2, 0xFFFF, "protocol_name_list")
+    ext.done()
+    out: list[str] = []
+    while protocols.remaining:
+        out.append(protocols.vector(1, 1, 0xFF, "protocol_name").take_all().decode("latin-1"))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Sniff:
+    """The result of :func:`sniff`: the flow kind and, for TLS, the hello."""
+
+    kind: FlowKind
+    client_hello: ClientHello | None = None
+    reason: str = ""
+
+
+def sniff(data: bytes) -> Sniff:
+    """Classify the first bytes of a guest TCP flow (see :func:`classify`).
+
+    Total: returns for any input, looking at no more than
+    :data:`SNIFF_LIMIT` (+1) bytes. ``reason`` explains an ``"other"``.
+    """
+    data = bytes(data[: SNIFF_LIMIT + 1])
+    if not data:
+        return Sniff("need_more")
+    if data[0] == _TLS_HANDSHAKE:
+        try:
+            hello = parse_client_hello(data)
+        except ClientHelloError as exc:
+            return Sniff("other", reason=f"not a valid TLS ClientHello: {exc}")
+        return Sniff("need_more") if hello is None else Sniff("tls", hello)
+    newline = data.find(b"\n", 0, SNIFF_LIMIT)
+    if newline < 0:
+        if len(data) >= SNIFF_LIMIT:
+            return Sniff("other", reason=f"no request line within {SNIFF_LIMIT} bytes")
+        return (
+            Sniff("need_more")
+            if _plausible_request_prefix(data)
+            else Sniff("other", reason="not HTTP/1.x or TLS")
+        )
+    if _REQUEST_LINE_RE.fullmatch(data[: newline + 1]):
+        return Sniff("http")
+    return Sniff("other", reason="not HTTP/1.x or TLS")
+
+
+def _plausible_request_prefix(data: bytes) -> bool:
+    if _METHOD_PREFIX_RE.fullmatch(data) or _TARGET_PREFIX_RE.fullmatch(data):
+        return True
+    m = _VERSION_PREFIX_RE.fullmatch(data)
+    if m is None:
+        return False
+    rest = m.group(1)
+    return any(full.startswith(rest) for full in (b"HTTP/1.0\r", b"HTTP/1.1\r"))
+
+
+def classify(first_bytes: bytes) -> FlowKind:
+    """``"http"``, ``"tls"``, ``"other"`` or ``"need_more"`` for a flow's first bytes.
+
+    ``"tls"`` means a complete, valid ClientHello (get it with
+    :func:`sniff`); ``"http"`` a complete HTTP/1.0 or 1.1 request line.
+    """
+    return sniff(first_bytes).kind
+
+
+# --------------------------------------------------------------------------- messages
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """A complete request from the guest, destination resolved by the rule above.
+
+    ``host`` is normalised, ``port`` explicit; ``target`` is the
+    request-target as sent, ``path``/``query`` its parts. Headers are
+    ``(name, value)`` strings decoded as ISO-8859-1 (lossless), wire order.
+    """
+
+    method: str
+    target: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    query: str
+    headers: Headers
+    body: bytes
+    http_version: str = "1.1"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", tuple(self.headers))
+
+    @property
+    def authority(self) -> str:
+        """``host[:port]``, the port omitted when it is the scheme's default."""
+        default = DEFAULT_PORTS.get(self.scheme)
+        return format_authority(self.host, None if self.port == default else self.port)
+
+    @property
+    def url(self) -> str:
+        """The absolute URL, e.g. ``https://api.example.com/v1?x=1``."""
+        query = f"?{self.query}" if self.query else ""
+        return f"{self.scheme}://{self.authority}{self.path}{query}"
+
+    def header(self, name: str) -> str | None:
+        """The first header called ``name`` (case-insensitive), or ``None``."""
+        wanted = name.lower()
+        return next((v for n, v in self.headers if n.lower() == wanted), None)
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    """A response to give the guest (from upstream, a stub or a denial)."""
+
+    status: int
+    headers: Headers = ()
+    body: bytes = b""
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", tuple(self.headers))
+
+    def header(self, name: str) -> str | None:
+        """The first header called ``name`` (case-insensitive), or ``None``."""
+        wanted = name.lower()
+        return next((v for n, v in self.headers if n.lower() == wanted), None)
+
+
+def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop hop-by-hop and framing fields (RFC 9110 §7.6.1), incl. those named in Connection."""
+    pairs = list(headers)
+    named = {
+        token.strip().lower()
+        for name, value in pairs
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    return [(n, v) for n, v in pairs if n.lower() not in _HOP_BY_HOP and n.lower() not in named]
+
+
+def denial_response(reason: str, rule: str | None, status: int = 403) -> HttpResponse:
+    """The response the guest sees when the host refuses a request.
+
+    A short ``text/plain`` body naming the reason and the rule, and an
+    ``X-Gondolin-Rule`` header so scripts can tell it from an upstream 403.
+    """
+    body = f"pytest-gondolin denied this request: {reason}\nrule: {rule or 'none'}\n"
+    return HttpResponse(
+        status=status,
+        headers=(
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("X-Gondolin-Rule", _header_safe(rule or "none")),
+            ("Cache-Control", "no-store"),
+        ),
+        body=body.encode("utf-8", "replace"),
+    )
+
+
+def _header_safe(text: str) -> str:
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:200]
+
+
+def make_exchange(
+    request: HttpRequest,
+    response: HttpResponse | None,
+    decision: ExchangeDecision,
+    reason: str,
+    *,
+    started: float,
+    duration: float,
+    request_headers: Sequence[tuple[str, str]] | None = None,
+) -> Exchange:
+    """An :class:`Exchange` for ``request`` and its ``response``.
+
+    Pass ``request_headers`` to record other headers than the request's own
+    (e.g. the guest's, with placeholders, rather than the substituted ones).
+    """
+    return Exchange(
+        method=request.method,
+        url=request.url,
+        scheme=request.scheme,
+        host=request.host,
+        port=request.port,
+        path=request.path,
+        query=request.query,
+        request_headers=tuple(request.headers if request_headers is None else request_headers),
+        request_body=request.body,
+        status=None if response is None else response.status,
+        response_headers=() if response is None else tuple(response.headers),
+        response_body=b"" if response is None else response.body,
+        decision=decision,
+        reason=reason,
+        started=started,
+        duration=duration,
+    )
+
+
+# --------------------------------------------------------------------------- interceptor
+
+
+@dataclass(frozen=True)
+class RequestReceived:
+    """A complete request; the driver must answer with :meth:`HttpInterceptor.respond`."""
+
+    request: HttpRequest
+    started: float
+
+
+@dataclass(frozen=True)
+class RequestRefused:
+    """The interceptor refused a request itself; its response is already queued."""
+
+    exchange: Exchange
+
+
+HttpEvent = RequestReceived | RequestRefused
+
+
+class _Refusal(Exception):
+    """Internal: abort the current request with an error response."""
+
+    def __init__(self, status: int, reason: str, rule: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.rule = rule
+
+
+def _decode(value: bytes) -> str:
+    return value.decode("latin-1")
+
+
+class HttpInterceptor:
+    """The state of one guest HTTP flow (sans-IO; see the module docstring).
+
+    ``scheme`` is ``"http"`` or ``"https"``; ``authority`` is the flow's
+    destination as the driver knows it (the SNI for TLS, or the destination
+    address) and, for TLS, the only Host name accepted; ``port`` is the TCP
+    destination port (``None``: unknown, not checked).
+
+    Never raises on guest input: every malformed, oversize or forbidden
+    request becomes a :class:`RequestRefused` plus an error response.
+    """
+
+    def __init__(
+        self,
+        scheme: Literal["http", "https"],
+        *,
+        authority: str,
+        port: int | None,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if scheme not in DEFAULT_PORTS:
+            raise NetworkPolicyError(f"unsupported scheme {scheme!r}")
+        self.scheme: Literal["http", "https"] = scheme
+        try:
+            self._authority = normalize_host(authority)
+        except NetworkPolicyError:
+            self._authority = authority
+        self._port = port
+        self._max_header = max_header_bytes
+        self._max_body = max_body_bytes
+        self._clock = clock
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._out = bytearray()
+        self._head: h11.Request | None = None
+        self._body = bytearray()
+        self._started = 0.0
+        self._pending: HttpRequest | None = None
+        self._pending_bytes = 0  # received while a response is owed
+        self._closed = False
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def closed(self) -> bool:
+        """True once the flow is finished: flush :meth:`data_to_send`, then close it."""
+        return self._closed
+
+    @property
+    def awaiting_response(self) -> HttpRequest | None:
+        """The request the driver still has to :meth:`respond` to, if any."""
+        return self._pending
+
+    @property
+    def wants_data(self) -> bool:
+        """False while a response is owed or the flow is closed (apply backpressure)."""
+        return self._pending is None and not self._closed
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the guest since the last call."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    # ------------------------------------------------------------------ input
+
+    def receive_data(self, data: bytes) -> list[HttpEvent]:
+        """Feed bytes from the guest (``b""`` means the guest closed its side)."""
+        if self._closed:
+            return []
+        if data and self._pending is not None:
+            self._pending_bytes += len(data)
+            if self._pending_bytes > self._max_header + self._max_body:
+                return [
+                    self._refuse(
+                        400, "too much pipelined data while a response is pending", "limits"
+                    )
+                ]
+        try:
+            self._conn.receive_data(bytes(data))
+        except RuntimeError:  # data after EOF: h11's own usage error
+            return []
+        return self._pump()
+
+    def _pump(self) -> list[HttpEvent]:
+        events: list[HttpEvent] = []
+        while not self._closed and self._pending is None:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                rule = "limits" if status == 431 else "http-protocol"
+                events.append(self._refuse(status, f"malformed HTTP request: {exc}", rule))
+                break
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                break
+            try:
+                if isinstance(event, h11.Request):
+                    self._on_head(event)
+                elif isinstance(event, h11.Data):
+                    self._body += event.data
+                    if len(self._body) > self._max_body:
+                        raise _Refusal(
+                            413, f"request body exceeds {self._max_body} bytes", "limits"
+                        )
+                elif isinstance(event, h11.EndOfMessage):
+                    events.append(self._on_complete())
+                elif isinstance(event, h11.ConnectionClosed):
+                    self._closed = True  # only seen between requests: h11 raises mid-request
+                    break
+            except _Refusal as refusal:
+                events.append(self._refuse(refusal.status, refusal.reason, refusal.rule))
+                break
+        return events
+
+    def _on_head(self, head: h11.Request) -> None:
+        self._head = head
+        self._body = bytearray()
+        self._started = self._clock()
+        method = _decode(head.method)
+        names = [_decode(n) for n, _ in head.headers]
+        log.debug("guest %s request: %s %r", self.scheme, method, head.target[:200])
+        if method == "CONNECT":
+            raise _Refusal(
+                405,
+                "CONNECT tunnels are not allowed (the host is the only network peer)",
+                "connect",
+            )
+        if "transfer-encoding" in names and "content-length" in names:
+            raise _Refusal(
+                400, "both Content-Length and Transfer-Encoding (request smuggling)", "smuggling"
+            )
+        upgrade = [_decode(v).lower() for n, v in head.headers if n == b"upgrade"]
+        if any("websocket" in v for v in upgrade):
+            raise _Refusal(403, "WebSocket upgrades are not mediated", "websocket")
+        self._resolve_destination(head)  # validate early: refuse before the body arrives
+        length = [v for n, v in head.headers if n == b"content-length"]
+        if length and int(length[0]) > self._max_body:
+            raise _Refusal(
+                413, f"request body of {int(length[0])} bytes exceeds {self._max_body}", "limits"
+            )
+        if self._conn.they_are_waiting_for_100_continue:
+            self._send(h11.InformationalResponse(status_code=100, headers=[]))
+
+    def _host_header(self, head: h11.Request) -> tuple[str, int]:
+        """The normalised host and port (explicit or default) of the one Host header."""
+        hosts = [_decode(v) for n, v in head.headers if n == b"host"]
+        if len(hosts) != 1:
+            raise _Refusal(400, f"expected one Host header, got {len(hosts)}", "host-header")
+        try:
+            raw_host, raw_port = split_host_port(hosts[0])
+            if "@" in raw_host or not raw_host:
+                raise NetworkPolicyError("userinfo or empty host")
+            host = normalize_host(raw_host)
+        except NetworkPolicyError:
+            raise _Refusal(400, f"invalid Host header {hosts[0][:100]!r}", "host-header") from None
+        return host, DEFAULT_PORTS[self.scheme] if raw_port is None else raw_port
+
+    def _resolve_destination(self, head: h11.Request) -> tuple[str, int, str, str]:
+        """(host, port, path, query) of ``head`` by the module's destination rule."""
+        host, port = self._host_header(head)
+        hosts = [_decode(v) for n, v in head.headers if n == b"host"]
+        default = DEFAULT_PORTS[self.scheme]
+        target = _decode(head.target)
+        if target.startswith("/"):
+            path, _, query = target.partition("?")
+        elif re.match(r"(?i)https?://", target):
+            # RFC 9112 §3.2.2: absolute-form; its authority must agree with Host.
+            try:
+                parts = urlsplit(target)
+                t_port = parts.port
+                t_host = normalize_host(parts.hostname or "")
+            except (ValueError, NetworkPolicyError):
+                raise _Refusal(
+                    400, f"invalid request target {target[:100]!r}", "host-header"
+                ) from None
+            if (
+                parts.scheme.lower() != self.scheme
+                or parts.username is not None
+                or (t_host, t_port or default) != (host, port)
+            ):
+                raise _Refusal(
+                    400,
+                    f"request target {target[:100]!r} disagrees with Host {hosts[0][:100]!r}",
+                    "host-header",
+                )
+            path, query = parts.path or "/", parts.query
+        else:
+            raise _Refusal(400, f"unsupported request target {target[:100]!r}", "http-protocol")
+        if "#" in target:
+            raise _Refusal(400, "a fragment in the request target", "http-protocol")
+        if self._port is not None and port != self._port:
+            raise _Refusal(
+                421,
+                f"Host port {port} differs from the connection's port {self._port}",
+                "misdirected",
+            )
+        if self.scheme == "https" and host != self._authority:
+            raise _Refusal(
+                421,
+                f"Host {host!r} differs from the TLS server name {self._authority!r}",
+                "misdirected",
+            )
+        return host, port, path, query
+
+    def _on_complete(self) -> HttpEvent:
+        head = self._head
+        if head is None:  # h11 never yields EndOfMessage without a Request
+            raise _Refusal(400, "request body without a request", "http-protocol")
+        host, port, path, query = self._resolve_destination(head)
+        request = HttpRequest(
+            method=_decode(head.method),
+            target=_decode(head.target),
+            scheme=self.scheme,
+            host=host,
+            port=port,
+            path=path,
+            query=query,
+            headers=tuple((_decode(n), _decode(v)) for n, v in head.headers.raw_items()),
+            body=bytes(self._body),
+            http_version=_decode(head.http_version),
+        )
+        self._pending = request
+        self._body = bytearray()
+        return RequestReceived(request=request, started=self._started)
+
+    # ------------------------------------------------------------------ output
+
+    def respond(self, response: HttpResponse) -> list[HttpEvent]:
+        """Send ``response`` for the pending request; returns events for pipelined requests.
+
+        Hop-by-hop and framing headers of ``response`` are replaced by our
+        own (``Content-Length``). Raises :class:`NetworkPolicyError` if no
+        request is pending or the response cannot be framed (bad status,
+        header text); the pending request stays pending then, so the
+        driver can answer with a :func:`denial_response` instead.
+        """
+        request = self._pending
+        if request is None:
+            raise NetworkPolicyError("respond() without a pending request")
+        if not isinstance(response.status, int) or not 200 <= response.status <= 599:
+            raise NetworkPolicyError(f"cannot send status {response.status!r} as a final response")
+        try:
+            head, body = self._frame(request.method, response, close=False)
+        except (UnicodeEncodeError, h11.LocalProtocolError) as exc:
+            raise NetworkPolicyError(f"cannot frame the response: {exc}") from exc
+        self._pending = None
+        self._pending_bytes = 0
+        self._head = None
+        self._send_message(head, body)
+        log.debug("responded %d to %s %s", response.status, request.method, request.url)
+        return self._next_cycle()
+
+    def _frame(
+        self, method: str, response: HttpResponse, *, close: bool
+    ) -> tuple[h11.Response, bytes]:
+        headers = strip_hop_by_hop(response.headers)
+        body = response.body
+        no_body = method == "HEAD" or response.status in (204, 304)
+        if no_body:
+            # RFC 9110 §8.6: HEAD/304 may state the length the body would have.
+            length = response.header("content-length")
+            if length is not None and response.status != 204 and length.strip().isdigit():
+                headers.append(("Content-Length", length.strip()))
+            body = b""
+        else:
+            headers.append(("Content-Length", str(len(body))))
+        if close:
+            headers.append(("Connection", "close"))
+        raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+        reason = response.reason.encode("latin-1") if response.reason else b""
+        head = h11.Response(status_code=response.status, headers=raw, reason=reason)
+        return head, body
+
+    def _send(self, event: h11.Event) -> None:
+        data = self._conn.send(event)
+        if data:
+            self._out += data
+
+    def _send_message(self, head: h11.Response, body: bytes) -> None:
+        try:
+            self._send(head)
+            if body:
+                self._send(h11.Data(data=body))
+            self._send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:  # our state machine disagrees: give up on the flow
+            log.debug("cannot send response: %s", exc)
+            self._conn.send_failed()
+            self._closed = True
+
+    def _next_cycle(self) -> list[HttpEvent]:
+        if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
+            self._conn.start_next_cycle()
+            return self._pump()
+        # Connection: close, HTTP/1.0 without keep-alive, or a failed send.
+        self._closed = True
+        return []
+
+    def _refuse(self, status: int, reason: str, rule: str) -> RequestRefused:
+        """Queue an error response, close the flow and describe the refusal."""
+        if len(reason) > _MAX_REASON:  # h11 messages may quote guest bytes
+            reason = reason[: _MAX_REASON - 3] + "..."
+        head = self._head
+        method = _decode(head.method) if head is not None else ""
+        host, port, path, query, url = (
+            self._authority,
+            self._port or DEFAULT_PORTS[self.scheme],
+            "",
+            "",
+            "",
+        )
+        headers: Headers = ()
+        if head is not None:
+            headers = tuple((_decode(n), _decode(v)) for n, v in head.headers.raw_items())
+            try:
+                host, port, path, query = self._resolve_destination(head)
+            except _Refusal:
+                path, _, query = _decode(head.target).partition("?")
+                with contextlib.suppress(_Refusal):
+                    host, port = self._host_header(head)
+            else:
+                query_part = f"?{query}" if query else ""
+                shown_port = None if port == DEFAULT_PORTS[self.scheme] else port
+                url = f"{self.scheme}://{format_authority(host, shown_port)}{path}{query_part}"
+        response = denial_response(reason, rule, status)
+        if self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            try:
+                framed, body = self._frame(method or "GET", response, close=True)
+            except (UnicodeEncodeError, h11.LocalProtocolError):  # pragma: no cover - our own text
+                framed, body = h11.Response(status_code=status, headers=[]), b""
+            self._send_message(framed, body)
+        log.debug("refused guest request (%s): %s", rule, reason)
+        self._pending = None
+        self._head = None
+        self._closed = True
+        now = self._clock()
+        return RequestRefused(
+            Exchange(
+                method=method,
+                url=url,
+                scheme=self.scheme,
+                host=host,
+                port=port,
+                path=path,
+                query=query,
+                request_headers=headers,
+                request_body=bytes(self._body[: 1 << 20]),
+                status=status,
+                response_headers=response.headers,
+                response_body=response.body,
+                decision="denied",
+                reason=f"{reason} [rule: {rule}]",
+                started=self._started if head is not None else now,
+                duration=max(0.0, now - self._started) if head is not None else 0.0,
+            )
+        )

@@ -1,0 +1,653 @@
+"""Network policy: which destinations the guest may reach, decided on the host.
+
+A :class:`NetworkPolicy` is built from the public network options (see
+DESIGN.md, "Network options") and validated completely at construction, so
+a typo fails the test run early with a :class:`~pytest_gondolin.errors.ConfigError`
+naming the option and the bad value, never later as a mysterious denial.
+
+Host patterns (``allow_hosts`` entries and ``Secret.hosts``) share one
+grammar, implemented once here (:func:`parse_host_pattern`):
+
+``example.com``
+    exactly that name, any port.
+``example.com:8443``
+    exactly that name and port.
+``*.example.com``
+    any name *below* ``example.com`` at any depth (``a.example.com``,
+    ``a.b.example.com``) but not ``example.com`` itself.
+``*``
+    every host name, but no IP literal (still subject to ``block_internal``).
+``192.0.2.7``, ``[2001:db8::7]:443``, ``2001:db8::7``
+    an IP literal (IPv6 needs brackets when a port follows).
+
+Names compare case-insensitively, a single trailing dot is ignored and
+internationalised names are converted to their IDNA A-label form
+(``bücher.example`` == ``xn--bcher-kva.example``). The conversion uses
+Python's built-in ``idna`` codec (IDNA 2003, RFC 3490).
+
+Decision order in :meth:`NetworkPolicy.decide` (first match wins):
+
+1. an invalid host name or a scheme other than http/https is denied;
+2. a ``resolve`` entry for exactly ``host:port`` allows it (writing an
+   explicit upstream is an explicit intent to reach it; it is also the only
+   way to reach an internal address while ``block_internal`` is on);
+3. with ``block_internal``, IP literals in internal ranges
+   (:func:`is_internal`) and ``localhost`` names (RFC 6761 §6.3) are denied;
+4. the first matching ``allow_hosts`` entry allows;
+5. everything else is denied (default: deny all egress).
+
+Names that resolve to internal addresses are caught at connect time by
+:func:`resolve_upstream`, which checks the addresses actually returned by
+DNS (a name may be rebound between the decision and the connect).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import socket
+import ssl
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from pytest_gondolin.errors import ConfigError, NetworkPolicyError
+
+if TYPE_CHECKING:
+    from pytest_gondolin.netpolicy.secrets import Secret
+
+__all__ = [
+    "Decision",
+    "HostPattern",
+    "IPAddress",
+    "NetworkPolicy",
+    "format_authority",
+    "internal_range",
+    "is_internal",
+    "normalize_host",
+    "parse_host_pattern",
+    "resolve_upstream",
+    "split_host_port",
+]
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Schemes the host mediates. Anything else (raw TCP, WebSocket, ...) is denied.
+MEDIATED_SCHEMES: Final = frozenset({"http", "https"})
+
+# RFC 1035 §2.3.4 / RFC 1123 §2.1: labels of at most 63 octets, names of at
+# most 253 characters in text form. Underscores are tolerated because real
+# service names use them (RFC 2181 §11 allows any octet in DNS itself).
+_LABEL_RE: Final = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+_MAX_NAME_LENGTH: Final = 253
+_PORT_RE: Final = re.compile(r"[0-9]{1,5}")
+
+# Internal address ranges, with a short name used in denial reasons.
+_INTERNAL_V4: Final[tuple[tuple[ipaddress.IPv4Network, str], ...]] = tuple(
+    (ipaddress.IPv4Network(net), name)
+    for net, name in (
+        ("0.0.0.0/8", "'this network' (RFC 791)"),
+        ("10.0.0.0/8", "private (RFC 1918)"),
+        ("100.64.0.0/10", "carrier-grade NAT (RFC 6598)"),
+        ("127.0.0.0/8", "loopback (RFC 1122)"),
+        ("169.254.0.0/16", "link-local, incl. cloud metadata 169.254.169.254 (RFC 3927)"),
+        ("172.16.0.0/12", "private (RFC 1918)"),
+        ("192.0.0.0/24", "IETF protocol assignments (RFC 6890)"),
+        ("192.168.0.0/16", "private (RFC 1918)"),
+        ("198.18.0.0/15", "benchmarking (RFC 2544)"),
+        ("224.0.0.0/4", "multicast (RFC 5771)"),
+        ("240.0.0.0/4", "reserved, incl. broadcast 255.255.255.255 (RFC 1112)"),
+    )
+)
+_INTERNAL_V6: Final[tuple[tuple[ipaddress.IPv6Network, str], ...]] = tuple(
+    (ipaddress.IPv6Network(net), name)
+    for net, name in (
+        ("::/128", "unspecified (RFC 4291)"),
+        ("::1/128", "loopback (RFC 4291)"),
+        ("64:ff9b:1::/48", "local-use NAT64 (RFC 8215)"),
+        ("100::/64", "discard-only (RFC 6666)"),
+        ("fc00::/7", "unique local (RFC 4193)"),
+        ("fe80::/10", "link-local (RFC 4291)"),
+        ("fec0::/10", "site-local, deprecated (RFC 3879)"),
+        ("ff00::/8", "multicast (RFC 4291)"),
+    )
+)
+# IPv6 forms that carry an IPv4 address the packets may end up at.
+_V4_COMPATIBLE: Final = ipaddress.IPv6Network("::/96")  # RFC 4291 §2.5.5.1 (deprecated)
+_NAT64_WKP: Final = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 §2.1
+
+
+# --------------------------------------------------------------------------- names
+
+
+def normalize_host(host: str) -> str:
+    """Return the canonical form of a host name or IP literal.
+
+    Guarantees: the result is either a canonical IP literal (IPv6 without
+    brackets, compressed) or a lower-case ASCII name of valid labels. Raises
+    :class:`NetworkPolicyError` for anything else (empty, spaces, bad
+    labels, all-numeric top-level label, scope ids, over-long names).
+    """
+    if not isinstance(host, str):
+        raise NetworkPolicyError(f"{host!r} is not a valid host name")
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+        try:
+            ip6 = ipaddress.IPv6Address(text)
+        except ValueError:
+            raise NetworkPolicyError(f"{host!r} is not a valid host name") from None
+        if ip6.scope_id is not None:
+            raise NetworkPolicyError(f"{host!r}: IPv6 scope ids are not allowed")
+        return str(ip6)
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    else:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+            raise NetworkPolicyError(f"{host!r}: IPv6 scope ids are not allowed")
+        return str(ip)
+    if text.endswith("."):  # the root label: "example.com." is "example.com"
+        text = text[:-1]
+    if not text or len(text) > _MAX_NAME_LENGTH * 4:
+        raise NetworkPolicyError(f"{host!r} is not a valid host name")
+    try:
+        ascii_name = text.lower().encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise NetworkPolicyError(f"{host!r} is not a valid host name") from None
+    labels = ascii_name.split(".")
+    if len(ascii_name) > _MAX_NAME_LENGTH or not all(_LABEL_RE.fullmatch(lb) for lb in labels):
+        raise NetworkPolicyError(f"{host!r} is not a valid host name")
+    # RFC 3696 §2: a top-level label is never all-numeric. Refusing it also
+    # refuses "127.1" and friends, which inet_aton would turn into 127.0.0.1.
+    if labels[-1].isdigit():
+        raise NetworkPolicyError(f"{host!r} is not a valid host name")
+    return ascii_name
+
+
+def _parse_port(text: str, original: str) -> int:
+    if not _PORT_RE.fullmatch(text) or not 1 <= int(text) <= 65535:
+        raise NetworkPolicyError(f"{original!r} has an invalid port {text!r} (1-65535)")
+    return int(text)
+
+
+def split_host_port(text: str) -> tuple[str, int | None]:
+    """Split ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (host not normalised).
+
+    A bare IPv6 literal without brackets is returned whole with no port.
+    Raises :class:`NetworkPolicyError` for a malformed port or bracket.
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise NetworkPolicyError(f"{text!r} has an unclosed '['")
+        host, rest = text[: end + 1], text[end + 1 :]
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            raise NetworkPolicyError(f"{text!r} has junk after ']'")
+        return host, _parse_port(rest[1:], text)
+    if text.count(":") > 1:  # a bare IPv6 literal: no port possible
+        return text, None
+    host, sep, port = text.partition(":")
+    if not sep:
+        return host, None
+    return host, _parse_port(port, text)
+
+
+def format_authority(host: str, port: int | None) -> str:
+    """``host[:port]`` with IPv6 literals bracketed (RFC 3986 §3.2.2)."""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port is None else f"{shown}:{port}"
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_localhost_name(host: str) -> bool:
+    # RFC 6761 §6.3: "localhost." and names below it are the loopback host.
+    return host == "localhost" or host.endswith(".localhost")
+
+
+@dataclass(frozen=True)
+class HostPattern:
+    """One parsed host pattern (see the module docstring for the grammar).
+
+    ``host`` is the normalised name (for a wildcard, the suffix after
+    ``*.``; empty for ``*``), ``port`` is ``None`` for "any port" and
+    ``text`` is the pattern as the user wrote it.
+    """
+
+    text: str
+    host: str
+    wildcard: bool
+    port: int | None
+
+    def matches(self, host: str, port: int | None) -> bool:
+        """Whether the *normalised* ``host`` and ``port`` fall under this pattern.
+
+        A pattern with a port never matches an unknown (``None``) port.
+        """
+        if self.port is not None and port != self.port:
+            return False
+        if not self.wildcard:
+            return host == self.host
+        if not self.host:  # "*"
+            return not _is_ip_literal(host)
+        return host.endswith("." + self.host)
+
+
+def parse_host_pattern(text: object, *, where: str) -> HostPattern:
+    """Parse one host pattern; ``where`` names its origin for error messages.
+
+    Raises :class:`ConfigError` such as
+    ``allow_hosts[2]: 'exa mple.com' is not a valid host name``.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}: expected a host name string, got {text!r}")
+    try:
+        raw_host, port = split_host_port(text.strip())
+    except NetworkPolicyError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if raw_host == "*":
+        return HostPattern(text=text, host="", wildcard=True, port=port)
+    wildcard = raw_host.startswith("*.")
+    name = raw_host[2:] if wildcard else raw_host
+    if "*" in name:
+        raise ConfigError(
+            f"{where}: {text!r} is not a valid host pattern "
+            "(only a leading '*.' wildcard or a lone '*' is supported)"
+        )
+    try:
+        host = normalize_host(name)
+    except NetworkPolicyError:
+        raise ConfigError(f"{where}: {text!r} is not a valid host name") from None
+    if wildcard and _is_ip_literal(host):
+        raise ConfigError(f"{where}: {text!r}: a wildcard cannot cover an IP address")
+    return HostPattern(text=text, host=host, wildcard=wildcard, port=port)
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def internal_range(ip: str | IPAddress) -> str | None:
+    """Describe the internal range ``ip`` falls in, or ``None`` if it is public.
+
+    IPv6 forms embedding an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``,
+    IPv4-compatible ``::a.b.c.d``, NAT64 ``64:ff9b::/96``, 6to4
+    ``2002::/16`` and Teredo clients) are judged by the embedded address.
+    Raises :class:`NetworkPolicyError` if ``ip`` is not an IP address.
+    """
+    if isinstance(ip, str):
+        try:
+            addr: IPAddress = ipaddress.ip_address(ip)
+        except ValueError:
+            raise NetworkPolicyError(f"{ip!r} is not an IP address") from None
+    elif isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        addr = ip
+    else:
+        raise NetworkPolicyError(f"{ip!r} is not an IP address")
+    if isinstance(addr, ipaddress.IPv4Address):
+        for net4, name in _INTERNAL_V4:
+            if addr in net4:
+                return f"{net4} {name}"
+        return None
+    if addr.scope_id is not None:
+        addr = ipaddress.IPv6Address(addr.packed)
+    for net6, name in _INTERNAL_V6:
+        if addr in net6:
+            return f"{net6} {name}"
+    embedded: ipaddress.IPv4Address | None = None
+    if addr.ipv4_mapped is not None:
+        embedded = addr.ipv4_mapped
+    elif addr in _V4_COMPATIBLE or addr in _NAT64_WKP:
+        embedded = ipaddress.IPv4Address(addr.packed[-4:])
+    elif addr.sixtofour is not None:
+        embedded = addr.sixtofour
+    elif addr.teredo is not None:
+        embedded = addr.teredo[1]
+    if embedded is not None:
+        inner = internal_range(embedded)
+        if inner is not None:
+            return f"{inner} (embedded in {addr})"
+    return None
+
+
+def is_internal(ip: str | IPAddress) -> bool:
+    """Whether ``ip`` is loopback, private, link-local, CGNAT, multicast, reserved, ...
+
+    See :func:`internal_range` for the exact table and the IPv6 forms that
+    are unwrapped. Raises :class:`NetworkPolicyError` for a non-address.
+    """
+    return internal_range(ip) is not None
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of :meth:`NetworkPolicy.decide`.
+
+    ``reason`` is a short sentence for logs, records and the guest's 403
+    page; ``rule`` names what decided: the ``allow_hosts`` entry as written,
+    ``resolve['host:port']``, or one of ``block_internal``,
+    ``default-deny``, ``invalid-host``, ``scheme``.
+    """
+
+    allowed: bool
+    reason: str
+    rule: str | None
+
+
+@dataclass(frozen=True)
+class _ResolveEntry:
+    key: str
+    host: str
+    port: int
+    target_host: str
+    target_port: int
+
+
+def _parse_resolve(key: object, value: object) -> _ResolveEntry:
+    where = f"resolve[{key!r}]"
+    if not isinstance(key, str):
+        raise ConfigError(f"{where}: the key must be a 'host:port' string")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: the value must be an 'addr:port' string, got {value!r}")
+    try:
+        raw_host, port = split_host_port(key.strip())
+    except NetworkPolicyError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if port is None:
+        raise ConfigError(f"{where}: {key!r} needs a port, like curl --resolve ('host:443')")
+    if "*" in raw_host:
+        raise ConfigError(f"{where}: wildcards are not supported in resolve keys")
+    try:
+        host = normalize_host(raw_host)
+    except NetworkPolicyError:
+        raise ConfigError(f"{where}: {key!r} is not a valid host name") from None
+    try:
+        raw_target, target_port = split_host_port(value.strip())
+        target_host = normalize_host(raw_target)
+    except NetworkPolicyError:
+        raise ConfigError(f"{where}: {value!r} is not a valid 'addr:port' upstream") from None
+    return _ResolveEntry(
+        key=key,
+        host=host,
+        port=port,
+        target_host=target_host,
+        target_port=port if target_port is None else target_port,
+    )
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """What the guest may reach; immutable and validated on construction.
+
+    Fields mirror the public options: ``allow_hosts`` (patterns, default
+    none: deny all), ``block_internal``, ``resolve`` (``{"host:port":
+    "addr:port"}``; the port of the value defaults to the key's),
+    ``upstream_ca`` (an extra PEM CA file trusted for upstreams, besides the
+    system store) and ``secrets`` (name -> :class:`Secret`).
+
+    Raises :class:`ConfigError` naming the option and the bad value.
+    """
+
+    allow_hosts: Sequence[str] = ()
+    block_internal: bool = True
+    resolve: Mapping[str, str] = field(default_factory=dict)
+    upstream_ca: str | os.PathLike[str] | None = None
+    secrets: Mapping[str, Secret] = field(default_factory=dict)
+
+    _patterns: tuple[HostPattern, ...] = field(init=False, repr=False, compare=False)
+    _resolve: dict[tuple[str, int], _ResolveEntry] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from pytest_gondolin.netpolicy.secrets import Secret, check_secret_name
+
+        if isinstance(self.allow_hosts, str | bytes) or not isinstance(self.allow_hosts, Sequence):
+            raise ConfigError(
+                f"allow_hosts: expected a list of host names, got {self.allow_hosts!r}"
+            )
+        patterns = tuple(
+            parse_host_pattern(text, where=f"allow_hosts[{i}]")
+            for i, text in enumerate(self.allow_hosts)
+        )
+        object.__setattr__(self, "allow_hosts", tuple(self.allow_hosts))
+        object.__setattr__(self, "_patterns", patterns)
+
+        if not isinstance(self.block_internal, bool):
+            raise ConfigError(
+                f"block_internal: expected True or False, got {self.block_internal!r}"
+            )
+
+        if not isinstance(self.resolve, Mapping):
+            raise ConfigError(
+                f"resolve: expected a dict of 'host:port' -> 'addr:port', got {self.resolve!r}"
+            )
+        entries: dict[tuple[str, int], _ResolveEntry] = {}
+        for key, value in self.resolve.items():
+            entry = _parse_resolve(key, value)
+            if (entry.host, entry.port) in entries:
+                raise ConfigError(
+                    f"resolve[{key!r}]: duplicates resolve[{entries[entry.host, entry.port].key!r}]"
+                )
+            entries[entry.host, entry.port] = entry
+        object.__setattr__(self, "resolve", dict(self.resolve))
+        object.__setattr__(self, "_resolve", entries)
+
+        if self.upstream_ca is not None:
+            object.__setattr__(self, "upstream_ca", _check_ca_file(self.upstream_ca))
+
+        if not isinstance(self.secrets, Mapping):
+            raise ConfigError(f"secrets: expected a dict of NAME -> Secret, got {self.secrets!r}")
+        for name, secret in self.secrets.items():
+            check_secret_name(name, where=f"secrets[{name!r}]")
+            if not isinstance(secret, Secret):
+                raise ConfigError(
+                    f"secrets[{name!r}]: expected a Secret(value=..., hosts=[...]), "
+                    f"got {type(secret).__name__}"
+                )
+            for i, text in enumerate(secret.hosts):
+                parse_host_pattern(text, where=f"secrets[{name!r}].hosts[{i}]")
+        object.__setattr__(self, "secrets", dict(self.secrets))
+
+    def __hash__(self) -> int:
+        # The mappings are private copies, so hashing their items is stable.
+        return hash(
+            (
+                self.allow_hosts,
+                self.block_internal,
+                tuple(sorted(self.resolve.items())),
+                self.upstream_ca,
+                tuple(sorted(self.secrets.items(), key=lambda item: item[0])),
+            )
+        )
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        allow_hosts: Sequence[str] = (),
+        block_internal: bool = True,
+        resolve: Mapping[str, str] | None = None,
+        upstream_ca: str | os.PathLike[str] | None = None,
+        secrets: Mapping[str, Secret | Sequence[str]] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> NetworkPolicy:
+        """Build a policy from marker / ``vm_factory`` options.
+
+        In ``secrets`` a plain host list stands for a :class:`Secret` whose
+        value is the host environment variable of the same name (``environ``,
+        default ``os.environ``); a missing variable is a :class:`ConfigError`.
+        """
+        from pytest_gondolin.netpolicy.secrets import Secret
+
+        converted: dict[str, Secret] = {}
+        for name, spec in (secrets or {}).items():
+            if isinstance(spec, Secret):
+                converted[name] = spec
+            else:
+                converted[name] = Secret.from_env(name, spec, environ=environ)
+        return cls(
+            allow_hosts=allow_hosts,
+            block_internal=block_internal,
+            resolve=dict(resolve or {}),
+            upstream_ca=upstream_ca,
+            secrets=converted,
+        )
+
+    @property
+    def upstream_ca_path(self) -> Path | None:
+        """The validated ``upstream_ca`` as a :class:`Path` (``None`` if unset)."""
+        return None if self.upstream_ca is None else Path(self.upstream_ca)
+
+    def resolve_target(self, host: str, port: int) -> tuple[str, int] | None:
+        """The explicit upstream ``resolve`` maps normalised ``host:port`` to, if any."""
+        entry = self._resolve.get((host, port))
+        return None if entry is None else (entry.target_host, entry.target_port)
+
+    def decide(self, host: str, port: int, scheme: str) -> Decision:
+        """Decide whether the guest may reach ``scheme://host:port``.
+
+        Pure and total: never raises, whatever the (hostile) input.
+        """
+        where = f"{scheme}://{format_authority(host, port)}" if isinstance(host, str) else "?"
+        if scheme not in MEDIATED_SCHEMES:
+            return Decision(
+                False, f"{scheme!r} traffic is not mediated (only http/https)", "scheme"
+            )
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            return Decision(False, f"{where}: invalid port", "invalid-host")
+        try:
+            name = normalize_host(host)
+        except NetworkPolicyError:
+            return Decision(False, f"{host!r} is not a valid host name", "invalid-host")
+        authority = format_authority(name, port)
+        entry = self._resolve.get((name, port))
+        if entry is not None:
+            return Decision(
+                True, f"{authority} has an explicit resolve entry", f"resolve[{entry.key!r}]"
+            )
+        if self.block_internal:
+            if _is_ip_literal(name):
+                rng = internal_range(name)
+                if rng is not None:
+                    return Decision(
+                        False,
+                        f"{authority} is an internal address ({rng}); "
+                        "blocked by block_internal=True (use resolve= to reach it)",
+                        "block_internal",
+                    )
+            elif _is_localhost_name(name):
+                return Decision(
+                    False,
+                    f"{authority} names the loopback host; blocked by block_internal=True "
+                    "(use resolve= to reach it)",
+                    "block_internal",
+                )
+        for pattern in self._patterns:
+            if pattern.matches(name, port):
+                return Decision(
+                    True, f"{authority} matches allow_hosts entry {pattern.text!r}", pattern.text
+                )
+        if not self._patterns:
+            return Decision(
+                False,
+                f"{authority} is not allowed: allow_hosts is empty (all egress is denied by default)",
+                "default-deny",
+            )
+        return Decision(False, f"{authority} is not in allow_hosts", "default-deny")
+
+
+def _check_ca_file(path: object) -> str:
+    if not isinstance(path, str | os.PathLike):
+        raise ConfigError(f"upstream_ca: expected a path to a PEM file, got {path!r}")
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise ConfigError(f"upstream_ca: expected a text path, got {path!r}")
+    if not os.path.isfile(text):
+        raise ConfigError(f"upstream_ca: {text!r} is not a file")
+    try:
+        ssl.create_default_context(cafile=text)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"upstream_ca: {text!r} is not a readable PEM CA file: {exc}") from exc
+    return text
+
+
+# --------------------------------------------------------------------------- connect time
+
+GetAddrInfo = Callable[..., Sequence[tuple[Any, ...]]]
+
+
+def resolve_upstream(
+    host: str,
+    port: int,
+    policy: NetworkPolicy,
+    getaddrinfo: GetAddrInfo = socket.getaddrinfo,
+) -> tuple[str, int]:
+    """Return the ``(ip, port)`` to connect to for ``host:port``.
+
+    A ``resolve`` entry wins (its target may be internal: the user asked
+    for it explicitly). Otherwise the name is resolved and, with
+    ``block_internal``, refused if *any* returned address is internal —
+    checked here, on the addresses actually returned, because DNS may
+    answer differently than when the policy decided (DNS rebinding).
+    Raises :class:`NetworkPolicyError` with the reason.
+    """
+    try:
+        name = normalize_host(host)
+    except NetworkPolicyError as exc:
+        raise NetworkPolicyError(f"cannot resolve upstream: {exc}") from None
+    target = policy.resolve_target(name, port)
+    check_internal = policy.block_internal
+    if target is not None:
+        name, port = target
+        check_internal = False
+        if _is_ip_literal(name):
+            log.debug("resolve entry: %s -> %s", host, format_authority(name, port))
+            return name, port
+    elif _is_ip_literal(name):
+        if check_internal and is_internal(name):
+            raise NetworkPolicyError(
+                f"{format_authority(name, port)} is an internal address ({internal_range(name)}); "
+                "blocked by block_internal=True"
+            )
+        return name, port
+    try:
+        infos = getaddrinfo(name, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise NetworkPolicyError(f"cannot resolve {name!r}: {exc}") from exc
+    addresses: list[str] = []
+    for info in infos:
+        try:
+            addr = str(info[4][0])
+        except (IndexError, TypeError):
+            continue
+        if not _is_ip_literal(addr.split("%", 1)[0]):
+            continue
+        addresses.append(addr)
+    if not addresses:
+        raise NetworkPolicyError(f"cannot resolve {name!r}: no addresses")
+    if check_internal:
+        for addr in addresses:
+            rng = internal_range(addr)
+            if rng is not None:
+                raise NetworkPolicyError(
+                    f"{name!r} resolved to internal address {addr} ({rng}); "
+                    "blocked by block_internal=True (use resolve= to reach it)"
+                )
+    log.debug("resolved %s -> %s", name, addresses)
+    return addresses[0], port

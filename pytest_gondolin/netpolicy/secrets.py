@@ -1,0 +1,363 @@
+"""Secrets: the guest holds placeholders, the host substitutes real values.
+
+A test declares ``secrets={"GITHUB_TOKEN": Secret(value=..., hosts=["api.github.com"])}``.
+The guest never sees the value: its environment gets a random placeholder
+
+    ``GONDOLIN_SECRET_<NAME>_<32 lower-case hex digits>``
+
+(``<NAME>`` is the secret's name as declared; the suffix is 128 random bits
+from :func:`secrets.token_hex`, fresh per :class:`SecretStore`). When the
+guest sends a request, :meth:`SecretStore.apply` replaces placeholders with
+the real values **only in request header values** (including inside
+``Authorization: Basic base64(user:pass)``, RFC 7617) and **only when the
+destination matches one of the secret's hosts** (same patterns as
+``allow_hosts``). A placeholder anywhere else — the URL, the body, a header
+name, or any header going to another host — is refused with
+:class:`SecretLeak`, whose message names the secret but never its value.
+
+:meth:`SecretStore.redact` turns real values (and the Basic credentials
+this store built from them) back into placeholders, for logs and
+recordings.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import re
+import secrets as _random
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, overload
+
+from pytest_gondolin.errors import ConfigError, NetworkPolicyError
+from pytest_gondolin.netpolicy.policy import HostPattern, normalize_host, parse_host_pattern
+
+__all__ = [
+    "PLACEHOLDER_PREFIX",
+    "Secret",
+    "SecretLeak",
+    "SecretStore",
+    "check_secret_name",
+]
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER_PREFIX: Final = "GONDOLIN_SECRET_"
+#: Random hex digits at the end of a placeholder (128 bits).
+PLACEHOLDER_TOKEN_HEX: Final = 32
+# An environment-variable-like name; bounded so placeholders stay short.
+_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_BASIC_RE: Final = re.compile(r"\s*(basic)\s+([A-Za-z0-9+/=]+)\s*", re.IGNORECASE)
+# Headers carrying RFC 7617 Basic credentials.
+_CREDENTIAL_HEADERS: Final = frozenset({"authorization", "proxy-authorization"})
+# How many derived Basic tokens are remembered for redaction (bounded: the
+# guest chooses the user names).
+_MAX_DERIVED: Final = 1024
+
+
+def check_secret_name(name: object, *, where: str) -> str:
+    """Return ``name`` if it is a valid secret name, else raise :class:`ConfigError`."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"{where}: {name!r} is not a valid secret name "
+            "(letters, digits and '_', not starting with a digit, at most 64)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A real credential and the hosts it may be sent to.
+
+    ``value`` must be a non-empty printable string (no CR/LF/NUL: it ends up
+    in HTTP headers); ``hosts`` is a non-empty list of host patterns with
+    the ``allow_hosts`` grammar. The value is kept out of ``repr``.
+    """
+
+    value: str
+    hosts: Sequence[str]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, str) or not self.value:
+            raise ConfigError("Secret.value: expected a non-empty string")
+        if not self.value.isprintable():
+            raise ConfigError(
+                "Secret.value: contains control characters (CR, LF, NUL, ...), "
+                "which cannot be sent in an HTTP header"
+            )
+        if isinstance(self.hosts, str | bytes) or not isinstance(self.hosts, Sequence):
+            raise ConfigError(f"Secret.hosts: expected a list of host names, got {self.hosts!r}")
+        if not self.hosts:
+            raise ConfigError("Secret.hosts: empty; the secret could never be sent anywhere")
+        for i, text in enumerate(self.hosts):
+            parse_host_pattern(text, where=f"Secret.hosts[{i}]")
+        object.__setattr__(self, "hosts", tuple(self.hosts))
+
+    def __repr__(self) -> str:
+        return f"Secret(value=<redacted>, hosts={list(self.hosts)!r})"
+
+    @classmethod
+    def from_env(
+        cls, name: str, hosts: Sequence[str], *, environ: Mapping[str, str] | None = None
+    ) -> Secret:
+        """A secret whose value is the host environment variable ``name``.
+
+        This is what a plain host list in the ``sandboxed`` marker stands for.
+        Raises :class:`ConfigError` if the variable is unset or empty.
+        """
+        env = os.environ if environ is None else environ
+        value = env.get(name)
+        if not value:
+            raise ConfigError(
+                f"secrets[{name!r}]: the host environment variable {name} is not set; "
+                f"set it or pass Secret(value=..., hosts=...)"
+            )
+        try:
+            return cls(value=value, hosts=hosts)
+        except ConfigError as exc:
+            raise ConfigError(f"secrets[{name!r}]: {exc}") from None
+
+
+class SecretLeak(NetworkPolicyError):
+    """A secret placeholder appeared where it must not be substituted.
+
+    Carries ``name`` (the secret's name, never its value), ``where``
+    (``"url"``, ``"body"``, ``"header name"``, ``"header 'X'"``) and ``host``.
+    """
+
+    def __init__(self, name: str, where: str, host: str, hosts: Sequence[str]) -> None:
+        self.name = name
+        self.where = where
+        self.host = host
+        super().__init__(
+            f"secret {name} (placeholder) found in the request {where} to {host}; "
+            f"placeholders are only substituted in header values sent to {list(hosts)!r}"
+        )
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    value: str
+    placeholder: str
+    patterns: tuple[HostPattern, ...]
+    hosts: tuple[str, ...]
+
+    def allows(self, host: str, port: int | None) -> bool:
+        return any(p.matches(host, port) for p in self.patterns)
+
+
+class SecretStore:
+    """Placeholders for the guest and substitution/redaction on the host.
+
+    Thread-safe: :meth:`apply` runs on the network thread while
+    :meth:`redact` may run anywhere.
+    """
+
+    def __init__(
+        self,
+        secrets: Mapping[str, Secret],
+        *,
+        token_hex: Callable[[int], str] = _random.token_hex,
+    ) -> None:
+        entries: list[_Entry] = []
+        for name, secret in secrets.items():
+            check_secret_name(name, where=f"secrets[{name!r}]")
+            if not isinstance(secret, Secret):
+                raise ConfigError(
+                    f"secrets[{name!r}]: expected a Secret, got {type(secret).__name__}"
+                )
+            token = token_hex(PLACEHOLDER_TOKEN_HEX // 2)
+            entries.append(
+                _Entry(
+                    name=name,
+                    value=secret.value,
+                    placeholder=f"{PLACEHOLDER_PREFIX}{name}_{token}",
+                    patterns=tuple(
+                        parse_host_pattern(h, where=f"secrets[{name!r}].hosts[{i}]")
+                        for i, h in enumerate(secret.hosts)
+                    ),
+                    hosts=tuple(secret.hosts),
+                )
+            )
+        self._entries: tuple[_Entry, ...] = tuple(entries)
+        # Longest value first so that a value containing another is redacted whole.
+        self._by_length = tuple(sorted(entries, key=lambda e: len(e.value), reverse=True))
+        self._lock = threading.Lock()
+        # base64 token we built (real creds) -> the guest's token (placeholders)
+        self._derived: OrderedDict[str, str] = OrderedDict()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The secret names, in declaration order."""
+        return tuple(e.name for e in self._entries)
+
+    def placeholder(self, name: str) -> str:
+        """The placeholder standing for secret ``name`` (``KeyError`` if unknown)."""
+        for entry in self._entries:
+            if entry.name == name:
+                return entry.placeholder
+        raise KeyError(name)
+
+    def env(self) -> dict[str, str]:
+        """``{NAME: placeholder}``, to put in the guest's environment."""
+        return {e.name: e.placeholder for e in self._entries}
+
+    # ------------------------------------------------------------------ apply
+
+    def _found(self, text: str) -> list[_Entry]:
+        return [e for e in self._entries if e.placeholder in text]
+
+    def apply(
+        self,
+        host: str,
+        headers: Sequence[tuple[str, str]],
+        url: str,
+        body: bytes,
+        *,
+        port: int | None = None,
+    ) -> tuple[list[tuple[str, str]], str]:
+        """Substitute placeholders in header values for a request to ``host[:port]``.
+
+        Returns the new header list (same order) and the URL (unchanged).
+        Raises :class:`SecretLeak` if a placeholder is in the URL, the body,
+        a header name, or in a header while ``host`` does not match that
+        secret's hosts; nothing is substituted then. Header values the
+        substitution makes unencodable as ISO-8859-1 raise
+        :class:`NetworkPolicyError`.
+        """
+        try:
+            dest = normalize_host(host)
+        except NetworkPolicyError:
+            dest = ""
+        shown = host if port is None else f"{host}:{port}"
+        for entry in self._found(url):
+            raise SecretLeak(entry.name, "url", shown, entry.hosts)
+        body_bytes = bytes(body)
+        for entry in self._entries:
+            if entry.placeholder.encode("ascii") in body_bytes:
+                raise SecretLeak(entry.name, "body", shown, entry.hosts)
+        out: list[tuple[str, str]] = []
+        for name, value in headers:
+            for entry in self._found(name):
+                raise SecretLeak(entry.name, "header name", shown, entry.hosts)
+            out.append((name, self._substitute_header(name, value, dest, port, shown)))
+        return out, url
+
+    def _check_allowed(
+        self, found: list[_Entry], where: str, dest: str, port: int | None, shown: str
+    ) -> None:
+        for entry in found:
+            if not dest or not entry.allows(dest, port):
+                raise SecretLeak(entry.name, where, shown, entry.hosts)
+
+    def _replace(self, text: str, found: list[_Entry]) -> str:
+        for entry in found:
+            text = text.replace(entry.placeholder, entry.value)
+        return text
+
+    def _substitute_header(
+        self, name: str, value: str, dest: str, port: int | None, shown: str
+    ) -> str:
+        where = f"header {name!r}"
+        found = self._found(value)
+        if found:
+            self._check_allowed(found, where, dest, port, shown)
+            new = self._replace(value, found)
+            try:
+                new.encode("latin-1")
+            except UnicodeEncodeError:
+                names = ", ".join(e.name for e in found)
+                raise NetworkPolicyError(
+                    f"secret {names} cannot be sent in {where}: not ISO-8859-1 text"
+                ) from None
+            log.debug(
+                "substituted secret(s) %s in %s for %s", [e.name for e in found], where, shown
+            )
+            return new
+        if name.lower() in _CREDENTIAL_HEADERS:
+            return self._substitute_basic(value, where, dest, port, shown)
+        return value
+
+    def _substitute_basic(
+        self, value: str, where: str, dest: str, port: int | None, shown: str
+    ) -> str:
+        match = _BASIC_RE.fullmatch(value)
+        if match is None:
+            return value
+        token = match.group(2)
+        try:
+            raw = base64.b64decode(token, validate=True)
+        except (binascii.Error, ValueError):
+            return value
+        # RFC 7617 §2.1: the charset is UTF-8 when declared; plenty of clients
+        # send ISO-8859-1, which decodes any byte string, so fall back to it.
+        charset = "utf-8"
+        try:
+            creds = raw.decode(charset)
+        except UnicodeDecodeError:
+            charset = "latin-1"
+            creds = raw.decode(charset)
+        found = self._found(creds)
+        if not found:
+            return value
+        self._check_allowed(found, where + " (Basic credentials)", dest, port, shown)
+        try:
+            encoded = self._replace(creds, found).encode(charset)
+        except UnicodeEncodeError:
+            charset = "utf-8"
+            encoded = self._replace(creds, found).encode(charset)
+        new_token = base64.b64encode(encoded).decode("ascii")
+        with self._lock:
+            self._derived[new_token] = token
+            self._derived.move_to_end(new_token)
+            while len(self._derived) > _MAX_DERIVED:
+                self._derived.popitem(last=False)
+        log.debug(
+            "substituted secret(s) %s in %s Basic credentials for %s",
+            [e.name for e in found],
+            where,
+            shown,
+        )
+        return f"{match.group(1)} {new_token}"
+
+    # ------------------------------------------------------------------ redact
+
+    @overload
+    def redact(self, data: str) -> str: ...
+
+    @overload
+    def redact(self, data: bytes) -> bytes: ...
+
+    def redact(self, data: str | bytes) -> str | bytes:
+        """Replace every real secret value in ``data`` with its placeholder.
+
+        Also replaces the Basic-credential tokens :meth:`apply` built, so an
+        upstream echoing ``Authorization`` back does not leak into records.
+        Same type out as in.
+        """
+        with self._lock:
+            derived = list(self._derived.items())
+        if isinstance(data, str):
+            for new_token, guest_token in derived:
+                data = data.replace(new_token, guest_token)
+            for entry in self._by_length:
+                data = data.replace(entry.value, entry.placeholder)
+            return data
+        out = bytes(data)
+        for new_token, guest_token in derived:
+            out = out.replace(new_token.encode("ascii"), guest_token.encode("ascii"))
+        for entry in self._by_length:
+            placeholder = entry.placeholder.encode("ascii")
+            for encoding in ("utf-8", "latin-1"):
+                try:
+                    needle = entry.value.encode(encoding)
+                except UnicodeEncodeError:
+                    continue
+                out = out.replace(needle, placeholder)
+        return out

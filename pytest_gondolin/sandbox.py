@@ -1,0 +1,265 @@
+"""Running ``@pytest.mark.sandboxed`` items in a guest test worker.
+
+Per guest key (image, memory, CPUs) the session prepares one *sandbox*:
+
+1. a VM from the cached ready snapshot (or a cold boot, see ``vm/warm.py``);
+2. the project tree and the host's pytest copied in (``guestfiles.py``);
+3. the test worker started there; it collects the files holding sandboxed
+   items and waits for commands;
+4. an internal snapshot ``WORKER_TAG`` saved *after* collection, so no test
+   pays for Python start-up or collection again.
+
+Each item then restores that snapshot (RAM + devices + disk: the worker is
+back to "collected, waiting", even if the previous test killed it), gets
+fresh entropy and the host's clock, runs, and its reports are replayed on
+the host. If QEMU itself died, the next item prepares a new sandbox.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_gondolin import guestfiles
+from pytest_gondolin.errors import AgentError, GondolinError, VMError
+from pytest_gondolin.fixtures import GuestKey, VMFactory
+from pytest_gondolin.runner import (
+    MAX_WORKER_LINE,
+    Collected,
+    Failure,
+    RunOutcome,
+    Runstate,
+    WorkerClient,
+    worker_args,
+)
+from pytest_gondolin.vm.channel import AgentProcess, AgentTimeout
+from pytest_gondolin.vm.machine import GUEST_ENV, VM
+from pytest_gondolin.vm.warm import launch_clean
+
+log = logging.getLogger(__name__)
+
+WORKER_TAG = "gondolin-worker"
+#: Python start-up plus collection in the guest: ~5 s under TCG for a small
+#: project; 300 s leaves room for big suites on a loaded CI host.
+WORKER_START_TIMEOUT = 300.0
+#: A sandboxed test without its own timeout still may not hang the session forever.
+DEFAULT_RUN_TIMEOUT = 3600.0
+#: Worker stderr kept for crash reports.
+STDERR_TAIL_BYTES = 16 * 1024
+
+
+class VMTransport:
+    """The worker's stdin/stdout over the agent channel (a :class:`~pytest_gondolin.runner.WorkerTransport`)."""
+
+    def __init__(self, vm: VM, proc: AgentProcess) -> None:
+        self.vm = vm
+        self.proc = proc
+        self._buf = bytearray()
+        self._stderr: collections.deque[bytes] = collections.deque()
+        self._stderr_size = 0
+
+    def rewind(self) -> None:
+        """Forget buffered output: the guest was restored to a snapshot."""
+        self._buf.clear()
+
+    def send(self, data: bytes) -> None:
+        self.proc.write_stdin(data)
+
+    def _keep_stderr(self, data: bytes) -> None:
+        self._stderr.append(data)
+        self._stderr_size += len(data)
+        while self._stderr_size > STDERR_TAIL_BYTES and len(self._stderr) > 1:
+            self._stderr_size -= len(self._stderr.popleft())
+
+    def recv_line(self, timeout: float) -> bytes | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line = bytes(self._buf[: nl + 1])
+                del self._buf[: nl + 1]
+                return line
+            if len(self._buf) > MAX_WORKER_LINE:
+                line = bytes(self._buf)
+                self._buf.clear()
+                return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no line from the guest worker within {timeout:g} s")
+            try:
+                chunk = self.proc.read(remaining)
+            except AgentTimeout as exc:
+                raise TimeoutError(str(exc)) from exc
+            if chunk is None:
+                if self._buf:
+                    line = bytes(self._buf)
+                    self._buf.clear()
+                    return line
+                return None
+            stream, data = chunk
+            if stream == "stdout":
+                self._buf += data
+            else:
+                self._keep_stderr(data)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except (AgentError, VMError):
+            return None
+
+    def interrupt(self) -> None:
+        try:
+            self.vm.exec(["kill", "-USR1", str(self.proc.pid)], timeout=10)
+        except GondolinError as exc:
+            log.debug("could not ask the worker for a stack dump: %s", exc)
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill(signal.SIGKILL)
+        except GondolinError as exc:
+            log.debug("could not kill the worker: %s", exc)
+
+    def stderr_tail(self) -> str:
+        # Take in what already arrived (without waiting), so a report has the latest stderr.
+        while True:
+            try:
+                chunk = self.proc.read(0)
+            except (AgentError, VMError):
+                break
+            if chunk is None:
+                break
+            stream, data = chunk
+            if stream == "stdout":
+                self._buf += data
+            else:
+                self._keep_stderr(data)
+        return b"".join(self._stderr).decode(errors="replace")
+
+
+class RestorableClient(WorkerClient):
+    """A worker client whose worker can be put back to "collected, waiting" by a VM restore."""
+
+    def rewind(self) -> None:
+        """The guest was restored to the post-collection snapshot: the worker is READY again."""
+        if self.collected is None:
+            raise AgentError("cannot rewind a worker that never finished collecting")
+        self._state = Runstate.READY
+
+
+class Sandbox:
+    """One prepared guest worker, restored before each item."""
+
+    def __init__(
+        self, factory: VMFactory, config: pytest.Config, key: GuestKey, paths: list[str]
+    ) -> None:
+        self.factory = factory
+        self.config = config
+        self.key = key
+        self.paths = paths
+        self.vm: VM | None = None
+        self.client: RestorableClient | None = None
+        self.transport: VMTransport | None = None
+        self.collected: Collected | None = None
+        self._fresh = False
+
+    # -- preparing -------------------------------------------------------------
+
+    def prepare(self) -> Collected:
+        started = time.monotonic()
+        vmconfig = self.factory.vm_config(self.key)
+        self.factory.count += 1
+        name = f"sandbox{self.factory.count}"
+        vm = launch_clean(vmconfig, name=name, progress=self.factory.progress)
+        self.factory.adopt(vm)
+        self.vm = vm
+        rootdir = Path(self.config.rootpath)
+        say = self.factory.progress
+        say(f"{name}: copying the project tree ({rootdir}) and pytest into the guest")
+        vm.write_file("/tmp/gondolin-project.tar", guestfiles.pack_project(rootdir))
+        vm.write_file("/tmp/gondolin-libs.tar", guestfiles.pack_distributions())
+        vm.exec(
+            "tar -xf /tmp/gondolin-project.tar -C / && tar -xf /tmp/gondolin-libs.tar -C / "
+            "&& rm /tmp/gondolin-project.tar /tmp/gondolin-libs.tar",
+            check=True,
+            timeout=300,
+        )
+        invocation = str(self.config.invocation_params.dir)
+        vm.exec(["mkdir", "-p", invocation], check=True)
+        pythonpath = [guestfiles.GUEST_SITE, "/run/gondolin/py"]
+        if (rootdir / "src").is_dir():
+            pythonpath.append(str(rootdir / "src"))
+        env = {
+            **GUEST_ENV,
+            "PYTHONPATH": ":".join(pythonpath),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+            "GONDOLIN_GUEST": "1",
+        }
+        args = [
+            "python3",
+            "-s",
+            "-m",
+            "pytest_gondolin.guest.worker",
+            *worker_args(self.config),
+            "-p",
+            "gondolin",
+            *self.paths,
+        ]
+        say(f"{name}: starting the guest test worker (pytest start-up and collection)")
+        proc = vm.spawn(args, env=env, cwd=invocation, max_output=1 << 50)
+        self.transport = VMTransport(vm, proc)
+        self.client = RestorableClient(self.transport)
+        self.collected = self.client.start(WORKER_START_TIMEOUT)
+        vm.save_internal(WORKER_TAG)
+        self._fresh = True
+        say(
+            f"{name}: worker ready with {len(self.collected.nodeids)} items in {time.monotonic() - started:.1f} s"
+        )
+        return self.collected
+
+    @property
+    def alive(self) -> bool:
+        return self.vm is not None and self.vm.alive
+
+    # -- running -----------------------------------------------------------------
+
+    def run(self, nodeid: str, *, timeout: float | None) -> RunOutcome | Failure:
+        assert self.vm is not None and self.client is not None and self.transport is not None
+        started = time.monotonic()
+        if not self._fresh:
+            try:
+                self.vm.load_internal(WORKER_TAG, preserve=[self.transport.proc])
+            except GondolinError as exc:
+                return Failure.from_exception(exc, duration=time.monotonic() - started)
+            self.transport.rewind()
+            self.client.rewind()
+        self._fresh = False
+        seed = int.from_bytes(secrets.token_bytes(8), "big")
+        outcome = self.client.run(nodeid, seed=seed, timeout=timeout or DEFAULT_RUN_TIMEOUT)
+        if outcome.failure is not None and not self.alive:
+            console = self.vm.console_log()
+            failure = outcome.failure
+            detail = failure.detail + (
+                "\n--- guest console (tail) ---\n" + console[-3000:] if console else ""
+            )
+            outcome = RunOutcome(
+                outcome.nodeid,
+                outcome.reports,
+                outcome.warnings,
+                Failure(
+                    failure.kind, failure.headline + " (the VM died)", detail, failure.duration
+                ),
+                outcome.duration,
+            )
+        return outcome
+
+    def close(self) -> None:
+        if self.vm is not None:
+            self.vm.close()
