@@ -1,1 +1,3 @@
-"""Root conftest: nothing project-wide yet; test layers have their own conftest files."""
+"""Root conftest: the pytester plugin for the plugin-level tests."""
+
+pytest_plugins = ["pytester"]
