@@ -98,7 +98,7 @@ def test_modules_resolve_dependencies_first(tmp_path: Path) -> None:
 
 def test_missing_module_is_an_error(tmp_path: Path) -> None:
     _module(tmp_path / "kernel/a.ko", "b")
-    with pytest.raises(ImageError, match="'b' .*needed by a"):
+    with pytest.raises(ImageError, match=r"'b' .*needed by a"):
         resolve_modules(tmp_path, ("a",))
 
 
