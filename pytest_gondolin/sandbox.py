@@ -143,6 +143,22 @@ class VMTransport:
         return b"".join(self._stderr).decode(errors="replace")
 
 
+def _guest_args(args: list[str]) -> list[str]:
+    """Drop ``-p NAME`` plugin loads: host plugins (xdist, cov, ...) are not installed in
+    the guest. ``-p no:NAME`` (disabling) is kept; conftest plugins load there anyway."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if arg == "-p" and i + 1 < len(args) and not args[i + 1].startswith("no:"):
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
 class RestorableClient(WorkerClient):
     """A worker client whose worker can be put back to "collected, waiting" by a VM restore."""
 
@@ -207,7 +223,7 @@ class Sandbox:
             "-s",
             "-m",
             "pytest_gondolin.guest.worker",
-            *worker_args(self.config),
+            *_guest_args(worker_args(self.config)),
             "-p",
             "gondolin",
             *self.paths,
