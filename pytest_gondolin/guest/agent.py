@@ -245,7 +245,12 @@ def _child(
 
 
 def _spawn(
-    candidates: list[str], argv: list[str], env: Mapping[str, str], stdin_fd: int, out_w: int, err_w: int
+    candidates: list[str],
+    argv: list[str],
+    env: Mapping[str, str],
+    stdin_fd: int,
+    out_w: int,
+    err_w: int,
 ) -> int:
     """posix_spawn (vfork-based in glibc) the first runnable candidate; return its pid.
 
@@ -262,8 +267,13 @@ def _spawn(
     for path in candidates:
         try:
             return os.posix_spawn(
-                path, argv, env, file_actions=actions, setsid=True,
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(),
+                path,
+                argv,
+                env,
+                file_actions=actions,
+                setsid=True,
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                setsigmask=(),
             )
         except OSError as exc:
             if err == errno.ENOENT and exc.errno not in (errno.ENOENT, errno.ENOTDIR):
@@ -594,6 +604,16 @@ class Agent:
     def _h_sync(self, frame: Frame) -> None:
         # Writes in flight belong to host state that was just dropped.
         self._abort_writes()
+        if frame.payload:
+            try:
+                self._mix_entropy(frame.payload)
+            except OSError as exc:
+                log.warning("sync: mixing entropy failed: %s", exc)
+        if frame.header["clock_ns"] is not None:
+            try:
+                time.clock_settime_ns(time.CLOCK_REALTIME, frame.header["clock_ns"])
+            except OSError as exc:
+                log.debug("sync: setting the clock failed: %s", exc)
         self.channel.send({"t": "sync_ok", "id": frame.id, "nonce": frame.header["nonce"]})
 
     # -- exec ------------------------------------------------------------------
@@ -641,7 +661,9 @@ class Agent:
                     pid = _spawn(candidates, argv, env, stdin_r, out_w, err_w)
                     self.reaper.register(pid, ex.on_exit)
                 else:
-                    pid = self._fork_child(h, candidates, argv, env, stdin_r, out_w, err_w, report_w, ex)
+                    pid = self._fork_child(
+                        h, candidates, argv, env, stdin_r, out_w, err_w, report_w, ex
+                    )
             ex.pid = pid
             for fd in (out_w, err_w, stdin_r, report_w):
                 fds.remove(fd)
@@ -829,18 +851,23 @@ class Agent:
         self.channel.send({"t": "ok", "id": frame.id})
 
     def _h_entropy(self, frame: Frame) -> None:
+        self._mix_entropy(frame.payload)
+        self.channel.send({"t": "ok", "id": frame.id})
+
+    def _mix_entropy(self, payload: bytes) -> None:
+        """Mix host entropy into the kernel pool, reseed the CRNG and this process's ``random``."""
         with open("/dev/urandom", "wb", buffering=0) as f:
             credited = False
-            if os.geteuid() == 0 and frame.payload:
+            if os.geteuid() == 0 and payload:
                 # struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
-                info = struct.pack("ii", len(frame.payload) * 8, len(frame.payload))
+                info = struct.pack("ii", len(payload) * 8, len(payload))
                 try:
-                    fcntl.ioctl(f.fileno(), RNDADDENTROPY, info + frame.payload)
+                    fcntl.ioctl(f.fileno(), RNDADDENTROPY, info + payload)
                     credited = True
                 except OSError as exc:
                     log.debug("RNDADDENTROPY failed (%s); mixing without credit", exc)
             if not credited:
-                _write_all(f.fileno(), frame.payload)
+                _write_all(f.fileno(), payload)
             if credited:
                 # A restored snapshot carries the kernel CRNG's state: without an
                 # immediate reseed, two restores would hand out the same bytes
@@ -851,7 +878,6 @@ class Agent:
                     log.debug("RNDRESEEDCRNG failed (%s)", exc)
         # The agent's own PRNG was cloned with the snapshot too.
         random.seed(os.urandom(32))
-        self.channel.send({"t": "ok", "id": frame.id})
 
     def _h_poweroff(self, frame: Frame) -> None:
         if os.getpid() != 1:

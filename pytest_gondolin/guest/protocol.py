@@ -26,7 +26,8 @@ request echoes it. ``ready`` is the only unsolicited message (id 0).
 
 Message table (``MESSAGES``), host -> guest::
 
-    sync        {nonce}                      -> sync_ok
+    sync        {nonce, clock_ns} + payload  -> sync_ok  (payload: entropy to mix in;
+                                                          clock_ns: wall clock to set, or null)
     exec        {argv, env, cwd, timeout, max_output, stdin}
                                              -> started, stdout*/stderr*, exit | error
     stdin       {} + payload                 (to a running exec; no reply)
@@ -194,7 +195,10 @@ class MessageSpec:
 
 MESSAGES: Final[Mapping[str, MessageSpec]] = {
     # host -> guest
-    "sync": MessageSpec("host", {"nonce": NONCE}),
+    # After a snapshot restore one round trip resynchronises framing, mixes
+    # fresh entropy into the guest RNG and sets its clock (each would otherwise
+    # cost a round trip, slow while TCG retranslates the restored guest).
+    "sync": MessageSpec("host", {"nonce": NONCE, "clock_ns": _nullable(NS)}, payload=True),
     "exec": MessageSpec(
         "host",
         {

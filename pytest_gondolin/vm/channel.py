@@ -333,7 +333,14 @@ class AgentChannel:
             )
         return ready
 
-    def sync(self, timeout: float, *, preserve: Iterable[AgentProcess] = ()) -> None:
+    def sync(
+        self,
+        timeout: float,
+        *,
+        preserve: Iterable[AgentProcess] = (),
+        entropy: bytes = b"",
+        clock_ns: int | None = None,
+    ) -> None:
         """Resynchronise with the agent after a snapshot restore (or a broken stream).
 
         Fails every pending call with ``AgentError("... state reset by restore")``,
@@ -343,6 +350,9 @@ class AgentChannel:
         Then it drops all received bytes until the agent echoes a fresh random
         nonce. On success the channel is usable again even if it was broken;
         on failure it is broken until the next successful sync.
+
+        ``entropy`` (mixed into the guest's RNG, which then reseeds) and
+        ``clock_ns`` (the wall clock to set) ride on the same round trip.
 
         Raises:
             AgentTimeout: no ``sync_ok`` within ``timeout``.
@@ -363,13 +373,18 @@ class AgentChannel:
                     proc._line.clear()
                     proc._call.rewind()
                     kept[proc._call.id] = proc._call
-                self._fail_all(lambda: AgentError(f"{self.name}: state reset by restore"), keep=kept)
+                self._fail_all(
+                    lambda: AgentError(f"{self.name}: state reset by restore"), keep=kept
+                )
                 self._sync = scan
                 # Framing before the answer cannot be trusted (a restore may cut a frame).
                 self._decoder = proto.FrameDecoder()
             try:
                 self._send_frame(
-                    self._encode({"t": "sync", "id": req_id, "nonce": nonce}), deadline
+                    self._encode(
+                        {"t": "sync", "id": req_id, "nonce": nonce, "clock_ns": clock_ns}, entropy
+                    ),
+                    deadline,
                 )
                 with self._cond:
                     while not scan.done:
@@ -763,7 +778,9 @@ class AgentChannel:
             except Exception:
                 log.exception("%s: on_lost callback failed", self.name)
 
-    def _fail_all(self, make_error: Callable[[], VMError], keep: Mapping[int, _Call] | None = None) -> None:
+    def _fail_all(
+        self, make_error: Callable[[], VMError], keep: Mapping[int, _Call] | None = None
+    ) -> None:
         """Fail and forget every pending call but those in ``keep`` (lock held)."""
         for call in self._calls.values():
             if keep is None or keep.get(call.id) is not call:

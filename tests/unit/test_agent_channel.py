@@ -471,7 +471,7 @@ EXEC = {"argv": ["echo", "hi"], "env": None, "cwd": None, "timeout": 5, "max_out
         ({"t": "exec", "id": 5, **EXEC, "argv": []}, b"", r"exec\.argv"),
         ({"t": "exec", "id": 5, **EXEC}, b"", r"exec\.stdin: missing"),
         ({"t": "ok", "id": 5}, b"", "only be sent by the guest"),
-        ({"t": "sync", "id": 5, "nonce": "n"}, b"payload", "no payload"),
+        ({"t": "set_clock", "id": 5, "ns": 1}, b"payload", "no payload"),
         ({"t": "write_close", "id": 5}, b"", "no open write"),
     ],
 )
@@ -499,7 +499,7 @@ def test_agent_write_errors_are_reported_once(
     peer.send({"t": "write_open", "id": 7, "path": str(tmp_path / "file" / "x"), "mode": 0o644})
     peer.send({"t": "write_chunk", "id": 7}, b"data")
     peer.send({"t": "write_close", "id": 7})
-    peer.send({"t": "sync", "id": 8, "nonce": "n"})
+    peer.send({"t": "sync", "id": 8, "nonce": "n", "clock_ns": None})
     first = peer.recv()
     assert (first.type, first.id, first.header["errno"]) == ("error", 7, errno.ENOTDIR)
     assert (peer.recv().type) == "sync_ok"  # no second reply for id 7
@@ -512,7 +512,7 @@ def test_agent_resynchronises_after_garbage(
     peer.sock.sendall(struct.pack(">I", 0xFFFFFFFF) + b"garbage")
     for attempt in range(20):
         time.sleep(0.05)
-        peer.send({"t": "sync", "id": 100 + attempt, "nonce": f"n{attempt}"})
+        peer.send({"t": "sync", "id": 100 + attempt, "nonce": f"n{attempt}", "clock_ns": None})
         peer.sock.settimeout(0.3)
         try:
             reply = peer.recv()

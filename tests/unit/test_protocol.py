@@ -197,7 +197,7 @@ def test_encode_rejects(header: dict[str, Any], payload: bytes, match: str) -> N
 # -- message validation ----------------------------------------------------------
 
 VALID: dict[str, tuple[dict[str, Any], bytes]] = {
-    "sync": ({"nonce": "abc"}, b""),
+    "sync": ({"nonce": "abc", "clock_ns": None}, b""),
     "exec": (
         {
             "argv": ["sh", "-c", "true"],
@@ -313,7 +313,8 @@ def test_payload_only_where_allowed() -> None:
     with pytest.raises(ProtocolError, match="carries no payload"):
         validate_frame(Frame(_with("exit"), b"x"))
     with pytest.raises(ProtocolError, match="carries no payload"):
-        validate_frame(Frame(_with("sync"), b"x"))
+        validate_frame(Frame(_with("sync_ok"), b"x"))
+    assert validate_frame(Frame(_with("sync"), b"entropy")).payload == b"entropy"
 
 
 def test_extra_fields_are_tolerated() -> None:
