@@ -74,6 +74,12 @@ OPTIONS = (
         RECORD_MODES,
     ),
     Option(
+        "requirements",
+        "packages to install in the guest for sandboxed tests (ini: one per line; "
+        "flag/env: separated by spaces), e.g. 'requests==2.32.3 six'",
+        None,
+    ),
+    Option(
         "artifacts",
         "folder for failure artifacts (console log, traffic); default under pytest's basetemp",
         None,
@@ -158,6 +164,26 @@ def parse_number(
     return number
 
 
+def parse_requirements(value: object, source: str) -> tuple[str, ...]:
+    """Requirement specifiers: one per line in ini files, space-separated elsewhere."""
+    if value is None:
+        return ()
+    text = str(value)
+    items = text.splitlines() if source.startswith("ini") else text.split()
+    out: list[str] = []
+    for item in (i.strip() for i in items):
+        if not item or item.startswith("#"):
+            continue
+        from packaging.requirements import InvalidRequirement, Requirement
+
+        try:
+            Requirement(item)
+        except InvalidRequirement as exc:
+            raise ConfigError(f"{source}: {item!r} is not a valid requirement ({exc})") from exc
+        out.append(item)
+    return tuple(out)
+
+
 def parse_choice(value: object, source: str, choices: tuple[str, ...], what: str) -> str:
     if value not in choices:
         raise ConfigError(f"{source}: {what} must be one of {', '.join(choices)}, got {value!r}")
@@ -177,6 +203,7 @@ class Settings:
     keep_vm: bool
     record_mode: str
     artifacts: str | None
+    requirements: tuple[str, ...] = ()
 
 
 def load_settings(config: pytest.Config) -> Settings:
@@ -198,6 +225,7 @@ def load_settings(config: pytest.Config) -> Settings:
             mode = "none" if os.environ.get("CI") else "once"
         mode = parse_choice(mode, src, RECORD_MODES, "record mode")
         artifacts, _ = raw_value(config, "artifacts")
+        requirements = parse_requirements(*raw_value(config, "requirements"))
     except ConfigError as exc:
         raise pytest.UsageError(f"pytest-gondolin: {exc}") from exc
     return Settings(
@@ -210,4 +238,5 @@ def load_settings(config: pytest.Config) -> Settings:
         keep_vm=bool(keep_vm),
         record_mode=mode,
         artifacts=str(artifacts) if artifacts else None,
+        requirements=requirements,
     )

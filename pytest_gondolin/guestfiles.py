@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import io
 import os
+import shutil
 import subprocess
+import sys
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pytest_gondolin.errors import ConfigError
@@ -181,4 +184,91 @@ def pack_distributions(names: Iterable[str] = SHIPPED_DISTRIBUTIONS) -> bytes:
             src = Path(str(f.locate()))
             if src.is_file():
                 members.append((src, f"{GUEST_SITE.lstrip('/')}/{f.as_posix()}"))
+    return _tar(members)
+
+
+#: Where requirements installed for the guest live (after GUEST_SITE on sys.path,
+#: so the worker's pytest stays the host's).
+GUEST_REQUIREMENTS = "/opt/gondolin/requirements"
+#: Platform tags of the guest (Debian bookworm x86_64, CPython 3.11, glibc 2.36).
+GUEST_PLATFORMS = (
+    "manylinux_2_36_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux_2_17_x86_64",
+    "linux_x86_64",
+)
+#: pip resolving and downloading wheels: minutes on a slow index, never an hour.
+PIP_TIMEOUT = 1800
+
+
+def requirements_dir(
+    requirements: Iterable[str], progress: Callable[[str], None] | None = None
+) -> Path:
+    """Install ``requirements`` for the guest's Python into a cached folder and return it.
+
+    The host's pip resolves wheels for the guest's platform (``--only-binary``:
+    the guest has no compiler and no network), once per requirement set; later
+    sessions reuse the folder. Raises ConfigError with pip's output on failure.
+    """
+    import filelock
+
+    from pytest_gondolin import paths
+
+    reqs = sorted(set(requirements))
+    key = hashlib.sha256("\n".join([*GUEST_PLATFORMS, "cp311", *reqs]).encode()).hexdigest()[:16]
+    root = paths.cache_dir() / "requirements"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / key
+    with filelock.FileLock(str(root / f"{key}.lock"), timeout=PIP_TIMEOUT):
+        if (target / ".complete").exists():
+            return target
+        if progress:
+            progress(f"installing guest requirements with pip: {' '.join(reqs)}")
+        tmp = root / f".{key}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-compile",
+            "--target",
+            str(tmp),
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            *(f"--platform={p}" for p in GUEST_PLATFORMS),
+            *reqs,
+        ]
+        try:
+            res = subprocess.run(
+                cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=PIP_TIMEOUT
+            )
+        except subprocess.TimeoutExpired as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ConfigError(
+                f"pip did not finish installing guest requirements within {PIP_TIMEOUT} s"
+            ) from exc
+        if res.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ConfigError(
+                f"pip could not install the guest requirements {reqs} (wheels for CPython 3.11 on "
+                f"manylinux x86_64 are needed):\n{(res.stdout + res.stderr)[-3000:]}"
+            )
+        (tmp / ".complete").write_text("\n".join(reqs) + "\n")
+        tmp.rename(target)
+    return target
+
+
+def pack_folder(folder: Path, guest_path: str) -> bytes:
+    """A tar of everything under ``folder``, placed at ``guest_path`` in the guest."""
+    members = [
+        (p, f"{guest_path.strip('/')}/{p.relative_to(folder).as_posix()}")
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink() and p.suffix != ".pyc"
+    ]
     return _tar(members)

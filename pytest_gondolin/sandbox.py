@@ -200,6 +200,18 @@ class Sandbox:
         say(f"{name}: copying the project tree ({rootdir}) and pytest into the guest")
         vm.write_file("/tmp/gondolin-project.tar", guestfiles.pack_project(rootdir))
         vm.write_file("/tmp/gondolin-libs.tar", guestfiles.pack_distributions())
+        requirements = self.factory.settings.requirements
+        if requirements:
+            folder = guestfiles.requirements_dir(requirements, progress=say)
+            vm.write_file(
+                "/tmp/gondolin-reqs.tar",
+                guestfiles.pack_folder(folder, guestfiles.GUEST_REQUIREMENTS),
+            )
+            vm.exec(
+                "tar -xf /tmp/gondolin-reqs.tar -C / && rm /tmp/gondolin-reqs.tar",
+                check=True,
+                timeout=300,
+            )
         vm.exec(
             "tar -xf /tmp/gondolin-project.tar -C / && tar -xf /tmp/gondolin-libs.tar -C / "
             "&& rm /tmp/gondolin-project.tar /tmp/gondolin-libs.tar",
@@ -208,7 +220,7 @@ class Sandbox:
         )
         invocation = str(self.config.invocation_params.dir)
         vm.exec(["mkdir", "-p", invocation], check=True)
-        pythonpath = [guestfiles.GUEST_SITE, "/run/gondolin/py"]
+        pythonpath = [guestfiles.GUEST_SITE, "/run/gondolin/py", guestfiles.GUEST_REQUIREMENTS]
         if (rootdir / "src").is_dir():
             pythonpath.append(str(rootdir / "src"))
         env = {
