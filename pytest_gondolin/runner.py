@@ -54,7 +54,7 @@ Lifecycle of a :class:`WorkerClient` (see :class:`Runstate`)::
 
     NEW --start--> READY --run--> RUNNING --done--> READY --close--> CLOSED
                      |               |
-                     |               +--crash/timeout/protocol error--> DEAD
+                     |               +--crash/timeout/protocol error--> DEAD --rewind--> READY
                      +--ping failure---------------------------------> DEAD
 """
 
@@ -152,7 +152,7 @@ _TB_STYLES: Final = frozenset({"long", "short", "line", "no", "native", "value",
 #: the report class defines.
 _EXTRA_KEY: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _MAX_EXTRA_KEYS: Final = 32
-_MAX_LIST: Final = 100_000
+_MAX_KEYWORDS: Final = 100_000
 _CATEGORY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,31}")
 _MAX_FILENAME_CHARS: Final = 4096
 _MAX_NONCE_CHARS: Final = 256
@@ -248,8 +248,6 @@ def _clean(obj: Any, where: str, depth: int = 0) -> Any:
     if isinstance(obj, dict):
         return {_clean(k, where, depth + 1): _clean(v, where, depth + 1) for k, v in obj.items()}
     if isinstance(obj, list):
-        if len(obj) > _MAX_LIST:
-            raise _fail(where, f"list longer than {_MAX_LIST}")
         return [_clean(v, where, depth + 1) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         raise _fail(where, "non-finite number")
@@ -494,7 +492,7 @@ def check_test_report(value: object, where: str = "report") -> JSONObject:
         raise _fail(f"{where}.location", "expected (path, lineno, domain)")
     lineno = location[1]
     keywords = _as(data["keywords"], dict, f"{where}.keywords")
-    if len(keywords) > _MAX_LIST:
+    if len(keywords) > _MAX_KEYWORDS:
         raise _fail(f"{where}.keywords", "too many keywords")
     outcome = _str(data["outcome"], f"{where}.outcome")
     when = _str(data["when"], f"{where}.when")
@@ -966,9 +964,22 @@ class WorkerClient:
         self._die()
         if dump.startswith(before):
             dump = dump[len(before) :]
-        headline = f"Timeout > {timeout:g}s"
-        detail = "stack dump of the worker (SIGUSR1):\n" + dump if dump.strip() else ""
-        return Failure("timeout", headline, detail, elapsed)
+        if dump.strip():
+            detail = "stack dump of the worker (SIGUSR1):\n" + dump
+        else:
+            detail = "no stack dump arrived; worker stderr (tail):\n" + _tail_lines(before)
+        return Failure("timeout", f"Timeout > {timeout:g}s", detail, elapsed)
+
+    def rewind(self) -> None:
+        """Declare the worker READY again: its side was restored to a snapshot
+        taken right after ``collected`` (a VM restore), whatever happened
+        since -- even a run that crashed or timed out.  The transport must
+        have dropped any buffered output.  Raises ``AgentError`` if ``start``
+        never succeeded or the client was closed.
+        """
+        if self._collected is None or self._state is Runstate.CLOSED:
+            raise AgentError(f"cannot rewind a test worker that is {self._state.value}")
+        self._state = Runstate.READY
 
     def close(self, timeout: float = DEFAULT_QUIT_TIMEOUT) -> None:
         """Ask the worker to quit, then make sure it is gone.  Idempotent."""
@@ -1158,9 +1169,12 @@ class SubprocessTransport:
             except OSError:
                 pass
         for thread in self._threads:
-            # A grandchild holding stderr open keeps the drain thread alive;
-            # it is a daemon, so do not wait for it long.
+            # A grandchild that left the session and holds stderr open keeps
+            # the drain thread alive; it is a daemon, so do not wait long.
             thread.join(timeout=0.5)
+        if not self._threads[1].is_alive() and self._proc.stderr is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stderr.close()
 
     def stderr_tail(self) -> str:
         with self._tail_lock:
@@ -1275,6 +1289,10 @@ def _replay_warning(item: pytest.Item, record: WarningRecord) -> None:
     )
 
 
+#: Attribute set to True on reports that ran in a guest (serialized by xdist like any other).
+GUEST_REPORT_ATTR = "gondolin_guest"
+
+
 def replay_item(item: pytest.Item, outcome: RunOutcome | Failure) -> None:
     """Report *outcome* for *item* through the host's hooks, as if it ran here.
 
@@ -1307,6 +1325,7 @@ def replay_item(item: pytest.Item, outcome: RunOutcome | Failure) -> None:
                 failure = Failure("error", "the worker sent an unreadable report", str(exc))
             continue
         report.location = item.location
+        setattr(report, GUEST_REPORT_ATTR, True)  # for the verbose "(in guest)" status
         reports.append(report)
     extra: list[pytest.TestReport] = []
     late: Failure | None = None
@@ -1370,8 +1389,9 @@ def replay_collect_errors(config: pytest.Config, collected: Collected) -> int:
 def worker_args(config: pytest.Config) -> list[str]:
     """pytest arguments that make a worker's session match the host's.
 
-    Names the host's rootdir and inifile explicitly (``-c /dev/null`` when
-    there is none, so the worker does not find one of its own), and repeats
+    Names the host's rootdir, inifile (``-c /dev/null`` when there is none,
+    so the worker does not find one of its own) and conftest boundary
+    explicitly, and repeats
     the command-line options that change how reports look or which plugins
     and conftests load: ``-p``, ``-o``, ``-W``, ``--tb``, ``-l``, verbosity,
     ``--import-mode``, ``--assert``, ``--noconftest``, ``--strict-markers``.
@@ -1381,6 +1401,14 @@ def worker_args(config: pytest.Config) -> list[str]:
     """
     option = config.option
     args = [f"--rootdir={config.rootpath}", "-c", str(config.inipath or os.devnull)]
+    # pytest stops looking for conftest.py files at the inifile's directory,
+    # or at the rootdir when there is none; with "-c /dev/null" it would
+    # stop at /dev, i.e. nowhere, so name the host's boundary explicitly.
+    confcutdir = getattr(option, "confcutdir", None)
+    if confcutdir is None and config.inipath is None:
+        confcutdir = config.rootpath
+    if confcutdir is not None:
+        args.append(f"--confcutdir={confcutdir}")
     for plugin in getattr(option, "plugins", None) or []:
         args += ["-p", plugin]
     for override in getattr(option, "override_ini", None) or []:

@@ -34,7 +34,6 @@ from pytest_gondolin.runner import (
     Collected,
     Failure,
     RunOutcome,
-    Runstate,
     WorkerClient,
     worker_args,
 )
@@ -159,16 +158,6 @@ def _guest_args(args: list[str]) -> list[str]:
     return out
 
 
-class RestorableClient(WorkerClient):
-    """A worker client whose worker can be put back to "collected, waiting" by a VM restore."""
-
-    def rewind(self) -> None:
-        """The guest was restored to the post-collection snapshot: the worker is READY again."""
-        if self.collected is None:
-            raise AgentError("cannot rewind a worker that never finished collecting")
-        self._state = Runstate.READY
-
-
 class Sandbox:
     """One prepared guest worker, restored before each item."""
 
@@ -180,7 +169,7 @@ class Sandbox:
         self.key = key
         self.paths = paths
         self.vm: VM | None = None
-        self.client: RestorableClient | None = None
+        self.client: WorkerClient | None = None
         self.transport: VMTransport | None = None
         self.collected: Collected | None = None
         self._fresh = False
@@ -243,7 +232,7 @@ class Sandbox:
         say(f"{name}: starting the guest test worker (pytest start-up and collection)")
         proc = vm.spawn(args, env=env, cwd=invocation, max_output=1 << 50)
         self.transport = VMTransport(vm, proc)
-        self.client = RestorableClient(self.transport)
+        self.client = WorkerClient(self.transport)
         self.collected = self.client.start(WORKER_START_TIMEOUT)
         vm.save_internal(WORKER_TAG)
         self._fresh = True
@@ -270,7 +259,11 @@ class Sandbox:
             self.client.rewind()
         self._fresh = False
         seed = int.from_bytes(secrets.token_bytes(8), "big")
-        outcome = self.client.run(nodeid, seed=seed, timeout=timeout or DEFAULT_RUN_TIMEOUT)
+        try:
+            outcome = self.client.run(nodeid, seed=seed, timeout=timeout or DEFAULT_RUN_TIMEOUT)
+        except GondolinError as exc:
+            # A worker that broke protocol was killed; the next restore revives it.
+            return Failure.from_exception(exc, duration=time.monotonic() - started)
         if outcome.failure is not None and not self.alive:
             console = self.vm.console_log()
             failure = outcome.failure

@@ -57,6 +57,7 @@ Guarantees the host relies on
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import math
@@ -66,7 +67,7 @@ import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import IO, Any, Final
 
 import pytest
@@ -89,6 +90,21 @@ WORKER_MODULE: Final = "pytest_gondolin.guest.worker"
 #: sections are dropped) rather than losing the report.
 _SHRINK_STRING_CHARS: Final = 1024 * 1024
 _TRUNCATION_MARK: Final = "\n[... truncated by the pytest-gondolin worker ...]\n"
+
+#: Appended to the worker's pytest arguments.  No cache: the host owns
+#: ``--lf`` & co. and the guest's tree is thrown away.  The filter: this very
+#: process imported ``pytest_gondolin`` before pytest could mark the
+#: installed plugin's package for assertion rewriting, which pytest reports
+#: as a warning -- fatal under ``-W error`` -- though nothing is lost (the
+#: package has no test code).  It comes last so it wins over the user's
+#: ``-W`` options, and matches only that one message.
+_EXTRA_ARGS: Final = (
+    "-p",
+    "no:cacheprovider",
+    "-W",
+    "ignore:Module already imported so cannot be rewritten; pytest_gondolin"
+    ":pytest.PytestAssertRewriteWarning",
+)
 
 #: Message type names (the ``"t"`` member).
 COMMAND_TYPES: Final = frozenset({"run", "ping", "quit"})
@@ -217,6 +233,13 @@ class Channel:
             return {"t": "invalid", "message": f"command longer than {MAX_COMMAND_LINE} bytes"}
         return parse_command(line)
 
+    def close(self) -> None:
+        """Close both descriptors; later sends are dropped, recv returns None."""
+        self.closed = True
+        self._in.close()
+        with contextlib.suppress(OSError):
+            os.close(self._out_fd)
+
     def _discard_rest_of_line(self) -> None:
         while True:
             chunk = self._in.readline(MAX_COMMAND_LINE)
@@ -264,15 +287,20 @@ class WorkerPlugin:
         self._collect_errors: list[dict[str, Any]] = []
         self._running: str | None = None
 
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_cmdline_main(self, config: pytest.Config) -> None:
-        # A worker never distributes: if pytest-xdist is present and the
-        # user's addopts ask for ``-n``, turn it off before xdist reads it
-        # (blocking the plugin instead would make ``-n`` an unknown option).
-        if getattr(config.option, "numprocesses", None):
-            config.option.numprocesses = 0
-        if hasattr(config.option, "distload"):
-            config.option.distload = False
+    @pytest.hookimpl(wrapper=True)
+    def pytest_cmdline_main(self, config: pytest.Config) -> Generator[None, object, object]:
+        # A worker never distributes or loops: if pytest-xdist is present and
+        # the user's addopts ask for ``-n``/``--tx``/``-f``, turn that off
+        # before xdist's own (tryfirst) hook reads it.  A wrapper, because
+        # wrappers run before every plain implementation; blocking xdist
+        # instead would make ``-n`` an unknown option.
+        option = config.option
+        if hasattr(option, "numprocesses"):
+            option.numprocesses = 0  # xdist then sets dist="no", tx=[]
+        for name in ("distload", "looponfail"):
+            if hasattr(option, name):
+                setattr(option, name, False)
+        return (yield)
 
     def pytest_configure(self, config: pytest.Config) -> None:
         self._config = config
@@ -324,9 +352,10 @@ class WorkerPlugin:
         items: dict[str, pytest.Item] = {}
         for item in session.items:
             items.setdefault(item.nodeid, item)
-        self._channel.send(
-            {"t": "collected", "nodeids": list(items), "errors": self._collect_errors}
-        )
+        collected = {"t": "collected", "nodeids": list(items), "errors": self._collect_errors}
+        if len(encode_line(collected)) > MAX_WORKER_LINE:
+            collected["errors"] = _shrink(self._collect_errors, 64 * 1024)
+        self._channel.send(collected)
         while True:
             command = self._channel.recv()
             if command is None or command["t"] == "quit":
@@ -370,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, file=dump_file, all_threads=True)
     os.environ[WORKER_ENV] = "1"
     plugin = WorkerPlugin(channel)
-    exit_code = pytest.main([*args, "-p", "no:cacheprovider"], plugins=[plugin])
+    exit_code = pytest.main([*args, *_EXTRA_ARGS], plugins=[plugin])
     return int(exit_code)
 
 

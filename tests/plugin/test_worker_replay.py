@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -186,7 +187,7 @@ def test_routed_reports_match_an_in_process_run(pytester: pytest.Pytester) -> No
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_outcomes=OUTCOMES_MODULE)
 
-    routed = _run(pytester, "-rA", "--junitxml=junit.xml")
+    routed = _run(pytester, "-rA")
     local = _run(pytester, "-rA", "--local-worker-off")
 
     routed.assert_outcomes(**OUTCOMES)
@@ -248,7 +249,7 @@ def test_routed_output_shows_what_pytest_would(pytester: pytest.Pytester) -> Non
     assert "forged" not in result.stdout.str()
 
     junit = (pytester.path / "junit.xml").read_text()
-    assert re.search(r'<testsuite [^>]*errors="2" failures="4" skipped="2" tests="23"', junit)
+    assert re.search(r'<testsuite [^>]*errors="2" failures="4" skipped="2" tests="21"', junit)
     assert re.search(r'<testcase classname="test_outcomes.TestGroup" name="test_method"', junit)
     assert '<failure message="assert 4 == 5">' in junit
     assert "visible on failure" in junit
@@ -284,7 +285,7 @@ def test_k_and_lf_select_on_the_host(pytester: pytest.Pytester) -> None:
     first.assert_outcomes(passed=1, failed=1, deselected=1)
 
     again = _run(pytester, "--lf", "-v")
-    again.assert_outcomes(failed=1, deselected=2)
+    again.assert_outcomes(failed=1)
     again.stdout.fnmatch_lines(["run-last-failure: rerun previous 1 failure*"])
     assert "test_one" not in again.stdout.str()
 
@@ -294,8 +295,9 @@ def test_a_crash_fails_only_that_test(pytester: pytest.Pytester) -> None:
         test_crash="""
         import os, sys, pytest
         pytestmark = pytest.mark.remote_local
-        def test_dies():
-            sys.stderr.write("last words\\n")
+        def test_dies(capfd):
+            with capfd.disabled():  # captured output dies with the worker
+                sys.stderr.write("last words\\n")
             os._exit(3)
         def test_next():
             pass
@@ -367,13 +369,41 @@ def test_a_collection_error_in_the_worker_surfaces(pytester: pytest.Pytester) ->
     )
 
 
-def test_worker_args_mirror_the_host_session(pytester: pytest.Pytester) -> None:
-    pytester.makeini("[pytest]\n")
+def test_worker_survives_strict_warnings_and_never_distributes(pytester: pytest.Pytester) -> None:
+    # The ini's addopts reach the worker too: it must neither start xdist
+    # workers of its own nor die of a config-time warning under -W error.
+    pytester.makeini("[pytest]\naddopts = -n 2\n")
+    pytester.makepyfile(
+        test_plain="""
+        import os, sys, pytest
+        @pytest.mark.remote_local
+        def test_in_worker():
+            # the worker process itself, not an xdist node it spawned
+            assert sys.argv[0].endswith(os.path.join("guest", "worker.py"))
+        """
+    )
+    result = pytester.runpytest_subprocess(*ROUTER, "-n", "0", "-W", "error")
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("with_ini", [True, False], ids=["ini", "no-ini"])
+def test_worker_args_mirror_the_host_session(pytester: pytest.Pytester, with_ini: bool) -> None:
+    if with_ini:
+        pytester.makeini("[pytest]\n")
     config = pytester.parseconfig(
         "-p", "no:gondolin", "-o", "xfail_strict=true", "-W", "error", "-vv", "--tb=short", "-l"
     )
     args = worker_args(config)
-    assert args[:3] == [f"--rootdir={config.rootpath}", "-c", str(pytester.path / "tox.ini")]
+    if with_ini:
+        assert args[:3] == [f"--rootdir={config.rootpath}", "-c", str(pytester.path / "tox.ini")]
+        assert not any(a.startswith("--confcutdir") for a in args)
+    else:
+        assert args[:4] == [
+            f"--rootdir={config.rootpath}",
+            "-c",
+            os.devnull,
+            f"--confcutdir={config.rootpath}",
+        ]
     joined = " ".join(args)
     for expected in (
         "-p no:gondolin",
@@ -461,7 +491,7 @@ def serialized_report(when: str = "call", outcome: str = "passed", **extra: Any)
         NODEID,
         ("test_m.py", 0, "test_f"),
         {"test_f": 1},
-        outcome,
+        outcome,  # type: ignore[arg-type]
         longrepr,
         when,  # type: ignore[arg-type]
         sections=[("Captured stdout call", "out\n")],
@@ -553,10 +583,11 @@ def test_a_dead_worker_becomes_a_crash_failure(script: list[Script], headline: s
 def test_a_broken_pipe_on_send_is_a_crash_and_signals_are_named() -> None:
     client, transport = started([], exit_code=-9)
     transport.broken_pipe = True
-    outcome = client.run(NODEID, seed=0, timeout=5)
-    assert outcome.failure == Failure(
-        "crash", "worker crashed (killed by SIGKILL)", transport.tail, outcome.failure.duration
-    )  # type: ignore[union-attr]
+    failure = client.run(NODEID, seed=0, timeout=5).failure
+    assert failure is not None
+    assert failure == Failure(
+        "crash", "worker crashed (killed by SIGKILL)", transport.tail, failure.duration
+    )
 
 
 def test_a_timeout_interrupts_then_kills() -> None:
@@ -591,6 +622,20 @@ def test_lifecycle_is_guarded_and_close_is_idempotent() -> None:
     assert transport.killed and client.state is Runstate.CLOSED
     with pytest.raises(AgentError, match="closed"):
         client.run(NODEID, seed=0, timeout=1)
+
+
+def test_rewind_makes_a_dead_client_ready_after_a_restore() -> None:
+    client, _ = started([None, report_line(when="setup"), DONE])
+    assert client.run(NODEID, seed=0, timeout=5).failure is not None
+    assert client.state is Runstate.DEAD
+    client.rewind()  # e.g. the VM went back to its post-collection snapshot
+    outcome = client.run(NODEID, seed=0, timeout=5)
+    assert outcome.failure is None and len(outcome.reports) == 1
+    client.close()
+    with pytest.raises(AgentError):
+        client.rewind()
+    with pytest.raises(AgentError):
+        WorkerClient(FakeTransport([])).rewind()
 
 
 @pytest.mark.parametrize(
@@ -791,7 +836,7 @@ def test_parse_message_on_random_bytes(data: bytes) -> None:
         parse_message(data)
 
 
-MESSAGE_SKELETONS = [
+MESSAGE_SKELETONS: list[dict[str, Any]] = [
     {"t": "collected", "nodeids": [NODEID], "errors": []},
     {
         "t": "warning",
@@ -878,7 +923,7 @@ def test_a_validated_report_always_deserializes_and_renders(
 def test_replay_completes_an_interrupted_run(
     pytester: pytest.Pytester, seen: tuple[str, ...], kind: str, expected: list[tuple[str, str]]
 ) -> None:
-    item = pytester.getitem("def test_f(): pass")
+    item = pytester.getitem("def test_func(): pass")
     recorder = pytester.make_hook_recorder(item.config.pluginmanager)
     reports = []
     for when in seen:
@@ -899,7 +944,7 @@ def test_replay_completes_an_interrupted_run(
 
 
 def test_replay_refuses_reports_for_another_item(pytester: pytest.Pytester) -> None:
-    item = pytester.getitem("def test_f(): pass")
+    item = pytester.getitem("def test_func(): pass")
     recorder = pytester.make_hook_recorder(item.config.pluginmanager)
     replay_item(item, RunOutcome(item.nodeid, (check_test_report(serialized_report()),)))
     replayed = recorder.getreports("pytest_runtest_logreport")
@@ -963,22 +1008,30 @@ def test_worker_channel_skips_an_oversized_command_and_refuses_oversized_message
     cmd_r, cmd_w = os.pipe()
     out_r, out_w = os.pipe()
     channel = worker.Channel(cmd_r, out_w, max_out=200)
-    with os.fdopen(cmd_w, "wb") as w:
-        w.write(b"x" * (worker.MAX_COMMAND_LINE + 10) + b"\n" + b'{"t":"quit"}\n')
+
+    def feed() -> None:  # more than a pipe buffer: write from another thread
+        with os.fdopen(cmd_w, "wb") as w:
+            w.write(b"x" * (worker.MAX_COMMAND_LINE + 10) + b"\n" + b'{"t":"quit"}\n')
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
     assert channel.recv() == {
         "t": "invalid",
         "message": f"command longer than {worker.MAX_COMMAND_LINE} bytes",
     }
     assert channel.recv() == {"t": "quit"}
     assert channel.recv() is None
+    writer.join(timeout=5)
     channel.send({"t": "error", "message": "y" * 500})
     channel.send({"t": "done", "nodeid": "a"})
-    os.close(out_w)
+    channel.close()
+    channel.send({"t": "done", "nodeid": "dropped"})
     with os.fdopen(out_r, "rb") as r:
         lines = r.read().splitlines()
     first = parse_message(lines[0])
     assert "too large" in getattr(first, "message", "")
     assert parse_message(lines[1]) == DoneMessage("a")
+    assert len(lines) == 2
     assert not isinstance(first, PongMessage)
 
 
