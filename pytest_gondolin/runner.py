@@ -869,7 +869,9 @@ class WorkerClient:
         if not isinstance(msg, PongMessage) or msg.nonce != nonce:
             raise self._broken(ProtocolError(f"expected pong {nonce}, got {msg!r:.200}"))
 
-    def run(self, nodeid: str, *, seed: int, timeout: float) -> RunOutcome:
+    def run(
+        self, nodeid: str, *, seed: int, timeout: float, env: Mapping[str, str] | None = None
+    ) -> RunOutcome:
         """Run one item in the worker and collect what it reports.
 
         Returns when the worker says ``done`` (``failure`` is then ``None``
@@ -877,7 +879,7 @@ class WorkerClient:
         the worker died (``"crash"``) or did not finish within *timeout*
         seconds (``"timeout"``: the worker gets SIGUSR1 for a stack dump,
         then is killed).  Reports for any other node id are a protocol
-        violation.
+        violation.  ``env`` is merged into the worker's environment before the item runs.
         """
         self._require(Runstate.READY)
         if not isinstance(nodeid, str) or not 0 < len(nodeid) <= MAX_NODEID_CHARS:
@@ -901,7 +903,10 @@ class WorkerClient:
 
         self._state = Runstate.RUNNING
         try:
-            self._send({"t": "run", "nodeid": nodeid, "seed": int(seed)})
+            command: JSONObject = {"t": "run", "nodeid": nodeid, "seed": int(seed)}
+            if env:
+                command["env"] = dict(env)
+            self._send(command)
             while True:
                 try:
                     msg = self._recv(deadline - time.monotonic())

@@ -20,7 +20,9 @@ byte sequence).  Every object has a string member ``"t"`` naming its type.
 host → worker, on the worker's fd 0, each line at most ``MAX_COMMAND_LINE``
 bytes::
 
-    {"t": "run", "nodeid": str, "seed": int}   run one item (reply: report*, warning*, done)
+    {"t": "run", "nodeid": str, "seed": int,
+     "env": {str: str}}                          run one item (reply: report*, warning*, done);
+                                                 "env" (optional) is merged into os.environ first
     {"t": "ping", "nonce": str}                 liveness check (reply: pong)
     {"t": "quit"}                                end the session (EOF means the same)
 
@@ -264,6 +266,12 @@ def parse_command(line: bytes) -> dict[str, Any]:
         nodeid, seed = obj.get("nodeid"), obj.get("seed")
         if not isinstance(nodeid, str) or not isinstance(seed, int) or isinstance(seed, bool):
             return {"t": "invalid", "message": "run needs a string nodeid and an integer seed"}
+        env = obj.get("env", {})
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
+            for k, v in env.items()
+        ):
+            return {"t": "invalid", "message": "run env must map variable names to strings"}
     elif kind == "ping":
         if not isinstance(obj.get("nonce"), str):
             return {"t": "invalid", "message": "ping needs a string nonce"}
@@ -363,6 +371,7 @@ class WorkerPlugin:
             if command["t"] == "ping":
                 self._channel.send({"t": "pong", "nonce": command["nonce"]})
             elif command["t"] == "run":
+                os.environ.update(command.get("env", {}))
                 self._run(items, command["nodeid"], command["seed"])
             else:
                 self._channel.send({"t": "error", "message": command["message"]})
