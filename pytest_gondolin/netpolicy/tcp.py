@@ -1,0 +1,818 @@
+"""Sans-IO TCP for connections the guest opens to the host-emulated peers.
+
+This module owns the TCP state machine (RFC 9293 §3.3.2) for one flow.
+The host always plays the passive side: a flow starts from the guest's
+SYN and the host answers for whatever address and port the guest dialled.
+No sockets, no clocks: segments go in with the caller's ``now``, segments
+come out; the application side (the driver that relays to the real
+upstream) uses :meth:`TcpConnection.send`, :meth:`~TcpConnection.read`,
+:meth:`~TcpConnection.close` and :meth:`~TcpConnection.abort`, then calls
+:meth:`~TcpConnection.flush` to collect what those produced.
+
+States and transitions (host side)::
+
+    (guest SYN) -> SYN_RECEIVED --ACK--> ESTABLISHED
+    ESTABLISHED --guest FIN--> CLOSE_WAIT --close()--> LAST_ACK --ACK--> CLOSED
+    ESTABLISHED --close()--> FIN_WAIT_1 --ACK--> FIN_WAIT_2 --guest FIN--> CLOSED
+                             FIN_WAIT_1 --guest FIN--> CLOSING --ACK--> CLOSED
+    any --RST in / abort() / retransmission give-up--> CLOSED
+
+What is deliberately simpler than a general-purpose TCP, and why it is
+sound *here* -- the only network is an in-order, lossless stream socket
+to QEMU, and the only peer is one guest kernel:
+
+* No TIME-WAIT (RFC 9293 §3.6.1). It guards against old duplicates
+  delayed in the network and against a lost final ACK; neither can happen
+  on this link, and skipping it frees the flow slot at once. A stray
+  retransmission afterwards gets a RST from the stack, which the guest
+  handles.
+* No RTT estimation (RFC 6298): a fixed initial RTO (1 s, RFC 6298 §2.1)
+  doubled on each retry up to a cap; after ``max_retries`` the flow is
+  reset. Segments are only "lost" when the guest drops them.
+* Out-of-order segments are dropped and answered with a duplicate ACK;
+  the guest retransmits (its fast retransmit kicks in at once). Nothing
+  can arrive out of order on this link unless the guest itself dropped
+  something.
+* No SACK, no timestamps, no congestion control (there is no congestion
+  between a VM and its host). Window scaling (RFC 7323) is supported.
+* Data carried on the SYN is not accepted (no TFO); the guest resends it.
+
+What is *not* simplified: sequence arithmetic modulo 2**32 (RFC 9293
+§3.4), the acceptability test (§3.10.7.4), both receive windows (we never
+send beyond the guest's scaled window; we advertise only our free receive
+buffer, so a slow application backpressures the guest), zero-window
+probing (§3.8.6.1), RFC 5961 challenge ACKs for in-window RST and SYN,
+and bounded send and receive buffers, optionally also bounded by a
+budget shared by all flows.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from pytest_gondolin.errors import ConfigError
+from pytest_gondolin.netpolicy.packets import (
+    TCP_ACK,
+    TCP_FIN,
+    TCP_PSH,
+    TCP_RST,
+    TCP_SYN,
+    PacketError,
+    TcpOptions,
+    TcpSegment,
+)
+
+__all__ = [
+    "DEFAULT_MSS",
+    "BufferBudget",
+    "CloseReason",
+    "TcpConfig",
+    "TcpConnection",
+    "TcpState",
+    "reset_for",
+    "seq_add",
+    "seq_diff",
+    "seq_le",
+    "seq_lt",
+]
+
+logger = logging.getLogger(__name__)
+
+_MASK = 0xFFFFFFFF
+_HALF = 1 << 31
+
+#: MSS for the largest virtio-net MTU QEMU allows (host_mtu=65520) minus
+#: the 20-byte IPv4 and 20-byte TCP headers. The guest caps what we send
+#: with its own MSS option, so this costs nothing on a 1500-byte link.
+DEFAULT_MSS = 65520 - 40
+#: RFC 9293 §3.7.1: the MSS to assume when the SYN carries none.
+DEFAULT_PEER_MSS = 536
+
+
+# --------------------------------------------------------------------------
+# sequence-number arithmetic (RFC 9293 §3.4, modulo 2**32)
+
+
+def seq_add(a: int, n: int) -> int:
+    """``a + n`` in sequence space (``n`` may be negative)."""
+    return (a + n) & _MASK
+
+
+def seq_diff(a: int, b: int) -> int:
+    """How far ``a`` lies ahead of ``b``, in ``[0, 2**32)``."""
+    return (a - b) & _MASK
+
+
+def seq_lt(a: int, b: int) -> bool:
+    """``a < b`` in sequence space (a signed 32-bit difference is negative)."""
+    return ((a - b) & _MASK) >= _HALF
+
+
+def seq_le(a: int, b: int) -> bool:
+    """``a <= b`` in sequence space."""
+    return a == b or seq_lt(a, b)
+
+
+def _in_window(x: int, start: int, size: int) -> bool:
+    return seq_diff(x, start) < size
+
+
+# --------------------------------------------------------------------------
+# values
+
+
+class TcpState(enum.Enum):
+    """RFC 9293 connection states the host side can be in."""
+
+    SYN_RECEIVED = "SYN-RECEIVED"
+    ESTABLISHED = "ESTABLISHED"
+    FIN_WAIT_1 = "FIN-WAIT-1"
+    FIN_WAIT_2 = "FIN-WAIT-2"
+    CLOSING = "CLOSING"
+    CLOSE_WAIT = "CLOSE-WAIT"
+    LAST_ACK = "LAST-ACK"
+    CLOSED = "CLOSED"
+
+
+class CloseReason(enum.Enum):
+    """Why a flow ended."""
+
+    NORMAL = "closed"  # both sides sent FIN and it was acknowledged
+    GUEST_RESET = "reset-by-guest"
+    ABORTED = "aborted"  # the owner called abort()
+    TIMEOUT = "retransmission-timeout"  # the guest stopped acknowledging
+    REJECTED = "rejected"  # the owner rejected the SYN (stack level)
+    ACCEPT_TIMEOUT = "accept-timeout"  # the owner never decided (stack level)
+    STACK_LIMIT = "stack-limit"  # over the stack's flow cap (stack level)
+
+
+# States in which we may still put data (or a FIN) on the wire, and in
+# which guest data is still accepted.
+_SENDING = frozenset(
+    {
+        TcpState.ESTABLISHED,
+        TcpState.CLOSE_WAIT,
+        TcpState.FIN_WAIT_1,
+        TcpState.CLOSING,
+        TcpState.LAST_ACK,
+    }
+)
+_RECEIVING = frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2})
+_APP_CAN_SEND = frozenset({TcpState.SYN_RECEIVED, TcpState.ESTABLISHED, TcpState.CLOSE_WAIT})
+
+
+@dataclass(frozen=True)
+class TcpConfig:
+    """Per-flow TCP parameters; every default has a reason.
+
+    ``mss``: what we advertise (link MTU - 40). ``send_buffer`` /
+    ``recv_buffer``: per-flow caps in bytes; 256 KiB holds four maximal
+    segments, plenty for a local link. ``rto_initial``: RFC 6298 §2.1.
+    ``rto_max``: RFC 6298 §2.5 allows a cap of at least 60 s.
+    ``max_retries``: consecutive unanswered retransmissions (or window
+    probes) before the flow is reset; 8 with the defaults is about three
+    minutes, longer than any pause of a healthy VM (snapshots, TCG).
+    ``min_peer_mss``: floor under the guest's MSS option, so a hostile
+    guest cannot make us cut data into 1-byte segments (Linux clamps for
+    the same reason, tcp_min_snd_mss); our guests never use a smaller MTU.
+    """
+
+    mss: int = DEFAULT_MSS
+    send_buffer: int = 256 * 1024
+    recv_buffer: int = 256 * 1024
+    rto_initial: float = 1.0
+    rto_max: float = 60.0
+    max_retries: int = 8
+    min_peer_mss: int = DEFAULT_PEER_MSS
+
+    def __post_init__(self) -> None:
+        if not 88 <= self.mss <= 65495:
+            raise ConfigError(f"TCP MSS {self.mss} outside 88..65495")
+        if self.send_buffer < 1 or self.recv_buffer < 2:
+            raise ConfigError("TCP buffers must hold at least a couple of bytes")
+        if self.recv_buffer > 0xFFFF << 14:
+            raise ConfigError(f"TCP receive buffer {self.recv_buffer} exceeds the RFC 7323 maximum")
+        if not 0 < self.rto_initial <= self.rto_max:
+            raise ConfigError("need 0 < rto_initial <= rto_max")
+        if self.max_retries < 1:
+            raise ConfigError("max_retries must be at least 1")
+        if not 1 <= self.min_peer_mss <= self.mss:
+            raise ConfigError("min_peer_mss must be between 1 and mss")
+
+    @property
+    def window_shift(self) -> int:
+        """The smallest RFC 7323 shift that can advertise the whole receive buffer."""
+        shift = 0
+        while (0xFFFF << shift) < self.recv_buffer:
+            shift += 1
+        return shift
+
+
+class BufferBudget:
+    """A byte budget shared by the buffers of many flows.
+
+    Flows take from it as they buffer data and give back as it drains, so
+    the stack's total buffered bytes never exceed ``limit`` however many
+    flows a guest opens. ``starved`` turns true when a flow wanted more
+    than was available; the owner clears it after nudging flows.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ConfigError(f"buffer budget must be positive, got {limit}")
+        self.limit = limit
+        self.used = 0
+        self.starved = False
+
+    @property
+    def available(self) -> int:
+        return max(self.limit - self.used, 0)
+
+    def take(self, n: int) -> None:
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used = max(self.used - n, 0)
+
+
+def reset_for(seg: TcpSegment) -> TcpSegment | None:
+    """The RST answering ``seg`` when no connection exists (RFC 9293 §3.10.7.1).
+
+    Returns ``None`` for an incoming RST (never answer a reset).
+    """
+    if seg.rst:
+        return None
+    if seg.has_ack:
+        return TcpSegment(seg.dst_port, seg.src_port, seg.ack, 0, TCP_RST, 0)
+    return TcpSegment(
+        seg.dst_port, seg.src_port, 0, seq_add(seg.seq, seg.seg_len), TCP_RST | TCP_ACK, 0
+    )
+
+
+# --------------------------------------------------------------------------
+# the connection
+
+
+class TcpConnection:
+    """One guest-initiated TCP flow, host side.
+
+    Created from the guest's SYN; the SYN-ACK is queued at once (collect it
+    with :meth:`flush`). Guarantees:
+
+    * never raises on any segment passed to :meth:`receive_segment`;
+    * never sends beyond the guest's advertised (scaled) window, nor
+      segments larger than the negotiated MSS;
+    * advertises only free receive-buffer space (and never more than the
+      shared budget has), so :attr:`readable` stays <= ``recv_buffer``;
+    * buffers at most ``send_buffer`` bytes from :meth:`send`;
+    * the :attr:`next_timer` deadline is ``None`` or a time at which
+      :meth:`on_timer` has work; after ``max_retries`` fruitless
+      retransmissions the flow is reset (``close_reason`` TIMEOUT).
+    """
+
+    def __init__(
+        self,
+        syn: TcpSegment,
+        *,
+        iss: int,
+        now: float,
+        config: TcpConfig | None = None,
+        budget: BufferBudget | None = None,
+        counters: Counter[str] | None = None,
+    ) -> None:
+        if not syn.syn or syn.has_ack or syn.rst or syn.fin:
+            raise PacketError("tcp-not-syn", f"cannot open a flow from {syn.describe()}")
+        self.config = cfg = config or TcpConfig()
+        self._budget = budget
+        self._counters: Counter[str] = counters if counters is not None else Counter()
+        self.local_port = syn.dst_port
+        self.remote_port = syn.src_port
+        self._state = TcpState.SYN_RECEIVED
+        self._close_reason: CloseReason | None = None
+
+        # Receive side.
+        self.irs = syn.seq
+        self.rcv_nxt = seq_add(syn.seq, 1)
+        self._recv = bytearray()
+        self._eof = False
+        self._adv_edge = self.rcv_nxt  # right edge of the window last advertised
+        self._ack_pending = False
+
+        # Send side.
+        self.iss = iss & _MASK
+        self.snd_una = self.iss
+        self.snd_nxt = seq_add(self.iss, 1)
+        self._snd_max = self.snd_nxt  # highest sequence number ever sent
+        self._send = bytearray()  # bytes from snd_una on, sent or not
+        self._fin_queued = False
+        self._fin_sent = False
+        self._fin_acked = False
+        self._send_blocked = False
+
+        # Options (RFC 7323 §2.2: scaling only if both SYNs carry it).
+        self._ws_ok = syn.options.window_scale is not None
+        self._snd_shift = syn.options.window_scale or 0
+        self._rcv_shift = cfg.window_shift if self._ws_ok else 0
+        peer_mss = syn.options.mss if syn.options.mss is not None else DEFAULT_PEER_MSS
+        self.mss = min(cfg.mss, max(peer_mss, cfg.min_peer_mss))
+        self.snd_wnd = syn.window  # RFC 7323 §2.2: a SYN's window is never scaled
+        self._max_snd_wnd = self.snd_wnd
+        self._wl1 = syn.seq
+        self._wl2 = self.iss
+
+        # Timers.
+        self._rto_deadline: float | None = now + cfg.rto_initial
+        self._retries = 0
+        self._burst: int | None = None  # segments allowed right after an RTO
+        self._persist_deadline: float | None = None
+        self._persist_backoff = 0
+        self._unanswered_probes = 0
+
+        self._out: list[TcpSegment] = []
+        self._queue_syn_ack()
+
+    # -- public state ---------------------------------------------------------
+
+    @property
+    def state(self) -> TcpState:
+        return self._state
+
+    @property
+    def closed(self) -> bool:
+        return self._state is TcpState.CLOSED
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        """Why the flow closed; ``None`` while it is open."""
+        return self._close_reason
+
+    @property
+    def readable(self) -> int:
+        """Bytes from the guest waiting for :meth:`read`."""
+        return len(self._recv)
+
+    @property
+    def eof(self) -> bool:
+        """The guest sent FIN: after what is buffered, no more data will come."""
+        return self._eof
+
+    @property
+    def writable_bytes(self) -> int:
+        """How many bytes :meth:`send` would accept now."""
+        if self._state not in _APP_CAN_SEND or self._fin_queued:
+            return 0
+        room = self.config.send_buffer - len(self._send)
+        if self._budget is not None:
+            room = min(room, self._budget.available)
+        return max(room, 0)
+
+    @property
+    def unacked_bytes(self) -> int:
+        """Bytes accepted by :meth:`send` that the guest has not acknowledged."""
+        return len(self._send)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes this flow holds in both buffers."""
+        return len(self._send) + len(self._recv)
+
+    @property
+    def next_timer(self) -> float | None:
+        """The earliest time :meth:`on_timer` has work, or ``None``."""
+        if self._state is TcpState.CLOSED:
+            return None
+        deadlines = [d for d in (self._rto_deadline, self._persist_deadline) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    # -- application side -----------------------------------------------------
+
+    def send(self, data: bytes) -> int:
+        """Queue bytes for the guest; return how many were accepted.
+
+        Accepts at most :attr:`writable_bytes` (0 once :meth:`close` was
+        called or the flow is closing or closed). After a short write,
+        :meth:`poll_writable` reports when there is room again.
+        """
+        room = self.writable_bytes
+        n = min(len(data), room)
+        if n < len(data) and self._state in _APP_CAN_SEND and not self._fin_queued:
+            self._send_blocked = True
+            if self._budget is not None and self._budget.available < len(data) - n:
+                self._budget.starved = True
+        if n:
+            self._send += data[:n]
+            self._take(n)
+        return n
+
+    def poll_writable(self) -> bool:
+        """True once after a short :meth:`send`, when room has come back."""
+        if self._send_blocked and self.writable_bytes > 0:
+            self._send_blocked = False
+            return True
+        if self._state not in _APP_CAN_SEND:
+            self._send_blocked = False
+        return False
+
+    def read(self, max_bytes: int | None = None) -> bytes:
+        """Take up to ``max_bytes`` (default: all) bytes the guest sent.
+
+        Freeing buffer space may open our window; :meth:`flush` then
+        carries the window update.
+        """
+        n = len(self._recv) if max_bytes is None else max(0, min(max_bytes, len(self._recv)))
+        data = bytes(self._recv[:n])
+        del self._recv[:n]
+        self._release(n)
+        return data
+
+    def close(self) -> None:
+        """Send FIN after all queued data (half-close; guest data still flows in).
+
+        Idempotent; does nothing once closing or closed.
+        """
+        if self._state in _APP_CAN_SEND:
+            self._fin_queued = True
+
+    def abort(self) -> None:
+        """Reset the flow now (RST to the guest), discarding both buffers."""
+        if self._state is not TcpState.CLOSED:
+            self._reset(CloseReason.ABORTED, send_rst=True)
+
+    def release(self) -> None:
+        """Discard unread data of a closed flow (returns it to the budget)."""
+        if self._state is TcpState.CLOSED:
+            self._release(len(self._recv))
+            self._recv.clear()
+
+    # -- network side ---------------------------------------------------------
+
+    def receive_segment(self, seg: TcpSegment, now: float) -> list[TcpSegment]:
+        """Process one segment from the guest; return the segments to send.
+
+        Follows RFC 9293 §3.10.7.4 ("SEGMENT ARRIVES", other states) with
+        RFC 5961 mitigations. Never raises.
+        """
+        if self._state is TcpState.CLOSED:
+            return []
+        self._unanswered_probes = 0
+        if seg.syn and not seg.rst:
+            if self._state is TcpState.SYN_RECEIVED and seg.seq == self.irs and not seg.has_ack:
+                # A retransmitted SYN: our SYN-ACK was lost or is late.
+                self._queue_syn_ack()
+            else:
+                self._challenge_ack()  # RFC 5961 §4.2
+            return self.flush(now)
+
+        payload, fin = seg.payload, seg.fin
+        wnd = self._rcv_window(count_starvation=False)
+        if not self._acceptable(seg.seq, seg.seg_len, wnd):
+            if wnd == 0 and seg.seq == self.rcv_nxt and not seg.rst:
+                # §3.10.7.4: a zero window accepts no data, but ACK fields
+                # must still be processed, or two full buffers deadlock.
+                payload, fin = b"", False
+                self._ack_pending = True
+                self._counters["tcp.zero-window-drops"] += 1
+            else:
+                if not seg.rst:
+                    self._ack_pending = True
+                self._counters["tcp.unacceptable"] += 1
+                return self.flush(now)
+
+        if seg.rst:
+            if seg.seq == self.rcv_nxt:
+                self._reset(CloseReason.GUEST_RESET, send_rst=False)
+            else:
+                self._challenge_ack()  # RFC 5961 §3.2: in window but not exact
+            return self.flush(now)
+
+        if not seg.has_ack:
+            return self.flush(now)
+        if self._state is TcpState.SYN_RECEIVED:
+            if not (seq_lt(self.snd_una, seg.ack) and seq_le(seg.ack, self._snd_max)):
+                self._out.append(
+                    TcpSegment(self.local_port, self.remote_port, seg.ack, 0, TCP_RST, 0)
+                )
+                return self.flush(now)
+            self._state = TcpState.ESTABLISHED
+            # Our SYN is acknowledged. It has a sequence number but no byte
+            # in the send buffer, so account for it here, not in _process_ack.
+            self.snd_una = seg.ack
+            self._retries = 0
+            self.snd_wnd = seg.window << self._snd_shift
+            self._max_snd_wnd = max(self._max_snd_wnd, self.snd_wnd)
+            self._wl1, self._wl2 = seg.seq, seg.ack
+            logger.debug("tcp %d<-%d established", self.local_port, self.remote_port)
+        if not self._process_ack(seg, now) or self._state is TcpState.CLOSED:
+            return self.flush(now)
+
+        if payload or fin:
+            self._process_text(seg.seq, payload, fin)
+        return self.flush(now)
+
+    def on_timer(self, now: float) -> list[TcpSegment]:
+        """Run expired timers; return segments to (re)send.
+
+        Retransmits the oldest unacknowledged data (or the SYN-ACK, or the
+        FIN) when the retransmission timer expires, with exponential
+        backoff; probes a zero window when the persist timer expires;
+        resets the flow after ``max_retries`` fruitless attempts.
+        """
+        if self._state is TcpState.CLOSED:
+            return []
+        cfg = self.config
+        if self._rto_deadline is not None and now >= self._rto_deadline:
+            if self._retries >= cfg.max_retries:
+                logger.debug(
+                    "tcp %d<-%d: guest unresponsive, resetting", self.local_port, self.remote_port
+                )
+                self._reset(CloseReason.TIMEOUT, send_rst=True)
+                return self.flush(now)
+            self._retries += 1
+            self._counters["tcp.retransmits"] += 1
+            self._rto_deadline = now + self._backoff(self._retries)
+            if self._state is TcpState.SYN_RECEIVED:
+                self._queue_syn_ack()
+            else:
+                # Go back to the oldest unacknowledged byte, but send only
+                # one segment until the guest acknowledges something.
+                self._rewind()
+                self._burst = 1
+        if self._persist_deadline is not None and now >= self._persist_deadline:
+            if self._unanswered_probes >= cfg.max_retries:
+                self._reset(CloseReason.TIMEOUT, send_rst=True)
+                return self.flush(now)
+            self._unanswered_probes += 1
+            self._persist_backoff += 1
+            self._counters["tcp.window-probes"] += 1
+            # An already-acknowledged sequence number: the guest must answer
+            # with an ACK carrying its current window (as Linux probes).
+            self._out.append(self._segment(seq_add(self.snd_una, -1), TCP_ACK))
+            self._persist_deadline = now + self._persist_interval()
+        return self.flush(now)
+
+    def flush(self, now: float) -> list[TcpSegment]:
+        """Return everything that should go on the wire now.
+
+        That is queued control segments, new or retransmitted data and FIN
+        as the guest's window allows, and an ACK or window update if one
+        is due. Arms the retransmission / persist timers from ``now``.
+        """
+        out = self._out
+        self._out = []
+        if self._state in _SENDING:
+            self._emit_data(out, now)
+        if self._ack_pending or (self._state in _RECEIVING and self._window_update_due()):
+            out.append(self._segment(self.snd_nxt, TCP_ACK))
+        if self.snd_nxt == self.snd_una:
+            self._rto_deadline = None
+        return out
+
+    # -- internals ------------------------------------------------------------
+
+    def _take(self, n: int) -> None:
+        if self._budget is not None:
+            self._budget.take(n)
+
+    def _release(self, n: int) -> None:
+        if self._budget is not None and n:
+            self._budget.release(n)
+
+    def _rcv_window(self, *, count_starvation: bool = True) -> int:
+        """Free receive space in bytes: the most we can accept right now."""
+        room = self.config.recv_buffer - len(self._recv)
+        if self._budget is not None and self._budget.available < room:
+            room = self._budget.available
+            if count_starvation:
+                self._budget.starved = True
+        return max(room, 0)
+
+    def _segment(
+        self, seq: int, flags: int, payload: bytes = b"", options: TcpOptions | None = None
+    ) -> TcpSegment:
+        """Build an outgoing segment; any ACK carries our current window."""
+        window = 0
+        ack = 0
+        if flags & TCP_ACK:
+            ack = self.rcv_nxt
+            room = self._rcv_window()
+            if flags & TCP_SYN:
+                window = min(room, 0xFFFF)  # RFC 7323 §2.2: unscaled in a SYN
+                edge = seq_add(self.rcv_nxt, window)
+            else:
+                window = min(room >> self._rcv_shift, 0xFFFF)
+                edge = seq_add(self.rcv_nxt, window << self._rcv_shift)
+            self._adv_edge = edge
+            self._ack_pending = False
+        return TcpSegment(
+            self.local_port,
+            self.remote_port,
+            seq,
+            ack,
+            flags,
+            window,
+            payload,
+            options if options is not None else TcpOptions(),
+        )
+
+    def _queue_syn_ack(self) -> None:
+        options = TcpOptions(
+            mss=self.config.mss, window_scale=self._rcv_shift if self._ws_ok else None
+        )
+        self._out.append(self._segment(self.iss, TCP_SYN | TCP_ACK, options=options))
+
+    def _challenge_ack(self) -> None:
+        self._ack_pending = True
+        self._counters["tcp.challenge-acks"] += 1
+
+    def _acceptable(self, seq: int, seg_len: int, wnd: int) -> bool:
+        # The four cases of RFC 9293 §3.10.7.4.
+        if seg_len == 0:
+            return seq == self.rcv_nxt if wnd == 0 else _in_window(seq, self.rcv_nxt, wnd)
+        if wnd == 0:
+            return False
+        return _in_window(seq, self.rcv_nxt, wnd) or _in_window(
+            seq_add(seq, seg_len - 1), self.rcv_nxt, wnd
+        )
+
+    def _process_ack(self, seg: TcpSegment, now: float) -> bool:
+        """Apply the ACK field; False if the segment must be dropped."""
+        ack = seg.ack
+        if seq_lt(self._snd_max, ack):
+            # Acknowledges something never sent: ACK and drop (§3.10.7.4).
+            self._ack_pending = True
+            return False
+        if seq_lt(ack, seq_add(self.snd_una, -self._max_snd_wnd)):
+            # Far older than any window we were offered: RFC 5961 §5.2.
+            self._ack_pending = True
+            return False
+        if seq_lt(self.snd_una, ack):
+            acked = seq_diff(ack, self.snd_una)
+            data_acked = min(acked, len(self._send))
+            del self._send[:data_acked]
+            self._release(data_acked)
+            if acked > data_acked:
+                self._fin_acked = True
+            self.snd_una = ack
+            if seq_lt(self.snd_nxt, ack):
+                self.snd_nxt = ack
+            self._retries = 0
+            self._burst = None
+            self._rto_deadline = (
+                None if self.snd_nxt == self.snd_una else now + self.config.rto_initial
+            )
+        # Window update, guarded against old segments (§3.10.7.4, SND.WL1/WL2).
+        if seq_lt(self._wl1, seg.seq) or (self._wl1 == seg.seq and seq_le(self._wl2, ack)):
+            self.snd_wnd = seg.window << self._snd_shift
+            self._max_snd_wnd = max(self._max_snd_wnd, self.snd_wnd)
+            self._wl1, self._wl2 = seg.seq, ack
+            if self.snd_wnd:
+                self._persist_deadline = None
+                self._persist_backoff = 0
+        if self.snd_wnd == 0 and self.snd_nxt != self.snd_una:
+            # The guest shrank its window to zero with data in flight.
+            # §3.8.6.1: probe it, and do not time the connection out.
+            self._rewind()
+            self._rto_deadline = None
+        if self._fin_acked:
+            if self._state is TcpState.FIN_WAIT_1:
+                self._state = TcpState.FIN_WAIT_2
+            elif self._state in (TcpState.CLOSING, TcpState.LAST_ACK):
+                self._finish()
+        return True
+
+    def _process_text(self, seq: int, payload: bytes, fin: bool) -> None:
+        self._ack_pending = True
+        if self._state not in _RECEIVING:
+            return  # the guest already sent FIN; nothing more can follow it
+        if seq_lt(self.rcv_nxt, seq):
+            # Out of order: drop it; the duplicate ACK makes the guest resend.
+            self._counters["tcp.out-of-order"] += 1
+            return
+        data = payload[seq_diff(self.rcv_nxt, seq) :]
+        room = self._rcv_window()
+        accepted = data[:room]
+        if accepted:
+            self._recv += accepted
+            self._take(len(accepted))
+            self.rcv_nxt = seq_add(self.rcv_nxt, len(accepted))
+        if fin and len(accepted) == len(data):
+            self._receive_fin()
+
+    def _receive_fin(self) -> None:
+        self.rcv_nxt = seq_add(self.rcv_nxt, 1)
+        self._eof = True
+        if self._state is TcpState.ESTABLISHED:
+            self._state = TcpState.CLOSE_WAIT
+        elif self._state is TcpState.FIN_WAIT_1:
+            self._state = TcpState.CLOSING
+        elif self._state is TcpState.FIN_WAIT_2:
+            self._finish()  # no TIME-WAIT: see the module docstring
+        logger.debug(
+            "tcp %d<-%d: guest FIN, now %s", self.local_port, self.remote_port, self._state.value
+        )
+
+    def _emit_data(self, out: list[TcpSegment], now: float) -> None:
+        """Send unsent data, then FIN, within the guest's window."""
+        while True:
+            in_flight = seq_diff(self.snd_nxt, self.snd_una)
+            unsent = len(self._send) - in_flight
+            room = self.snd_wnd - in_flight
+            if unsent <= 0 or room <= 0 or self._burst == 0:
+                break
+            n = min(unsent, room, self.mss)
+            payload = bytes(self._send[in_flight : in_flight + n])
+            out.append(
+                self._segment(self.snd_nxt, TCP_ACK | (TCP_PSH if n == unsent else 0), payload)
+            )
+            self._advance_snd_nxt(n, now)
+        if self._fin_queued and not self._fin_sent and self._burst != 0:
+            in_flight = seq_diff(self.snd_nxt, self.snd_una)
+            if in_flight == len(self._send) and self.snd_wnd > in_flight:
+                out.append(self._segment(self.snd_nxt, TCP_FIN | TCP_ACK))
+                self._fin_sent = True
+                self._advance_snd_nxt(1, now)
+                if self._state is TcpState.ESTABLISHED:
+                    self._state = TcpState.FIN_WAIT_1
+                elif self._state is TcpState.CLOSE_WAIT:
+                    self._state = TcpState.LAST_ACK
+        waiting = len(self._send) > seq_diff(self.snd_nxt, self.snd_una) or (
+            self._fin_queued and not self._fin_sent
+        )
+        if waiting and self.snd_wnd == 0 and self.snd_nxt == self.snd_una:
+            if self._persist_deadline is None:
+                self._persist_deadline = now + self._persist_interval()
+        elif not waiting or self.snd_wnd:
+            self._persist_deadline = None
+
+    def _advance_snd_nxt(self, n: int, now: float) -> None:
+        self.snd_nxt = seq_add(self.snd_nxt, n)
+        if seq_lt(self._snd_max, self.snd_nxt):
+            self._snd_max = self.snd_nxt
+        if self._burst is not None:
+            self._burst -= 1
+        if self._rto_deadline is None:
+            self._rto_deadline = now + self.config.rto_initial
+
+    def _rewind(self) -> None:
+        """Resend from the oldest unacknowledged byte (go-back-N)."""
+        self.snd_nxt = self.snd_una
+        if self._fin_sent and not self._fin_acked:
+            self._fin_sent = False
+
+    def _backoff(self, attempt: int) -> float:
+        """RTO after ``attempt`` doublings, capped (RFC 6298 §5.5)."""
+        cfg = self.config
+        return min(cfg.rto_initial * (1 << min(attempt, 30)), cfg.rto_max)
+
+    def _persist_interval(self) -> float:
+        return self._backoff(self._persist_backoff)
+
+    def _window_update_due(self) -> bool:
+        """Whether reading opened our window enough to tell the guest.
+
+        Receiver-side silly window avoidance (RFC 9293 §3.8.6.2.2): only
+        when the right edge moved by min(MSS, half the buffer).
+        """
+        if self._eof:
+            return False
+        room = self._rcv_window(count_starvation=False)
+        edge = seq_add(self.rcv_nxt, min(room >> self._rcv_shift, 0xFFFF) << self._rcv_shift)
+        if not seq_lt(self._adv_edge, edge):
+            return False
+        return seq_diff(edge, self._adv_edge) >= min(self.mss, self.config.recv_buffer // 2)
+
+    def _finish(self) -> None:
+        """Orderly close: both FINs acknowledged. Unread data stays readable."""
+        self._state = TcpState.CLOSED
+        self._close_reason = CloseReason.NORMAL
+        self._release(len(self._send))
+        self._send.clear()
+        self._rto_deadline = self._persist_deadline = None
+        self._counters[f"tcp.closed.{CloseReason.NORMAL.value}"] += 1
+        logger.debug("tcp %d<-%d closed", self.local_port, self.remote_port)
+
+    def _reset(self, reason: CloseReason, *, send_rst: bool) -> None:
+        self._out.clear()
+        self._ack_pending = False
+        if send_rst:
+            self._out.append(
+                TcpSegment(
+                    self.local_port,
+                    self.remote_port,
+                    self.snd_nxt,
+                    self.rcv_nxt,
+                    TCP_RST | TCP_ACK,
+                    0,
+                )
+            )
+        self._release(len(self._send) + len(self._recv))
+        self._send.clear()
+        self._recv.clear()
+        self._state = TcpState.CLOSED
+        self._close_reason = reason
+        self._rto_deadline = self._persist_deadline = None
+        self._counters[f"tcp.closed.{reason.value}"] += 1
+        logger.debug("tcp %d<-%d reset: %s", self.local_port, self.remote_port, reason.value)
