@@ -211,6 +211,14 @@ class DoneMessage:
 
 
 @dataclass(frozen=True)
+class QueryMessage:
+    """The test asks the host something mid-run (e.g. its recorded HTTP traffic)."""
+
+    kind: str
+    args: JSONObject
+
+
+@dataclass(frozen=True)
 class PongMessage:
     """Answer to a ping."""
 
@@ -218,7 +226,13 @@ class PongMessage:
 
 
 WorkerMessage: TypeAlias = (
-    Collected | ReportMessage | WarningRecord | ErrorMessage | DoneMessage | PongMessage
+    Collected
+    | ReportMessage
+    | WarningRecord
+    | ErrorMessage
+    | DoneMessage
+    | PongMessage
+    | QueryMessage
 )
 
 
@@ -598,6 +612,14 @@ def _parse_done(msg: JSONObject) -> DoneMessage:
     return DoneMessage(_str(msg.get("nodeid"), "done.nodeid", MAX_NODEID_CHARS))
 
 
+def _parse_query(msg: JSONObject) -> QueryMessage:
+    kind = _str(msg.get("kind"), "query.kind", 64)
+    args = msg.get("args", {})
+    if not isinstance(args, dict):
+        raise _fail("query.args", f"expected an object, got {type(args).__name__}")
+    return QueryMessage(kind, args)
+
+
 def _parse_pong(msg: JSONObject) -> PongMessage:
     return PongMessage(_str(msg.get("nonce"), "pong.nonce", _MAX_NONCE_CHARS))
 
@@ -609,6 +631,7 @@ _PARSERS: Final[Mapping[str, Callable[[JSONObject], WorkerMessage]]] = {
     "error": _parse_error,
     "done": _parse_done,
     "pong": _parse_pong,
+    "query": _parse_query,
 }
 
 
@@ -745,6 +768,9 @@ class WorkerClient:
         self._state = Runstate.NEW
         self._collected: Collected | None = None
         self._received = 0
+        #: Answers the worker's mid-run queries: ``(kind, args) -> JSON data``; raise
+        #: a GondolinError to send an error answer.
+        self.on_query: Callable[[str, JSONObject], Any] | None = None
 
     @property
     def state(self) -> Runstate:
@@ -936,6 +962,8 @@ class WorkerClient:
                         log.debug("dropping warning beyond %d for %s", MAX_WARNINGS_PER_RUN, nodeid)
                 elif isinstance(msg, ErrorMessage):
                     errors.append(msg.message)
+                elif isinstance(msg, QueryMessage):
+                    self._answer(msg)
                 elif isinstance(msg, DoneMessage):
                     if msg.nodeid != nodeid:
                         raise ProtocolError(
@@ -958,6 +986,22 @@ class WorkerClient:
             return outcome(Failure("crash", _describe_exit(code), tail, time.monotonic() - started))
         except ProtocolError as exc:
             raise self._broken(exc) from exc
+
+    def _answer(self, query: QueryMessage) -> None:
+        """Answer a mid-run query with ``on_query`` (no handler or a failure: an error answer)."""
+        answer: JSONObject
+        if self.on_query is None:
+            answer = {
+                "t": "answer",
+                "ok": False,
+                "error": f"the host answers no {query.kind!r} queries",
+            }
+        else:
+            try:
+                answer = {"t": "answer", "ok": True, "data": self.on_query(query.kind, query.args)}
+            except GondolinError as exc:
+                answer = {"t": "answer", "ok": False, "error": str(exc)}
+        self._send(answer)
 
     def _timed_out(self, timeout: float, elapsed: float) -> Failure:
         before = self._transport.stderr_tail()

@@ -17,17 +17,26 @@ the host. If QEMU itself died, the next item prepares a new sandbox.
 
 from __future__ import annotations
 
+import base64
 import collections
+import json
 import logging
 import secrets
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pytest_gondolin import guestfiles
-from pytest_gondolin.errors import AgentError, GondolinError, VMError
+from pytest_gondolin.errors import (
+    AgentError,
+    ConfigError,
+    GondolinError,
+    NetworkPolicyError,
+    VMError,
+)
 from pytest_gondolin.fixtures import GuestKey, VMFactory
 from pytest_gondolin.runner import (
     MAX_WORKER_LINE,
@@ -233,6 +242,7 @@ class Sandbox:
         proc = vm.spawn(args, env=env, cwd=invocation, max_output=1 << 50)
         self.transport = VMTransport(vm, proc)
         self.client = WorkerClient(self.transport)
+        self.client.on_query = self._on_query
         self.collected = self.client.start(WORKER_START_TIMEOUT)
         vm.save_internal(WORKER_TAG)
         self._fresh = True
@@ -280,6 +290,36 @@ class Sandbox:
                 outcome.duration,
             )
         return outcome
+
+    def _on_query(self, kind: str, args: dict[str, Any]) -> Any:
+        """Answer the running test's questions about its traffic (the ``http_traffic`` fixture)."""
+        recorder = getattr(self.vm, "http", None)
+        if kind != "http":
+            raise ConfigError(f"unknown query {kind!r}")
+        if recorder is None:
+            raise NetworkPolicyError("this VM has no network recorder")
+        op = args.get("op")
+        if op == "list":
+            return [exchange.to_dict() for exchange in recorder.requests]
+        if op == "clear":
+            recorder.clear()
+            return None
+        if op == "stub":
+            try:
+                body = base64.b64decode(str(args.get("body", "")), validate=True)
+                payload = json.loads(args["json"]) if args.get("json") is not None else None
+                recorder.stub(
+                    str(args["method"]),
+                    str(args["url"]),
+                    status=int(args.get("status", 200)),
+                    body=body,
+                    json=payload,
+                    headers=dict(args.get("headers") or {}),
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ConfigError(f"bad stub from the guest: {exc}") from exc
+            return None
+        raise ConfigError(f"unknown http query op {op!r}")
 
     def close(self) -> None:
         if self.vm is not None:

@@ -33,6 +33,14 @@ def _host_only(name: str) -> object:
     return fixture
 
 
+@pytest.fixture
+def http_traffic() -> object:
+    """This test's HTTP traffic as the host recorded it (requests, get_requests, assert_request_made, stub, clear)."""
+    from pytest_gondolin.guest.traffic import GuestTraffic
+
+    return GuestTraffic()
+
+
 vm = _host_only("vm")
 session_vm = _host_only("session_vm")
 vm_factory = _host_only("vm_factory")

@@ -24,6 +24,7 @@ bytes::
      "env": {str: str}}                          run one item (reply: report*, warning*, done);
                                                  "env" (optional) is merged into os.environ first
     {"t": "ping", "nonce": str}                 liveness check (reply: pong)
+    {"t": "answer", "ok": bool, "data"|"error"} the reply to a query (only during a run)
     {"t": "quit"}                                end the session (EOF means the same)
 
 worker → host, on the fd that was fd 1 at start-up, each line at most
@@ -36,6 +37,7 @@ worker → host, on the fd that was fd 1 at start-up, each line at most
     {"t": "error", "message": str}                              a command could not be served
     {"t": "done", "nodeid": str}                                the run command is finished
     {"t": "pong", "nonce": str}                                 answer to ping, same nonce
+    {"t": "query", "kind": str, "args": object}                 mid-run question (see host_query)
 
 ``report`` is the dict made by ``pytest_report_to_serializable``; the
 ``errors`` of ``collected`` are the collect reports that failed.
@@ -77,8 +79,9 @@ import pytest
 #: Largest line the worker may send.  Reports carry captured output, so this
 #: is generous; the host rejects anything longer as a protocol violation.
 MAX_WORKER_LINE: Final = 64 * 1024 * 1024
-#: Largest command line the host may send (commands are tiny).
-MAX_COMMAND_LINE: Final = 1024 * 1024
+#: Largest command line the host may send: commands are tiny, but answers to
+#: queries carry recorded HTTP exchanges (bodies up to 1 MiB each).
+MAX_COMMAND_LINE: Final = 64 * 1024 * 1024
 #: Deepest JSON nesting either side produces or accepts; serialized reports
 #: nest about a dozen levels (longrepr → chain → traceback → entry → ...).
 MAX_JSON_DEPTH: Final = 64
@@ -109,7 +112,7 @@ _EXTRA_ARGS: Final = (
 )
 
 #: Message type names (the ``"t"`` member).
-COMMAND_TYPES: Final = frozenset({"run", "ping", "quit"})
+COMMAND_TYPES: Final = frozenset({"run", "ping", "quit", "answer"})
 MESSAGE_TYPES: Final = frozenset({"collected", "report", "warning", "error", "done", "pong"})
 
 
@@ -272,6 +275,9 @@ def parse_command(line: bytes) -> dict[str, Any]:
             for k, v in env.items()
         ):
             return {"t": "invalid", "message": "run env must map variable names to strings"}
+    elif kind == "answer":
+        if not isinstance(obj.get("ok"), bool):
+            return {"t": "invalid", "message": "answer needs a boolean ok"}
     elif kind == "ping":
         if not isinstance(obj.get("nonce"), str):
             return {"t": "invalid", "message": "ping needs a string nonce"}
@@ -284,6 +290,34 @@ def _category_name(category: type[Warning] | None) -> str:
     if category is None:
         return "builtins.UserWarning"
     return f"{category.__module__}.{category.__qualname__}"
+
+
+class HostQueryError(Exception):
+    """The host could not answer a query (its message says why)."""
+
+
+#: The channel of the item running now, for :func:`host_query` (None between runs).
+_ACTIVE: list[Channel] = []
+
+
+def host_query(kind: str, args: dict[str, Any] | None = None) -> Any:
+    """Ask the host something while a test runs (e.g. ``"http"``: its recorded traffic).
+
+    Only inside a sandboxed test run by this worker. Raises HostQueryError
+    when the host answers with an error, RuntimeError outside a run.
+    """
+    if not _ACTIVE:
+        raise RuntimeError("host_query() only works inside a test run by the gondolin worker")
+    channel = _ACTIVE[-1]
+    channel.send({"t": "query", "kind": kind, "args": args or {}})
+    reply = channel.recv()
+    if reply is None:
+        raise HostQueryError("the host went away")
+    if reply.get("t") != "answer":
+        raise HostQueryError(f"expected an answer from the host, got {reply.get('t')!r}")
+    if not reply["ok"]:
+        raise HostQueryError(str(reply.get("error", "the host refused the query")))
+    return reply.get("data")
 
 
 class WorkerPlugin:
@@ -374,7 +408,8 @@ class WorkerPlugin:
                 os.environ.update(command.get("env", {}))
                 self._run(items, command["nodeid"], command["seed"])
             else:
-                self._channel.send({"t": "error", "message": command["message"]})
+                message = command.get("message") or f"unexpected {command['t']!r} between runs"
+                self._channel.send({"t": "error", "message": message})
 
     def _run(self, items: dict[str, pytest.Item], nodeid: str, seed: int) -> None:
         item = items.get(nodeid)
@@ -384,6 +419,7 @@ class WorkerPlugin:
             return
         random.seed(seed)
         self._running = nodeid
+        _ACTIVE.append(self._channel)
         try:
             # The hook (not runtestprotocol directly) so that the wrappers
             # around it take part: warnings capture, unraisable-exception
@@ -394,6 +430,7 @@ class WorkerPlugin:
                 {"t": "error", "message": "worker internal error:\n" + traceback.format_exc()}
             )
         finally:
+            _ACTIVE.remove(self._channel)
             self._running = None
         self._channel.send({"t": "done", "nodeid": nodeid})
 

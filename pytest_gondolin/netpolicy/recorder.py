@@ -181,6 +181,37 @@ class Exchange:
         return out
 
 
+def exchange_from_dict(data: Mapping[str, Any]) -> Exchange:
+    """Rebuild an :class:`Exchange` from :meth:`Exchange.to_dict` output.
+
+    Raises ValueError for anything else (the data may come across the VM boundary).
+    """
+    if not isinstance(data, Mapping):
+        raise ValueError("an exchange must be an object")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(Exchange):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING:
+                raise ValueError(f"exchange field {f.name!r} is missing")
+            continue
+        value = data[f.name]
+        if f.name.endswith("_body"):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"exchange field {f.name!r} must be an object")
+            if "base64" in value:
+                value = base64.b64decode(str(value["base64"]), validate=True)
+            else:
+                value = str(value.get("text", "")).encode("utf-8")
+        elif f.name.endswith("_headers"):
+            if not isinstance(value, list) or not all(
+                isinstance(h, list) and len(h) == 2 for h in value
+            ):
+                raise ValueError(f"exchange field {f.name!r} must be a list of pairs")
+            value = tuple((str(k), str(v)) for k, v in value)
+        kwargs[f.name] = value
+    return Exchange(**kwargs)
+
+
 def _body_json(body: bytes) -> dict[str, str]:
     try:
         return {"text": body.decode("utf-8")}
