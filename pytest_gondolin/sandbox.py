@@ -24,6 +24,7 @@ import logging
 import secrets
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from pytest_gondolin.errors import (
     VMError,
 )
 from pytest_gondolin.fixtures import GuestKey, VMFactory
+from pytest_gondolin.netpolicy.policy import NetworkPolicy
 from pytest_gondolin.runner import (
     MAX_WORKER_LINE,
     Collected,
@@ -257,7 +259,10 @@ class Sandbox:
 
     # -- running -----------------------------------------------------------------
 
-    def run(self, nodeid: str, *, timeout: float | None) -> RunOutcome | Failure:
+    def run(
+        self, nodeid: str, *, timeout: float | None, network: Mapping[str, Any] | None = None
+    ) -> RunOutcome | Failure:
+        """Restore the worker snapshot, apply this test's network options on the host, run the item."""
         assert self.vm is not None and self.client is not None and self.transport is not None
         started = time.monotonic()
         if not self._fresh:
@@ -268,9 +273,17 @@ class Sandbox:
             self.transport.rewind()
             self.client.rewind()
         self._fresh = False
+        try:
+            policy = NetworkPolicy.from_options(**{k: v for k, v in (network or {}).items() if k != "cassette"})
+            if self.vm.network is not None:
+                self.vm.configure_network(policy)
+        except GondolinError as exc:
+            return Failure.from_exception(exc, duration=time.monotonic() - started)
         seed = int.from_bytes(secrets.token_bytes(8), "big")
         try:
-            outcome = self.client.run(nodeid, seed=seed, timeout=timeout or DEFAULT_RUN_TIMEOUT)
+            outcome = self.client.run(
+                nodeid, seed=seed, timeout=timeout or DEFAULT_RUN_TIMEOUT, env=self.vm.secret_env()
+            )
         except GondolinError as exc:
             # A worker that broke protocol was killed; the next restore revives it.
             return Failure.from_exception(exc, duration=time.monotonic() - started)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 
 from pytest_gondolin.errors import GondolinError
@@ -9,6 +11,7 @@ from pytest_gondolin.fixtures import GuestKey, get_factory
 from pytest_gondolin.markers import SandboxOptions
 from pytest_gondolin.runner import Failure, replay_collect_errors, replay_item
 from pytest_gondolin.sandbox import Sandbox
+from pytest_gondolin.vm.machine import VM
 
 _SANDBOXES = pytest.StashKey[dict[GuestKey, Sandbox]]()
 _BROKEN = pytest.StashKey[dict[GuestKey, Failure]]()
@@ -34,14 +37,28 @@ def _sandbox_for(item: pytest.Item, key: GuestKey) -> Sandbox | Failure:
     box = Sandbox(get_factory(config), config, key, paths)
     try:
         collected = box.prepare()
-    except GondolinError as exc:
+    except Exception as exc:  # a bug or a broken host must fail these tests, not the session
         box.close()
         # Later items would fail the same way: don't pay a boot for each of them.
-        broken[key] = Failure.from_exception(exc)
+        failure = Failure.from_exception(exc)
+        if not isinstance(exc, GondolinError):
+            failure = Failure(failure.kind, failure.headline, traceback.format_exc())
+        broken[key] = failure
         return broken[key]
     sandboxes[key] = box
     replay_collect_errors(config, collected)
     return box
+
+
+def vm_for(item: pytest.Item) -> VM | None:
+    """The VM of the sandbox ``item`` runs in, if one was prepared (for failure artifacts)."""
+    from pytest_gondolin.plugin import OPTIONS_KEY
+
+    options = item.stash.get(OPTIONS_KEY, None)
+    if options is None:
+        return None
+    box = item.config.stash.get(_SANDBOXES, {}).get(options.guest)
+    return box.vm if box is not None else None
 
 
 def run_item(item: pytest.Item, options: SandboxOptions | None, error: str | None) -> None:
@@ -53,4 +70,4 @@ def run_item(item: pytest.Item, options: SandboxOptions | None, error: str | Non
     if isinstance(box, Failure):
         replay_item(item, box)
         return
-    replay_item(item, box.run(item.nodeid, timeout=options.timeout))
+    replay_item(item, box.run(item.nodeid, timeout=options.timeout, network=options.network))

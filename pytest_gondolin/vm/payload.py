@@ -32,6 +32,10 @@ GUEST_MODULES = (
     "guest/worker.py",
     "config.py",
     "guest/plugin.py",
+    "guest/traffic.py",
+    "netpolicy/__init__.py",
+    "netpolicy/policy.py",
+    "netpolicy/recorder.py",
 )
 #: Extra top-level names in the guest: ``-p gondolin`` must find a module there.
 GUEST_ALIASES = {"gondolin.py": "guest/plugin.py"}
