@@ -9,20 +9,25 @@ internal snapshot, and put back to it before each test.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_gondolin import config as cfg
 from pytest_gondolin.errors import ConfigError, GondolinError
 from pytest_gondolin.image.store import Image, ensure_image
+from pytest_gondolin.netpolicy.policy import NetworkPolicy
 from pytest_gondolin.vm.accel import AccelChoice, choose_accel
 from pytest_gondolin.vm.machine import VM, VMConfig
 from pytest_gondolin.vm.warm import CLEAN_TAG, launch_clean
+
+if TYPE_CHECKING:
+    from pytest_gondolin.netpolicy.secrets import Secret
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +105,50 @@ class VMFactory:
             memory_mib=key.memory_mib,
             cpus=key.cpus,
             boot_timeout=self.settings.boot_timeout,
+            # A VM kept for debugging must outlive pytest (--gondolin-keep-vm).
+            die_with_parent=not self.settings.keep_vm,
         )
 
     # -- building VMs ----------------------------------------------------------
 
     def __call__(
-        self, *, memory: Any = None, cpus: Any = None, image: str | None = None, **network: Any
+        self,
+        *,
+        memory: Any = None,
+        cpus: Any = None,
+        image: str | None = None,
+        allow_hosts: Sequence[str] = (),
+        block_internal: bool = True,
+        resolve: Mapping[str, str] | None = None,
+        upstream_ca: str | os.PathLike[str] | None = None,
+        secrets: Mapping[str, Secret | Sequence[str]] | None = None,
+        **unknown: Any,
     ) -> VM:
-        """Boot a new VM with these options. It is closed at session end (or by ``vm.close()``)."""
-        if network:
-            raise ConfigError(f"vm_factory: unknown option(s): {', '.join(sorted(network))}")
+        """Boot a new VM with these options. It is closed at session end (or by ``vm.close()``).
+
+        The network options (DESIGN.md) build the VM's own policy, applied
+        on the host: ``allow_hosts`` (default none: deny all egress),
+        ``block_internal``, ``resolve``, ``upstream_ca`` and ``secrets``
+        (``NAME -> Secret``, or a host list meaning the host's env var
+        ``NAME``; the guest's ``exec`` environment gets placeholders).
+        Raises ConfigError for a bad option before anything boots.
+        """
+        if unknown:
+            raise ConfigError(f"vm_factory: unknown option(s): {', '.join(sorted(unknown))}")
         key = self.guest_key(memory=memory, cpus=cpus, image=image)
-        return self._boot(key)
+        try:
+            policy = NetworkPolicy.from_options(
+                allow_hosts=allow_hosts,
+                block_internal=block_internal,
+                resolve=resolve,
+                upstream_ca=upstream_ca,
+                secrets=secrets,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"vm_factory: {exc}") from None
+        vm = self._boot(key)
+        vm.configure_network(policy)
+        return vm
 
     def _boot(self, key: GuestKey) -> VM:
         config = self.vm_config(key)
@@ -144,6 +181,14 @@ class VMFactory:
                 return vm
         vm.load_internal(CLEAN_TAG)
         return vm
+
+    def release(self, vm: VM) -> None:
+        """Stop owning ``vm`` (it is not closed at session end); a template is replaced on next use."""
+        with self._lock:
+            self._vms = [v for v in self._vms if v is not vm]
+            for key, template in list(self._templates.items()):
+                if template is vm:
+                    del self._templates[key]
 
     def adopt(self, vm: VM) -> None:
         """Take ownership of ``vm``: it is closed with the factory."""
@@ -212,6 +257,9 @@ def vm(vm_factory: VMFactory, request: pytest.FixtureRequest) -> Iterator[VM]:
         machine = vm_factory.clean_vm(vm_factory.guest_key(source="vm fixture"))
     except GondolinError as exc:
         pytest.fail(str(exc), pytrace=False)
+    if machine.network is not None:
+        # The template is shared between tests: each starts deny-all with an empty vm.http.
+        machine.configure_network()
     request.node.stash[ACTIVE_VM_KEY] = machine
     yield machine
 

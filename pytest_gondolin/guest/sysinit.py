@@ -62,7 +62,8 @@ def _log(msg: str) -> None:
 def mount(
     source: str, target: str, fstype: str | None, flags: int = 0, data: str | None = None
 ) -> None:
-    os.makedirs(target, exist_ok=True)
+    if not os.path.exists(target):  # a bind mount may target a file (the CA bundle)
+        os.makedirs(target, exist_ok=True)
     rc = _libc.mount(
         source.encode(),
         target.encode(),

@@ -437,7 +437,9 @@ class VM:
         assert self._channel is not None
         try:
             self._channel.sync(
-                timeout=max(1.0, deadline - time.monotonic()), entropy=os.urandom(64), clock_ns=time.time_ns()
+                timeout=max(1.0, deadline - time.monotonic()),
+                entropy=os.urandom(64),
+                clock_ns=time.time_ns(),
             )
         except (TimeoutError, VMError) as exc:
             self._raise_if_exited("QEMU exited while restoring")
@@ -702,7 +704,9 @@ class VM:
         if self.network is not None:
             self.network.reset_flows()  # the guest's TCP state just went back in time
         try:
-            channel.sync(timeout=30.0, preserve=preserve, entropy=os.urandom(64), clock_ns=time.time_ns())
+            channel.sync(
+                timeout=30.0, preserve=preserve, entropy=os.urandom(64), clock_ns=time.time_ns()
+            )
         except (TimeoutError, VMError) as exc:
             self._crash_check(exc)
             raise SnapshotError(f"the agent did not answer after restoring {tag!r}: {exc}") from exc

@@ -1,0 +1,436 @@
+"""Per-flow mediation: what the network driver does with one guest TCP flow.
+
+:class:`FlowProxy` is the application side of one accepted guest flow,
+free of sockets and threads (the driver in :mod:`.driver` owns those).
+Guest bytes go in (:meth:`FlowProxy.receive`), bytes for the guest come
+out (:meth:`FlowProxy.pending_output` / :meth:`FlowProxy.consume_output`),
+complete HTTP requests come out for the driver to mediate
+(:meth:`FlowProxy.take_requests`, then :mod:`.mediation`) and records of
+refusals come out for the recorder (:meth:`FlowProxy.take_records`).
+
+The first bytes decide what the flow is (:func:`~.http.sniff`, at most
+:data:`~.http.SNIFF_LIMIT` bytes, within :data:`SNIFF_TIMEOUT`):
+
+* an HTTP/1.x request line: an :class:`~.http.HttpInterceptor` reads it;
+* a TLS ClientHello: TLS is terminated here (``ssl.MemoryBIO`` pairs and
+  the CA's leaf for the SNI, or for the destination address when the
+  client sent none), so even a denied request gets a readable 403, and an
+  interceptor reads the plaintext;
+* anything else: the flow is reset and recorded as a denied connection
+  (there is no raw TCP egress at all).
+
+Backpressure: :attr:`FlowProxy.read_limit` is 0 while the interceptor owes
+a response (``wants_data`` is false), so the driver stops reading and the
+guest's TCP window closes; output is encrypted lazily, only as fast as the
+driver can hand it to the stack.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Address
+from typing import Final, Literal
+
+from pytest_gondolin.errors import NetworkPolicyError
+from pytest_gondolin.netpolicy.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http import (
+    SNIFF_LIMIT,
+    HttpInterceptor,
+    HttpResponse,
+    RequestReceived,
+    RequestRefused,
+    sniff,
+)
+from pytest_gondolin.netpolicy.mediation import error_response, with_rule
+from pytest_gondolin.netpolicy.recorder import Exchange
+
+__all__ = ["GUEST_READ_CHUNK", "SNIFF_TIMEOUT", "FlowProxy", "Verdict"]
+
+log = logging.getLogger(__name__)
+
+#: How long a new flow may take to show what it is (request line or
+#: ClientHello, then the TLS handshake). Real clients send at once; a
+#: flow that stays silent this long is a probe or a raw-TCP client waiting
+#: for a banner, and it holds a flow slot.
+SNIFF_TIMEOUT: Final = 30.0
+#: Guest bytes taken per read once the flow speaks HTTP (the interceptor
+#: bounds what it keeps; this only bounds one step of work).
+GUEST_READ_CHUNK: Final = 64 * 1024
+#: Plaintext encrypted per step for a TLS flow (several 16 KiB records).
+_TLS_WRITE_CHUNK: Final = 64 * 1024
+
+Verdict = Literal["close", "abort"]
+_Phase = Literal["sniff", "handshake", "http", "done"]
+
+
+# --------------------------------------------------------------------------- the flow
+
+
+class FlowProxy:
+    """The host's side of one accepted guest TCP flow (see the module docstring).
+
+    Guarantees: never raises on guest bytes; every flow that does not end in
+    HTTP exchanges leaves exactly one connection record; :attr:`verdict`
+    turns to ``"abort"`` (reset now) or ``"close"`` (FIN once output is
+    drained) at most once; output bytes come out in order, exactly once.
+    """
+
+    def __init__(
+        self,
+        *,
+        dst_ip: IPv4Address,
+        dst_port: int,
+        dns_name: str | None,
+        ca: CertificateAuthority,
+        now: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.dst_ip = dst_ip
+        self.dst_port = dst_port
+        self.dns_name = dns_name
+        self._ca = ca
+        self._clock = clock
+        self._phase: _Phase = "sniff"
+        self._sniff = bytearray()
+        self._deadline: float | None = now + SNIFF_TIMEOUT
+        self._tls: ssl.SSLObject | None = None
+        self._tls_in = ssl.MemoryBIO()
+        self._tls_out = ssl.MemoryBIO()
+        self._server_name: str | None = None
+        self._http: HttpInterceptor | None = None
+        self._plain_out = bytearray()  # TLS only: plaintext not yet encrypted
+        self._wire_out = bytearray()  # bytes ready for the guest
+        self._eof = False  # the guest closed its side (no more bytes will come)
+        self._eof_pending = False  # plain HTTP: EOF not yet given to the interceptor
+        self._tls_closing = False
+        self._requests: list[RequestReceived] = []
+        self._records: list[Exchange] = []
+        self.verdict: Verdict | None = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def host(self) -> str:
+        """The destination as the guest named it: the DNS name, else the address."""
+        return self.dns_name or str(self.dst_ip)
+
+    @property
+    def kind(self) -> str:
+        """``"sniff"`` until classified, then ``"http"`` or ``"https"``; ``"done"`` after a verdict."""
+        if self._phase in ("sniff", "done"):
+            return self._phase
+        return "https" if self._tls is not None else "http"
+
+    @property
+    def read_limit(self) -> int:
+        """How many guest bytes the proxy takes now; 0 means leave them in TCP (backpressure)."""
+        if self.verdict is not None:
+            # Closing: keep draining (and discarding) so the guest is never stuck.
+            return GUEST_READ_CHUNK if self.verdict == "close" else 0
+        if self._eof:
+            return 0
+        if self._phase == "sniff":
+            return SNIFF_LIMIT + 1 - len(self._sniff)
+        if self._phase == "handshake":
+            return GUEST_READ_CHUNK
+        assert self._http is not None
+        return GUEST_READ_CHUNK if self._http.wants_data else 0
+
+    @property
+    def deadline(self) -> float | None:
+        """When :meth:`on_timer` must run (the sniff/handshake bound), or ``None``."""
+        return self._deadline if self.verdict is None else None
+
+    @property
+    def output_bytes(self) -> int:
+        """Bytes still to deliver to the guest (plaintext not yet encrypted included)."""
+        return len(self._wire_out) + len(self._plain_out)
+
+    @property
+    def finished(self) -> bool:
+        """The flow should be closed (FIN) now: verdict ``close`` and nothing left to send."""
+        return self.verdict == "close" and not self._wire_out and not self._plain_out
+
+    # ------------------------------------------------------------------ driver interface
+
+    def take_requests(self) -> list[RequestReceived]:
+        """Complete requests to mediate (at most one: the interceptor waits for its response)."""
+        out, self._requests = self._requests, []
+        return out
+
+    def take_records(self) -> list[Exchange]:
+        """Records the proxy produced on its own (refusals, denied connections)."""
+        out, self._records = self._records, []
+        return out
+
+    def receive(self, data: bytes) -> None:
+        """Feed bytes the guest sent (``b""``: the guest closed its side)."""
+        if self.verdict is not None:
+            return  # closing or aborted: anything more is discarded
+        if not data:
+            self._eof = True
+        if self._phase == "sniff":
+            self._receive_sniff(data)
+        elif self._tls is not None:
+            if data:
+                self._tls_in.write(data)
+            else:
+                self._tls_in.write_eof()
+            self._pump_tls()
+        elif data:
+            self._feed_http(data)
+        else:
+            self._deliver_http_eof()
+
+    def on_timer(self, now: float) -> None:
+        """Enforce :data:`SNIFF_TIMEOUT` on a flow that never became HTTP."""
+        if self._deadline is None or now < self._deadline or self.verdict is not None:
+            return
+        what = "a request" if self._phase == "sniff" else "a TLS handshake"
+        self._deny_connection(
+            f"no {what} within {SNIFF_TIMEOUT:.0f} s",
+            "sniff-timeout",
+            scheme="https" if self._phase == "handshake" else "",
+        )
+
+    def respond(self, response: HttpResponse) -> None:
+        """Answer the pending request; frames it and resumes reading pipelined requests.
+
+        A response the interceptor cannot frame is replaced by a 502.
+        """
+        http = self._http
+        if http is None or http.awaiting_response is None or self.verdict is not None:
+            return
+        try:
+            events = http.respond(response)
+        except NetworkPolicyError as exc:
+            log.debug("cannot frame the response (%s); answering 502", exc)
+            events = http.respond(error_response(502, str(exc), kind="bad-response"))
+        self._collect(events)
+        self._after_http()
+        if self.verdict is not None or not http.wants_data:
+            return
+        if self._tls is not None:
+            # Pipelined plaintext (or the guest's EOF) may wait inside the TLS layer.
+            self._read_tls_plaintext()
+        elif self._eof_pending:
+            self._eof_pending = False
+            self._feed_http(b"")
+
+    def pending_output(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of the next bytes for the guest (not consumed yet)."""
+        if self._tls is not None:
+            # Encrypt lazily, only what the stack can take soon (bounded ciphertext).
+            while self._plain_out and len(self._wire_out) < max_bytes:
+                chunk = bytes(self._plain_out[:_TLS_WRITE_CHUNK])
+                try:
+                    written = self._tls.write(chunk)
+                except ssl.SSLError as exc:
+                    log.debug("TLS write to the guest failed: %s", exc)
+                    self._plain_out.clear()
+                    self._set_verdict("abort")
+                    break
+                del self._plain_out[:written]
+                self._drain_tls_out()
+            if not self._plain_out:
+                self._maybe_close_tls()
+        return bytes(self._wire_out[:max_bytes])
+
+    def consume_output(self, n: int) -> None:
+        """Drop the first ``n`` bytes of output: the stack accepted them."""
+        del self._wire_out[:n]
+
+    # ------------------------------------------------------------------ internals
+
+    def _set_verdict(self, verdict: Verdict) -> None:
+        if self.verdict is None or verdict == "abort":
+            self.verdict = verdict
+        self._phase = "done"
+        self._deadline = None
+
+    def _deny_connection(self, reason: str, rule: str, *, scheme: str = "") -> None:
+        """Record a connection refused before any HTTP request, and reset it."""
+        host = self._server_name or self.host
+        log.debug("denying flow to %s:%d: %s", host, self.dst_port, reason)
+        self._records.append(
+            Exchange.connection_denied(
+                host,
+                self.dst_port,
+                with_rule(reason, rule),
+                scheme=scheme,
+                started=self._clock(),
+            )
+        )
+        self._wire_out.clear()
+        self._plain_out.clear()
+        self._set_verdict("abort")
+
+    def _receive_sniff(self, data: bytes) -> None:
+        self._sniff += data
+        result = sniff(bytes(self._sniff))
+        if result.kind == "need_more":
+            if self._eof:
+                if self._sniff:
+                    self._deny_connection(
+                        "the guest closed the connection before a complete request line or TLS ClientHello",
+                        "not-http",
+                    )
+                else:
+                    # Connect-and-close (a port probe): nothing was sent, nothing to mediate.
+                    self._deny_connection(
+                        "the guest closed the connection without sending anything", "not-http"
+                    )
+            return
+        if result.kind == "other":
+            self._deny_connection(
+                f"only HTTP/1.x and TLS are mediated; this flow is {result.reason}", "not-http"
+            )
+            return
+        first = bytes(self._sniff)
+        self._sniff = bytearray()
+        if result.kind == "http":
+            self._phase = "http"
+            self._deadline = None
+            self._http = HttpInterceptor(
+                "http", authority=self.host, port=self.dst_port, clock=self._clock
+            )
+            self._feed_http(first)
+            if self._eof:
+                self._deliver_http_eof()
+            return
+        hello = result.client_hello
+        assert hello is not None
+        name = hello.server_name or str(self.dst_ip)
+        self._server_name = name
+        try:
+            context = self._ca.ssl_context_for(name)
+        except NetworkPolicyError as exc:
+            self._deny_connection(
+                f"cannot present a certificate for {name!r}: {exc}", "tls", scheme="https"
+            )
+            return
+        self._phase = "handshake"
+        self._tls = context.wrap_bio(self._tls_in, self._tls_out, server_side=True)
+        self._tls_in.write(first)
+        if self._eof:
+            self._tls_in.write_eof()
+        self._pump_tls()
+
+    def _drain_tls_out(self) -> None:
+        pending = self._tls_out.pending
+        if pending:
+            self._wire_out += self._tls_out.read(pending)
+
+    def _pump_tls(self) -> None:
+        tls = self._tls
+        assert tls is not None
+        if self._phase == "handshake":
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._drain_tls_out()
+                if self._eof:
+                    self._deny_connection(
+                        "the guest closed the connection during the TLS handshake",
+                        "tls-handshake",
+                        scheme="https",
+                    )
+                return
+            except (ssl.SSLError, OSError) as exc:
+                self._drain_tls_out()  # the alert tells the guest what went wrong
+                reason = getattr(exc, "reason", None) or str(exc)
+                self._records.append(
+                    Exchange.connection_denied(
+                        self._server_name or self.host,
+                        self.dst_port,
+                        with_rule(
+                            f"TLS handshake with the guest failed ({reason}); does the "
+                            "client trust the pytest-gondolin CA?",
+                            "tls-handshake",
+                        ),
+                        scheme="https",
+                        started=self._clock(),
+                    )
+                )
+                self._set_verdict("close")
+                return
+            self._drain_tls_out()
+            self._phase = "http"
+            self._deadline = None
+            self._http = HttpInterceptor(
+                "https",
+                authority=self._server_name or str(self.dst_ip),
+                port=self.dst_port,
+                clock=self._clock,
+            )
+            log.debug("TLS with the guest established for %s", self._server_name)
+        self._read_tls_plaintext()
+
+    def _read_tls_plaintext(self) -> None:
+        tls, http = self._tls, self._http
+        assert tls is not None and http is not None
+        while self.verdict is None and http.wants_data:
+            try:
+                chunk = tls.read(GUEST_READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                chunk = b""  # close_notify, or a ragged EOF: the guest is done either way
+            except ssl.SSLError as exc:
+                log.debug("TLS error from the guest: %s", exc)
+                self._drain_tls_out()
+                self._set_verdict("abort")
+                return
+            self._feed_http(chunk)
+            if not chunk:
+                break
+        self._drain_tls_out()
+
+    def _deliver_http_eof(self) -> None:
+        """Tell a plain-HTTP interceptor the guest is done, once it is not owed a response."""
+        assert self._http is not None
+        if self._http.wants_data:
+            self._feed_http(b"")
+        elif self.verdict is None:
+            self._eof_pending = True  # delivered by respond()
+
+    def _feed_http(self, data: bytes) -> None:
+        http = self._http
+        assert http is not None
+        self._collect(http.receive_data(data))
+        self._after_http()
+
+    def _collect(self, events: list[RequestReceived | RequestRefused]) -> None:
+        for event in events:
+            if isinstance(event, RequestReceived):
+                self._requests.append(event)
+            else:
+                self._records.append(event.exchange)
+
+    def _after_http(self) -> None:
+        http = self._http
+        assert http is not None
+        out = http.data_to_send()
+        if out:
+            if self._tls is not None:
+                self._plain_out += out
+            else:
+                self._wire_out += out
+        if http.closed and self.verdict is None:
+            self._set_verdict("close")
+
+    def _maybe_close_tls(self) -> None:
+        """Send close_notify once the interceptor is done and all plaintext is encrypted."""
+        if self._tls is None or self._tls_closing or self.verdict != "close" or self._plain_out:
+            return
+        if self._http is None:
+            return  # the handshake failed: the alert already went out
+        self._tls_closing = True
+        try:
+            self._tls.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLError, OSError):
+            pass  # close_notify is queued; we do not wait for the guest's
+        self._drain_tls_out()
