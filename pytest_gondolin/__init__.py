@@ -6,8 +6,32 @@ The public API is re-exported here lazily so that importing the package
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from pytest_gondolin.errors import GondolinError
+
+if TYPE_CHECKING:
+    from pytest_gondolin.netpolicy.secrets import Secret
+    from pytest_gondolin.vm.machine import VM, Checkpoint, ExecResult, Snapshot
 
 __version__ = "0.1.0"
 
-__all__ = ["GondolinError", "__version__"]
+__all__ = ["VM", "Checkpoint", "ExecResult", "GondolinError", "Secret", "Snapshot", "__version__"]
+
+_LAZY = {
+    "Secret": "pytest_gondolin.netpolicy.secrets",
+    "VM": "pytest_gondolin.vm.machine",
+    "Checkpoint": "pytest_gondolin.vm.machine",
+    "ExecResult": "pytest_gondolin.vm.machine",
+    "Snapshot": "pytest_gondolin.vm.machine",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the guest imports this package with only its stdlib-only half present.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pytest_gondolin' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -419,7 +419,11 @@ class WorkerPlugin:
             return
         random.seed(seed)
         self._running = nodeid
-        _ACTIVE.append(self._channel)
+        # Through the importable module, not this one: run with ``python -m``
+        # this file is ``__main__``, while tests import ``pytest_gondolin.guest.worker``.
+        from pytest_gondolin.guest import worker as shared
+
+        shared._ACTIVE.append(self._channel)
         try:
             # The hook (not runtestprotocol directly) so that the wrappers
             # around it take part: warnings capture, unraisable-exception
@@ -430,7 +434,7 @@ class WorkerPlugin:
                 {"t": "error", "message": "worker internal error:\n" + traceback.format_exc()}
             )
         finally:
-            _ACTIVE.remove(self._channel)
+            shared._ACTIVE.remove(self._channel)
             self._running = None
         self._channel.send({"t": "done", "nodeid": nodeid})
 

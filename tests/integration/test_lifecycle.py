@@ -110,6 +110,11 @@ def test_reaper_kills_only_orphans_of_dead_owners(tmp_path: Path) -> None:
     rundir.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", str(rundir)])
     (rundir / "qemu.pid").write_text(f"{sleeper.pid}\n")
+    # The reaper checks the command line; wait until the child has exec'd Python.
+    deadline = time.monotonic() + 10
+    while str(rundir) not in Path(f"/proc/{sleeper.pid}/cmdline").read_bytes().decode(errors="replace"):
+        assert time.monotonic() < deadline, "the fake orphan never started"
+        time.sleep(0.02)
     mine = paths.runtime_dir() / f"{os.getpid()}-cafe0000"
     mine.mkdir()
     try:
