@@ -33,6 +33,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", cfg.MARKER_DOC)
     config.stash[SETTINGS_KEY] = cfg.load_settings(config)
+    # Header, "(in guest)" status, failure artifacts, --gondolin-keep-vm (diagnostics.py).
+    from pytest_gondolin.diagnostics import PLUGIN_NAME, Diagnostics
+
+    if not config.pluginmanager.has_plugin(PLUGIN_NAME):
+        config.pluginmanager.register(Diagnostics(config), PLUGIN_NAME)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -7,6 +7,11 @@ macOS) or the parent's thread went away, :func:`reap_orphans` — called at
 every session start — kills QEMUs whose owner is gone and removes their
 folders. A QEMU is only killed if its command line names its folder, so a
 recycled pid is never hit.
+
+A VM kept for debugging (``--gondolin-keep-vm``) has a :data:`KEPT_MARKER`
+file in its folder and no death signal; its owner (the pytest run) is gone
+once the run ends, so the next run reaps it. The ``gondolin`` CLI reaps
+with ``spare_kept=True``: it must not kill what a user is debugging.
 """
 
 from __future__ import annotations
@@ -49,23 +54,42 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def reap_orphans() -> list[Path]:
-    """Kill QEMUs and remove runtime folders whose owner process is dead. Returns the folders removed."""
+KEPT_MARKER = "kept.json"
+
+
+def stop_qemu(rundir: Path) -> int | None:
+    """SIGKILL the QEMU recorded in ``rundir/qemu.pid`` if it is alive and runs that folder.
+
+    Returns the pid signalled, or None if there was nothing (safe) to kill.
+    """
+    try:
+        qemu_pid = int((rundir / "qemu.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if qemu_pid <= 0 or not _alive(qemu_pid) or str(rundir) not in _cmdline(qemu_pid):
+        return None
+    try:
+        os.kill(qemu_pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return None
+    return qemu_pid
+
+
+def reap_orphans(*, spare_kept: bool = False) -> list[Path]:
+    """Kill QEMUs and remove runtime folders whose owner process is dead. Returns the folders removed.
+
+    With ``spare_kept``, folders of VMs kept for debugging are left alone.
+    """
     removed: list[Path] = []
     for rundir in paths.runtime_dir().iterdir():
         owner_text = rundir.name.split("-", 1)[0]
         if not owner_text.isdigit() or _alive(int(owner_text)) or not rundir.is_dir():
             continue
-        try:
-            qemu_pid = int((rundir / "qemu.pid").read_text().strip())
-        except (OSError, ValueError):
-            qemu_pid = 0
-        if qemu_pid and _alive(qemu_pid) and str(rundir) in _cmdline(qemu_pid):
-            log.warning("killing orphaned QEMU %d left by dead process %s", qemu_pid, owner_text)
-            try:
-                os.kill(qemu_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if spare_kept and (rundir / KEPT_MARKER).exists():
+            continue
+        qemu_pid = stop_qemu(rundir)
+        if qemu_pid is not None:
+            log.warning("killed orphaned QEMU %d left by dead process %s", qemu_pid, owner_text)
         shutil.rmtree(rundir, ignore_errors=True)
         removed.append(rundir)
     return removed

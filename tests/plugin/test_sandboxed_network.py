@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import threading
 from collections.abc import Iterator
+from typing import ClassVar
 
 import pytest
 
@@ -15,9 +16,9 @@ REAL_TOKEN = "real-token-7f3a9c"
 
 
 class _Echo(http.server.BaseHTTPRequestHandler):
-    seen: list[str] = []
+    seen: ClassVar[list[str]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         _Echo.seen.append(self.headers.get("Authorization", ""))
         body = f"hello {self.path}".encode()
         self.send_response(200)
