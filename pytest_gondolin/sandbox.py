@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import dataclasses
 import json
 import logging
 import secrets
@@ -39,6 +40,7 @@ from pytest_gondolin.errors import (
     VMError,
 )
 from pytest_gondolin.fixtures import GuestKey, VMFactory
+from pytest_gondolin.netpolicy.cassette import CassetteError, CassettePlayer, open_cassette
 from pytest_gondolin.netpolicy.policy import NetworkPolicy
 from pytest_gondolin.runner import (
     MAX_WORKER_LINE,
@@ -169,6 +171,36 @@ def _guest_args(args: list[str]) -> list[str]:
     return out
 
 
+def _finish_cassette(player: CassettePlayer, outcome: RunOutcome) -> RunOutcome:
+    """Save what was recorded; a request the cassette could not answer fails the test."""
+    try:
+        player.save()
+        player.check(allow_unused=True)
+    except CassetteError as exc:
+        return _fail_call(outcome, f"cassette: {exc}")
+    return outcome
+
+
+def _fail_call(outcome: RunOutcome, message: str) -> RunOutcome:
+    """Make the call report fail with ``message`` (or, if it already failed, show it as a section).
+
+    Reports are the serialized dicts the worker sent, already validated.
+    """
+    reports = []
+    done = False
+    for report in outcome.reports:
+        if not done and report.get("when") == "call":
+            if report.get("outcome") == "passed":
+                report = {**report, "outcome": "failed", "longrepr": message}
+            else:
+                report = {**report, "sections": [*report.get("sections", []), ["gondolin: cassette", message]]}
+            done = True
+        reports.append(report)
+    if not done:
+        return outcome
+    return dataclasses.replace(outcome, reports=tuple(reports))
+
+
 class Sandbox:
     """One prepared guest worker, restored before each item."""
 
@@ -260,7 +292,12 @@ class Sandbox:
     # -- running -----------------------------------------------------------------
 
     def run(
-        self, nodeid: str, *, timeout: float | None, network: Mapping[str, Any] | None = None
+        self,
+        nodeid: str,
+        *,
+        timeout: float | None,
+        network: Mapping[str, Any] | None = None,
+        cassette: Path | None = None,
     ) -> RunOutcome | Failure:
         """Restore the worker snapshot, apply this test's network options on the host, run the item."""
         assert self.vm is not None and self.client is not None and self.transport is not None
@@ -274,9 +311,7 @@ class Sandbox:
             self.client.rewind()
         self._fresh = False
         try:
-            policy = NetworkPolicy.from_options(**{k: v for k, v in (network or {}).items() if k != "cassette"})
-            if self.vm.network is not None:
-                self.vm.configure_network(policy)
+            player = self._configure_network(network or {}, cassette)
         except GondolinError as exc:
             return Failure.from_exception(exc, duration=time.monotonic() - started)
         seed = int.from_bytes(secrets.token_bytes(8), "big")
@@ -287,6 +322,8 @@ class Sandbox:
         except GondolinError as exc:
             # A worker that broke protocol was killed; the next restore revives it.
             return Failure.from_exception(exc, duration=time.monotonic() - started)
+        if player is not None:
+            outcome = _finish_cassette(player, outcome)
         if outcome.failure is not None and not self.alive:
             console = self.vm.console_log()
             failure = outcome.failure
@@ -303,6 +340,24 @@ class Sandbox:
                 outcome.duration,
             )
         return outcome
+
+    def _configure_network(
+        self, network: Mapping[str, Any], cassette: Path | None
+    ) -> CassettePlayer | None:
+        """Apply this test's policy (and cassette) on the host; no guest change, no reboot."""
+        assert self.vm is not None
+        policy = NetworkPolicy.from_options(**{k: v for k, v in network.items() if k != "cassette"})
+        if self.vm.network is None:
+            return None
+        recorder = self.vm.configure_network(policy)
+        if cassette is None:
+            return None
+        driver = self.vm.network
+        player = open_cassette(
+            cassette, self.factory.settings.record_mode, secret_store=driver.secrets
+        )
+        driver.configure(policy, driver.secrets, recorder, player)
+        return player
 
     def _on_query(self, kind: str, args: dict[str, Any]) -> Any:
         """Answer the running test's questions about its traffic (the ``http_traffic`` fixture)."""

@@ -9,6 +9,7 @@ import pytest
 from pytest_gondolin.errors import GondolinError
 from pytest_gondolin.fixtures import GuestKey, get_factory
 from pytest_gondolin.markers import SandboxOptions
+from pytest_gondolin.netpolicy.cassette import resolve_cassette_option
 from pytest_gondolin.runner import Failure, replay_collect_errors, replay_item
 from pytest_gondolin.sandbox import Sandbox
 from pytest_gondolin.vm.machine import VM
@@ -70,4 +71,14 @@ def run_item(item: pytest.Item, options: SandboxOptions | None, error: str | Non
     if isinstance(box, Failure):
         replay_item(item, box)
         return
-    replay_item(item, box.run(item.nodeid, timeout=options.timeout, network=options.network))
+    try:
+        cassette = resolve_cassette_option(
+            options.network.get("cassette"), where=f"{item.nodeid}: sandboxed", item=item
+        )
+    except GondolinError as exc:
+        replay_item(item, Failure.from_exception(exc))
+        return
+    replay_item(
+        item,
+        box.run(item.nodeid, timeout=options.timeout, network=options.network, cassette=cassette),
+    )

@@ -54,6 +54,7 @@ from typing import Final
 from pytest_gondolin import paths
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
 from pytest_gondolin.netpolicy.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.cassette import CassettePlayer
 from pytest_gondolin.netpolicy.link import LinkError
 from pytest_gondolin.netpolicy.mediation import (
     Mediated,
@@ -284,8 +285,11 @@ class NetworkDriver:
         policy: NetworkPolicy,
         secrets_store: SecretStore | None = None,
         recorder: Recorder | None = None,
+        cassette: CassettePlayer | None = None,
     ) -> None:
         """Judge requests arriving from now on by ``policy`` and record them in ``recorder``.
+
+        With ``cassette``, allowed requests are replayed from it or recorded into it.
 
         ``recorder`` defaults to a fresh one redacting ``secrets_store``.
         Requests already being fetched finish under the settings they
@@ -296,7 +300,7 @@ class NetworkDriver:
         if recorder is None:
             recorder = Recorder(redactor=secrets_store)
         # One attribute, swapped whole: the loop thread reads it once per request.
-        self._context = MediationContext(policy, secrets_store, recorder)
+        self._context = MediationContext(policy, secrets_store, recorder, cassette)
 
     def reset_flows(self) -> None:
         """Forget every flow without telling the guest (after a snapshot restore).

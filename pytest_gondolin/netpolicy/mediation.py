@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pytest_gondolin.errors import NetworkPolicyError
+from pytest_gondolin.netpolicy.cassette import CassetteError, CassettePlayer
 from pytest_gondolin.netpolicy.http import (
     HttpRequest,
     HttpResponse,
@@ -79,6 +80,8 @@ class MediationContext:
     policy: NetworkPolicy
     secrets: SecretStore | None
     recorder: Recorder
+    #: Replays and records allowed requests (``sandboxed(cassette=...)``); None: live only.
+    cassette: CassettePlayer | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,31 @@ def plan_request(
                 clock=clock,
             )
         outgoing = dataclasses.replace(request, headers=tuple(headers))
+    player = context.cassette
+    if player is not None:
+        # After policy and secrets: a denied request stays denied, replayed or not.
+        replay = player.lookup(request)
+        if replay is not None:
+            return _finish(
+                request,
+                replay,
+                "replayed",
+                f"replayed from cassette {player.path.name}",
+                started=started,
+                context=context,
+                clock=clock,
+            )
+        if not player.should_record(request):
+            message = player.unmatched(request)
+            return _finish(
+                request,
+                denial_response(message, "cassette"),
+                "denied",
+                with_rule(message, "cassette"),
+                started=started,
+                context=context,
+                clock=clock,
+            )
     return UpstreamJob(request, outgoing, started, decision, context)
 
 
@@ -258,6 +286,11 @@ def run_upstream(
             context=context,
             clock=clock,
         )
+    if context.cassette is not None and context.cassette.should_record(request):
+        try:
+            context.cassette.record(request, response)  # the guest's request: placeholders only
+        except CassetteError as exc:
+            log.warning("%s", exc)
     return _finish(
         request,
         response,

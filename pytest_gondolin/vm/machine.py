@@ -52,6 +52,7 @@ from pytest_gondolin.vm.qemu import MachineSpec, command_line
 from pytest_gondolin.vm.qmp import QMP
 
 if TYPE_CHECKING:  # imported lazily at launch: the plugin's start-up stays cheap
+    from pytest_gondolin.netpolicy.cassette import CassettePlayer
     from pytest_gondolin.netpolicy.driver import NetworkDriver
     from pytest_gondolin.netpolicy.policy import NetworkPolicy
     from pytest_gondolin.netpolicy.recorder import Recorder
@@ -383,7 +384,9 @@ class VM:
         self.http = driver.recorder
         return driver
 
-    def configure_network(self, policy: NetworkPolicy | None = None) -> Recorder:
+    def configure_network(
+        self, policy: NetworkPolicy | None = None, *, cassette: CassettePlayer | None = None
+    ) -> Recorder:
         """Mediate the guest's traffic by ``policy`` from now on (default: deny all).
 
         Host-side only: no reboot, no restore. ``vm.http`` becomes a fresh
@@ -400,7 +403,7 @@ class VM:
         policy = policy if policy is not None else NetworkPolicy()
         store = SecretStore(policy.secrets) if policy.secrets else None
         recorder = Recorder(redactor=store)
-        self.network.configure(policy, store, recorder)
+        self.network.configure(policy, store, recorder, cassette)
         self.http = recorder
         return recorder
 
