@@ -21,6 +21,7 @@ import pytest
 from pytest_gondolin import config as cfg
 from pytest_gondolin.errors import ConfigError, GondolinError
 from pytest_gondolin.image.store import Image, ensure_image
+from pytest_gondolin.netpolicy.cassette import open_cassette, resolve_cassette_option
 from pytest_gondolin.netpolicy.policy import NetworkPolicy
 from pytest_gondolin.vm.accel import AccelChoice, choose_accel
 from pytest_gondolin.vm.machine import VM, VMConfig
@@ -122,6 +123,7 @@ class VMFactory:
         resolve: Mapping[str, str] | None = None,
         upstream_ca: str | os.PathLike[str] | None = None,
         secrets: Mapping[str, Secret | Sequence[str]] | None = None,
+        cassette: str | os.PathLike[str] | None = None,
         **unknown: Any,
     ) -> VM:
         """Boot a new VM with these options. It is closed at session end (or by ``vm.close()``).
@@ -131,6 +133,9 @@ class VMFactory:
         ``block_internal``, ``resolve``, ``upstream_ca`` and ``secrets``
         (``NAME -> Secret``, or a host list meaning the host's env var
         ``NAME``; the guest's ``exec`` environment gets placeholders).
+        ``cassette`` (a YAML path, relative to the working directory) replays
+        and records allowed requests per ``--gondolin-record-mode``; it is
+        saved when the VM closes.
         Raises ConfigError for a bad option before anything boots.
         """
         if unknown:
@@ -146,8 +151,18 @@ class VMFactory:
             )
         except ConfigError as exc:
             raise ConfigError(f"vm_factory: {exc}") from None
+        cassette_path = None
+        if cassette is not None:
+            if isinstance(cassette, bool):
+                raise ConfigError("vm_factory(cassette=...): give a file path (True needs a test to name it)")
+            cassette_path = resolve_cassette_option(cassette, where="vm_factory(cassette=...)")
         vm = self._boot(key)
-        vm.configure_network(policy)
+        recorder = vm.configure_network(policy)
+        if cassette_path is not None and vm.network is not None:
+            driver = vm.network
+            player = open_cassette(cassette_path, self.settings.record_mode, secret_store=driver.secrets)
+            driver.configure(policy, driver.secrets, recorder, player)
+            vm.add_close_hook(player.save)
         return vm
 
     def _boot(self, key: GuestKey) -> VM:

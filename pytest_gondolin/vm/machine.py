@@ -249,7 +249,7 @@ class VM:
         self._channel: AgentChannel | None = None
         self._argv: list[str] = []
         self._lock = threading.Lock()
-        self._close_hooks: list[Callable[[], None]] = []
+        self._close_hooks: list[Callable[[], object]] = []
         self.boot_seconds: float | None = None
         self.http: Recorder | None = None  # the network driver's recorder (vm.http)
         self.network: NetworkDriver | None = None  # started by launch() when config.network
@@ -491,7 +491,7 @@ class VM:
     def command(self) -> list[str]:
         return list(self._argv)
 
-    def add_close_hook(self, hook: Callable[[], None]) -> None:
+    def add_close_hook(self, hook: Callable[[], object]) -> None:
         """Run ``hook`` when the VM closes (before its runtime folder is removed)."""
         self._close_hooks.append(hook)
 

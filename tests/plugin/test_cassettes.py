@@ -134,3 +134,33 @@ def test_new_episodes_appends_and_all_rewrites(
     finally:
         server.shutdown()
         server.server_close()
+
+
+FACTORY_TEST = """
+def test_factory_cassette(vm_factory):
+    vm = vm_factory(allow_hosts=["api.test"], resolve={{"api.test:80": "127.0.0.1:{port}"}}, cassette="{path}")
+    r = vm.exec("curl -sf http://api.test/factory")
+    assert r.returncode == 0 and r.stdout.startswith('{{"path": "/factory"')
+    assert vm.http.requests[0].decision == "{expect}"
+    vm.close()
+"""
+
+
+def test_vm_factory_cassette(pytester: pytest.Pytester) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    path = pytester.path / "factory.yaml"
+    try:
+        pytester.makepyfile(FACTORY_TEST.format(port=port, path=path, expect="allowed"))
+        pytester.runpytest_subprocess(
+            "-p", "gondolin", "--gondolin-record-mode=once"
+        ).assert_outcomes(passed=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "http://api.test/factory" in path.read_text()
+    pytester.makepyfile(FACTORY_TEST.format(port=port, path=path, expect="replayed"))
+    pytester.runpytest_subprocess("-p", "gondolin", "--gondolin-record-mode=none").assert_outcomes(
+        passed=1
+    )
