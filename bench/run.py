@@ -217,19 +217,25 @@ def main() -> int:
     parser.add_argument(
         "--quick", action="store_true", help="few repetitions, to check the script works"
     )
-    parser.add_argument("--only", choices=("vm", "fixture", "sandboxed"), action="append")
+    parser.add_argument(
+        "--only", choices=("vm", "fixture", "sandboxed", "network"), action="append"
+    )
     args = parser.parse_args()
     n = 5 if args.quick else 20
     accel = choose_accel(os.environ.get("GONDOLIN_ACCEL", "auto")).name
     config = VMConfig(image=ensure_image(), accel=accel)
     rows: list[Row] = []
-    only = set(args.only or ("vm", "fixture", "sandboxed"))
+    only = set(args.only or ("vm", "fixture", "sandboxed", "network"))
     if "vm" in only:
         rows += vm_section(config, n)
     if "fixture" in only:
         rows += fixture_section(n)
     if "sandboxed" in only:
         rows += sandboxed_section(max(n, 30) if not args.quick else n)
+    if "network" in only:
+        from network import network_section
+
+        rows += network_section(config, n)
     table = render(rows, accel)
     print(table)
     if args.write_readme:
