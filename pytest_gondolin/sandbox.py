@@ -193,7 +193,10 @@ def _fail_call(outcome: RunOutcome, message: str) -> RunOutcome:
             if report.get("outcome") == "passed":
                 report = {**report, "outcome": "failed", "longrepr": message}
             else:
-                report = {**report, "sections": [*report.get("sections", []), ["gondolin: cassette", message]]}
+                report = {
+                    **report,
+                    "sections": [*report.get("sections", []), ["gondolin: cassette", message]],
+                }
             done = True
         reports.append(report)
     if not done:
@@ -310,6 +313,7 @@ class Sandbox:
             self.transport.rewind()
             self.client.rewind()
         self._fresh = False
+        restored = time.monotonic()
         try:
             player = self._configure_network(network or {}, cassette)
         except GondolinError as exc:
@@ -322,6 +326,12 @@ class Sandbox:
         except GondolinError as exc:
             # A worker that broke protocol was killed; the next restore revives it.
             return Failure.from_exception(exc, duration=time.monotonic() - started)
+        log.debug(
+            "%s: restore %.0f ms, run %.0f ms",
+            nodeid,
+            (restored - started) * 1000,
+            (time.monotonic() - restored) * 1000,
+        )
         if player is not None:
             outcome = _finish_cassette(player, outcome)
         if outcome.failure is not None and not self.alive:
