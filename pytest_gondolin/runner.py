@@ -1019,6 +1019,13 @@ class WorkerClient:
             detail = "no stack dump arrived; worker stderr (tail):\n" + _tail_lines(before)
         return Failure("timeout", f"Timeout > {timeout:g}s", detail, elapsed)
 
+    def adopt(self, collected: Collected) -> None:
+        """Declare the worker READY with ``collected``: it is a clone (a VM started from a
+        snapshot) of a worker that another client started."""
+        self._require(Runstate.NEW)
+        self._collected = collected
+        self._state = Runstate.READY
+
     def rewind(self) -> None:
         """Declare the worker READY again: its side was restored to a snapshot
         taken right after ``collected`` (a VM restore), whatever happened

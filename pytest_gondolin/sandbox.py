@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import base64
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import signal
 import time
@@ -51,12 +53,19 @@ from pytest_gondolin.runner import (
     worker_args,
 )
 from pytest_gondolin.vm.channel import AgentProcess, AgentTimeout
-from pytest_gondolin.vm.machine import GUEST_ENV, VM
+from pytest_gondolin.vm.machine import GUEST_ENV, VM, VMConfig
 from pytest_gondolin.vm.warm import launch_clean
 
 log = logging.getLogger(__name__)
 
 WORKER_TAG = "gondolin-worker"
+#: VMs per sandbox taking turns: while a test runs in one, the other is
+#: restored in the background. Two cover the restore (~0.2 s under TCG);
+#: with one CPU there is nothing to overlap.
+PREFETCH_LANES = 2 if (os.cpu_count() or 1) > 1 else 1
+#: The worker's output stream is long-lived (every report of the session);
+#: each run's volume is bounded by the runner instead.
+WORKER_MAX_OUTPUT = 1 << 50
 #: Python start-up plus collection in the guest: ~5 s under TCG for a small
 #: project; 300 s leaves room for big suites on a loaded CI host.
 WORKER_START_TIMEOUT = 300.0
@@ -204,8 +213,27 @@ def _fail_call(outcome: RunOutcome, message: str) -> RunOutcome:
     return dataclasses.replace(outcome, reports=tuple(reports))
 
 
+@dataclasses.dataclass
+class _Lane:
+    """One VM running the worker, and the restore that is making it fresh again."""
+
+    vm: VM
+    transport: VMTransport
+    client: WorkerClient
+    #: A test ran since the last restore.
+    dirty: bool = False
+    #: The background restore under way (prefetch), if any.
+    restoring: concurrent.futures.Future[None] | None = None
+
+
 class Sandbox:
-    """One prepared guest worker, restored before each item."""
+    """A prepared guest worker, restored before each item.
+
+    With :data:`PREFETCH_LANES` > 1 the sandbox keeps clones of the prepared
+    VM (started from its snapshot, no second collection) and restores one in
+    the background while a test runs in another, so a test rarely waits for
+    a restore.
+    """
 
     def __init__(
         self, factory: VMFactory, config: pytest.Config, key: GuestKey, paths: list[str]
@@ -214,11 +242,11 @@ class Sandbox:
         self.config = config
         self.key = key
         self.paths = paths
-        self.vm: VM | None = None
-        self.client: WorkerClient | None = None
-        self.transport: VMTransport | None = None
+        self.vm: VM | None = None  # the VM that ran (or runs) the latest test
         self.collected: Collected | None = None
-        self._fresh = False
+        self._lanes: list[_Lane] = []
+        self._turn = 0
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- preparing -------------------------------------------------------------
 
@@ -276,23 +304,89 @@ class Sandbox:
             *self.paths,
         ]
         say(f"{name}: starting the guest test worker (pytest start-up and collection)")
-        proc = vm.spawn(args, env=env, cwd=invocation, max_output=1 << 50)
-        self.transport = VMTransport(vm, proc)
-        self.client = WorkerClient(self.transport)
-        self.client.on_query = self._on_query
-        self.collected = self.client.start(WORKER_START_TIMEOUT)
+        proc = vm.spawn(args, env=env, cwd=invocation, max_output=WORKER_MAX_OUTPUT)
+        transport = VMTransport(vm, proc)
+        client = WorkerClient(transport)
+        client.on_query = self._on_query
+        self.collected = collected = client.start(WORKER_START_TIMEOUT)
         vm.save_internal(WORKER_TAG)
-        self._fresh = True
+        self._lanes = [_Lane(vm, transport, client)]
+        for _ in range(1, PREFETCH_LANES):
+            try:
+                self._lanes.append(self._clone(self._lanes[0], vmconfig))
+            except GondolinError as exc:
+                log.warning(
+                    "no prefetch clone of %s (tests run one restore at a time): %s", name, exc
+                )
+                break
         say(
-            f"{name}: worker ready with {len(self.collected.nodeids)} items in {time.monotonic() - started:.1f} s"
+            f"{name}: worker ready with {len(collected.nodeids)} items in {time.monotonic() - started:.1f} s"
+            + (f" ({len(self._lanes)} VMs take turns)" if len(self._lanes) > 1 else "")
         )
-        return self.collected
+        return collected
+
+    def _clone(self, lane: _Lane, vmconfig: VMConfig) -> _Lane:
+        """A second VM started from ``lane``'s worker snapshot: no boot, no second collection."""
+        assert self.collected is not None and lane.vm.rundir is not None
+        self.factory.count += 1
+        lane.vm.pause()  # its disk holds the snapshot; it must not change while copied
+        try:
+            vm = VM.launch(
+                vmconfig,
+                name=f"sandbox{self.factory.count}",
+                loadvm_disk=lane.vm.rundir / "disk.qcow2",
+                loadvm_tag=WORKER_TAG,
+            )
+        finally:
+            lane.vm.resume()
+        self.factory.adopt(vm)
+        proc = vm.attach(lane.transport.proc, max_output=WORKER_MAX_OUTPUT)
+        transport = VMTransport(vm, proc)
+        client = WorkerClient(transport)
+        client.on_query = self._on_query
+        client.adopt(self.collected)
+        return _Lane(vm, transport, client)
 
     @property
     def alive(self) -> bool:
-        return self.vm is not None and self.vm.alive
+        return any(lane.vm.alive for lane in self._lanes)
 
     # -- running -----------------------------------------------------------------
+
+    def _restore(self, lane: _Lane) -> None:
+        lane.vm.load_internal(WORKER_TAG, preserve=[lane.transport.proc])
+        lane.transport.rewind()
+        lane.client.rewind()
+        lane.dirty = False
+
+    def _next_lane(self) -> _Lane:
+        """The next lane in turn, fresh: waits for its background restore, or restores it now."""
+        while self._lanes:
+            lane = self._lanes[self._turn % len(self._lanes)]
+            self._turn += 1
+            future, lane.restoring = lane.restoring, None
+            try:
+                if future is not None:
+                    future.result()
+                if lane.dirty:
+                    self._restore(lane)
+            except GondolinError as exc:
+                log.warning("%s could not be restored and is dropped: %s", lane.vm.name, exc)
+                self._lanes.remove(lane)
+                lane.vm.close()
+                continue
+            return lane
+        raise VMError("no sandbox VM is left (every restore failed)")
+
+    def _used(self, lane: _Lane) -> None:
+        """``lane`` ran a test: restore it in the background if another lane can take the next one."""
+        lane.dirty = True
+        if len(self._lanes) > 1 and lane.vm.alive:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    PREFETCH_LANES, thread_name_prefix="gondolin-restore"
+                )
+            lane.restoring = self._pool.submit(self._restore, lane)
 
     def run(
         self,
@@ -302,40 +396,40 @@ class Sandbox:
         network: Mapping[str, Any] | None = None,
         cassette: Path | None = None,
     ) -> RunOutcome | Failure:
-        """Restore the worker snapshot, apply this test's network options on the host, run the item."""
-        assert self.vm is not None and self.client is not None and self.transport is not None
+        """Run the item on a fresh VM (restored in the background, or now), with this test's
+        network options applied on the host."""
         started = time.monotonic()
-        if not self._fresh:
-            try:
-                self.vm.load_internal(WORKER_TAG, preserve=[self.transport.proc])
-            except GondolinError as exc:
-                return Failure.from_exception(exc, duration=time.monotonic() - started)
-            self.transport.rewind()
-            self.client.rewind()
-        self._fresh = False
+        try:
+            lane = self._next_lane()
+        except GondolinError as exc:
+            return Failure.from_exception(exc, duration=time.monotonic() - started)
+        self.vm = lane.vm
         restored = time.monotonic()
         try:
             player = self._configure_network(network or {}, cassette)
         except GondolinError as exc:
+            self._used(lane)
             return Failure.from_exception(exc, duration=time.monotonic() - started)
         seed = int.from_bytes(secrets.token_bytes(8), "big")
         try:
-            outcome = self.client.run(
-                nodeid, seed=seed, timeout=timeout or DEFAULT_RUN_TIMEOUT, env=self.vm.secret_env()
+            outcome = lane.client.run(
+                nodeid, seed=seed, timeout=timeout or DEFAULT_RUN_TIMEOUT, env=lane.vm.secret_env()
             )
         except GondolinError as exc:
             # A worker that broke protocol was killed; the next restore revives it.
+            self._used(lane)
             return Failure.from_exception(exc, duration=time.monotonic() - started)
         log.debug(
-            "%s: restore %.0f ms, run %.0f ms",
+            "%s on %s: waited %.0f ms for a fresh VM, run %.0f ms",
             nodeid,
+            lane.vm.name,
             (restored - started) * 1000,
             (time.monotonic() - restored) * 1000,
         )
         if player is not None:
             outcome = _finish_cassette(player, outcome)
-        if outcome.failure is not None and not self.alive:
-            console = self.vm.console_log()
+        if outcome.failure is not None and not lane.vm.alive:
+            console = lane.vm.console_log()
             failure = outcome.failure
             detail = failure.detail + (
                 "\n--- guest console (tail) ---\n" + console[-3000:] if console else ""
@@ -349,6 +443,9 @@ class Sandbox:
                 ),
                 outcome.duration,
             )
+            self._lanes.remove(lane)
+        else:
+            self._used(lane)
         return outcome
 
     def _configure_network(
@@ -400,5 +497,10 @@ class Sandbox:
         raise ConfigError(f"unknown http query op {op!r}")
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        for lane in self._lanes:
+            lane.vm.close()
         if self.vm is not None:
             self.vm.close()

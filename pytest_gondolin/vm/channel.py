@@ -506,6 +506,25 @@ class AgentChannel:
             raise
         return AgentProcess(self, call, argv)
 
+    def attach(
+        self, process: AgentProcess, *, max_output: int = DEFAULT_MAX_OUTPUT
+    ) -> AgentProcess:
+        """Attach to a process that ``process`` (of another channel) started, in a clone of its VM.
+
+        For a VM started from a snapshot of another VM's RAM: the guest's agent
+        already runs the process under the same request id, so this only makes
+        the host side listen for it. Output starts empty.
+        """
+        call = _ExecCall(max_output, streaming=True)
+        with self._cond:
+            self._check_alive()
+            call.id = process._call.id
+            call.pid = process._call.pid
+            if call.id in self._calls:
+                raise AgentError(f"{self.name}: request id {call.id} is already in use")
+            self._calls[call.id] = call
+        return AgentProcess(self, call, list(process.argv))
+
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         """Atomically create or replace ``path`` in the guest (parents created) with ``data``.
 
@@ -589,9 +608,11 @@ class AgentChannel:
     # -- request plumbing ----------------------------------------------------------
 
     def _new_id(self) -> int:
-        req_id = self._next_id
-        self._next_id = self._next_id + 1 if self._next_id + 1 < proto.MAX_ID else 1
-        return req_id
+        while True:  # skip ids held by attached processes (see attach)
+            req_id = self._next_id
+            self._next_id = self._next_id + 1 if self._next_id + 1 < proto.MAX_ID else 1
+            if req_id not in self._calls:
+                return req_id
 
     def _check_alive(self) -> None:
         if self._dead is not None:

@@ -674,6 +674,12 @@ class VM:
             self._crash_check(exc)
             raise
 
+    def attach(
+        self, process: AgentProcess, *, max_output: int = DEFAULT_MAX_OUTPUT
+    ) -> AgentProcess:
+        """Attach to ``process``, started in the VM this one was cloned from (see AgentChannel.attach)."""
+        return self._require_channel().attach(process, max_output=max_output)
+
     def read_file(self, path: str, *, max_size: int = MAX_READ_FILE) -> bytes:
         """Return the contents of ``path`` in the guest."""
         channel = self._require_channel()

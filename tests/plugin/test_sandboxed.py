@@ -879,7 +879,11 @@ def test_xdist_workers_each_run_their_own_vm(inner: pytest.Pytester) -> None:
     workers = {
         match[1]
         for line in result.outlines
-        if (match := re.match(r"^\[(gw\d+)\] \[ *\d+%\] PASSED test_n\.py::test_", line))
+        if (
+            match := re.match(
+                r"^\[(gw\d+)\] \[ *\d+%\] PASSED (?:\(in guest\) )?test_n\.py::test_", line
+            )
+        )
     }
     # xdist's load scheduling hands one of the two items to each worker, so
     # both worker processes booted a VM of their own.
