@@ -17,10 +17,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from pytest_gondolin import __version__, paths
 from pytest_gondolin.errors import ConfigError, GondolinError
+
+if TYPE_CHECKING:  # imported lazily: `gondolin --help` stays fast
+    from pytest_gondolin.fixtures import VMFactory
+    from pytest_gondolin.vm.machine import VM
 
 #: ``qemu-system-x86_64 --version`` answers at once; bound it anyway.
 VERSION_TIMEOUT = 10.0
@@ -179,7 +183,7 @@ def _shell_loop(run: Callable[[str], tuple[int, bytes, bytes]], banner: str) -> 
             print(f"[exit {code}]", file=sys.stderr)
 
 
-def _factory(args: argparse.Namespace) -> object:
+def _factory(args: argparse.Namespace) -> VMFactory:
     """A VMFactory for the CLI's options, validated before anything boots."""
     from pytest_gondolin import config as cfg
     from pytest_gondolin.fixtures import VMFactory
@@ -207,12 +211,9 @@ def _factory(args: argparse.Namespace) -> object:
     return VMFactory(settings, progress=_progress)
 
 
-def _with_vm(args: argparse.Namespace, body: Callable[[object], int]) -> int:
+def _with_vm(args: argparse.Namespace, body: Callable[[VM], int]) -> int:
     """Boot a VM the way ``vm_factory(allow_hosts=...)`` does, run ``body``, close everything."""
-    from pytest_gondolin.fixtures import VMFactory
-
     factory = _factory(args)
-    assert isinstance(factory, VMFactory)
     try:
         return body(factory(allow_hosts=list(args.allow_host)))
     finally:
@@ -220,16 +221,13 @@ def _with_vm(args: argparse.Namespace, body: Callable[[object], int]) -> int:
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:
-    from pytest_gondolin.vm.machine import VM
-
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         args.parser.error("give a command after --, e.g. gondolin exec -- uname -a")
 
-    def body(vm: object) -> int:
-        assert isinstance(vm, VM)
+    def body(vm: VM) -> int:
         result = vm.exec(command, timeout=args.timeout)
         sys.stdout.buffer.write(result.stdout_bytes)
         sys.stderr.buffer.write(result.stderr_bytes)
@@ -239,11 +237,7 @@ def _cmd_exec(args: argparse.Namespace) -> int:
 
 
 def _cmd_shell(args: argparse.Namespace) -> int:
-    from pytest_gondolin.vm.machine import VM
-
-    def body(vm: object) -> int:
-        assert isinstance(vm, VM)
-
+    def body(vm: VM) -> int:
         def run(line: str) -> tuple[int, bytes, bytes]:
             r = vm.exec(line)
             return r.returncode, r.stdout_bytes, r.stderr_bytes
