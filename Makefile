@@ -27,7 +27,7 @@ image: venv
 	  && $(SUDO) chown -R "$$(id -u):$$(id -g)" "$${GONDOLIN_CACHE_DIR:-$$HOME/.cache/pytest-gondolin}"; fi
 
 demo: image
-	$(BIN)/python -m pytest -p gondolin examples -v -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -p gondolin examples -v -rP -p no:cacheprovider $(PYTEST_ARGS)
 
 test: image
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

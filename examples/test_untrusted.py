@@ -13,7 +13,9 @@ import pytest
 
 IN_GUEST = os.environ.get("PYTEST_GONDOLIN_WORKER") == "1"
 # The destructive examples refuse to run anywhere but inside a guest.
-guest_only = pytest.mark.skipif(not IN_GUEST, reason="destructive: only ever run inside a gondolin guest")
+guest_only = pytest.mark.skipif(
+    not IN_GUEST, reason="destructive: only ever run inside a gondolin guest"
+)
 
 pytestmark = pytest.mark.sandboxed
 

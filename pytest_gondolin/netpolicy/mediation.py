@@ -162,7 +162,7 @@ def plan_request(
             request,
             response,
             "stubbed",
-            f"stubbed: {stub.method} {stub.url}",
+            f"matched stub {stub.method} {stub.url}",
             started=started,
             context=context,
             clock=clock,
