@@ -34,8 +34,8 @@ class GuestTraffic:
     def get_requests(self, **match: Any) -> list[Exchange]:
         return self._snapshot().get_requests(**match)
 
-    def assert_request_made(self, **match: Any) -> None:
-        self._snapshot().assert_request_made(**match)
+    def assert_request_made(self, **match: Any) -> list[Exchange]:
+        return self._snapshot().assert_request_made(**match)
 
     def stub(
         self,
