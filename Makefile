@@ -30,7 +30,11 @@ demo: image
 	$(BIN)/python -m pytest -p gondolin examples -v -rP -p no:cacheprovider $(PYTEST_ARGS)
 
 test: image
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not soak" $(PYTEST_ARGS)
+
+# Long load and leak runs (minutes): hundreds of sandboxed tests, resource growth measured.
+soak: image
+	$(BIN)/python -m pytest tests/soak -m soak -s $(PYTEST_ARGS)
 
 unit: venv
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

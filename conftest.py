@@ -13,3 +13,24 @@ if os.environ.get("PYTEST_GONDOLIN_WORKER") != "1":
     from pytest_gondolin import paths
 
     os.environ.setdefault("GONDOLIN_CACHE_DIR", str(paths.cache_dir()))
+
+# Hypothesis budget: every property test sets its own max_examples; the "ci"
+# profile (chosen when $CI is set, or by GONDOLIN_HYPOTHESIS_PROFILE) makes
+# the runs reproducible and immune to a loaded host's timing. Hypothesis is a
+# test-only dependency the guest worker does not have.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:
+    pass
+else:
+    settings.register_profile(
+        "ci",
+        derandomize=True,  # the same examples every run: a CI failure reproduces locally
+        deadline=None,  # two shared cores: per-example timing is noise, not a signal
+        suppress_health_check=[HealthCheck.too_slow],
+        print_blob=True,
+    )
+    settings.register_profile("dev")
+    settings.load_profile(
+        os.environ.get("GONDOLIN_HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+    )

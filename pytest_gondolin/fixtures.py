@@ -184,8 +184,12 @@ class VMFactory:
         """Return the template VM for ``key``, put back to its clean snapshot."""
         with self._lock:
             vm = self._templates.get(key)
-            if vm is not None and vm.state.value != "running":
+            if vm is not None and not vm.alive:
+                # Closed, or its QEMU died (killed, guest panic): replace it. A
+                # dead one still holds its runtime folder until closed.
                 self._templates.pop(key)
+                self._vms = [v for v in self._vms if v is not vm]
+                vm.close()
                 vm = None
             if vm is None:
                 config = self.vm_config(key)

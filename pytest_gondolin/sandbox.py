@@ -71,6 +71,9 @@ WORKER_MAX_OUTPUT = 1 << 50
 WORKER_START_TIMEOUT = 300.0
 #: A sandboxed test without its own timeout still may not hang the session forever.
 DEFAULT_RUN_TIMEOUT = 3600.0
+#: How long a VM whose agent connection dropped gets to show it is dying (a
+#: panicked guest takes QEMU down within milliseconds; this is ample).
+VM_EXIT_GRACE = 2.0
 #: Worker stderr kept for crash reports.
 STDERR_TAIL_BYTES = 16 * 1024
 
@@ -86,8 +89,10 @@ class VMTransport:
         self._stderr_size = 0
 
     def rewind(self) -> None:
-        """Forget buffered output: the guest was restored to a snapshot."""
+        """Forget buffered output and the stderr tail: the guest was restored to a snapshot."""
         self._buf.clear()
+        self._stderr.clear()
+        self._stderr_size = 0
 
     def send(self, data: bytes) -> None:
         self.proc.write_stdin(data)
@@ -428,7 +433,9 @@ class Sandbox:
         )
         if player is not None:
             outcome = _finish_cassette(player, outcome)
-        if outcome.failure is not None and not lane.vm.alive:
+        if outcome.failure is not None and (
+            not lane.vm.alive or lane.vm.exited(grace=VM_EXIT_GRACE)
+        ):
             console = lane.vm.console_log()
             failure = outcome.failure
             detail = failure.detail + (
@@ -491,8 +498,10 @@ class Sandbox:
                     json=payload,
                     headers=dict(args.get("headers") or {}),
                 )
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ConfigError(f"bad stub from the guest: {exc}") from exc
+            # RecursionError: a deeply nested json= (the guest chooses it) must
+            # fail this query, not escape into pytest as an internal error.
+            except (KeyError, TypeError, ValueError, RecursionError) as exc:
+                raise ConfigError(f"bad stub from the guest: {str(exc)[:200]}") from exc
             return None
         raise ConfigError(f"unknown http query op {op!r}")
 

@@ -48,7 +48,7 @@ from pytest_gondolin.image.store import Image
 from pytest_gondolin.vm import checkpoint as ckpt
 from pytest_gondolin.vm import payload, reaper
 from pytest_gondolin.vm.channel import AgentChannel, AgentProcess
-from pytest_gondolin.vm.qemu import MachineSpec, command_line
+from pytest_gondolin.vm.qemu import MachineSpec, command_line, privilege_drop_args
 from pytest_gondolin.vm.qmp import QMP
 
 if TYPE_CHECKING:  # imported lazily at launch: the plugin's start-up stays cheap
@@ -231,9 +231,13 @@ def _has_network(config: VMConfig) -> bool:
     return config.net_socket is not None or config.network
 
 
-def _setpriv_prefix() -> list[str]:
+def _setpriv_prefix(die_with_parent: bool = True) -> list[str]:
+    """``setpriv`` in front of QEMU: parent-death signal, and no capabilities (see qemu.py)."""
     setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+    options = (["--pdeathsig", "KILL"] if die_with_parent else []) + privilege_drop_args(
+        os.geteuid()
+    )
+    return [setpriv, *options, "--"] if setpriv and options else []
 
 
 class VM:
@@ -343,7 +347,7 @@ class VM:
         )
         with (rundir / "qemu.log").open("wb") as errlog:
             self._proc = subprocess.Popen(
-                (_setpriv_prefix() if self.config.die_with_parent else []) + argv,
+                _setpriv_prefix(self.config.die_with_parent) + argv,
                 stdin=subprocess.DEVNULL,
                 stdout=errlog,
                 stderr=subprocess.STDOUT,
@@ -482,6 +486,24 @@ class VM:
         return (
             self.state is Runstate.RUNNING and self._proc is not None and self._proc.poll() is None
         )
+
+    def exited(self, grace: float = 0.0) -> bool:
+        """Whether QEMU has exited, waiting up to ``grace`` s once the agent connection is gone.
+
+        A guest that panics or powers off takes QEMU down a moment after its
+        agent connection drops, so "connection lost" alone does not tell a
+        dying VM from a live one. While the connection is up there is no wait.
+        """
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return True
+        if grace <= 0 or (self._channel is not None and not self._channel.closed):
+            return False
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     @property
     def pid(self) -> int | None:
@@ -710,6 +732,9 @@ class VM:
         """
         channel = self._require_channel()
         self._hmp(f"loadvm {tag}")
+        # loadvm keeps the run state it found: a VM left paused (vm.pause() in
+        # a test that then failed) would stay paused and never answer the sync.
+        self.resume()
         if self.network is not None:
             self.network.reset_flows()  # the guest's TCP state just went back in time
         try:

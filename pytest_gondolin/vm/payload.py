@@ -53,7 +53,12 @@ def _pyc(source: bytes, guest_path: str) -> bytes:
         importlib.util.MAGIC_NUMBER
         + flags
         + importlib.util.source_hash(source)
-        + marshal.dumps(code)
+        # Version 2: no back-references. Versions >= 3 mark objects by their
+        # refcount at dump time, so the same source could give different bytes
+        # in one process, and the payload's digest (the initrd name, part of
+        # the warm-snapshot key) would change between runs: cold boots and a
+        # cache that grows. marshal.loads reads every version.
+        + marshal.dumps(code, 2)
     )
 
 

@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 QMP_TIMEOUT = 30.0
 
 
+def _no_events(event: Any) -> bool:
+    return False
+
+
 class QMP:
     """One QMP connection to one QEMU. Every call is bounded."""
 
@@ -27,6 +31,10 @@ class QMP:
     def connect(self, socket_path: str, timeout: float = QMP_TIMEOUT) -> None:
         async def _connect() -> QMPClient:
             client = QMPClient(self._name)
+            # Nobody reads QEMU's events, and the default listener (which cannot
+            # be removed) keeps every one of them without bound, in a queue and
+            # a history: each restore brings STOP and RESUME. Accept none.
+            client.events.event_filter = _no_events
             await client.connect(socket_path)
             return client
 

@@ -72,6 +72,9 @@ def stop_qemu(rundir: Path) -> int | None:
         os.kill(qemu_pid, signal.SIGKILL)
     except ProcessLookupError:
         return None
+    except PermissionError:
+        log.warning("not permitted to kill QEMU %d of %s", qemu_pid, rundir)
+        return None
     return qemu_pid
 
 
