@@ -154,13 +154,17 @@ class VMFactory:
         cassette_path = None
         if cassette is not None:
             if isinstance(cassette, bool):
-                raise ConfigError("vm_factory(cassette=...): give a file path (True needs a test to name it)")
+                raise ConfigError(
+                    "vm_factory(cassette=...): give a file path (True needs a test to name it)"
+                )
             cassette_path = resolve_cassette_option(cassette, where="vm_factory(cassette=...)")
         vm = self._boot(key)
         recorder = vm.configure_network(policy)
         if cassette_path is not None and vm.network is not None:
             driver = vm.network
-            player = open_cassette(cassette_path, self.settings.record_mode, secret_store=driver.secrets)
+            player = open_cassette(
+                cassette_path, self.settings.record_mode, secret_store=driver.secrets
+            )
             driver.configure(policy, driver.secrets, recorder, player)
             vm.add_close_hook(player.save)
         return vm

@@ -112,7 +112,9 @@ def test_reaper_kills_only_orphans_of_dead_owners(tmp_path: Path) -> None:
     (rundir / "qemu.pid").write_text(f"{sleeper.pid}\n")
     # The reaper checks the command line; wait until the child has exec'd Python.
     deadline = time.monotonic() + 10
-    while str(rundir) not in Path(f"/proc/{sleeper.pid}/cmdline").read_bytes().decode(errors="replace"):
+    while str(rundir) not in Path(f"/proc/{sleeper.pid}/cmdline").read_bytes().decode(
+        errors="replace"
+    ):
         assert time.monotonic() < deadline, "the fake orphan never started"
         time.sleep(0.02)
     mine = paths.runtime_dir() / f"{os.getpid()}-cafe0000"
