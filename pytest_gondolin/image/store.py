@@ -29,6 +29,7 @@ import filelock
 from pytest_gondolin import paths
 from pytest_gondolin.errors import ImageError
 from pytest_gondolin.image.recipe import Recipe, load_recipe
+from pytest_gondolin.vm.reaper import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,6 @@ def open_image(path: Path) -> Image:
             raise ImageError(f"{path}: {name} is {actual} bytes, manifest says {expected}")
     return Image(path, manifest)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -115,7 +108,7 @@ def _remove_stale_builds(root: Path) -> None:
             pid = int(tmp.name.rsplit("-", 1)[1])
         except (IndexError, ValueError):
             pid = -1
-        if pid <= 0 or not _pid_alive(pid):
+        if pid <= 0 or not pid_alive(pid):
             log.info("removing abandoned image build %s", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -15,7 +15,6 @@ untrusted input: bounded size, every field checked.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import time
@@ -59,7 +58,7 @@ class VMFolder:
 
     @property
     def owner_alive(self) -> bool:
-        return _alive(self.owner_pid)
+        return reaper.pid_alive(self.owner_pid)
 
 
 @dataclass(frozen=True)
@@ -206,7 +205,7 @@ def kill(folder: VMFolder) -> bool:
         raise VMError(f"could not stop QEMU {folder.qemu_pid} of kept VM {folder.id}")
     if pid is not None:
         deadline = time.monotonic() + KILL_WAIT
-        while _alive(pid) and _qemu_runs(pid, folder.rundir):
+        while reaper.pid_alive(pid) and _qemu_runs(pid, folder.rundir):
             if time.monotonic() > deadline:
                 raise VMError(f"QEMU {pid} of {folder.id} did not exit after SIGKILL")
             time.sleep(0.02)
@@ -243,14 +242,6 @@ def connect(folder: VMFolder, *, timeout: float = ATTACH_SYNC_TIMEOUT) -> AgentC
         ) from exc
     return channel
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -35,7 +35,8 @@ def new_rundir() -> Path:
     return path
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists (also when it belongs to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -66,7 +67,7 @@ def stop_qemu(rundir: Path) -> int | None:
         qemu_pid = int((rundir / "qemu.pid").read_text().strip())
     except (OSError, ValueError):
         return None
-    if qemu_pid <= 0 or not _alive(qemu_pid) or str(rundir) not in _cmdline(qemu_pid):
+    if qemu_pid <= 0 or not pid_alive(qemu_pid) or str(rundir) not in _cmdline(qemu_pid):
         return None
     try:
         os.kill(qemu_pid, signal.SIGKILL)
@@ -86,7 +87,7 @@ def reap_orphans(*, spare_kept: bool = False) -> list[Path]:
     removed: list[Path] = []
     for rundir in paths.runtime_dir().iterdir():
         owner_text = rundir.name.split("-", 1)[0]
-        if not owner_text.isdigit() or _alive(int(owner_text)) or not rundir.is_dir():
+        if not owner_text.isdigit() or pid_alive(int(owner_text)) or not rundir.is_dir():
             continue
         if spare_kept and (rundir / KEPT_MARKER).exists():
             continue
