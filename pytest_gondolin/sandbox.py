@@ -97,24 +97,30 @@ class VMTransport:
     def send(self, data: bytes) -> None:
         self.proc.write_stdin(data)
 
-    def _keep_stderr(self, data: bytes) -> None:
+    def _take(self, chunk: tuple[str, bytes]) -> None:
+        """Route one output chunk: stdout to the line buffer, stderr to the bounded tail."""
+        stream, data = chunk
+        if stream == "stdout":
+            self._buf += data
+            return
         self._stderr.append(data)
         self._stderr_size += len(data)
         while self._stderr_size > STDERR_TAIL_BYTES and len(self._stderr) > 1:
             self._stderr_size -= len(self._stderr.popleft())
+
+    def _pop(self, size: int) -> bytes:
+        line = bytes(self._buf[:size])
+        del self._buf[:size]
+        return line
 
     def recv_line(self, timeout: float) -> bytes | None:
         deadline = time.monotonic() + timeout
         while True:
             nl = self._buf.find(b"\n")
             if nl >= 0:
-                line = bytes(self._buf[: nl + 1])
-                del self._buf[: nl + 1]
-                return line
+                return self._pop(nl + 1)
             if len(self._buf) > MAX_WORKER_LINE:
-                line = bytes(self._buf)
-                self._buf.clear()
-                return line
+                return self._pop(len(self._buf))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no line from the guest worker within {timeout:g} s")
@@ -123,16 +129,8 @@ class VMTransport:
             except AgentTimeout as exc:
                 raise TimeoutError(str(exc)) from exc
             if chunk is None:
-                if self._buf:
-                    line = bytes(self._buf)
-                    self._buf.clear()
-                    return line
-                return None
-            stream, data = chunk
-            if stream == "stdout":
-                self._buf += data
-            else:
-                self._keep_stderr(data)
+                return self._pop(len(self._buf)) if self._buf else None
+            self._take(chunk)
 
     def wait(self, timeout: float) -> int | None:
         try:
@@ -161,11 +159,7 @@ class VMTransport:
                 break
             if chunk is None:
                 break
-            stream, data = chunk
-            if stream == "stdout":
-                self._buf += data
-            else:
-                self._keep_stderr(data)
+            self._take(chunk)
         return b"".join(self._stderr).decode(errors="replace")
 
 
