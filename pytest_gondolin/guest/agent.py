@@ -75,8 +75,9 @@ KILL_DRAIN_LIMIT = 2.0
 DRAIN_POLL = 0.05
 #: virtio-serial reads return EOF while no host is connected; re-check this often.
 DISCONNECTED_POLL = 0.05
-#: With no children the reaper sleeps; forks wake it, this is only a safety net.
-REAPER_IDLE_WAIT = 1.0
+#: With no children the reaper sleeps; forks wake it, this is only a safety net
+#: (long: each wake-up is Python work that also lands in restores under TCG).
+REAPER_IDLE_WAIT = 60.0
 #: How long to wait for the virtio port to appear (modules may still be loading).
 DEVICE_WAIT = 30.0
 #: Bytes per read from the channel.
@@ -522,6 +523,7 @@ class Agent:
         self._execs_lock = threading.Lock()
         self._writes: dict[int, _Write] = {}
         self._failed_writes: set[int] = set()
+        self._urandom_fd: int | None = None
         self._handlers: dict[str, Callable[[Frame], None]] = {
             "sync": self._h_sync,
             "exec": self._h_exec,
@@ -549,9 +551,14 @@ class Agent:
         fd = self.channel.fd
         self.channel.send({"t": "ready", "id": 0, "version": PROTOCOL_VERSION, "pid": os.getpid()})
         decoder = FrameDecoder()
+        # One buffer for every read: os.read(fd, READ_SIZE) would mmap and
+        # munmap a fresh 256 KiB object per read, which under TCG is a
+        # visible cost, and more so right after a restore (cold translations).
+        buf = bytearray(READ_SIZE)
+        view = memoryview(buf)
         while not self.channel.failed.is_set():
             try:
-                data = os.read(fd, READ_SIZE)
+                n = os.readv(fd, [buf])
             except OSError as exc:
                 if not self.device:
                     log.error("channel read failed: %s", exc)
@@ -559,7 +566,7 @@ class Agent:
                 log.warning("channel read failed: %s", exc)
                 time.sleep(DISCONNECTED_POLL)
                 continue
-            if not data:
+            if not n:
                 if not self.device:
                     break
                 # No host connected: a half-received frame will never be completed.
@@ -568,7 +575,7 @@ class Agent:
                 time.sleep(DISCONNECTED_POLL)
                 continue
             try:
-                decoder.feed(data)
+                decoder.feed(view[:n])
                 for frame in decoder:
                     self._dispatch(frame)
             except ProtocolError as exc:
@@ -856,28 +863,33 @@ class Agent:
 
     def _mix_entropy(self, payload: bytes) -> None:
         """Mix host entropy into the kernel pool, reseed the CRNG and this process's ``random``."""
-        with open("/dev/urandom", "wb", buffering=0) as f:
-            credited = False
-            if os.geteuid() == 0 and payload:
-                # struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
-                info = struct.pack("ii", len(payload) * 8, len(payload))
-                try:
-                    fcntl.ioctl(f.fileno(), RNDADDENTROPY, info + payload)
-                    credited = True
-                except OSError as exc:
-                    log.debug("RNDADDENTROPY failed (%s); mixing without credit", exc)
-            if not credited:
-                _write_all(f.fileno(), payload)
-            if credited:
-                # A restored snapshot carries the kernel CRNG's state: without an
-                # immediate reseed, two restores would hand out the same bytes
-                # until the next scheduled reseed (up to a minute later).
-                try:
-                    fcntl.ioctl(f.fileno(), RNDRESEEDCRNG)
-                except OSError as exc:
-                    log.debug("RNDRESEEDCRNG failed (%s)", exc)
+        if self._urandom_fd is None:
+            # Kept open: this runs right after every restore, when each new
+            # kernel path (here: an open()) costs fresh translations under TCG.
+            self._urandom_fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+        fd = self._urandom_fd
+        credited = False
+        if os.geteuid() == 0 and payload:
+            # struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+            info = struct.pack("ii", len(payload) * 8, len(payload))
+            try:
+                fcntl.ioctl(fd, RNDADDENTROPY, info + payload)
+                credited = True
+            except OSError as exc:
+                log.debug("RNDADDENTROPY failed (%s); mixing without credit", exc)
+        if not credited:
+            _write_all(fd, payload)
+        if credited:
+            # A restored snapshot carries the kernel CRNG's state: without an
+            # immediate reseed, two restores would hand out the same bytes
+            # until the next scheduled reseed (up to a minute later).
+            try:
+                fcntl.ioctl(fd, RNDRESEEDCRNG)
+            except OSError as exc:
+                log.debug("RNDRESEEDCRNG failed (%s)", exc)
         # The agent's own PRNG was cloned with the snapshot too.
-        random.seed(os.urandom(32))
+        # An int seed: a bytes seed would run SHA-512 first (more cold code after a restore).
+        random.seed(int.from_bytes(os.urandom(32), "big"))
 
     def _h_poweroff(self, frame: Frame) -> None:
         if os.getpid() != 1:

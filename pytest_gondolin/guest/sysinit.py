@@ -87,6 +87,17 @@ def _set_up(sock: socket.socket, name: str) -> None:
     fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sh22x", name.encode(), flags | IFF_UP))
 
 
+def _disable_ipv6(name: str) -> None:
+    # The host drops all IPv6 (netpolicy/stack.py); without this the kernel
+    # would keep sending router solicitations, DAD and MLD reports, and that
+    # background work would replay after every snapshot restore.
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as fh:
+            fh.write("1")
+    except OSError as exc:
+        _log(f"disable_ipv6 on {name}: {exc}")
+
+
 def _add_default_route(sock: socket.socket, gateway: str) -> None:
     def sin(addr: str) -> bytes:
         return struct.pack("<HH4s8x", socket.AF_INET, 0, socket.inet_aton(addr))
@@ -118,6 +129,7 @@ def configure_network(mtu: int) -> None:
         _set_up(sock, "lo")
         if not os.path.exists("/sys/class/net/eth0"):
             return
+        _disable_ipv6("eth0")
         fcntl.ioctl(sock, SIOCSIFMTU, struct.pack("16si12x", b"eth0", mtu))
         fcntl.ioctl(sock, SIOCSIFADDR, _ifreq_addr("eth0", GUEST_ADDR))
         fcntl.ioctl(sock, SIOCSIFNETMASK, _ifreq_addr("eth0", NETMASK))

@@ -30,6 +30,9 @@ AGENT_PORT_NAME = "org.gondolin.agent"
 #: UART work; ``panic=-1`` + ``-no-reboot``: a guest panic ends QEMU at once;
 #: ``tsc=reliable``/``no_timer_check``: skip calibration loops that are
 #: slow under emulation; ``8250.nr_uarts=1``: probe one serial port only.
+#: ``init_on_free=1``: freed pages are zeroed, so a snapshot stores (and a
+#: restore loads) only memory in use: 75 instead of 104 MiB here, ~25 ms
+#: less per restore; freed guest memory also holds no stale data.
 KERNEL_ARGS = (
     "console=ttyS0",
     "quiet",
@@ -41,6 +44,7 @@ KERNEL_ARGS = (
     "mitigations=off",
     "random.trust_cpu=on",
     "rootfstype=ext4",
+    "init_on_free=1",
 )
 
 
@@ -157,7 +161,10 @@ def command_line(spec: MachineSpec) -> list[str]:
             "-device",
             # romfile=: no iPXE option ROM; we boot the kernel directly, and
             # loading and probing the ROM costs boot time under TCG.
-            f"virtio-net-pci,netdev=net0,mac={spec.mac},host_mtu={spec.mtu},romfile=",
+            # guest_announce=off: after every restore the guest would
+            # otherwise be asked to announce itself (gratuitous ARP, netlink
+            # events), kernel work on the restore's critical path.
+            f"virtio-net-pci,netdev=net0,mac={spec.mac},host_mtu={spec.mtu},romfile=,guest_announce=off",
         ]
     if spec.sandbox:
         sandbox = SANDBOX
