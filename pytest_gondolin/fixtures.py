@@ -2,8 +2,9 @@
 
 The factory owns every VM it builds and closes them all at session end
 (Firecracker's test framework pattern). The ``vm`` fixture does not boot
-per test: a template VM per option set is booted once, saved with an
-internal snapshot, and put back to it before each test.
+per test: per option set, VMs started from the ready snapshot take turns
+(``vm/pool.py``); the one a test used is put back to that snapshot in the
+background while the next test runs in another.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pytest_gondolin.netpolicy.cassette import open_cassette, resolve_cassette_o
 from pytest_gondolin.netpolicy.policy import NetworkPolicy
 from pytest_gondolin.vm.accel import AccelChoice, choose_accel
 from pytest_gondolin.vm.machine import VM, VMConfig
+from pytest_gondolin.vm.pool import RestorePool
 from pytest_gondolin.vm.warm import CLEAN_TAG, launch_clean
 
 if TYPE_CHECKING:
@@ -33,6 +35,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+#: VMs per option set behind the ``vm`` fixture: with two, a test never waits
+#: for the previous test's restore. One core: a background restore would
+#: only compete with the running test.
+VM_POOL_SIZE = 2 if (os.cpu_count() or 1) > 1 else 1
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class VMFactory:
         self._vms: list[VM] = []
         self._images: dict[str, Image] = {}
         self._accel: AccelChoice | None = None
-        self._templates: dict[GuestKey, VM] = {}
+        self._pools: dict[GuestKey, RestorePool] = {}
         self.count = 0
 
     # -- option handling ---------------------------------------------------
@@ -185,33 +192,53 @@ class VMFactory:
         return vm
 
     def clean_vm(self, key: GuestKey) -> VM:
-        """Return the template VM for ``key``, put back to its clean snapshot."""
-        with self._lock:
-            vm = self._templates.get(key)
-            if vm is not None and not vm.alive:
-                # Closed, or its QEMU died (killed, guest panic): replace it. A
-                # dead one still holds its runtime folder until closed.
-                self._templates.pop(key)
-                self._vms = [v for v in self._vms if v is not vm]
-                vm.close()
-                vm = None
-            if vm is None:
-                config = self.vm_config(key)
-                self.count += 1
-                vm = launch_clean(config, name=f"vm{self.count}", progress=self.progress)
-                self._vms.append(vm)
-                self._templates[key] = vm
-                return vm
-        vm.load_internal(CLEAN_TAG)
-        return vm
+        """Return a VM for ``key`` in its clean state (the ready snapshot), in use until :meth:`recycle`.
 
-    def release(self, vm: VM) -> None:
-        """Stop owning ``vm`` (it is not closed at session end); a template is replaced on next use."""
+        The first call starts the VM from the cached ready snapshot (or boots
+        and caches it); a second VM then starts in the background.
+        """
+        return self._pool(key).take()
+
+    def recycle(self, vm: VM) -> None:
+        """The test that used ``vm`` (from :meth:`clean_vm`) is over: make it clean again."""
+        with self._lock:
+            pools = list(self._pools.values())
+        for pool in pools:
+            pool.give_back(vm)
+
+    def _pool(self, key: GuestKey) -> RestorePool:
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                config = self.vm_config(key)
+                pool = RestorePool(
+                    lambda: self._launch_clean(config),
+                    lambda vm: vm.load_internal(CLEAN_TAG),
+                    size=VM_POOL_SIZE,
+                    name="vm",
+                    on_new=self.adopt,
+                    on_drop=self._forget,
+                )
+                self._pools[key] = pool
+            return pool
+
+    def _launch_clean(self, config: VMConfig) -> VM:
+        with self._lock:
+            self.count += 1
+            name = f"vm{self.count}"
+        return launch_clean(config, name=name, progress=self.progress)
+
+    def _forget(self, vm: VM) -> None:
         with self._lock:
             self._vms = [v for v in self._vms if v is not vm]
-            for key, template in list(self._templates.items()):
-                if template is vm:
-                    del self._templates[key]
+
+    def release(self, vm: VM) -> None:
+        """Stop owning ``vm`` (it is not closed at session end, never handed out again)."""
+        self._forget(vm)
+        with self._lock:
+            pools = list(self._pools.values())
+        for pool in pools:
+            pool.discard(vm)
 
     def adopt(self, vm: VM) -> None:
         """Take ownership of ``vm``: it is closed with the factory."""
@@ -220,8 +247,11 @@ class VMFactory:
 
     def close_all(self) -> None:
         with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+        with self._lock:
             vms, self._vms = self._vms, []
-            self._templates.clear()
         for vm in reversed(vms):
             try:
                 vm.close()
@@ -246,6 +276,8 @@ def _terminal_progress(config: pytest.Config) -> Progress:
 
     def show(msg: str) -> None:
         log.info("%s", msg)
+        if threading.current_thread() is not threading.main_thread():
+            return  # a background start: the terminal and capturing belong to the test
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         capman = config.pluginmanager.get_plugin("capturemanager")
         if reporter is None or config.get_verbosity() < 0:
@@ -285,6 +317,7 @@ def vm(vm_factory: VMFactory, request: pytest.FixtureRequest) -> Iterator[VM]:
         machine.configure_network()
     request.node.stash[ACTIVE_VM_KEY] = machine
     yield machine
+    vm_factory.recycle(machine)
 
 
 ACTIVE_VM_KEY = pytest.StashKey[VM]()

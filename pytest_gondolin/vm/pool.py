@@ -1,0 +1,270 @@
+"""VMs that take turns: one is in a test while the others are made clean in the background.
+
+A restore costs ~0.1-0.2 s under TCG (``loadvm`` plus the guest's first,
+cold-translated round trip). With two VMs per option set, the VM a test
+used is put back to its snapshot while the next test already runs in the
+other one, so the per-test cost of the ``vm`` fixture is a hand-over, not a
+restore. One CPU: one VM, restored in the foreground (a background restore
+would only compete with the test for the same core).
+
+The pool never hands out a VM that was used since its last restore: a VM
+given back is restored before it is handed out again, in the background if
+possible, otherwise at once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import enum
+import logging
+import threading
+from collections.abc import Callable
+
+from pytest_gondolin.errors import GondolinError, VMError
+from pytest_gondolin.vm.machine import VM
+
+log = logging.getLogger(__name__)
+
+Future = concurrent.futures.Future
+
+
+class _State(enum.Enum):
+    LAUNCHING = "launching"
+    READY = "ready"
+    IN_USE = "in use"
+    RESTORING = "restoring"
+
+
+@dataclasses.dataclass(eq=False)
+class _Member:
+    state: _State
+    vm: VM | None = None
+    #: The background launch or restore under way.
+    future: Future[VM] | None = None
+    #: Hand-out order, so "all in use" restores the one handed out longest ago.
+    handed_out: int = 0
+
+
+class RestorePool:
+    """Up to ``size`` interchangeable VMs, each restorable to the same clean state.
+
+    ``launch()`` makes a new clean VM; ``restore(vm)`` puts one back. Both
+    may run in a background thread. The pool owns its VMs: :meth:`close`
+    closes them, and a VM found dead (closed, QEMU killed) is closed and
+    replaced.
+    """
+
+    def __init__(
+        self,
+        launch: Callable[[], VM],
+        restore: Callable[[VM], None],
+        *,
+        size: int,
+        name: str = "vm",
+        on_new: Callable[[VM], None] | None = None,
+        on_drop: Callable[[VM], None] | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"a restore pool needs at least one VM, got size={size}")
+        self._launch = launch
+        self._restore = restore
+        self.size = size
+        self.name = name
+        self._on_new = on_new or (lambda vm: None)
+        self._on_drop = on_drop or (lambda vm: None)
+        self._lock = threading.Lock()
+        self._members: list[_Member] = []
+        self._counter = 0
+        self._closed = False
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    # -- handing out ----------------------------------------------------------------
+
+    def take(self) -> VM:
+        """Return a clean VM, marked in use until :meth:`give_back`.
+
+        Waits for a background launch or restore if no VM is ready; launches
+        the first VM in the foreground. With every VM in use (a test that
+        asked twice), the one handed out longest ago is restored now.
+
+        Raises:
+            GondolinError: no clean VM could be made (the launch's error).
+        """
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise VMError(f"{self.name} pool is closed")
+                dead = self._take_dead()
+                member = self._pick()
+                pending = [m.future for m in self._members if m.future is not None]
+                if member is None and not pending:
+                    # Nothing to wait for: restore an in-use VM, or launch one.
+                    member = self._oldest_in_use()
+                    if member is None:
+                        member = _Member(_State.LAUNCHING)
+                        self._members.append(member)
+                    else:
+                        member.state = _State.RESTORING
+            for vm in dead:
+                self._close(vm)
+            if member is None:
+                concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                continue
+            launching = member.vm is None and member.future is None
+            try:
+                vm = self._make_clean(member)
+            except GondolinError as exc:
+                self._fail(member, exc, quiet=launching)
+                if launching:
+                    raise  # nothing else would do better: the test gets this error
+                continue  # a failed restore costs that VM, not the test
+            with self._lock:
+                member.state = _State.IN_USE
+                self._counter += 1
+                member.handed_out = self._counter
+            self._fill()
+            return vm
+
+    def give_back(self, vm: VM) -> None:
+        """``vm``'s test is over: restore it (in the background when another VM can serve)."""
+        with self._lock:
+            member = self._find(vm)
+            if member is None or member.state is not _State.IN_USE:
+                return
+            if self._closed or not vm.alive:
+                return  # dropped by the next take()
+            if self.size > 1:
+                member.state = _State.RESTORING
+                member.future = self._submit(self._restored, vm)
+            else:
+                member.state = _State.RESTORING  # restored by the next take()
+
+    def discard(self, vm: VM) -> bool:
+        """Stop owning ``vm`` (not closed, never handed out again); True if it was a member."""
+        with self._lock:
+            member = self._find(vm)
+            if member is None:
+                return False
+            self._members.remove(member)
+        return True
+
+    def close(self) -> None:
+        """Close every VM (a background restore then fails fast) and wait for the threads."""
+        with self._lock:
+            self._closed = True
+            members, self._members = self._members, []
+            executor, self._executor = self._executor, None
+        for member in members:
+            if member.vm is not None:
+                self._close(member.vm)
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        # A launch that was under way finished into a closed pool.
+        for member in members:
+            future = member.future
+            finished = future is not None and future.done() and not future.cancelled()
+            if finished and future is not None and future.exception() is None:
+                self._close(future.result())
+
+    @property
+    def vms(self) -> list[VM]:
+        """The member VMs that exist now (launched, in any state)."""
+        with self._lock:
+            return [m.vm for m in self._members if m.vm is not None]
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _pick(self) -> _Member | None:
+        """A member that is ready, or whose background work finished (lock held)."""
+        for member in self._members:
+            if member.state is _State.READY:
+                return member
+        for member in self._members:
+            if member.future is not None and member.future.done():
+                return member  # _make_clean collects its result
+        return None
+
+    def _oldest_in_use(self) -> _Member | None:
+        candidates = [
+            m
+            for m in self._members
+            if m.state in (_State.IN_USE, _State.RESTORING)
+            and m.future is None
+            and m.vm is not None
+        ]
+        return min(candidates, key=lambda m: m.handed_out, default=None)
+
+    def _make_clean(self, member: _Member) -> VM:
+        """Finish ``member``'s background work or do it now; returns its clean VM."""
+        future, member.future = member.future, None
+        if future is not None:
+            vm = future.result()  # raises the background launch's or restore's error
+            member.vm = vm
+            return vm
+        if member.state is _State.LAUNCHING:
+            vm = self._launched()
+            member.vm = vm
+            return vm
+        assert member.vm is not None
+        if member.state is _State.RESTORING:
+            self._restore(member.vm)
+        return member.vm
+
+    def _launched(self) -> VM:
+        vm = self._launch()
+        self._on_new(vm)
+        return vm
+
+    def _restored(self, vm: VM) -> VM:
+        self._restore(vm)
+        return vm
+
+    def _fill(self) -> None:
+        """Start background launches until the pool has ``size`` members."""
+        with self._lock:
+            while not self._closed and len(self._members) < self.size:
+                member = _Member(_State.LAUNCHING)
+                member.future = self._submit(self._launched)
+                self._members.append(member)
+
+    def _submit(self, fn: Callable[..., VM], *args: VM) -> Future[VM]:
+        """Run ``fn`` in the pool's threads (lock held)."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self.size, thread_name_prefix=f"gondolin-{self.name}-restore"
+            )
+        return self._executor.submit(fn, *args)
+
+    def _fail(self, member: _Member, exc: BaseException, *, quiet: bool) -> None:
+        with self._lock:
+            if member in self._members:
+                self._members.remove(member)
+        if not quiet:
+            what = "start" if member.vm is None else f"restore of {member.vm.name}"
+            log.warning("%s pool: %s failed; the VM is dropped: %s", self.name, what, exc)
+        if member.vm is not None:
+            self._close(member.vm)
+
+    def _take_dead(self) -> list[VM]:
+        """Forget members whose VM died or was closed; the caller closes them (lock held)."""
+        dead = []
+        for member in list(self._members):
+            vm = member.vm
+            if vm is not None and member.future is None and not vm.alive:
+                self._members.remove(member)
+                dead.append(vm)
+        return dead
+
+    def _find(self, vm: VM) -> _Member | None:
+        for member in self._members:
+            if member.vm is vm:
+                return member
+        return None
+
+    def _close(self, vm: VM) -> None:
+        try:
+            vm.close()
+        except Exception:
+            log.exception("closing %r failed", vm)
+        self._on_drop(vm)
