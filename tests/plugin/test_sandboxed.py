@@ -258,18 +258,17 @@ SHARED_MAIN = """
         print(f"GUEST_TMP_FILE={target}")
 
 
+    # Four rounds on VMs that take turns: each VM serves twice, so a round that
+    # finds a trace of an earlier one means a restore did not clean up.
     @sandboxed
-    def test_isolation_first():
+    @pytest.mark.parametrize("round_", range(4))
+    def test_isolation(round_):
         global STATE
+        assert STATE == "original"
+        assert not MARKER_FILE.exists()
         STATE = "mutated"
         MARKER_FILE.write_text("left behind")
         assert (STATE, MARKER_FILE.read_text()) == ("mutated", "left behind")
-
-
-    @sandboxed
-    def test_isolation_second():
-        assert STATE == "original"
-        assert not MARKER_FILE.exists()
 
 
     @sandboxed
@@ -343,8 +342,10 @@ SHARED_STATUSES: dict[str, list[str]] = {
     "test_main.py::test_output_on_failure": ["FAILED"],
     "test_main.py::test_caplog": ["PASSED"],
     "test_main.py::test_tmp_path": ["PASSED"],
-    "test_main.py::test_isolation_first": ["PASSED"],
-    "test_main.py::test_isolation_second": ["PASSED"],
+    "test_main.py::test_isolation[0]": ["PASSED"],
+    "test_main.py::test_isolation[1]": ["PASSED"],
+    "test_main.py::test_isolation[2]": ["PASSED"],
+    "test_main.py::test_isolation[3]": ["PASSED"],
     "test_main.py::test_wants_vm": ["ERROR"],
     "test_main.py::test_bad_keyword": ["ERROR"],
     "test_main.py::test_bad_timeout": ["ERROR"],
@@ -426,7 +427,7 @@ def _main_line(needle: str) -> int:
 
 
 def test_shared_counts_and_exit_code(shared: SharedRun) -> None:
-    shared.result.assert_outcomes(passed=16, failed=3, errors=6, skipped=1, xfailed=1, xpassed=1)
+    shared.result.assert_outcomes(passed=18, failed=3, errors=6, skipped=1, xfailed=1, xpassed=1)
     assert shared.result.ret == pytest.ExitCode.TESTS_FAILED, shared.text
 
 
@@ -577,8 +578,10 @@ def test_short_summary_with_rA(shared: SharedRun) -> None:
             "PASSED test_main.py::test_capsys",
             "PASSED test_main.py::test_caplog",
             "PASSED test_main.py::test_tmp_path",
-            "PASSED test_main.py::test_isolation_first",
-            "PASSED test_main.py::test_isolation_second",
+            "PASSED test_main.py::test_isolation[[]0[]]",
+            "PASSED test_main.py::test_isolation[[]1[]]",
+            "PASSED test_main.py::test_isolation[[]2[]]",
+            "PASSED test_main.py::test_isolation[[]3[]]",
             "PASSED test_main.py::test_project_package",
             "PASSED test_main.py::test_on_host",
             "PASSED test_module_mark.py::test_module_marked_a",
@@ -595,7 +598,7 @@ def test_short_summary_with_rA(shared: SharedRun) -> None:
             "FAILED test_main.py::test_fail_introspection - assert 4 == 5",
             "FAILED test_main.py::test_xpass_strict - [[]XPASS(strict)[]] strict-reason-in-guest",
             "FAILED test_main.py::test_output_on_failure - AssertionError: assert 'gondolin' *",
-            "*= 3 failed, 16 passed, 1 skipped, 1 xfailed, 1 xpassed, 6 errors in *",
+            "*= 3 failed, 18 passed, 1 skipped, 1 xfailed, 1 xpassed, 6 errors in *",
         ],
         consecutive=True,
     )
@@ -627,7 +630,7 @@ def _junit_cases(root: ET.Element) -> dict[str, tuple[str, list[tuple[str, str]]
 def test_junitxml(shared: SharedRun) -> None:
     suite = shared.junit.find("testsuite")
     assert suite is not None
-    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("27", "3", "6")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("29", "3", "6")
     assert suite.get("skipped") == "2"  # the skip and the xfail
     vm_message = (
         "failed on setup with \"Failed: fixture 'vm' is a host fixture (it drives VMs from the "
@@ -671,8 +674,10 @@ def test_junitxml(shared: SharedRun) -> None:
         ),
         "test_caplog": ("test_main", passed),
         "test_tmp_path": ("test_main", passed),
-        "test_isolation_first": ("test_main", passed),
-        "test_isolation_second": ("test_main", passed),
+        "test_isolation[0]": ("test_main", passed),
+        "test_isolation[1]": ("test_main", passed),
+        "test_isolation[2]": ("test_main", passed),
+        "test_isolation[3]": ("test_main", passed),
         "test_wants_vm": ("test_main", [("error", vm_message)]),
         "test_bad_keyword": (
             "test_main",
