@@ -156,6 +156,7 @@ SHARED_PACKAGE = """
 SHARED_MAIN = """
     import logging
     import os
+    import random
     import uuid
     from pathlib import Path
 
@@ -269,6 +270,7 @@ SHARED_MAIN = """
         STATE = "mutated"
         MARKER_FILE.write_text("left behind")
         assert (STATE, MARKER_FILE.read_text()) == ("mutated", "left behind")
+        print(f"RANDOM_SAMPLE={random.getrandbits(64)}:{os.urandom(16).hex()}")
 
 
     @sandboxed
@@ -524,6 +526,20 @@ def test_tmp_path_lives_in_the_guest(shared: SharedRun) -> None:
     assert re.fullmatch(r"guest-[0-9a-f]{32}\.txt", guest_file.name), guest_file
     # The guest wrote and read it back (the test passed); the host never saw it.
     assert not guest_file.exists()
+
+
+def test_every_restore_gets_fresh_randomness(shared: SharedRun) -> None:
+    """The isolation rounds all start from one snapshot: Python's ``random`` and the
+    kernel RNG must still give each of them different values."""
+    samples = [
+        line.partition("=")[2].split(":")
+        for line in shared.result.outlines
+        if line.startswith("RANDOM_SAMPLE=")
+    ]
+    assert len(samples) == 4, shared.text
+    for part in (0, 1):
+        values = [sample[part] for sample in samples]
+        assert len(set(values)) == 4, values
 
 
 def test_host_fixture_in_sandboxed_test_is_explained(shared: SharedRun) -> None:
