@@ -162,19 +162,29 @@ def fixture_section(n: int) -> list[Row]:
         @pytest.mark.parametrize("i", range({n + 1}))
         def test_vm(vm, i):
             assert vm is not None
+
+        @pytest.mark.parametrize("i", range({n + 1}))
+        def test_vm_exec(vm, i):
+            assert vm.exec("echo hi; ls /tmp").stdout.startswith("hi")
         """)
     times = _inner_run(tests, n, [])
     plain = [v for k, v in times.items() if "test_plain" in k][1:]
-    with_vm = [v for k, v in times.items() if "test_vm" in k][
-        1:
-    ]  # the first one boots the template
+    # The first of each kind starts the VMs.
+    with_vm = [v for k, v in times.items() if "test_vm[" in k][1:]
+    with_exec = [v for k, v in times.items() if "test_vm_exec[" in k][1:]
     p, v = statistics.median(plain) * 1000, statistics.median(with_vm) * 1000
+    e = statistics.median(with_exec) * 1000
     return [
         (
             "per-test cost: test using `vm` vs plain test",
             f"{v:.0f} ms vs {p:.1f} ms",
             f"median of {len(with_vm)}; overhead {v - p:.0f} ms",
-        )
+        ),
+        (
+            "test using `vm` that runs one shell command (`echo hi; ls /tmp`)",
+            f"{e:.0f} ms",
+            f"median of {len(with_exec)}; the whole test, restore wait included",
+        ),
     ]
 
 

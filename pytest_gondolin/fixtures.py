@@ -51,6 +51,21 @@ class GuestKey:
     cpus: int
 
 
+def _restore(vm: VM) -> None:
+    vm.load_internal(CLEAN_TAG)
+
+
+def _warm_up(vm: VM) -> None:
+    """Run one shell in a just-restored guest, in the background before it is handed out.
+
+    ``loadvm`` drops QEMU's translated code, so under TCG a test's first
+    ``exec`` after a restore costs ~0.24 s instead of ~0.1 s; this pays for
+    it while no test waits. The guest is left as the snapshot plus one
+    finished ``sh -c true``: no file, process or setting of it remains.
+    """
+    vm.exec(["sh", "-c", "true"], timeout=60)
+
+
 class VMFactory:
     """Builds VMs with options; closes all of them at session end."""
 
@@ -213,11 +228,12 @@ class VMFactory:
                 config = self.vm_config(key)
                 pool = RestorePool(
                     lambda: self._launch_clean(config),
-                    lambda vm: vm.load_internal(CLEAN_TAG),
+                    _restore,
                     size=VM_POOL_SIZE,
                     name="vm",
                     on_new=self.adopt,
                     on_drop=self._forget,
+                    warm=_warm_up,
                 )
                 self._pools[key] = pool
             return pool

@@ -19,6 +19,7 @@ import dataclasses
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from pytest_gondolin.errors import GondolinError, VMError
@@ -44,13 +45,16 @@ class _Member:
     future: Future[VM] | None = None
     #: Hand-out order, so "all in use" restores the one handed out longest ago.
     handed_out: int = 0
+    #: When it was handed out (monotonic), to tell short tests from long ones.
+    taken_at: float = 0.0
 
 
 class RestorePool:
     """Up to ``size`` interchangeable VMs, each restorable to the same clean state.
 
     ``launch()`` makes a new clean VM; ``restore(vm)`` puts one back. Both
-    may run in a background thread. The pool owns its VMs: :meth:`close`
+    may run in a background thread. ``warm(vm)``, if given, runs after a
+    background restore of a VM whose test lasted ``warm_after`` s or more. The pool owns its VMs: :meth:`close`
     closes them, and a VM found dead (closed, QEMU killed) is closed and
     replaced.
     """
@@ -64,6 +68,8 @@ class RestorePool:
         name: str = "vm",
         on_new: Callable[[VM], None] | None = None,
         on_drop: Callable[[VM], None] | None = None,
+        warm: Callable[[VM], None] | None = None,
+        warm_after: float = 0.1,
     ) -> None:
         if size < 1:
             raise ValueError(f"a restore pool needs at least one VM, got size={size}")
@@ -73,6 +79,8 @@ class RestorePool:
         self.name = name
         self._on_new = on_new or (lambda vm: None)
         self._on_drop = on_drop or (lambda vm: None)
+        self._warm = warm
+        self.warm_after = warm_after
         self._lock = threading.Lock()
         self._members: list[_Member] = []
         self._counter = 0
@@ -123,6 +131,7 @@ class RestorePool:
                 member.state = _State.IN_USE
                 self._counter += 1
                 member.handed_out = self._counter
+                member.taken_at = time.monotonic()
             self._fill()
             return vm
 
@@ -136,7 +145,11 @@ class RestorePool:
                 return  # dropped by the next take()
             if self.size > 1:
                 member.state = _State.RESTORING
-                member.future = self._submit(self._restored, vm)
+                # A test that kept its VM a while is likely followed by tests that
+                # run guest commands too: warm the guest up after the restore
+                # (background). After short tests the next one would only wait.
+                warm = time.monotonic() - member.taken_at >= self.warm_after
+                member.future = self._submit(self._restored, vm, warm)
             else:
                 member.state = _State.RESTORING  # restored by the next take()
 
@@ -216,8 +229,10 @@ class RestorePool:
         self._on_new(vm)
         return vm
 
-    def _restored(self, vm: VM) -> VM:
+    def _restored(self, vm: VM, warm: bool = False) -> VM:
         self._restore(vm)
+        if warm and self._warm is not None:
+            self._warm(vm)
         return vm
 
     def _fill(self) -> None:
@@ -228,7 +243,7 @@ class RestorePool:
                 member.future = self._submit(self._launched)
                 self._members.append(member)
 
-    def _submit(self, fn: Callable[..., VM], *args: VM) -> Future[VM]:
+    def _submit(self, fn: Callable[..., VM], *args: object) -> Future[VM]:
         """Run ``fn`` in the pool's threads (lock held)."""
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(

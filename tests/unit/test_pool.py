@@ -40,12 +40,15 @@ class Harness:
         self.restore_delay = restore_delay
         self.launch_gate = threading.Event()
         self.launch_gate.set()
+        self.warmed: list[str] = []
         self.pool = RestorePool(
             self._launch,
             self._restore,
             size=size,
             name="test",
             on_drop=lambda vm: self.dropped.append(cast(Any, vm)),
+            warm=lambda vm: self.warmed.append(vm.name),
+            warm_after=0.2,
         )
 
     def _launch(self) -> VM:
@@ -119,7 +122,8 @@ def test_the_used_vm_is_restored_while_the_other_serves() -> None:
         started = time.monotonic()
         b = h.take()  # ... which the next test does not wait for
         assert b.name == "vm2" and time.monotonic() - started < 0.3
-        h.give_back(b)
+        time.sleep(0.1)
+        h.give_back(b)  # restored 0.1 s after vm1
         c = h.take()  # vm1's restore finishes first
         assert c is a and a.restores == 1
     finally:
@@ -196,6 +200,22 @@ def test_close_closes_every_vm_including_one_still_starting(harness: Harness) ->
     assert all(vm.closed for vm in harness.launched)
     with pytest.raises(Exception, match="closed"):
         harness.pool.take()
+
+
+def test_only_a_vm_whose_test_took_a_while_is_warmed_up(harness: Harness) -> None:
+    a = harness.take()
+    harness.give_back(a)  # a short test: restored, not warmed
+    b = harness.take()
+    time.sleep(0.25)
+    harness.give_back(b)  # a long one: restored, then warmed, before it serves again
+    for _ in range(2):
+        vm = harness.take()
+        harness.give_back(vm)
+    deadline = time.monotonic() + 5
+    while not harness.warmed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert harness.warmed == [b.name]
 
 
 def test_size_must_be_positive() -> None:
