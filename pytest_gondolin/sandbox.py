@@ -281,7 +281,9 @@ class Sandbox:
             timeout=300,
         )
         invocation = str(self.config.invocation_params.dir)
-        vm.exec(["mkdir", "-p", invocation], check=True)
+        # sync: the unpacked files must not be dirty in the snapshot, or every
+        # restore would replay their writeback (kernel work in each test's time).
+        vm.exec(["sh", "-c", 'mkdir -p "$1" && sync', "sh", invocation], check=True)
         pythonpath = [guestfiles.GUEST_SITE, "/run/gondolin/py", guestfiles.GUEST_REQUIREMENTS]
         if (rootdir / "src").is_dir():
             pythonpath.append(str(rootdir / "src"))
@@ -308,6 +310,10 @@ class Sandbox:
         client = WorkerClient(transport)
         client.on_query = self._on_query
         self.collected = collected = client.start(WORKER_START_TIMEOUT)
+        # The page cache holds the sources pytest and the project were imported
+        # from; the worker has them in memory now. Dropped, the snapshot is
+        # smaller and every restore loads less (measured: ~30 ms a test).
+        vm.exec(["sh", "-c", "sync && echo 1 > /proc/sys/vm/drop_caches"], check=True)
         vm.save_internal(WORKER_TAG)
         self._lanes = [_Lane(vm, transport, client)]
         for _ in range(1, PREFETCH_LANES):
