@@ -76,7 +76,7 @@ class VMFactory:
         self._vms: list[VM] = []
         self._images: dict[str, Image] = {}
         self._accel: AccelChoice | None = None
-        self._pools: dict[GuestKey, RestorePool] = {}
+        self._pools: dict[GuestKey, RestorePool[VM]] = {}
         self.count = 0
 
     # -- option handling ---------------------------------------------------
@@ -221,12 +221,12 @@ class VMFactory:
         for pool in pools:
             pool.give_back(vm)
 
-    def _pool(self, key: GuestKey) -> RestorePool:
+    def _pool(self, key: GuestKey) -> RestorePool[VM]:
         with self._lock:
             pool = self._pools.get(key)
             if pool is None:
                 config = self.vm_config(key)
-                pool = RestorePool(
+                pool = RestorePool[VM](
                     lambda: self._launch_clean(config),
                     _restore,
                     size=VM_POOL_SIZE,

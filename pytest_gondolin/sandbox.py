@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import collections
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -54,6 +53,7 @@ from pytest_gondolin.runner import (
 )
 from pytest_gondolin.vm.channel import AgentProcess, AgentTimeout
 from pytest_gondolin.vm.machine import GUEST_ENV, VM, VMConfig
+from pytest_gondolin.vm.pool import RestorePool
 from pytest_gondolin.vm.warm import launch_clean
 
 log = logging.getLogger(__name__)
@@ -212,17 +212,24 @@ def _fail_call(outcome: RunOutcome, message: str) -> RunOutcome:
     return dataclasses.replace(outcome, reports=tuple(reports))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Lane:
-    """One VM running the worker, and the restore that is making it fresh again."""
+    """One VM running the worker; the sandbox's VMs take turns (``vm/pool.py``)."""
 
     vm: VM
     transport: VMTransport
     client: WorkerClient
-    #: A test ran since the last restore.
-    dirty: bool = False
-    #: The background restore under way (prefetch), if any.
-    restoring: concurrent.futures.Future[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.vm.name
+
+    @property
+    def alive(self) -> bool:
+        return self.vm.alive
+
+    def close(self) -> None:
+        self.vm.close()
 
 
 class Sandbox:
@@ -231,7 +238,8 @@ class Sandbox:
     With :data:`PREFETCH_LANES` > 1 the sandbox keeps clones of the prepared
     VM (started from its snapshot, no second collection) and restores one in
     the background while a test runs in another, so a test rarely waits for
-    a restore.
+    a restore. The lanes take turns through a :class:`RestorePool`, the same
+    one behind the ``vm`` fixture.
     """
 
     def __init__(
@@ -243,9 +251,7 @@ class Sandbox:
         self.paths = paths
         self.vm: VM | None = None  # the VM that ran (or runs) the latest test
         self.collected: Collected | None = None
-        self._lanes: list[_Lane] = []
-        self._turn = 0
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lanes: RestorePool[_Lane] | None = None
 
     # -- preparing -------------------------------------------------------------
 
@@ -315,18 +321,23 @@ class Sandbox:
         # smaller and every restore loads less (measured: ~30 ms a test).
         vm.exec(["sh", "-c", "sync && echo 1 > /proc/sys/vm/drop_caches"], check=True)
         vm.save_internal(WORKER_TAG)
-        self._lanes = [_Lane(vm, transport, client)]
+        lanes = [_Lane(vm, transport, client)]
         for _ in range(1, PREFETCH_LANES):
             try:
-                self._lanes.append(self._clone(self._lanes[0], vmconfig))
+                lanes.append(self._clone(lanes[0], vmconfig))
             except GondolinError as exc:
                 log.warning(
                     "no prefetch clone of %s (tests run one restore at a time): %s", name, exc
                 )
                 break
+        # No launch: a lane costs a whole preparation; when every lane died,
+        # sandboxes.py prepares a new sandbox.
+        self._lanes = RestorePool[_Lane](None, self._restore, size=len(lanes), name="sandbox")
+        for lane in lanes:
+            self._lanes.add(lane)
         say(
             f"{name}: worker ready with {len(collected.nodeids)} items in {time.monotonic() - started:.1f} s"
-            + (f" ({len(self._lanes)} VMs take turns)" if len(self._lanes) > 1 else "")
+            + (f" ({len(lanes)} VMs take turns)" if len(lanes) > 1 else "")
         )
         return collected
 
@@ -354,7 +365,7 @@ class Sandbox:
 
     @property
     def alive(self) -> bool:
-        return any(lane.vm.alive for lane in self._lanes)
+        return self._lanes is not None and any(lane.alive for lane in self._lanes.vms)
 
     # -- running -----------------------------------------------------------------
 
@@ -362,36 +373,6 @@ class Sandbox:
         lane.vm.load_internal(WORKER_TAG, preserve=[lane.transport.proc])
         lane.transport.rewind()
         lane.client.rewind()
-        lane.dirty = False
-
-    def _next_lane(self) -> _Lane:
-        """The next lane in turn, fresh: waits for its background restore, or restores it now."""
-        while self._lanes:
-            lane = self._lanes[self._turn % len(self._lanes)]
-            self._turn += 1
-            future, lane.restoring = lane.restoring, None
-            try:
-                if future is not None:
-                    future.result()
-                if lane.dirty:
-                    self._restore(lane)
-            except GondolinError as exc:
-                log.warning("%s could not be restored and is dropped: %s", lane.vm.name, exc)
-                self._lanes.remove(lane)
-                lane.vm.close()
-                continue
-            return lane
-        raise VMError("no sandbox VM is left (every restore failed)")
-
-    def _used(self, lane: _Lane) -> None:
-        """``lane`` ran a test: restore it in the background if another lane can take the next one."""
-        lane.dirty = True
-        if len(self._lanes) > 1 and lane.vm.alive:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    PREFETCH_LANES, thread_name_prefix="gondolin-restore"
-                )
-            lane.restoring = self._pool.submit(self._restore, lane)
 
     def run(
         self,
@@ -405,7 +386,9 @@ class Sandbox:
         network options applied on the host."""
         started = time.monotonic()
         try:
-            lane = self._next_lane()
+            if self._lanes is None:
+                raise VMError("the sandbox is not prepared")
+            lane = self._lanes.take()
         except GondolinError as exc:
             return Failure.from_exception(exc, duration=time.monotonic() - started)
         self.vm = lane.vm
@@ -413,7 +396,7 @@ class Sandbox:
         try:
             player = self._configure_network(network or {}, cassette)
         except GondolinError as exc:
-            self._used(lane)
+            self._lanes.give_back(lane)
             return Failure.from_exception(exc, duration=time.monotonic() - started)
         seed = int.from_bytes(secrets.token_bytes(8), "big")
         try:
@@ -422,7 +405,7 @@ class Sandbox:
             )
         except GondolinError as exc:
             # A worker that broke protocol was killed; the next restore revives it.
-            self._used(lane)
+            self._lanes.give_back(lane)
             return Failure.from_exception(exc, duration=time.monotonic() - started)
         log.debug(
             "%s on %s: waited %.0f ms for a fresh VM, run %.0f ms",
@@ -450,9 +433,8 @@ class Sandbox:
                 ),
                 outcome.duration,
             )
-            self._lanes.remove(lane)
-        else:
-            self._used(lane)
+        # A dead lane is not restored; the next take() closes and drops it.
+        self._lanes.give_back(lane)
         return outcome
 
     def _configure_network(
@@ -506,10 +488,7 @@ class Sandbox:
         raise ConfigError(f"unknown http query op {op!r}")
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        for lane in self._lanes:
-            lane.vm.close()
+        if self._lanes is not None:
+            self._lanes.close()
         if self.vm is not None:
             self.vm.close()

@@ -9,7 +9,9 @@ would only compete with the test for the same core).
 
 The pool never hands out a VM that was used since its last restore: a VM
 given back is restored before it is handed out again, in the background if
-possible, otherwise at once.
+possible, otherwise at once. Members are anything with a ``name``, an
+``alive`` flag and ``close()``: VMs for the ``vm`` fixture, sandbox lanes (a
+VM plus its guest test worker) for sandboxed tests.
 """
 
 from __future__ import annotations
@@ -21,13 +23,28 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 from pytest_gondolin.errors import GondolinError, VMError
-from pytest_gondolin.vm.machine import VM
 
 log = logging.getLogger(__name__)
 
 Future = concurrent.futures.Future
+
+
+class Restorable(Protocol):
+    """What the pool needs of a member."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+M = TypeVar("M", bound=Restorable)
 
 
 class _State(enum.Enum):
@@ -38,37 +55,39 @@ class _State(enum.Enum):
 
 
 @dataclasses.dataclass(eq=False)
-class _Member:
+class _Member(Generic[M]):
     state: _State
-    vm: VM | None = None
+    vm: M | None = None
     #: The background launch or restore under way.
-    future: Future[VM] | None = None
+    future: Future[M] | None = None
     #: Hand-out order, so "all in use" restores the one handed out longest ago.
     handed_out: int = 0
     #: When it was handed out (monotonic), to tell short tests from long ones.
     taken_at: float = 0.0
 
 
-class RestorePool:
-    """Up to ``size`` interchangeable VMs, each restorable to the same clean state.
+class RestorePool(Generic[M]):
+    """Up to ``size`` interchangeable members (VMs), each restorable to the same clean state.
 
-    ``launch()`` makes a new clean VM; ``restore(vm)`` puts one back. Both
-    may run in a background thread. ``warm(vm)``, if given, runs after a
-    background restore of a VM whose test lasted ``warm_after`` s or more. The pool owns its VMs: :meth:`close`
-    closes them, and a VM found dead (closed, QEMU killed) is closed and
-    replaced.
+    ``launch()`` makes a new clean member; with ``launch=None`` the pool has
+    only the members given to :meth:`add` and never replaces one.
+    ``restore(vm)`` puts a member back. Both may run in a background thread.
+    ``warm(vm)``, if given, runs after a background restore of a member whose
+    test lasted ``warm_after`` s or more. The pool owns its members:
+    :meth:`close` closes them, and one found dead (closed, QEMU killed) is
+    closed and replaced.
     """
 
     def __init__(
         self,
-        launch: Callable[[], VM],
-        restore: Callable[[VM], None],
+        launch: Callable[[], M] | None,
+        restore: Callable[[M], None],
         *,
         size: int,
         name: str = "vm",
-        on_new: Callable[[VM], None] | None = None,
-        on_drop: Callable[[VM], None] | None = None,
-        warm: Callable[[VM], None] | None = None,
+        on_new: Callable[[M], None] | None = None,
+        on_drop: Callable[[M], None] | None = None,
+        warm: Callable[[M], None] | None = None,
         warm_after: float = 0.1,
     ) -> None:
         if size < 1:
@@ -82,14 +101,14 @@ class RestorePool:
         self._warm = warm
         self.warm_after = warm_after
         self._lock = threading.Lock()
-        self._members: list[_Member] = []
+        self._members: list[_Member[M]] = []
         self._counter = 0
         self._closed = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- handing out ----------------------------------------------------------------
 
-    def take(self) -> VM:
+    def take(self) -> M:
         """Return a clean VM, marked in use until :meth:`give_back`.
 
         Waits for a background launch or restore if no VM is ready; launches
@@ -110,7 +129,9 @@ class RestorePool:
                     # Nothing to wait for: restore an in-use VM, or launch one.
                     member = self._oldest_in_use()
                     if member is None:
-                        member = _Member(_State.LAUNCHING)
+                        if self._launch is None:
+                            raise VMError(f"no {self.name} VM is left (every one failed or died)")
+                        member = _Member[M](_State.LAUNCHING)
                         self._members.append(member)
                     else:
                         member.state = _State.RESTORING
@@ -127,6 +148,9 @@ class RestorePool:
                 if launching:
                     raise  # nothing else would do better: the test gets this error
                 continue  # a failed restore costs that VM, not the test
+            if not vm.alive:  # died after (or during) its restore
+                self._fail(member, VMError(f"{vm.name} is not running"), quiet=False)
+                continue
             with self._lock:
                 member.state = _State.IN_USE
                 self._counter += 1
@@ -135,7 +159,14 @@ class RestorePool:
             self._fill()
             return vm
 
-    def give_back(self, vm: VM) -> None:
+    def add(self, vm: M) -> None:
+        """Take ``vm`` (clean, not in use) into the pool."""
+        with self._lock:
+            if self._closed:
+                raise VMError(f"{self.name} pool is closed")
+            self._members.append(_Member[M](_State.READY, vm))
+
+    def give_back(self, vm: M) -> None:
         """``vm``'s test is over: restore it (in the background when another VM can serve)."""
         with self._lock:
             member = self._find(vm)
@@ -153,7 +184,7 @@ class RestorePool:
             else:
                 member.state = _State.RESTORING  # restored by the next take()
 
-    def discard(self, vm: VM) -> bool:
+    def discard(self, vm: M) -> bool:
         """Stop owning ``vm`` (not closed, never handed out again); True if it was a member."""
         with self._lock:
             member = self._find(vm)
@@ -181,14 +212,14 @@ class RestorePool:
                 self._close(future.result())
 
     @property
-    def vms(self) -> list[VM]:
+    def vms(self) -> list[M]:
         """The member VMs that exist now (launched, in any state)."""
         with self._lock:
             return [m.vm for m in self._members if m.vm is not None]
 
     # -- internals ---------------------------------------------------------------------
 
-    def _pick(self) -> _Member | None:
+    def _pick(self) -> _Member[M] | None:
         """A member that is ready, or whose background work finished (lock held)."""
         for member in self._members:
             if member.state is _State.READY:
@@ -198,7 +229,7 @@ class RestorePool:
                 return member  # _make_clean collects its result
         return None
 
-    def _oldest_in_use(self) -> _Member | None:
+    def _oldest_in_use(self) -> _Member[M] | None:
         candidates = [
             m
             for m in self._members
@@ -208,7 +239,7 @@ class RestorePool:
         ]
         return min(candidates, key=lambda m: m.handed_out, default=None)
 
-    def _make_clean(self, member: _Member) -> VM:
+    def _make_clean(self, member: _Member[M]) -> M:
         """Finish ``member``'s background work or do it now; returns its clean VM."""
         future, member.future = member.future, None
         if future is not None:
@@ -224,12 +255,13 @@ class RestorePool:
             self._restore(member.vm)
         return member.vm
 
-    def _launched(self) -> VM:
+    def _launched(self) -> M:
+        assert self._launch is not None
         vm = self._launch()
         self._on_new(vm)
         return vm
 
-    def _restored(self, vm: VM, warm: bool = False) -> VM:
+    def _restored(self, vm: M, warm: bool = False) -> M:
         self._restore(vm)
         if warm and self._warm is not None:
             self._warm(vm)
@@ -238,12 +270,12 @@ class RestorePool:
     def _fill(self) -> None:
         """Start background launches until the pool has ``size`` members."""
         with self._lock:
-            while not self._closed and len(self._members) < self.size:
-                member = _Member(_State.LAUNCHING)
+            while self._launch is not None and not self._closed and len(self._members) < self.size:
+                member = _Member[M](_State.LAUNCHING)
                 member.future = self._submit(self._launched)
                 self._members.append(member)
 
-    def _submit(self, fn: Callable[..., VM], *args: object) -> Future[VM]:
+    def _submit(self, fn: Callable[..., M], *args: object) -> Future[M]:
         """Run ``fn`` in the pool's threads (lock held)."""
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -251,7 +283,7 @@ class RestorePool:
             )
         return self._executor.submit(fn, *args)
 
-    def _fail(self, member: _Member, exc: BaseException, *, quiet: bool) -> None:
+    def _fail(self, member: _Member[M], exc: BaseException, *, quiet: bool) -> None:
         with self._lock:
             if member in self._members:
                 self._members.remove(member)
@@ -261,7 +293,7 @@ class RestorePool:
         if member.vm is not None:
             self._close(member.vm)
 
-    def _take_dead(self) -> list[VM]:
+    def _take_dead(self) -> list[M]:
         """Forget members whose VM died or was closed; the caller closes them (lock held)."""
         dead = []
         for member in list(self._members):
@@ -271,13 +303,13 @@ class RestorePool:
                 dead.append(vm)
         return dead
 
-    def _find(self, vm: VM) -> _Member | None:
+    def _find(self, vm: M) -> _Member[M] | None:
         for member in self._members:
             if member.vm is vm:
                 return member
         return None
 
-    def _close(self, vm: VM) -> None:
+    def _close(self, vm: M) -> None:
         try:
             vm.close()
         except Exception:

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import pytest
 
-from pytest_gondolin.errors import SnapshotError, VMLaunchError
+from pytest_gondolin.errors import SnapshotError, VMError, VMLaunchError
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.pool import RestorePool
 
@@ -216,6 +216,25 @@ def test_only_a_vm_whose_test_took_a_while_is_warmed_up(harness: Harness) -> Non
         time.sleep(0.01)
     time.sleep(0.05)
     assert harness.warmed == [b.name]
+
+
+def test_a_pool_without_launch_serves_only_added_members() -> None:
+    restored: list[str] = []
+    pool = RestorePool[FakeVM](None, lambda vm: restored.append(vm.name), size=2, name="box")
+    a, b = FakeVM("a"), FakeVM("b")
+    pool.add(a)
+    pool.add(b)
+    try:
+        first = pool.take()
+        pool.give_back(first)
+        second = pool.take()
+        assert {first.name, second.name} == {"a", "b"}
+        first.alive = second.alive = False  # both VMs died
+        with pytest.raises(VMError, match="no box VM is left"):
+            pool.take()
+        assert a.closed and b.closed
+    finally:
+        pool.close()
 
 
 def test_size_must_be_positive() -> None:
