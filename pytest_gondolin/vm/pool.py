@@ -75,7 +75,9 @@ class RestorePool(Generic[M]):
     ``warm(vm)``, if given, runs after a background restore of a member whose
     test lasted ``warm_after`` s or more. The pool owns its members:
     :meth:`close` closes them, and one found dead (closed, QEMU killed) is
-    closed and replaced.
+    closed and replaced. :meth:`take` and :meth:`give_back` are called from
+    one thread (pytest runs one test at a time); the pool's own threads only
+    launch and restore.
     """
 
     def __init__(
