@@ -7,7 +7,7 @@ pytest-xdist) registered by ``plugin.pytest_configure`` under
 * ``pytest_report_header``: image (and build id, or "not built yet"),
   accelerator choice and reason, cache folder, warm snapshot state.
 * ``pytest_report_teststatus``: reports replayed from a guest (marked by
-  ``runner.replay_item`` with :data:`~pytest_gondolin.runner.GUEST_REPORT_ATTR`)
+  ``replay.replay_item`` with :data:`~pytest_gondolin.replay.GUEST_REPORT_ATTR`)
   read ``PASSED (in guest)`` in the ``-v`` progress lines. Only that
   displayed word changes (not the short summary, whose lines tools parse):
   outcome, nodeid and category stay, so junitxml, ``--lf`` and xdist see
@@ -44,7 +44,7 @@ from pytest_gondolin.config import Settings
 from pytest_gondolin.errors import GondolinError
 from pytest_gondolin.fixtures import ACTIVE_VM_KEY, SETTINGS_KEY, get_factory
 from pytest_gondolin.image.store import Image
-from pytest_gondolin.runner import GUEST_REPORT_ATTR
+from pytest_gondolin.replay import GUEST_REPORT_ATTR
 from pytest_gondolin.vm.accel import AccelChoice
 from pytest_gondolin.vm.kept import vm_id
 from pytest_gondolin.vm.machine import VM

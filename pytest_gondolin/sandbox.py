@@ -43,18 +43,12 @@ from pytest_gondolin.errors import (
 from pytest_gondolin.fixtures import GuestKey, VMFactory
 from pytest_gondolin.netpolicy.cassette import CassetteError, CassettePlayer, open_cassette
 from pytest_gondolin.netpolicy.policy import NetworkPolicy
-from pytest_gondolin.runner import (
-    MAX_WORKER_LINE,
-    Collected,
-    Failure,
-    RunOutcome,
-    WorkerClient,
-    worker_args,
-)
+from pytest_gondolin.runner import MAX_WORKER_LINE, WorkerClient, worker_args
 from pytest_gondolin.vm.channel import AgentProcess, AgentTimeout
 from pytest_gondolin.vm.machine import GUEST_ENV, VM, VMConfig
 from pytest_gondolin.vm.pool import RestorePool
 from pytest_gondolin.vm.warm import launch_clean
+from pytest_gondolin.worker_messages import Collected, Failure, RunOutcome
 
 log = logging.getLogger(__name__)
 

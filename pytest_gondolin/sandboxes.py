@@ -10,9 +10,10 @@ from pytest_gondolin.errors import GondolinError
 from pytest_gondolin.fixtures import GuestKey, get_factory
 from pytest_gondolin.markers import SandboxOptions
 from pytest_gondolin.netpolicy.cassette import resolve_cassette_option
-from pytest_gondolin.runner import Failure, replay_collect_errors, replay_item
+from pytest_gondolin.replay import replay_collect_errors, replay_item
 from pytest_gondolin.sandbox import Sandbox
 from pytest_gondolin.vm.machine import VM
+from pytest_gondolin.worker_messages import Failure
 
 _SANDBOXES = pytest.StashKey[dict[GuestKey, Sandbox]]()
 _BROKEN = pytest.StashKey[dict[GuestKey, Failure]]()
