@@ -4,27 +4,9 @@ Sans-IO apart from reading and writing the cassette file itself: the
 network driver asks a :class:`CassettePlayer` per guest request whether to
 replay, record or refuse, and the plugin saves the player at teardown.
 
-File format (vcrpy-compatible YAML; vcrpy can load what we write and we
-load what vcrpy writes)::
-
-    interactions:
-    - request:
-        body: null                      # text, !!binary (base64) or null
-        headers: {Accept: ['*/*'], Authorization: [<FILTERED>]}
-        method: GET
-        uri: https://api.example.com/v1/items?page=2
-      response:
-        body: {string: '{"items": []}'} # text, or !!binary for non-text bytes
-        headers: {Content-Type: [application/json]}
-        status: {code: 200, message: OK}
-    version: 1
-
-Keys are sorted and header names grouped (values kept in order), so the
-file is stable and diffs well. A body is written as text when it is UTF-8
-without control characters that YAML would mangle (multi-line text as a
-``|`` block), otherwise as base64 under YAML's standard ``!!binary`` tag.
-Loading accepts vcrpy's variants (header values as a string or a list,
-``body: {string: ...}`` or a bare string, ``encoding:`` beside ``string``).
+The file format (vcrpy-compatible YAML) and its parser are in
+:mod:`pytest_gondolin.netpolicy.cassette_file`; this module re-exports
+its public names.
 
 Record modes (vcrpy's meanings; ``once`` is the local default, ``none``
 when ``$CI`` is set)::
@@ -80,27 +62,32 @@ from __future__ import annotations
 
 import base64
 import binascii
-import codecs
-import datetime
 import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
-from urllib.parse import parse_qsl, unquote_plus, urlsplit
+from typing import TYPE_CHECKING, Final, Literal
+from urllib.parse import parse_qsl, unquote_plus
 
-import yaml
-
-from pytest_gondolin.errors import ConfigError, GondolinError, NetworkPolicyError
-from pytest_gondolin.netpolicy.http import DEFAULT_PORTS, HttpRequest, HttpResponse
-from pytest_gondolin.netpolicy.policy import normalize_host
+from pytest_gondolin.errors import ConfigError
+from pytest_gondolin.netpolicy.cassette_file import (
+    FILTERED,
+    MAX_CASSETTE_BYTES,
+    MAX_INTERACTIONS,
+    Cassette,
+    CassetteError,
+    CassetteMismatch,
+    CassetteRequest,
+    CassetteResponse,
+    Interaction,
+    _short,
+)
+from pytest_gondolin.netpolicy.http import HttpRequest, HttpResponse
 from pytest_gondolin.netpolicy.secrets import PLACEHOLDER_PREFIX, SecretStore
 
 if TYPE_CHECKING:
@@ -134,8 +121,6 @@ log = logging.getLogger(__name__)
 RecordMode = Literal["none", "once", "new_episodes", "all"]
 #: The record modes, as ``--gondolin-record-mode`` accepts them.
 RECORD_MODES: Final[tuple[RecordMode, ...]] = ("none", "once", "new_episodes", "all")
-#: The value stored in place of a filtered header or query parameter.
-FILTERED: Final = "<FILTERED>"
 #: Matchers used unless configured (vcrpy's defaults).
 DEFAULT_MATCHERS: Final = ("method", "scheme", "host", "port", "path", "query")
 #: Every matcher name accepted by :func:`open_cassette`.
@@ -151,469 +136,19 @@ DEFAULT_FILTER_QUERY: Final = (
     "password",
     "token",
 )
-#: Largest cassette file loaded; bodies are at most 64 MiB each, so this
-#: fits a few big downloads while refusing to exhaust memory on a mistake.
-MAX_CASSETTE_BYTES: Final = 256 * 1024 * 1024
-#: Interactions per cassette; a test recording more is probably looping.
-MAX_INTERACTIONS: Final = 10_000
 # Closest candidates listed in an unmatched-request message.
 _CLOSEST_SHOWN: Final = 3
-# Characters of a URI, body or header shown in a message.
-_SHOWN: Final = 120
 # Miss messages kept for check(); more are only counted.
 _MAX_MISSES_KEPT: Final = 100
 # Longest file-name stem derived from a test name (most filesystems allow 255 bytes).
 _MAX_STEM: Final = 120
 
-Headers = tuple[tuple[str, str], ...]
-
-_HEADER = (
-    "# pytest-gondolin cassette (vcrpy format). Secrets appear as GONDOLIN_SECRET_<NAME>,\n"
-    f"# filtered values as {FILTERED}.\n"
-)
-# RFC 9110 §5.6.2 token: methods and header names.
-_TOKEN_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-# RFC 9110 §5.5: field values are visible ASCII, obs-text, SP and HTAB (no CR, LF, NUL).
-_FIELD_VALUE_RE: Final = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _PLACEHOLDER_RE: Final = re.compile(
     re.escape(PLACEHOLDER_PREFIX) + r"([A-Za-z_][A-Za-z0-9_]{0,63})_[0-9a-f]{32}(?![0-9a-f])"
 )
 _PLACEHOLDER_RE_B: Final = re.compile(_PLACEHOLDER_RE.pattern.encode("ascii"))
 _BASIC_RE: Final = re.compile(r"(\s*basic\s+)([A-Za-z0-9+/=]+)(\s*)", re.IGNORECASE)
 _CREDENTIAL_HEADERS: Final = frozenset({"authorization", "proxy-authorization"})
-# Text that PyYAML cannot round-trip as a string: C0/C1 controls except TAB,
-# LF and CR; NEL and the Unicode line/paragraph separators (read back as
-# line breaks inside block scalars); BOM and non-characters (refused or
-# stripped by the reader); lone surrogates. Such bodies are written as
-# !!binary.
-_NOT_TEXT_RE: Final = re.compile(
-    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]"
-)
-
-
-class CassetteError(GondolinError):
-    """A cassette could not be read, parsed, written or used as asked.
-
-    ``path`` names the file when there is one.
-    """
-
-    def __init__(self, message: str, *, path: Path | None = None) -> None:
-        self.path = path
-        super().__init__(message)
-
-
-class CassetteMismatch(CassetteError):
-    """The test's traffic and its cassette disagree (raised by :meth:`CassettePlayer.check`).
-
-    ``misses`` are the unmatched-request messages, ``unused`` the
-    interactions never replayed (only when unused ones are an error).
-    """
-
-    def __init__(
-        self, message: str, *, path: Path, misses: Sequence[str], unused: Sequence[Interaction]
-    ) -> None:
-        self.misses = list(misses)
-        self.unused = list(unused)
-        super().__init__(message, path=path)
-
-
-# --------------------------------------------------------------------------- values
-
-
-def _split_uri(uri: str) -> tuple[str, str, int, str, str]:
-    """(scheme, host, port, path, query) of an absolute http(s) URI; ValueError otherwise."""
-    parts = urlsplit(uri)
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS or not parts.hostname:
-        raise ValueError("not an absolute http:// or https:// URI")
-    try:
-        host = normalize_host(parts.hostname)
-    except NetworkPolicyError as exc:
-        raise ValueError(str(exc)) from None
-    port = parts.port  # ValueError for a bad port
-    return (
-        scheme,
-        host,
-        DEFAULT_PORTS[scheme] if port is None else port,
-        parts.path or "/",
-        parts.query,
-    )
-
-
-def _canonical_headers(headers: Iterable[tuple[str, str]]) -> Headers:
-    # Grouped by name, values in their original order: exactly the order a
-    # YAML mapping with sorted keys gives back, so a loaded interaction
-    # equals the one that was saved.
-    return tuple(sorted(((n, v) for n, v in headers), key=lambda pair: pair[0]))
-
-
-def _header_value(headers: Headers, name: str) -> str | None:
-    wanted = name.lower()
-    return next((v for n, v in headers if n.lower() == wanted), None)
-
-
-@dataclass(frozen=True)
-class CassetteRequest:
-    """A request as stored in a cassette (already redacted, normalised and filtered).
-
-    ``uri`` is absolute; ``scheme``, ``host`` (normalised), ``port``
-    (explicit), ``path`` and ``query`` are derived from it. Headers are
-    kept grouped by name (see :class:`Cassette`). Raises
-    :class:`CassetteError` for a URI that is not absolute http(s).
-    """
-
-    method: str
-    uri: str
-    headers: Headers = ()
-    body: bytes = b""
-    scheme: str = field(init=False, repr=False, compare=False)
-    host: str = field(init=False, repr=False, compare=False)
-    port: int = field(init=False, repr=False, compare=False)
-    path: str = field(init=False, repr=False, compare=False)
-    query: str = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        try:
-            parts = _split_uri(self.uri)
-        except ValueError as exc:
-            raise CassetteError(f"uri {_short(self.uri)!r}: {exc}") from None
-        for name, value in zip(("scheme", "host", "port", "path", "query"), parts, strict=True):
-            object.__setattr__(self, name, value)
-        object.__setattr__(self, "headers", _canonical_headers(self.headers))
-        object.__setattr__(self, "body", bytes(self.body))
-
-    def header(self, name: str) -> str | None:
-        """The first header called ``name`` (case-insensitive), or ``None``."""
-        return _header_value(self.headers, name)
-
-    def summary(self) -> str:
-        """``METHOD uri``, the URI shortened for messages."""
-        return f"{self.method} {_short(self.uri)}"
-
-
-@dataclass(frozen=True)
-class CassetteResponse:
-    """A recorded response; ``message`` is the reason phrase."""
-
-    status: int
-    message: str = ""
-    headers: Headers = ()
-    body: bytes = b""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "headers", _canonical_headers(self.headers))
-        object.__setattr__(self, "body", bytes(self.body))
-
-    def header(self, name: str) -> str | None:
-        """The first header called ``name`` (case-insensitive), or ``None``."""
-        return _header_value(self.headers, name)
-
-    def to_http(self) -> HttpResponse:
-        """The response to give the guest on replay."""
-        return HttpResponse(
-            status=self.status, headers=self.headers, body=self.body, reason=self.message
-        )
-
-
-@dataclass(frozen=True)
-class Interaction:
-    """One recorded request and the response it got."""
-
-    request: CassetteRequest
-    response: CassetteResponse
-
-
-# --------------------------------------------------------------------------- YAML
-
-
-def _is_text(body: bytes) -> str | None:
-    """``body`` as a string if it is UTF-8 that YAML round-trips exactly, else ``None``."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return None if _NOT_TEXT_RE.search(text) else text
-
-
-def _body_out(body: bytes) -> str | bytes:
-    text = _is_text(body)
-    return body if text is None else text  # bytes are dumped as !!binary (base64)
-
-
-def _headers_out(headers: Headers) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for name, value in headers:
-        grouped.setdefault(name, []).append(value)
-    return grouped
-
-
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper writing multi-line text as ``|`` blocks.
-
-    PyYAML falls back to a quoted style whenever a block cannot represent
-    the string exactly. The pure-Python dumper is used on purpose: the same
-    bytes whether or not libyaml is installed.
-    """
-
-
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    # Plain and single-quoted scalars fold NEL / U+2028 / U+2029 (YAML line
-    # breaks) into spaces; only the double-quoted style escapes them.
-    if _NOT_TEXT_RE.search(value):
-        style: str | None = '"'
-    else:
-        style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _represent_str)
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def _where(source: str, *parts: object) -> str:
-    out = source
-    for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
-
-
-def _require_mapping(value: object, where: str) -> Mapping[Any, Any]:
-    if not isinstance(value, Mapping):
-        raise CassetteError(f"{where}: expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def _scalar_text(value: object, where: str) -> str:
-    if isinstance(value, str):
-        return value
-    # Hand-written files may leave numbers and dates unquoted.
-    if isinstance(value, int | float | datetime.date) and not isinstance(value, bool):
-        return value.isoformat() if isinstance(value, datetime.date) else str(value)
-    raise CassetteError(f"{where}: expected a string, got {value!r:.80} (quote it in the YAML)")
-
-
-def _headers_in(value: object, where: str) -> Headers:
-    if value is None:
-        return ()
-    mapping = _require_mapping(value, where)
-    out: list[tuple[str, str]] = []
-    for name, values in mapping.items():
-        if not isinstance(name, str) or not _TOKEN_RE.fullmatch(name):
-            raise CassetteError(f"{where}: {name!r:.80} is not a valid header name")
-        items = values if isinstance(values, list) else [values]
-        for i, item in enumerate(items):
-            text = _scalar_text(item, _where(where, name, i))
-            if not _FIELD_VALUE_RE.fullmatch(text):
-                raise CassetteError(
-                    f"{_where(where, name, i)}: header value has CR, LF, NUL or non-Latin-1 text"
-                )
-            out.append((name, text))
-    return tuple(out)
-
-
-def _body_in(value: object, where: str) -> bytes:
-    encoding = "utf-8"
-    if isinstance(value, Mapping):
-        declared = value.get("encoding")
-        if declared is not None:
-            try:
-                encoding = codecs.lookup(_scalar_text(declared, _where(where, "encoding"))).name
-            except (LookupError, ValueError):
-                raise CassetteError(
-                    f"{where}.encoding: unknown encoding {declared!r:.80}"
-                ) from None
-        value = value.get("string")
-    if value is None:
-        return b""
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        try:
-            return value.encode(encoding)
-        except (UnicodeError, LookupError, ValueError):  # LookupError: "rot13" is no text codec
-            raise CassetteError(f"{where}: text is not encodable as {encoding}") from None
-    raise CassetteError(f"{where}: expected text, !!binary or null, got {type(value).__name__}")
-
-
-def _request_in(value: object, where: str) -> CassetteRequest:
-    data = _require_mapping(value, where)
-    method = data.get("method")
-    if not isinstance(method, str) or not _TOKEN_RE.fullmatch(method) or len(method) > 32:
-        raise CassetteError(f"{where}.method: {method!r:.80} is not an HTTP method")
-    uri = data.get("uri")
-    if not isinstance(uri, str):
-        raise CassetteError(f"{where}.uri: expected a string, got {uri!r:.80}")
-    headers = _headers_in(data.get("headers"), _where(where, "headers"))
-    body = _body_in(data.get("body"), _where(where, "body"))
-    try:
-        return CassetteRequest(method=method, uri=uri, headers=headers, body=body)
-    except CassetteError as exc:
-        raise CassetteError(f"{where}.{exc}") from None
-
-
-def _response_in(value: object, where: str) -> CassetteResponse:
-    data = _require_mapping(value, where)
-    status = data.get("status")
-    message: object = ""
-    if isinstance(status, Mapping):
-        message = status.get("message") or ""
-        status = status.get("code")
-    # 1xx cannot be replayed as a final response (RFC 9110 §15.2).
-    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
-        raise CassetteError(f"{where}.status.code: {status!r:.80} is not a status in 200..599")
-    reason = _scalar_text(message, _where(where, "status", "message"))
-    if not _FIELD_VALUE_RE.fullmatch(reason):
-        raise CassetteError(f"{where}.status.message: has CR, LF, NUL or non-Latin-1 text")
-    return CassetteResponse(
-        status=status,
-        message=reason,
-        headers=_headers_in(data.get("headers"), _where(where, "headers")),
-        body=_body_in(data.get("body"), _where(where, "body")),
-    )
-
-
-@dataclass(frozen=True)
-class Cassette:
-    """An ordered, immutable list of interactions and its YAML form.
-
-    ``Cassette.from_yaml(c.to_yaml()) == c`` for every cassette (headers
-    are kept grouped by name, the order YAML gives back).
-    """
-
-    interactions: tuple[Interaction, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "interactions", tuple(self.interactions))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The vcrpy-shaped document (bodies as ``str`` text or ``bytes``)."""
-        return {
-            "interactions": [
-                {
-                    "request": {
-                        "body": _body_out(i.request.body) if i.request.body else None,
-                        "headers": _headers_out(i.request.headers),
-                        "method": i.request.method,
-                        "uri": i.request.uri,
-                    },
-                    "response": {
-                        "body": {"string": _body_out(i.response.body)},
-                        "headers": _headers_out(i.response.headers),
-                        "status": {"code": i.response.status, "message": i.response.message},
-                    },
-                }
-                for i in self.interactions
-            ],
-            "version": 1,
-        }
-
-    def to_yaml(self) -> str:
-        """The file's text: stable (sorted keys, fixed header comment) for clean diffs."""
-        body: str = yaml.dump(
-            self.to_dict(),
-            Dumper=_Dumper,
-            sort_keys=True,
-            allow_unicode=True,
-            default_flow_style=False,
-        )
-        return _HEADER + body
-
-    @classmethod
-    def from_yaml(cls, text: str | bytes, *, source: str = "cassette") -> Cassette:
-        """Parse a cassette (ours or vcrpy's); :class:`CassetteError` for anything else.
-
-        Never raises another exception, whatever ``text`` holds.
-        """
-        if len(text) > MAX_CASSETTE_BYTES:
-            raise CassetteError(f"{source}: larger than {MAX_CASSETTE_BYTES} bytes")
-        if isinstance(text, bytes):
-            try:
-                text = text.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise CassetteError(f"{source}: not UTF-8 text: {exc}") from None
-        try:
-            doc = yaml.load(text, Loader=_Loader)  # a SafeLoader (C or Python)
-        except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
-            raise CassetteError(f"{source}: not valid YAML: {_short(str(exc), 400)}") from None
-        data = _require_mapping(doc, source)
-        version = data.get("version", 1)
-        if version != 1:
-            raise CassetteError(f"{source}: cassette version {version!r:.40} is not supported (1)")
-        items = data.get("interactions")
-        if not isinstance(items, list):
-            raise CassetteError(f"{source}: expected an 'interactions:' list")
-        if len(items) > MAX_INTERACTIONS:
-            raise CassetteError(f"{source}: more than {MAX_INTERACTIONS} interactions")
-        out: list[Interaction] = []
-        for index, item in enumerate(items):
-            where = _where(source, "interactions", index)
-            entry = _require_mapping(item, where)
-            out.append(
-                Interaction(
-                    request=_request_in(entry.get("request"), f"{where}.request"),
-                    response=_response_in(entry.get("response"), f"{where}.response"),
-                )
-            )
-        return cls(tuple(out))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Cassette:
-        """Read and parse the file at ``path`` (:class:`CassetteError` if missing or invalid)."""
-        p = Path(path)
-        try:
-            with p.open("rb") as fh:
-                data = fh.read(MAX_CASSETTE_BYTES + 1)
-        except OSError as exc:
-            raise CassetteError(f"cannot read cassette {p}: {exc}", path=p) from exc
-        try:
-            return cls.from_yaml(data, source=str(p))
-        except CassetteError as exc:
-            raise CassetteError(str(exc), path=p) from None
-
-    def save(self, path: str | os.PathLike[str]) -> bool:
-        """Write the cassette to ``path`` atomically; ``False`` if the file already held it.
-
-        The file is replaced in one ``rename``: readers (and a crash) see
-        the old or the new cassette, never a mix. Parent folders are
-        created. Raises :class:`CassetteError` if the write fails; the old
-        file is then untouched.
-        """
-        p = Path(path)
-        data = self.to_yaml().encode("utf-8")
-        try:
-            if p.read_bytes() == data:
-                return False
-        except OSError:
-            pass  # absent (or unreadable: the write below reports it)
-        _atomic_write(p, data)
-        log.info("wrote cassette %s (%d interactions)", p, len(self.interactions))
-        return True
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o644
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise CassetteError(f"cannot write cassette {path}: {exc}", path=path) from exc
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 # --------------------------------------------------------------------------- preparation
@@ -675,10 +210,6 @@ def _filter_query(uri: str, names: frozenset[str]) -> str:
             part = f"{raw_name}={FILTERED}"
         parts.append(part)
     return f"{base}?{'&'.join(parts)}{hash_sep}{fragment}"
-
-
-def _short(text: str, limit: int = _SHOWN) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- matchers
