@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 Future = concurrent.futures.Future
 
 
+def _succeeded(future: Future[M]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
 class Restorable(Protocol):
     """What the pool needs of a member."""
 
@@ -209,8 +213,7 @@ class RestorePool(Generic[M]):
         # A launch that was under way finished into a closed pool.
         for member in members:
             future = member.future
-            finished = future is not None and future.done() and not future.cancelled()
-            if finished and future is not None and future.exception() is None:
+            if member.vm is None and future is not None and _succeeded(future):
                 self._close(future.result())
 
     @property
