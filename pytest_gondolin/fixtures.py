@@ -22,7 +22,12 @@ import pytest
 from pytest_gondolin import config as cfg
 from pytest_gondolin.errors import ConfigError, GondolinError
 from pytest_gondolin.image.store import Image, ensure_image
-from pytest_gondolin.netpolicy.cassette import open_cassette, resolve_cassette_option
+from pytest_gondolin.netpolicy.cassette import (
+    CassetteError,
+    CassettePlayer,
+    open_cassette,
+    resolve_cassette_option,
+)
 from pytest_gondolin.netpolicy.policy import NetworkPolicy
 from pytest_gondolin.vm.accel import AccelChoice, choose_accel
 from pytest_gondolin.vm.machine import VM, VMConfig
@@ -82,6 +87,7 @@ class VMFactory:
         self._images: dict[str, Image] = {}
         self._accel: AccelChoice | None = None
         self._pools: dict[GuestKey, RestorePool[VM]] = {}
+        self._players: list[CassettePlayer] = []
         self.count = 0
 
     # -- option handling ---------------------------------------------------
@@ -194,7 +200,25 @@ class VMFactory:
             )
             driver.configure(policy, driver.secrets, recorder, player)
             vm.add_close_hook(player.save)
+            with self._lock:
+                self._players.append(player)
         return vm
+
+    def cassette_misses(self) -> list[str]:
+        """Requests that missed a ``vm_factory(cassette=...)`` cassette since the last call.
+
+        Each message is what a sandboxed test's cassette miss fails with; a
+        miss is returned once, so it fails only the test that was running.
+        """
+        with self._lock:
+            players = list(self._players)
+        messages = []
+        for player in players:
+            try:
+                player.check(allow_unused=True)
+            except CassetteError as exc:
+                messages.append(f"cassette: {exc}")
+        return messages
 
     def _boot(self, key: GuestKey) -> VM:
         config = self.vm_config(key)

@@ -78,6 +78,8 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    if call.when != "setup" and "vm_factory" in getattr(item, "fixturenames", ()):
+        _fail_on_cassette_misses(item.config, report)
     if report.failed:
         machine = item.stash.get(ACTIVE_VM_KEY, None)
         if machine is not None:
@@ -85,6 +87,27 @@ def pytest_runtest_makereport(
             if console.strip():
                 report.sections.append(("gondolin: guest console (tail)", console[-4000:]))
     return report
+
+
+def _fail_on_cassette_misses(config: pytest.Config, report: pytest.TestReport) -> None:
+    """A request that missed a host-side VM's cassette fails the test that made it.
+
+    The same rule (and message) as for a sandboxed test's cassette; the test
+    must have used ``vm_factory`` (directly, or through ``vm``/``session_vm``
+    or a fixture of its own).
+    """
+    factory = config.stash.get(FACTORY_KEY, None)
+    if factory is None:
+        return
+    messages = factory.cassette_misses()
+    if not messages:
+        return
+    message = "\n".join(messages)
+    if report.passed:
+        report.outcome = "failed"
+        report.longrepr = message
+    else:
+        report.sections.append(("gondolin: cassette", message))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

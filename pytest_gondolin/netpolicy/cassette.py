@@ -317,6 +317,9 @@ class CassettePlayer:
         self._last: dict[Hashable, int] = {}
         self._misses: list[str] = []
         self._miss_count = 0
+        # Misses :meth:`check` has not reported yet (a VM's player outlives its tests).
+        self._unreported: list[str] = []
+        self._unreported_count = 0
         self._dirty = False
         if self._replays:
             for index, interaction in enumerate(self._loaded):
@@ -557,8 +560,11 @@ class CassettePlayer:
     def _miss(self, message: str) -> str:
         with self._lock:
             self._miss_count += 1
+            self._unreported_count += 1
             if len(self._misses) < _MAX_MISSES_KEPT:
                 self._misses.append(message)
+            if len(self._unreported) < _MAX_MISSES_KEPT:
+                self._unreported.append(message)
         log.debug("cassette miss: %s", message)
         return message
 
@@ -590,14 +596,16 @@ class CassettePlayer:
         return written
 
     def check(self, *, allow_unused: bool = True) -> None:
-        """Raise :class:`CassetteMismatch` if a request missed the cassette.
+        """Raise :class:`CassetteMismatch` if a request missed the cassette since the last check.
 
+        Each miss is reported by one call only: a VM's player outlives the
+        test that made a request, and the miss belongs to that test.
         With ``allow_unused=False`` interactions never replayed are an
         error too (pytest-httpx's "mocked but not requested").
         """
         with self._lock:
-            misses = list(self._misses)
-            count = self._miss_count
+            misses, self._unreported = self._unreported, []
+            count, self._unreported_count = self._unreported_count, 0
         unused = [] if allow_unused else self.unused()
         if not misses and not unused:
             return

@@ -164,3 +164,56 @@ def test_vm_factory_cassette(pytester: pytest.Pytester) -> None:
     pytester.runpytest_subprocess("-p", "gondolin", "--gondolin-record-mode=none").assert_outcomes(
         passed=1
     )
+
+
+MISS_TESTS = """
+import pytest
+
+@pytest.fixture(scope="session")
+def api_vm(vm_factory):
+    return vm_factory(allow_hosts=["api.test"], resolve={{"api.test:80": "127.0.0.1:{port}"}},
+                      cassette="{path}")
+
+def test_replayed(api_vm):
+    assert api_vm.exec("curl -sf http://api.test/factory").returncode == 0
+
+def test_miss_fails(api_vm):
+    r = api_vm.exec("curl -s -o /dev/null -w '%{{http_code}}' http://api.test/not-recorded")
+    assert r.stdout == "403"          # the guest sees the refusal; the test still fails
+
+def test_after_the_miss(api_vm):          # the miss is reported once, to the test that made it
+    assert api_vm.exec("true").returncode == 0
+
+def test_without_a_vm():
+    pass
+"""
+
+
+def test_cassette_miss_fails_the_host_side_test_that_made_it(pytester: pytest.Pytester) -> None:
+    """vm_factory(cassette=...) in mode none: a miss fails the test that made the request only."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    path = pytester.path / "factory.yaml"
+    try:
+        pytester.makepyfile(FACTORY_TEST.format(port=port, path=path, expect="allowed"))
+        pytester.runpytest_subprocess(
+            "-p", "gondolin", "--gondolin-record-mode=once"
+        ).assert_outcomes(passed=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    pytester.makepyfile(MISS_TESTS.format(port=port, path=path))
+    result = pytester.runpytest_subprocess("-p", "gondolin", "--gondolin-record-mode=none", "-v")
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_replayed PASSED*",
+            "*test_miss_fails FAILED*",
+            "*test_after_the_miss PASSED*",
+            "*test_without_a_vm PASSED*",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        ["*cassette: 1 request(s) did not match cassette*", "*GET http://api.test/not-recorded*"]
+    )
