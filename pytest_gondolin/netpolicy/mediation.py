@@ -7,10 +7,40 @@ recorder -> ``policy.decide`` -> ``secrets.apply`` (all in
 
 Every outcome is a response for the guest plus an
 :class:`~.recorder.Exchange` carrying the guest's own headers
-(placeholders, never secret values). Responses are redacted before the
-guest sees them, so an upstream echoing a credential back cannot leak it
-into the guest either. Reasons end with ``[rule: <rule>]``, the format the
-interceptor uses for its own refusals, so tests can match on the rule.
+(placeholders, never secret values). Reasons end with ``[rule: <rule>]``,
+the format the interceptor uses for its own refusals, so tests can match
+on the rule.
+
+Secret values never come back. Every response (upstream, replayed, stub)
+is redacted before the guest, the recorder or a cassette sees it, so an
+upstream echoing a credential back cannot leak it. Redaction compares
+bytes, so a *content-coded* body would hide the value from it; hence
+(:func:`screen_response`, with :mod:`.content_coding`):
+
+* a request that carries a substituted secret goes upstream with
+  ``Accept-Encoding: identity`` whatever the guest asked for (the guest's
+  own header is what is recorded);
+* if the response to it is content-coded all the same, the host decodes it
+  (gzip, deflate, br when available, stacked), bounded by
+  :data:`~.http.MAX_BODY_BYTES`, and the guest gets the decoded, redacted
+  body without ``Content-Encoding`` (the framing recomputes
+  ``Content-Length``; digests and ``ETag`` of the encoded body are
+  dropped). A coding the host cannot decode, corrupt data or a
+  decompression bomb is never passed on: the guest gets a 502 with
+  ``X-Gondolin-Error: content-encoding``, recorded as "allowed" (the
+  request did reach the upstream) with the reason;
+* the response to any other request is decoded only to look: if the
+  decoded body holds a value (a stateful upstream returning what an
+  earlier request sent), the guest gets it decoded and redacted,
+  otherwise the upstream's bytes unchanged. A body it cannot decode is
+  passed on as before (raw bytes redacted): such a request never carried
+  a value, so this is defence in depth, not the guarantee.
+
+Transfer codings need nothing extra: the upstream client (h11) removes
+``chunked`` and refuses any other, so redaction sees the whole body, a
+value split across chunks included. An upstream that deliberately hides
+the value (its own encryption, compression it does not declare) defeats
+any redaction: send secrets only to hosts you trust with them.
 """
 
 from __future__ import annotations
@@ -20,10 +50,18 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from pytest_gondolin.errors import NetworkPolicyError
 from pytest_gondolin.netpolicy.cassette import CassetteError, CassettePlayer
+from pytest_gondolin.netpolicy.content_coding import (
+    ContentCodingError,
+    accept_identity,
+    content_codings,
+    decode_content,
+)
 from pytest_gondolin.netpolicy.http import (
+    MAX_BODY_BYTES,
     HttpRequest,
     HttpResponse,
     denial_response,
@@ -42,10 +80,18 @@ __all__ = [
     "internal_error",
     "plan_request",
     "run_upstream",
+    "screen_response",
     "with_rule",
 ]
 
 log = logging.getLogger(__name__)
+
+# Response fields computed from the body's bytes (RFC 9110 §8.6, §8.8.3; RFC
+# 9530; RFC 1864): wrong once the body is redacted or decoded, and a digest
+# of a body that held a value would let the guest test guesses of it.
+_BODY_DERIVED: Final = frozenset(
+    {"content-length", "content-md5", "digest", "content-digest", "repr-digest", "etag"}
+)
 
 
 def error_response(status: int, message: str, *, kind: str) -> HttpResponse:
@@ -97,7 +143,8 @@ class UpstreamJob:
     """An allowed request to fetch upstream (on a worker thread, see :func:`run_upstream`).
 
     ``request`` is the guest's (placeholders), ``outgoing`` the one sent
-    upstream (secrets substituted).
+    upstream (secrets substituted, then ``Accept-Encoding: identity``);
+    ``carries_secret`` says whether a value was substituted.
     """
 
     request: HttpRequest
@@ -105,17 +152,74 @@ class UpstreamJob:
     started: float
     decision: Decision
     context: MediationContext
+    carries_secret: bool = False
+
+
+def _without(
+    headers: tuple[tuple[str, str], ...], names: frozenset[str]
+) -> tuple[tuple[str, str], ...]:
+    return tuple((n, v) for n, v in headers if n.lower() not in names)
 
 
 def _redact(response: HttpResponse, secrets: SecretStore | None) -> HttpResponse:
     if secrets is None or not secrets.names:
         return response
+    headers = tuple((n, secrets.redact(v)) for n, v in response.headers)
+    body = secrets.redact(response.body)
+    if body != response.body:
+        headers = _without(headers, _BODY_DERIVED)  # the framing adds Content-Length back
+    return dataclasses.replace(
+        response, headers=headers, body=body, reason=secrets.redact(response.reason)
+    )
+
+
+def screen_response(
+    response: HttpResponse,
+    secrets: SecretStore | None,
+    *,
+    carries_secret: bool,
+    max_decoded_bytes: int = MAX_BODY_BYTES,
+) -> HttpResponse:
+    """``response`` with its content coding undone wherever a secret value could hide in it.
+
+    With no secrets, no ``Content-Encoding`` or an empty body (HEAD, 204,
+    304) the response is returned as is. Otherwise the body is decoded; for
+    a request that ``carries_secret`` the decoded body is always what the
+    guest gets, and a body that cannot be decoded within
+    ``max_decoded_bytes`` raises :class:`~.content_coding.ContentCodingError`.
+    For any other request the decoded body replaces the coded one only when
+    it holds a value; undecodable bodies are returned as is. Redaction
+    itself is the caller's (:func:`_finish`).
+    """
+    if secrets is None or not secrets.names or not response.body:
+        return response
+    codings = content_codings(response.headers)
+    if not codings:
+        return response
+    try:
+        body = decode_content(response.body, codings, max_bytes=max_decoded_bytes)
+    except ContentCodingError as exc:
+        if carries_secret:
+            raise
+        log.debug("response body not searched for secret values: %s", exc)
+        return response
+    if not carries_secret and secrets.redact(body) == body:
+        return response  # nothing to hide: the upstream's bytes, unchanged
+    log.debug("decoded a %s response body to redact it (%d bytes)", "/".join(codings), len(body))
     return dataclasses.replace(
         response,
-        headers=tuple((n, secrets.redact(v)) for n, v in response.headers),
-        body=secrets.redact(response.body),
-        reason=secrets.redact(response.reason),
+        headers=_without(response.headers, _BODY_DERIVED | {"content-encoding"}),
+        body=body,
     )
+
+
+def _refuse_coded(exc: ContentCodingError) -> tuple[HttpResponse, str]:
+    """The 502 for a coded response that may hold a secret, and the reason to record."""
+    message = (
+        f"the response to a request carrying a secret could not be searched for it "
+        f"and was not passed on: {exc}"
+    )
+    return error_response(502, message, kind="content-encoding"), f"response refused: {message}"
 
 
 def _finish(
@@ -179,6 +283,7 @@ def plan_request(
             clock=clock,
         )
     outgoing = request
+    carries_secret = False
     if context.secrets is not None and context.secrets.names:
         try:
             headers, _url = context.secrets.apply(
@@ -195,17 +300,27 @@ def plan_request(
                 context=context,
                 clock=clock,
             )
+        carries_secret = headers != list(request.headers)
+        if carries_secret:
+            # A coded response would hide an echoed value from redaction.
+            headers = accept_identity(headers)
         outgoing = dataclasses.replace(request, headers=tuple(headers))
     player = context.cassette
     if player is not None:
         # After policy and secrets: a denied request stays denied, replayed or not.
         replay = player.lookup(request)
         if replay is not None:
+            reason = f"replayed from cassette {player.path.name}"
+            try:  # a cassette written before this screening may hold a coded value
+                replay = screen_response(replay, context.secrets, carries_secret=carries_secret)
+            except ContentCodingError as exc:
+                replay, refused = _refuse_coded(exc)
+                reason = f"{reason}; {refused}"
             return _finish(
                 request,
                 replay,
                 "replayed",
-                f"replayed from cassette {player.path.name}",
+                reason,
                 started=started,
                 context=context,
                 clock=clock,
@@ -221,7 +336,7 @@ def plan_request(
                 context=context,
                 clock=clock,
             )
-    return UpstreamJob(request, outgoing, started, decision, context)
+    return UpstreamJob(request, outgoing, started, decision, context, carries_secret)
 
 
 def run_upstream(
@@ -235,7 +350,10 @@ def run_upstream(
     ``resolve_upstream`` re-checks ``block_internal`` on the addresses DNS
     actually returns; a refusal there is a 403 "denied". A failure to reach
     or verify the upstream is a 502 (504 for a timeout) recorded as
-    "allowed" with the reason. Never raises for I/O or policy failures.
+    "allowed" with the reason, and so is a coded response to a request
+    carrying a secret that cannot be decoded (:func:`screen_response`).
+    The cassette records the screened response. Never raises for I/O or
+    policy failures.
     """
     request, context = job.request, job.context
     allowed_reason = with_rule(job.decision.reason, job.decision.rule)
@@ -286,9 +404,23 @@ def run_upstream(
             context=context,
             clock=clock,
         )
+    try:
+        response = screen_response(response, context.secrets, carries_secret=job.carries_secret)
+    except ContentCodingError as exc:
+        refusal, refused = _refuse_coded(exc)
+        return _finish(
+            request,
+            refusal,
+            "allowed",
+            f"{allowed_reason}; {refused}",
+            started=job.started,
+            context=context,
+            clock=clock,
+        )
     if context.cassette is not None and context.cassette.should_record(request):
         try:
-            context.cassette.record(request, response)  # the guest's request: placeholders only
+            # The guest's request (placeholders only) and the screened response.
+            context.cassette.record(request, response)
         except CassetteError as exc:
             log.warning("%s", exc)
     return _finish(

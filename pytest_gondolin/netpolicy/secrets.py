@@ -17,7 +17,10 @@ name, or any header going to another host — is refused with
 
 :meth:`SecretStore.redact` turns real values (and the Basic credentials
 this store built from them) back into placeholders, for logs and
-recordings.
+recordings. It compares bytes, so it cannot see a value inside a
+compressed body: :mod:`.mediation` asks the upstream for
+``Accept-Encoding: identity`` on every request carrying a value and
+decodes (or refuses) a coded response before redacting it.
 """
 
 from __future__ import annotations

@@ -835,3 +835,137 @@ def test_network_floods_leave_the_host_responsive(guarded: VM, upstreams: Upstre
     assert end["Threads"] <= start["Threads"] + DriverLimits().upstream_workers, (start, end)
     if reset:
         assert end["VmHWM"] - start["VmRSS"] < FLOOD_RSS_BUDGET_KIB, (start, end)
+
+
+# --------------------------------------------------------------------------- coded echoes
+
+GUEST_CODED = r"""
+import json, os, sys, urllib.request, zlib
+
+def every_decoding(raw):
+    out = [raw]
+    for wbits in (31, 15, -15):
+        try:
+            out.append(zlib.decompressobj(wbits).decompress(raw))
+        except zlib.error:
+            pass
+    return out
+
+req = urllib.request.Request(
+    "http://api.test/deflate",
+    headers={"Accept-Encoding": "deflate", "Authorization": "Bearer " + os.environ["P"]},
+)
+with urllib.request.urlopen(req, timeout=30) as resp:
+    raw = resp.read()
+    coding = resp.headers.get("Content-Encoding")
+print(json.dumps({
+    "status": resp.status,
+    "coding": coding,
+    "decodings": [d.decode("latin-1") for d in every_decoding(raw)],
+}))
+"""
+
+
+def test_secret_echoed_in_a_coded_body_reaches_the_guest_as_the_placeholder(vm: VM) -> None:
+    """``curl --compressed`` and urllib with ``Accept-Encoding: deflate`` against a coded echo.
+
+    The upstream compresses its echo of the request headers whatever the
+    request asked for (gzip on /gzip, zlib deflate on /deflate). The host
+    sends secret-carrying requests with ``Accept-Encoding: identity``,
+    decodes what comes back anyway, and redacts: the guest (raw bytes, and
+    every decoding it might try) and the records hold only the
+    placeholder, and the upstream got the real value exactly once per
+    request. Negative control: the same upstream, asked directly with the
+    real value, answers with a coded body that does hold it once decoded.
+    """
+    import gzip
+    import http.server
+    import zlib
+
+    seen: list[dict[str, str]] = []
+
+    class CodedEcho(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            headers = dict(self.headers.items())
+            seen.append(headers)
+            payload = json.dumps({"headers": headers}).encode()
+            coded = gzip.compress(payload) if self.path == "/gzip" else zlib.compress(payload)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "gzip" if self.path == "/gzip" else "deflate")
+            self.send_header("Content-Length", str(len(coded)))
+            self.end_headers()
+            self.wfile.write(coded)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CodedEcho)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        # Negative control, from the host: the echo comes back coded, with the value inside.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(
+                f"GET /gzip HTTP/1.1\r\nHost: api.test\r\nAccept-Encoding: gzip\r\n"
+                f"Authorization: Bearer {REAL_TOKEN}\r\nConnection: close\r\n\r\n".encode()
+            )
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        head, _, coded_body = reply.partition(b"\r\n\r\n")
+        assert b"Content-Encoding: gzip" in head
+        assert REAL_TOKEN.encode() not in coded_body  # byte redaction alone would miss it
+        assert REAL_TOKEN.encode() in gzip.decompress(coded_body)
+        seen.clear()
+
+        vm.configure_network(
+            NetworkPolicy.from_options(
+                allow_hosts=["api.test"],
+                resolve={"api.test:80": f"127.0.0.1:{port}"},
+                secrets={"API_TOKEN": Secret(value=REAL_TOKEN, hosts=["api.test"])},
+            )
+        )
+        placeholder = vm.secret_env()["API_TOKEN"]
+        env = {**GUEST_ENV, "P": placeholder}
+        curl = vm.exec(
+            'curl -s -m 30 --compressed -D - -H "Authorization: Bearer $P" http://api.test/gzip',
+            env=env,
+            timeout=90,
+        )
+        assert curl.returncode == 0, curl.stdout + curl.stderr
+        vm.write_file("/tmp/coded.py", GUEST_CODED)
+        urllib_out = vm.exec(["python3", "/tmp/coded.py"], env=env, timeout=90)
+        assert urllib_out.returncode == 0, urllib_out.stdout + urllib_out.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    for text in [curl.stdout, curl.stderr, urllib_out.stdout, urllib_out.stderr]:
+        assert REAL_TOKEN not in text
+    # curl: the decoded echo with the placeholder, and no Content-Encoding left to undo
+    curl_head, _, curl_body = curl.stdout.partition("\r\n\r\n")
+    assert "content-encoding" not in curl_head.lower(), curl_head
+    assert json.loads(curl_body)["headers"]["Authorization"] == f"Bearer {placeholder}"
+    # urllib does not decode: the raw body (and every decoding of it) holds only the placeholder
+    got = json.loads(urllib_out.stdout.strip().splitlines()[-1])
+    assert (got["status"], got["coding"]) == (200, None), got
+    assert json.loads(got["decodings"][0])["headers"]["Authorization"] == f"Bearer {placeholder}"
+    # upstream: each request had the value exactly once, and was asked not to code it
+    assert len(seen) == 2, seen
+    for headers in seen:
+        assert json.dumps(headers).count(REAL_TOKEN) == 1, headers
+        assert headers["Authorization"] == f"Bearer {REAL_TOKEN}"
+        assert headers["Accept-Encoding"] == "identity"
+    # the records: what the guest asked for (compression, placeholder), never the value
+    assert vm.http is not None
+    records = vm.http.get_requests(host="api.test")
+    assert [r.path for r in records] == ["/gzip", "/deflate"]
+    assert "gzip" in (records[0].request_header("Accept-Encoding") or "")
+    assert records[1].request_header("Accept-Encoding") == "deflate"
+    assert REAL_TOKEN not in vm.http.to_json()

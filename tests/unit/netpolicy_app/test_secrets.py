@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import re
 
 import pytest
@@ -219,3 +220,12 @@ def test_apply_never_fails_unexpectedly(
     except NetworkPolicyError:
         return
     assert len(new) == len(headers)
+
+
+def test_redact_works_on_bytes_as_given_so_coded_bodies_are_decoded_first(
+    store: SecretStore,
+) -> None:
+    """Why the pipeline decodes (test_secret_encodings.py): redact cannot see inside gzip."""
+    coded = gzip.compress(f'{{"token": "{TOKEN}"}}'.encode())
+    assert TOKEN.encode() in gzip.decompress(store.redact(coded))
+    assert TOKEN.encode() not in store.redact(gzip.decompress(coded))
