@@ -152,8 +152,10 @@ def keep(vm: VM, *, nodeid: str) -> VMFolder:
 def read_folder(rundir: Path) -> VMFolder | None:
     """Describe the runtime folder ``rundir``; None if it is not a VM folder."""
     owner_text, sep, ident = rundir.name.partition("-")
-    if not sep or not owner_text.isdigit() or not ident or not rundir.is_dir():
+    if not sep or not owner_text.isdigit() or not ident:
         return None
+    if paths.owned_dir_problem(rundir) is not None:
+        return None  # a symlink or someone else's folder: never looked into
     try:
         qemu_pid: int | None = int((rundir / "qemu.pid").read_text().strip())
     except (OSError, ValueError):
@@ -173,7 +175,7 @@ def read_folder(rundir: Path) -> VMFolder | None:
 def list_folders(*, kept_only: bool = True) -> list[VMFolder]:
     """VM runtime folders of this user, oldest first; by default only kept ones."""
     found: list[VMFolder] = []
-    for rundir in sorted(paths.runtime_dir().iterdir()):
+    for rundir in reaper.vm_folders():
         folder = read_folder(rundir)
         if folder is None or (kept_only and folder.kept is None):
             continue

@@ -12,6 +12,12 @@ A VM kept for debugging (``--gondolin-keep-vm``) has a :data:`KEPT_MARKER`
 file in its folder and no death signal; its owner (the pytest run) is gone
 once the run ends, so the next run reaps it. The ``gondolin`` CLI reaps
 with ``spare_kept=True``: it must not kill what a user is debugging.
+
+Only this user's folders are touched: the runtime roots are private
+(checked by :mod:`pytest_gondolin.paths`), a VM folder is created 0700 by a
+mkdir that fails on any existing entry (a symlink included), and the
+scanners (:func:`vm_folders`) skip every entry that lstat does not call a
+folder owned by this user.
 """
 
 from __future__ import annotations
@@ -24,15 +30,46 @@ import uuid
 from pathlib import Path
 
 from pytest_gondolin import paths
+from pytest_gondolin.errors import VMError
 
 log = logging.getLogger(__name__)
 
 
 def new_rundir() -> Path:
-    """Create and return a fresh runtime folder owned by this process."""
+    """Create and return a fresh runtime folder owned by this process: 0700, never a symlink.
+
+    Raises VMError if the folder cannot be created or is not private afterwards.
+    """
     path = paths.runtime_dir() / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    path.mkdir(mode=0o700)
+    try:
+        # Fails on any existing entry; a symlink at this name is never followed.
+        path.mkdir(mode=0o700)
+    except OSError as exc:
+        raise VMError(f"cannot create the VM runtime folder {path}: {exc}") from exc
+    problem = paths.private_dir_problem(path)
+    if problem is not None:
+        raise VMError(f"the new VM runtime folder {path} {problem}")
     return path
+
+
+def vm_folders() -> list[Path]:
+    """The VM folders (``<owner pid>-<id>``) in this user's private runtime roots.
+
+    Entries that are not real folders owned by this user (symlinks, files,
+    another uid's folders) are skipped: they are not ours, and are never
+    followed, read or removed. Roots are private, so nobody else can add any.
+    """
+    found: list[Path] = []
+    for root in paths.runtime_roots():
+        try:
+            entries = sorted(root.iterdir())
+        except OSError:
+            continue
+        for rundir in entries:
+            owner, sep, ident = rundir.name.partition("-")
+            if sep and owner.isdigit() and ident and paths.owned_dir_problem(rundir) is None:
+                found.append(rundir)
+    return found
 
 
 def pid_alive(pid: int) -> bool:
@@ -85,9 +122,9 @@ def reap_orphans(*, spare_kept: bool = False) -> list[Path]:
     With ``spare_kept``, folders of VMs kept for debugging are left alone.
     """
     removed: list[Path] = []
-    for rundir in paths.runtime_dir().iterdir():
+    for rundir in vm_folders():
         owner_text = rundir.name.split("-", 1)[0]
-        if not owner_text.isdigit() or pid_alive(int(owner_text)) or not rundir.is_dir():
+        if pid_alive(int(owner_text)):
             continue
         if spare_kept and (rundir / KEPT_MARKER).exists():
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -223,6 +224,48 @@ def test_unreadable_marker_still_counts_as_kept(runtime: Path) -> None:
     (rundir / reaper.KEPT_MARKER).write_bytes(b"\x00garbage")
     folder = kept.find("abcd")
     assert folder.kept is not None and folder.kept.nodeid == "?"
+
+
+def test_scanners_never_follow_a_symlink_in_the_runtime_root(runtime: Path, tmp_path: Path) -> None:
+    """A symlink named like a dead owner's VM folder is neither listed, read nor removed."""
+    elsewhere = tmp_path / "elsewhere"
+    decoy = _fake_folder(elsewhere, DEAD_OWNER, "abcd1234", GOOD_MARKER)
+    (runtime / decoy.name).symlink_to(decoy, target_is_directory=True)
+    real = _fake_folder(runtime, DEAD_OWNER, "ffff0000", GOOD_MARKER)
+    # Negative control: the real folder with the same content is seen and reaped.
+    assert [f.id for f in kept.list_folders()] == ["ffff0000"]
+    assert kept.read_folder(runtime / decoy.name) is None
+    with pytest.raises(ConfigError, match="no kept VM"):
+        kept.find("abcd")
+    assert reaper.reap_orphans() == [real]
+    assert not real.exists()
+    assert (runtime / decoy.name).is_symlink()
+    assert sorted(p.name for p in decoy.iterdir()) == [reaper.KEPT_MARKER, "qemu.pid"]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root can chown a folder to another uid")
+def test_scanners_skip_folders_of_another_user(runtime: Path) -> None:
+    theirs = _fake_folder(runtime, DEAD_OWNER, "abcd1234", GOOD_MARKER)
+    os.chown(theirs, 12345, 12345)
+    mine = _fake_folder(runtime, DEAD_OWNER, "ffff0000", GOOD_MARKER)
+    assert [f.id for f in kept.list_folders()] == ["ffff0000"]  # negative control: ours is seen
+    assert reaper.reap_orphans() == [mine]
+    assert (theirs / reaper.KEPT_MARKER).exists()
+
+
+def test_scanners_see_private_fallback_roots(runtime: Path, tmp_path: Path) -> None:
+    """VMs kept while gondolin-<uid> was unusable are still found; a look-alike root is not."""
+    fallback = tmp_path / f"gondolin-{os.getuid()}-a1b2c3d4"
+    fallback.mkdir(mode=0o700)
+    _fake_folder(fallback, DEAD_OWNER, "abcd1234", GOOD_MARKER)
+    shared = tmp_path / f"gondolin-{os.getuid()}-evil0000"
+    shared.mkdir()
+    shared.chmod(0o777)
+    planted = _fake_folder(shared, DEAD_OWNER, "ffff0000", GOOD_MARKER)
+    assert [f.id for f in kept.list_folders()] == ["abcd1234"]
+    assert reaper.reap_orphans(spare_kept=True) == []
+    assert [p.name for p in reaper.reap_orphans()] == [f"{DEAD_OWNER}-abcd1234"]
+    assert planted.exists()
 
 
 # -- artifact folder names ---------------------------------------------------------------
