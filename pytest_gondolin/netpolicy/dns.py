@@ -74,7 +74,9 @@ DEFAULT_POOL = IPv4Network("198.18.0.0/15")
 #: Distinct names a guest may have mapped. Each costs a few hundred bytes
 #: of host memory and one pool address; the cap keeps a guest that
 #: resolves random names in a loop from exhausting either. Past it, new
-#: names are REFUSED; known names keep resolving.
+#: names are REFUSED; known names keep resolving. The cap is per test:
+#: every snapshot restore gives the guest a new, empty resolver
+#: (``NetworkDriver.reset``).
 DEFAULT_MAX_NAMES = 4096
 #: TTL of synthetic answers, seconds. The mapping never changes while a
 #: resolver lives, so caching is harmless within that time; but a VM

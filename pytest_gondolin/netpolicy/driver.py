@@ -28,8 +28,10 @@ Guarantees:
   waits for ``FlowWritable``).
 * Every request is recorded in the recorder current when it arrived, with
   the guest's own headers (secret placeholders, never values).
+* A snapshot restore (:meth:`NetworkDriver.reset`) leaves nothing of the
+  guest's network past behind: flows, DNS names, counters, records.
 
-Thread-safety: :meth:`NetworkDriver.configure`, :meth:`~NetworkDriver.reset_flows`
+Thread-safety: :meth:`NetworkDriver.configure`, :meth:`~NetworkDriver.reset`
 and :meth:`~NetworkDriver.close` may be called from any thread; everything
 else runs on the loop thread.
 """
@@ -55,6 +57,7 @@ from pytest_gondolin import paths
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
 from pytest_gondolin.netpolicy.ca import CertificateAuthority
 from pytest_gondolin.netpolicy.cassette import CassettePlayer
+from pytest_gondolin.netpolicy.limits import DriverLimits
 from pytest_gondolin.netpolicy.link import LinkError
 from pytest_gondolin.netpolicy.mediation import (
     Mediated,
@@ -65,7 +68,7 @@ from pytest_gondolin.netpolicy.mediation import (
     run_upstream,
 )
 from pytest_gondolin.netpolicy.mitm import FlowProxy
-from pytest_gondolin.netpolicy.peer import DEFAULT_MAX_TX_BYTES, DEFAULT_READ_CHUNK, PeerLink
+from pytest_gondolin.netpolicy.peer import PeerLink
 from pytest_gondolin.netpolicy.policy import NetworkPolicy
 from pytest_gondolin.netpolicy.recorder import Exchange, Recorder
 from pytest_gondolin.netpolicy.secrets import SecretStore
@@ -78,7 +81,6 @@ from pytest_gondolin.netpolicy.stack import (
     NetworkStack,
     NewFlow,
 )
-from pytest_gondolin.netpolicy.upstream import DEFAULT_UPSTREAM_TIMEOUT
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -90,7 +92,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: How long :meth:`NetworkDriver.reset_flows` waits for the loop to apply it.
+#: How long :meth:`NetworkDriver.reset` waits for the loop to apply it.
 #: The loop answers within one iteration (milliseconds); a bound keeps a
 #: wedged thread from hanging a test.
 RESET_TIMEOUT: Final = 10.0
@@ -104,45 +106,6 @@ _BACKLOG: Final = 1
 #: Rounds of event handling per iteration; handling an event can create
 #: more, and this guards against a bug turning that into a spin.
 _MAX_EVENT_ROUNDS: Final = 10_000
-
-
-@dataclass(frozen=True)
-class DriverLimits:
-    """Bounds on what one guest can make the driver hold or do.
-
-    ``upstream_workers``: concurrent upstream fetches (each blocks a thread
-    for up to ``upstream_timeout`` s); a guest's further requests wait in
-    line, one per flow at most. ``max_output_bytes``: response bytes
-    waiting, across flows, for the guest to read; past it no new upstream
-    fetch starts (responses are up to 64 MiB each). ``max_tx_bytes``:
-    frames waiting for QEMU to read; past it new frames are dropped like a
-    full NIC ring (TCP retransmits). ``read_chunk``/``max_read_per_wake``:
-    bytes per ``recv`` from QEMU and per loop iteration, so timers and
-    results are served between bursts. ``send_chunk``: bytes offered to the
-    stack per ``flow_send`` (its per-flow send buffer is 256 KiB).
-    """
-
-    upstream_workers: int = 4
-    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
-    max_output_bytes: int = 256 * 1024 * 1024
-    max_tx_bytes: int = DEFAULT_MAX_TX_BYTES
-    read_chunk: int = DEFAULT_READ_CHUNK
-    max_read_per_wake: int = 4 * 1024 * 1024
-    send_chunk: int = 256 * 1024
-
-    def __post_init__(self) -> None:
-        for name in (
-            "upstream_workers",
-            "max_output_bytes",
-            "max_tx_bytes",
-            "read_chunk",
-            "max_read_per_wake",
-            "send_chunk",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"DriverLimits.{name} must be positive")
-        if self.upstream_timeout <= 0:
-            raise ConfigError("DriverLimits.upstream_timeout must be positive")
 
 
 _CA_LOCK = threading.Lock()
@@ -302,17 +265,22 @@ class NetworkDriver:
         # One attribute, swapped whole: the loop thread reads it once per request.
         self._context = MediationContext(policy, secrets_store, recorder, cassette)
 
-    def reset_flows(self) -> None:
-        """Forget every flow without telling the guest (after a snapshot restore).
+    def reset(self) -> None:
+        """Forget all the guest did on the network; call it on every snapshot restore.
 
-        The restored guest's TCP state predates every current flow, so
-        nothing is sent for them: stray segments from the guest get the
-        RST a closed port gives. Upstream fetches in progress still finish
-        and are recorded, but their responses are dropped. DNS mappings are
-        kept. Blocks until the loop applied it (bounded by
-        :data:`RESET_TIMEOUT`); a no-op on a closed driver.
+        Nothing from before stays: no flow (dropped silently: the restored
+        guest's TCP state predates it, its stray segments get a closed port's
+        RST), no DNS name (a new resolver: a whole cap, old addresses name
+        nothing), no counter, no frame unprocessed or unsent (bar the rest of
+        one half written), no exchange or stub (a fresh recorder). Policy,
+        secrets and cassette stay. Fetches in flight are recorded where they
+        started, their responses dropped. Call it with the guest paused. Blocks
+        until applied; :class:`NetworkPolicyError` past :data:`RESET_TIMEOUT`.
         """
-        if self._closed or not self._thread.is_alive():
+        if self._closed:
+            return
+        if threading.current_thread() is self._thread:
+            self._reset_state()
             return
         done = threading.Event()
 
@@ -322,13 +290,10 @@ class NetworkDriver:
             finally:
                 done.set()
 
-        if threading.current_thread() is self._thread:
-            reset()
-            return
         self._commands.put(reset)
         self._wake()
-        if not done.wait(RESET_TIMEOUT):
-            log.warning("%s: the network loop did not apply reset_flows in time", self.name)
+        if not (done.wait(RESET_TIMEOUT if self._thread.is_alive() else 0) or self._closed):
+            raise NetworkPolicyError(f"{self.name}: the network loop did not apply the reset")
 
     @property
     def counters(self) -> dict[str, int]:
@@ -664,9 +629,9 @@ class NetworkDriver:
 
     def _deliver(self, flow: _Flow, outcome: Mediated) -> None:
         """Answer the guest with an upstream outcome (already recorded), if its flow lives."""
-        self._counters[f"decision.{outcome.exchange.decision}"] += 1
         if not self._alive(flow):
-            return
+            return  # the guest gave up, or it was rewound (reset): nothing to count
+        self._counters[f"decision.{outcome.exchange.decision}"] += 1
         flow.proxy.respond(outcome.response)
         # Answering reopens the interceptor: read what the guest sent meanwhile.
         self._pump_input(flow)
@@ -718,9 +683,18 @@ class NetworkDriver:
 
     def _reset_state(self) -> None:
         dropped = len(self._flows)
-        # A new stack with the same resolver: no flows, no RSTs, same DNS answers.
-        self._stack = NetworkStack(mtu=self.mtu, resolver=self._stack.resolver)
+        stale = 0
+        if self._peer is not None:
+            try:
+                stale = self._peer.discard_stale()
+            except LinkError as exc:
+                self._drop_peer(exc.reason)
+        self._stack = NetworkStack(mtu=self.mtu)  # new flows, new resolver, zero counters
         self._flows.clear()
         self._jobs.clear()
-        self._counters["resets"] += 1
-        log.debug("%s: reset, %d flows forgotten", self.name, dropped)
+        self._counters.clear()  # in place: the peer link shares it
+        context = self._context
+        self._context = MediationContext(
+            context.policy, context.secrets, Recorder(redactor=context.secrets), context.cassette
+        )
+        log.debug("%s: reset, %d flows and %d stale frames forgotten", self.name, dropped, stale)

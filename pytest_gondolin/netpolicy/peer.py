@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections import Counter
+from collections import Counter, deque
 from typing import Final
 
 from pytest_gondolin.netpolicy.link import FrameDecoder, LinkError, encode_frame
@@ -32,6 +32,10 @@ DEFAULT_READ_CHUNK: Final = 256 * 1024
 #: guest's receive queue is full; past this bound new frames are dropped
 #: like a full NIC ring would drop them, and TCP retransmits.
 DEFAULT_MAX_TX_BYTES: Final = 16 * 1024 * 1024
+#: Reads :meth:`PeerLink.discard_stale` makes at most. The guest is paused
+#: then, so QEMU writes little more than what is already buffered; the
+#: bound only keeps a misbehaving peer from holding the loop.
+_MAX_STALE_READS: Final = 256
 
 
 class PeerLink:
@@ -55,7 +59,13 @@ class PeerLink:
         self.max_tx_bytes = max_tx_bytes
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self._decoder = FrameDecoder()
+        self._skip_frames = 0  # frames QEMU began before discard_stale, still to drop
         self._tx = bytearray()
+        # Where each queued frame ends, counted in bytes ever queued, and how
+        # many bytes were written: enough to find the frame being written.
+        self._tx_ends: deque[int] = deque()
+        self._tx_written = 0
+        self._tx_done = 0  # the end of the last frame written whole
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -82,8 +92,36 @@ class PeerLink:
         self._decoder.feed(data)
         frames = []
         while (frame := self._decoder.next_frame()) is not None:
+            if self._skip_frames:
+                self._skip_frames -= 1
+                continue
             frames.append(frame)
         return frames
+
+    def discard_stale(self) -> int:
+        """Drop every frame from before now, both ways; return how many went.
+
+        In: what QEMU already wrote is read and dropped, and a frame it was
+        half-way through is dropped when it completes. Out: queued frames
+        not begun are dropped; the rest of one partly written stays, since
+        the stream must stay framed. Raises :class:`LinkError` as reads do.
+        """
+        dropped = 0
+        for _ in range(_MAX_STALE_READS):
+            frames = self.recv_frames()
+            if frames is None:
+                break
+            dropped += len(frames)
+        if self._decoder.buffered_bytes:
+            self._skip_frames = 1
+        if self._tx_ends:
+            head_end = self._tx_ends[0]
+            begun = self._tx_written > self._tx_done
+            keep = head_end - self._tx_written if begun else 0
+            dropped += len(self._tx_ends) - (1 if begun else 0)
+            del self._tx[keep:]
+            self._tx_ends = deque([head_end] if begun else [])
+        return dropped
 
     def queue(self, frames: list[bytes]) -> None:
         """Append ``frames`` to the transmit backlog, dropping what exceeds its bound."""
@@ -95,6 +133,8 @@ class PeerLink:
                 self._tx += encode_frame(frame)
             except LinkError:
                 self.counters["tx-dropped-oversize"] += 1
+                continue
+            self._tx_ends.append(self._tx_written + len(self._tx))
 
     def flush(self) -> None:
         """Write as much of the backlog as the socket takes now. Raises :class:`LinkError`."""
@@ -107,8 +147,12 @@ class PeerLink:
                 raise LinkError(f"write failed: {exc}") from exc
             # Deleting from the front of a bytearray is O(1) in CPython.
             del self._tx[:sent]
+            self._tx_written += sent
+            while self._tx_ends and self._tx_ends[0] <= self._tx_written:
+                self._tx_done = self._tx_ends.popleft()
 
     def close(self) -> None:
         self._tx = bytearray()
+        self._tx_ends.clear()
         with contextlib.suppress(OSError):
             self.sock.close()

@@ -38,7 +38,10 @@ Decision order in :meth:`NetworkPolicy.decide` (first match wins):
 
 Names that resolve to internal addresses are caught at connect time by
 :func:`resolve_upstream`, which checks the addresses actually returned by
-DNS (a name may be rebound between the decision and the connect).
+DNS (a name may be rebound between the decision and the connect). There
+``block_internal`` also refuses the host's own addresses, whatever their
+range (:mod:`.hostaddrs`, read at connect time): a public address of the
+host reaches its services as surely as ``127.0.0.1`` does.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
+from pytest_gondolin.netpolicy.hostaddrs import HOST_ADDRESSES, HostAddresses, embedded_ipv4
 
 if TYPE_CHECKING:
     from pytest_gondolin.netpolicy.secrets import Secret
@@ -117,9 +121,6 @@ _INTERNAL_V6: Final[tuple[tuple[ipaddress.IPv6Network, str], ...]] = tuple(
         ("ff00::/8", "multicast (RFC 4291)"),
     )
 )
-# IPv6 forms that carry an IPv4 address the packets may end up at.
-_V4_COMPATIBLE: Final = ipaddress.IPv6Network("::/96")  # RFC 4291 §2.5.5.1 (deprecated)
-_NAT64_WKP: Final = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 §2.1
 
 
 # --------------------------------------------------------------------------- names
@@ -308,15 +309,7 @@ def internal_range(ip: str | IPAddress) -> str | None:
     for net6, name in _INTERNAL_V6:
         if addr in net6:
             return f"{net6} {name}"
-    embedded: ipaddress.IPv4Address | None = None
-    if addr.ipv4_mapped is not None:
-        embedded = addr.ipv4_mapped
-    elif addr in _V4_COMPATIBLE or addr in _NAT64_WKP:
-        embedded = ipaddress.IPv4Address(addr.packed[-4:])
-    elif addr.sixtofour is not None:
-        embedded = addr.sixtofour
-    elif addr.teredo is not None:
-        embedded = addr.teredo[1]
+    embedded = embedded_ipv4(addr)
     if embedded is not None:
         inner = internal_range(embedded)
         if inner is not None:
@@ -597,15 +590,19 @@ def resolve_upstream(
     port: int,
     policy: NetworkPolicy,
     getaddrinfo: GetAddrInfo = socket.getaddrinfo,
+    *,
+    host_addresses: HostAddresses = HOST_ADDRESSES,
 ) -> tuple[str, int]:
     """Return the ``(ip, port)`` to connect to for ``host:port``.
 
-    A ``resolve`` entry wins (its target may be internal: the user asked
-    for it explicitly). Otherwise the name is resolved and, with
-    ``block_internal``, refused if *any* returned address is internal —
+    A ``resolve`` entry wins (its target may be internal, even this host:
+    the user asked for it explicitly). Otherwise the name is resolved and,
+    with ``block_internal``, refused if *any* returned address is internal
+    or one of ``host_addresses`` (this host's own interfaces, read now) --
     checked here, on the addresses actually returned, because DNS may
     answer differently than when the policy decided (DNS rebinding).
-    Raises :class:`NetworkPolicyError` with the reason.
+    Raises :class:`NetworkPolicyError` with the reason (which names
+    ``block_internal`` when that refused it).
     """
     try:
         name = normalize_host(host)
@@ -620,10 +617,10 @@ def resolve_upstream(
             log.debug("resolve entry: %s -> %s", host, format_authority(name, port))
             return name, port
     elif _is_ip_literal(name):
-        if check_internal and is_internal(name):
+        refusal = _refusal(name, host_addresses) if check_internal else None
+        if refusal is not None:
             raise NetworkPolicyError(
-                f"{format_authority(name, port)} is an internal address ({internal_range(name)}); "
-                "blocked by block_internal=True"
+                f"{format_authority(name, port)}: {refusal}; blocked by block_internal=True"
             )
         return name, port
     try:
@@ -643,11 +640,22 @@ def resolve_upstream(
         raise NetworkPolicyError(f"cannot resolve {name!r}: no addresses")
     if check_internal:
         for addr in addresses:
-            rng = internal_range(addr)
-            if rng is not None:
+            refusal = _refusal(addr.split("%", 1)[0], host_addresses)
+            if refusal is not None:
                 raise NetworkPolicyError(
-                    f"{name!r} resolved to internal address {addr} ({rng}); "
+                    f"{name!r} resolved to {refusal}; "
                     "blocked by block_internal=True (use resolve= to reach it)"
                 )
     log.debug("resolved %s -> %s", name, addresses)
     return addresses[0], port
+
+
+def _refusal(ip: str, host_addresses: HostAddresses) -> str | None:
+    """Why ``block_internal`` refuses ``ip`` (an internal range, or this host), or ``None``."""
+    rng = internal_range(ip)
+    if rng is not None:
+        return f"internal address {ip} ({rng})"
+    own = host_addresses.match(ipaddress.ip_address(ip))
+    if own is not None:
+        return f"{ip}, an address of this host ({own})"
+    return None

@@ -421,3 +421,147 @@ def test_vm_http_is_fresh_for_each_test(vm: VM, round_: int) -> None:
     assert curl(vm, f"http://fresh.test/{round_}")[1] == "x"
     assert len(vm.http.requests) == 1
     assert vm.network is not None and vm.network.policy == NetworkPolicy()
+
+
+# Fills the synthetic resolver from one guest command: raw A queries over one
+# UDP socket, in batches (a few seconds under TCG, where 4,000 getaddrinfo
+# calls would take minutes). Then one name through the guest's own resolver,
+# and a raw TCP connection to the synthetic address of name 4000.
+GUEST_FILL = r"""
+import json, socket, struct, sys
+tag, count, late = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+s.connect(("192.168.127.1", 53))
+s.settimeout(10)
+def wire(i):
+    labels = [b"n%d-%s" % (i, tag.encode()), b"test"]
+    return b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
+answers, rcodes = {}, {}
+for start in range(0, count, 200):
+    ids = range(start, min(count, start + 200))
+    for i in ids:
+        s.send(struct.pack("!HHHHHH", i, 0x0100, 1, 0, 0, 0) + wire(i) + b"\0\1\0\1")
+    for _ in ids:
+        data = s.recv(512)
+        qid, flags, _, an = struct.unpack("!HHHH", data[:8])
+        rcodes[qid] = flags & 15
+        if an:
+            answers[qid] = socket.inet_ntoa(data[-4:])
+out = {"answered": len(answers), "refused": sum(r == 5 for r in rcodes.values())}
+try:
+    out["over"] = socket.gethostbyname("over-%s.test" % tag)
+except OSError as exc:
+    out["over"] = "error: %s" % exc
+out["late"] = answers.get(late)
+if out["late"]:
+    c = socket.create_connection((out["late"], 80), timeout=10)
+    c.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+    try:
+        c.recv(100)
+    except OSError:
+        pass
+print(json.dumps(out))
+"""
+
+GUEST_AFTER = r"""
+import json, socket, sys
+tag, late = sys.argv[1], sys.argv[2]
+out = {"after": socket.gethostbyname("after-%s.test" % tag)}
+c = socket.create_connection((late, 80), timeout=10)
+c.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+try:
+    c.recv(100)
+except OSError:
+    pass
+print(json.dumps(out))
+"""
+
+
+def test_dns_and_traffic_state_do_not_survive_a_restore(vm: VM) -> None:
+    """The restore between two tests gives the next one a fresh network.
+
+    One guest command resolves 4,096 names + 64 more. Negative control,
+    before the restore: the cap is hit (REFUSED, "Temporary failure in name
+    resolution"), and connecting to a synthetic address tells the recorder
+    which name it stood for. After the same restore the pool does between
+    tests (``CLEAN_TAG``): names resolve again, that address names nothing,
+    and neither ``vm.http`` nor the counters keep anything from before.
+    """
+    import uuid
+
+    from pytest_gondolin.netpolicy.dns import DEFAULT_MAX_NAMES
+    from pytest_gondolin.vm.warm import CLEAN_TAG
+
+    tag = "t" + uuid.uuid4().hex[:10]
+    r = vm.exec(
+        ["python3", "-c", GUEST_FILL, tag, str(DEFAULT_MAX_NAMES + 64), "4000"], timeout=180
+    )
+    assert r.returncode == 0, r.stderr
+    before = json.loads(r.stdout.strip().splitlines()[-1])
+    # The whole cap was this test's: the restore before it emptied the resolver.
+    assert before["answered"] == DEFAULT_MAX_NAMES, before
+    assert before["refused"] == 64 and before["over"].startswith("error"), before
+    late = before["late"]
+    assert late is not None and ipaddress.ip_address(late) in ipaddress.ip_network("198.18.0.0/15")
+    assert vm.http is not None
+    assert [ex.host for ex in vm.http.requests] == [f"n4000-{tag}.test"]
+
+    vm.load_internal(CLEAN_TAG)
+
+    assert vm.http is not None and vm.http.requests == []
+    assert vm.network is not None and vm.network.counters.get("dns.queries", 0) == 0
+    r = vm.exec(["python3", "-c", GUEST_AFTER, tag, late], timeout=120)
+    assert r.returncode == 0, r.stderr  # resolution works again
+    after = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ipaddress.ip_address(after["after"]) in ipaddress.ip_network("198.18.0.0/15")
+    hosts = [ex.host for ex in vm.http.requests]
+    assert hosts == [late], hosts  # the bare address: the old name is gone
+    assert not any(tag in str(ex.to_dict()) for ex in vm.http.requests)
+
+
+def test_name_resolving_to_an_address_of_the_host_is_blocked(
+    vm: VM, host_service: tuple[int, list[object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``allow_hosts=["*"]`` a name the host resolves to one of its own
+    addresses (public or not) is denied by ``block_internal``.
+
+    Negative control: the same address named in ``resolve=`` is reached
+    (the host service sees the connection), so the denial is the rule's.
+    """
+    import time
+
+    from pytest_gondolin.netpolicy import policy as policy_module
+    from pytest_gondolin.netpolicy.hostaddrs import read_host_addresses
+    from pytest_gondolin.netpolicy.policy import is_internal
+
+    port, hits = host_service
+    own = sorted(
+        str(net.network_address)
+        for net in read_host_addresses()
+        if net.version == 4 and net.num_addresses == 1 and not is_internal(net.network_address)
+    )
+    if not own:
+        pytest.skip("every IPv4 address of this host is in an internal range already")
+    address = own[0]
+
+    def host_dns(host: str, port: int, *args: object) -> list[tuple[object, ...]]:
+        assert host == "myself.test", host
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(policy_module.resolve_upstream, "__defaults__", (host_dns,))
+    recorder = vm.configure_network(NetworkPolicy(allow_hosts=["*"]))
+    _, out, _ = curl(vm, f"http://myself.test:{port}/")
+    assert "rule: block_internal" in out and "an address of this host" in out, out
+    assert hits == []
+    assert recorder.requests[0].decision == "denied"
+
+    recorder = vm.configure_network(
+        NetworkPolicy(resolve={f"myself.test:{port}": f"{address}:{port}"})
+    )
+    curl(vm, f"http://myself.test:{port}/")
+    assert recorder.requests[0].decision == "allowed"
+    deadline = time.monotonic() + 5  # the service notes the connection on its own thread
+    while not hits and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert hits, f"the host service on {address}:{port} was not reached"

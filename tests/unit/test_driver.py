@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pytest_gondolin.netpolicy.ca import CertificateAuthority
-from pytest_gondolin.netpolicy.dns import QTYPE_A
+from pytest_gondolin.netpolicy.dns import DEFAULT_MAX_NAMES, QTYPE_A, Rcode
 from pytest_gondolin.netpolicy.driver import DriverLimits, NetworkDriver
 from pytest_gondolin.netpolicy.link import FrameDecoder, encode_frame
 from pytest_gondolin.netpolicy.packets import (
@@ -43,6 +43,9 @@ from pytest_gondolin.netpolicy.policy import NetworkPolicy
 from pytest_gondolin.netpolicy.recorder import Recorder
 from pytest_gondolin.netpolicy.secrets import Secret, SecretStore
 from pytest_gondolin.netpolicy.stack import GATEWAY_IP, GATEWAY_MAC, GUEST_IP
+
+from .netpolicy.dns_helpers import parse_response
+from .netpolicy.dns_helpers import query as dns_query
 
 GUEST_MAC = bytes.fromhex("525400123456")
 #: Every wait in these tests; the driver answers in milliseconds.
@@ -440,18 +443,72 @@ def test_corrupt_link_disconnects_but_the_driver_survives(
         again.close()
 
 
-def test_reset_flows_forgets_flows_silently(driver: NetworkDriver, guest: FakeGuest) -> None:
+def test_reset_forgets_flows_silently(driver: NetworkDriver, guest: FakeGuest) -> None:
     recorder = Recorder()
     recorder.stub("GET", "http://r.test/", body=b"ok")
     driver.configure(NetworkPolicy(), None, recorder)
     flow = guest.connect(SYNTH, 80)
     guest.sync()  # the handshake's last ACK reached the old stack
-    driver.reset_flows()
+    driver.reset()
     flow.pump()
     assert not flow.rst  # nothing was sent to the guest by the reset itself
     flow.send(b"GET / HTTP/1.1\r\nHost: r.test\r\n\r\n")
     flow.read_until(lambda f: f.rst)  # the old flow is unknown now: RST, like a closed port
+    assert driver.recorder is not recorder and driver.recorder.stubs == []  # a fresh recorder
+    driver.recorder.stub("GET", "http://r.test/", body=b"ok")
     assert get(guest.connect(SYNTH, 80), "r.test").endswith(b"ok")  # new flows work
+    assert recorder.requests == []  # the old recorder got nothing after the reset
+
+
+def resolve_all(guest: FakeGuest, names: list[str]) -> dict[str, IPv4Address | int]:
+    """Ask the driver's DNS for ``names`` (A); each name's address, or its rcode if none."""
+    got: dict[str, IPv4Address | int] = {}
+    for start in range(0, len(names), 256):  # batches: the link queue stays small
+        batch = names[start : start + 256]
+        for i, name in enumerate(batch):
+            msg = dns_query(name, qid=start + i)
+            guest.send_ip(
+                GATEWAY_IP, IPPROTO_UDP, UdpDatagram(5353, 53, msg).build(GUEST_IP, GATEWAY_IP)
+            )
+        deadline = time.monotonic() + WAIT
+        while len(got) < start + len(batch):
+            assert time.monotonic() < deadline, f"{len(got)} answers"
+            guest.poll()
+            for ip in guest.take_ip(IPPROTO_UDP):
+                r = parse_response(parse_udp(ip.payload, ip.src, ip.dst).payload)
+                got[names[r.id]] = r.addresses[0] if r.addresses else r.rcode
+    return got
+
+
+def raw_flow_host(driver: NetworkDriver, guest: FakeGuest, address: IPv4Address) -> list[str]:
+    """Connect to ``address``, send bytes that are not HTTP; the hosts the record names."""
+    flow = guest.connect(address, 80)
+    flow.send(b"SSH-2.0-OpenSSH_9.2\r\n")
+    flow.read_until(lambda f: f.rst or f.fin)
+    return [ex.host for ex in driver.recorder.requests]
+
+
+def test_reset_starts_dns_afresh_with_its_own_cap(driver: NetworkDriver, guest: FakeGuest) -> None:
+    """A restore gives the next test the whole name cap, and no name of the test before."""
+    names = [f"n{i}.before.test" for i in range(DEFAULT_MAX_NAMES)]
+    got = resolve_all(guest, [*names, "over.before.test"])
+    # Negative control: before the reset the cap is hit, and an address
+    # tells whoever connects to it which name it stood for.
+    assert sum(isinstance(a, IPv4Address) for a in got.values()) == DEFAULT_MAX_NAMES
+    assert got["over.before.test"] == Rcode.REFUSED
+    late = got[names[4000]]
+    assert isinstance(late, IPv4Address)
+    assert raw_flow_host(driver, guest, late) == ["n4000.before.test"]
+    assert driver.counters.get("dns.queries", 0) > DEFAULT_MAX_NAMES
+
+    driver.reset()
+    assert driver.counters.get("dns.queries", 0) == 0 and driver.recorder.requests == []
+    after = resolve_all(guest, ["new.after.test", "n1.before.test", "over.before.test"])
+    assert all(isinstance(a, IPv4Address) for a in after.values())  # room again
+    # The first address is handed out again, to this test's first name.
+    assert after["new.after.test"] == got[names[0]]
+    # An address the test before got names nothing now: the record shows the bare address.
+    assert raw_flow_host(driver, guest, late) == [str(late)]
 
 
 def test_dns_and_ping(driver: NetworkDriver, guest: FakeGuest) -> None:
@@ -484,7 +541,7 @@ def test_close_is_idempotent_and_removes_the_socket(
     d.close()
     d.close()
     assert not d.socket_path.exists()
-    d.reset_flows()  # a no-op once closed
+    d.reset()  # a no-op once closed
 
 
 def test_large_response_is_paced_by_the_guest_window(

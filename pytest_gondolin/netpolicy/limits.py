@@ -1,0 +1,54 @@
+"""Bounds on what one guest can make its network driver hold or do.
+
+One value, :class:`DriverLimits`, validated on construction and read by
+the driver (:mod:`.driver`, which re-exports it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pytest_gondolin.errors import ConfigError
+from pytest_gondolin.netpolicy.peer import DEFAULT_MAX_TX_BYTES, DEFAULT_READ_CHUNK
+from pytest_gondolin.netpolicy.upstream import DEFAULT_UPSTREAM_TIMEOUT
+
+__all__ = ["DriverLimits"]
+
+
+@dataclass(frozen=True)
+class DriverLimits:
+    """Bounds on what one guest can make the driver hold or do.
+
+    ``upstream_workers``: concurrent upstream fetches (each blocks a thread
+    for up to ``upstream_timeout`` s); a guest's further requests wait in
+    line, one per flow at most. ``max_output_bytes``: response bytes
+    waiting, across flows, for the guest to read; past it no new upstream
+    fetch starts (responses are up to 64 MiB each). ``max_tx_bytes``:
+    frames waiting for QEMU to read; past it new frames are dropped like a
+    full NIC ring (TCP retransmits). ``read_chunk``/``max_read_per_wake``:
+    bytes per ``recv`` from QEMU and per loop iteration, so timers and
+    results are served between bursts. ``send_chunk``: bytes offered to the
+    stack per ``flow_send`` (its per-flow send buffer is 256 KiB).
+    """
+
+    upstream_workers: int = 4
+    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    max_output_bytes: int = 256 * 1024 * 1024
+    max_tx_bytes: int = DEFAULT_MAX_TX_BYTES
+    read_chunk: int = DEFAULT_READ_CHUNK
+    max_read_per_wake: int = 4 * 1024 * 1024
+    send_chunk: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        for name in (
+            "upstream_workers",
+            "max_output_bytes",
+            "max_tx_bytes",
+            "read_chunk",
+            "max_read_per_wake",
+            "send_chunk",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"DriverLimits.{name} must be positive")
+        if self.upstream_timeout <= 0:
+            raise ConfigError("DriverLimits.upstream_timeout must be positive")
