@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pytest_gondolin.errors import GondolinError
-
 if TYPE_CHECKING:
+    from pytest_gondolin.errors import GondolinError
     from pytest_gondolin.netpolicy.secrets import Secret
     from pytest_gondolin.vm.machine import VM, Checkpoint, ExecResult, Snapshot
 
@@ -19,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = ["VM", "Checkpoint", "ExecResult", "GondolinError", "Secret", "Snapshot", "__version__"]
 
 _LAZY = {
+    "GondolinError": "pytest_gondolin.errors",
     "Secret": "pytest_gondolin.netpolicy.secrets",
     "VM": "pytest_gondolin.vm.machine",
     "Checkpoint": "pytest_gondolin.vm.machine",

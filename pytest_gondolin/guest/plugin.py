@@ -3,22 +3,22 @@
 Registers the same marker and options as the host plugin (so ``-p gondolin``
 in a project's ``addopts`` and ``--strict-markers`` work in the guest too),
 and replaces the host-only fixtures with ones that explain why they are not
-available. Imports only pytest and stdlib-only modules of this package.
+available. Imports only pytest and :mod:`pytest_gondolin.guest`.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from pytest_gondolin import config as cfg
+from pytest_gondolin.guest import options
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    cfg.add_options(parser)
+    options.add_options(parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", cfg.MARKER_DOC)
+    config.addinivalue_line("markers", options.MARKER_DOC)
 
 
 def _host_only(name: str) -> object:

@@ -3,7 +3,9 @@
 The recorder lives on the host (it sees the guest's network from outside);
 each read asks the host for the current list over the worker's channel, so
 assertions see exchanges made a moment ago by any program in the guest.
-Runs in the guest: imports only the stdlib-only parts of the package.
+One read per call: a filter and its failure message see the same list.
+Runs in the guest: imports only the standard library and
+:mod:`pytest_gondolin.guest`.
 """
 
 from __future__ import annotations
@@ -12,30 +14,41 @@ import base64
 import json as _json
 from typing import Any
 
-from pytest_gondolin.guest.worker import host_query
-from pytest_gondolin.netpolicy.recorder import Exchange, Recorder, exchange_from_dict
+from pytest_gondolin.guest import recording
+from pytest_gondolin.guest.hostquery import host_query
+from pytest_gondolin.guest.recording import Exchange, UrlFilter, exchange_from_dict
 
 
 class GuestTraffic:
     """The read API of the host's recorder (``requests``, ``get_requests``,
     ``assert_request_made``) plus ``stub`` and ``clear``, for this test's traffic."""
 
-    def _snapshot(self) -> Recorder:
+    def _snapshot(self) -> list[Exchange]:
         data = host_query("http", {"op": "list"})
-        recorder = Recorder()
-        for item in data or []:
-            recorder.record(exchange_from_dict(item))
-        return recorder
+        return [exchange_from_dict(item) for item in data or []]
 
     @property
     def requests(self) -> list[Exchange]:
-        return self._snapshot().requests
+        return self._snapshot()
 
-    def get_requests(self, **match: Any) -> list[Exchange]:
-        return self._snapshot().get_requests(**match)
+    def get_requests(
+        self,
+        method: str | None = None,
+        url: UrlFilter = None,
+        host: str | None = None,
+        path: UrlFilter = None,
+    ) -> list[Exchange]:
+        return recording.get_requests(self._snapshot(), method, url, host, path)
 
-    def assert_request_made(self, **match: Any) -> list[Exchange]:
-        return self._snapshot().assert_request_made(**match)
+    def assert_request_made(
+        self,
+        method: str | None = None,
+        url: UrlFilter = None,
+        host: str | None = None,
+        path: UrlFilter = None,
+        count: int | None = 1,
+    ) -> list[Exchange]:
+        return recording.assert_request_made(self._snapshot(), method, url, host, path, count)
 
     def stub(
         self,

@@ -6,9 +6,9 @@ Runs on the far side of the VM boundary (or in a plain subprocess) as::
 
 with the host's invocation directory as cwd and the host's rootdir / inifile
 passed explicitly (``--rootdir=R``, ``-c INI``).  This module imports only
-the standard library and pytest: the guest has none of the host's
-dependencies.  Importing it has no side effects, so the host imports it for
-the protocol constants below.
+the standard library, pytest and :mod:`pytest_gondolin.guest`: the guest
+has none of the host's dependencies.  Importing it has no side effects, so
+the host imports it for the protocol constants below.
 
 Wire protocol
 -------------
@@ -37,7 +37,7 @@ worker → host, on the fd that was fd 1 at start-up, each line at most
     {"t": "error", "message": str}                              a command could not be served
     {"t": "done", "nodeid": str}                                the run command is finished
     {"t": "pong", "nonce": str}                                 answer to ping, same nonce
-    {"t": "query", "kind": str, "args": object}                 mid-run question (see host_query)
+    {"t": "query", "kind": str, "args": object}                 mid-run question (see hostquery)
 
 ``report`` is the dict made by ``pytest_report_to_serializable``; the
 ``errors`` of ``collected`` are the collect reports that failed.
@@ -76,9 +76,14 @@ from typing import IO, Any, Final
 
 import pytest
 
-#: Largest line the worker may send.  Reports carry captured output, so this
-#: is generous; the host rejects anything longer as a protocol violation.
-MAX_WORKER_LINE: Final = 64 * 1024 * 1024
+from pytest_gondolin.guest import hostquery
+
+#: Largest line the worker may send; the host rejects anything longer as a
+#: protocol violation.  It bounds what one hostile line costs the host while
+#: it is read and parsed (a few lines in flight, ~15 MiB of parsed values);
+#: a larger report is shrunk to fit (see _SHRINK_STRING_CHARS), and 4 MiB
+#: still lists ~40k collected node ids of typical length.
+MAX_WORKER_LINE: Final = 4 * 1024 * 1024
 #: Largest command line the host may send: commands are tiny, but answers to
 #: queries carry recorded HTTP exchanges (bodies up to 1 MiB each).
 MAX_COMMAND_LINE: Final = 64 * 1024 * 1024
@@ -93,7 +98,7 @@ WORKER_MODULE: Final = "pytest_gondolin.guest.worker"
 #: When a serialized report does not fit in MAX_WORKER_LINE, each string in
 #: it is cut to this many characters (then, failing that, the captured
 #: sections are dropped) rather than losing the report.
-_SHRINK_STRING_CHARS: Final = 1024 * 1024
+_SHRINK_STRING_CHARS: Final = 512 * 1024
 _TRUNCATION_MARK: Final = "\n[... truncated by the pytest-gondolin worker ...]\n"
 
 #: Appended to the worker's pytest arguments.  No cache: the host owns
@@ -292,34 +297,6 @@ def _category_name(category: type[Warning] | None) -> str:
     return f"{category.__module__}.{category.__qualname__}"
 
 
-class HostQueryError(Exception):
-    """The host could not answer a query (its message says why)."""
-
-
-#: The channel of the item running now, for :func:`host_query` (None between runs).
-_ACTIVE: list[Channel] = []
-
-
-def host_query(kind: str, args: dict[str, Any] | None = None) -> Any:
-    """Ask the host something while a test runs (e.g. ``"http"``: its recorded traffic).
-
-    Only inside a sandboxed test run by this worker. Raises HostQueryError
-    when the host answers with an error, RuntimeError outside a run.
-    """
-    if not _ACTIVE:
-        raise RuntimeError("host_query() only works inside a test run by the gondolin worker")
-    channel = _ACTIVE[-1]
-    channel.send({"t": "query", "kind": kind, "args": args or {}})
-    reply = channel.recv()
-    if reply is None:
-        raise HostQueryError("the host went away")
-    if reply.get("t") != "answer":
-        raise HostQueryError(f"expected an answer from the host, got {reply.get('t')!r}")
-    if not reply["ok"]:
-        raise HostQueryError(str(reply.get("error", "the host refused the query")))
-    return reply.get("data")
-
-
 class WorkerPlugin:
     """The pytest plugin that turns the session into a command server."""
 
@@ -419,22 +396,17 @@ class WorkerPlugin:
             return
         random.seed(seed)
         self._running = nodeid
-        # Through the importable module, not this one: run with ``python -m``
-        # this file is ``__main__``, while tests import ``pytest_gondolin.guest.worker``.
-        from pytest_gondolin.guest import worker as shared
-
-        shared._ACTIVE.append(self._channel)
         try:
-            # The hook (not runtestprotocol directly) so that the wrappers
-            # around it take part: warnings capture, unraisable-exception
-            # and thread-exception checks, faulthandler_timeout.
-            item.ihook.pytest_runtest_protocol(item=item, nextitem=None)
+            with hostquery.active(self._channel):
+                # The hook (not runtestprotocol directly) so that the wrappers
+                # around it take part: warnings capture, unraisable-exception
+                # and thread-exception checks, faulthandler_timeout.
+                item.ihook.pytest_runtest_protocol(item=item, nextitem=None)
         except Exception:
             self._channel.send(
                 {"t": "error", "message": "worker internal error:\n" + traceback.format_exc()}
             )
         finally:
-            shared._ACTIVE.remove(self._channel)
             self._running = None
         self._channel.send({"t": "done", "nodeid": nodeid})
 

@@ -1,9 +1,11 @@
 """The per-boot payload appended to the image's initramfs.
 
 Stage 1 copies ``/gondolin`` from the initramfs to ``/run/gondolin`` on the
-root (tmpfs) and runs its ``init.sh``. The payload carries the guest side
-of this package (stdlib-only: agent, protocol, worker), so agent changes
-never need an image rebuild, plus per-VM data (the MTU, the CA to trust).
+root (tmpfs) and runs its ``init.sh``. The payload carries the guest half
+of this package, which is exactly :mod:`pytest_gondolin.guest` (standard
+library and pytest only) plus the package's ``__init__`` that makes it
+importable, so agent changes never need an image rebuild, plus per-VM data
+(the MTU, the CA to trust).
 """
 
 from __future__ import annotations
@@ -20,23 +22,8 @@ from pytest_gondolin.image import cpio
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
-#: Modules of this package the guest imports. They import only the stdlib
-#: (and, for the worker, pytest, which is shipped separately).
-GUEST_MODULES = (
-    "__init__.py",
-    "errors.py",
-    "guest/__init__.py",
-    "guest/protocol.py",
-    "guest/agent.py",
-    "guest/sysinit.py",
-    "guest/worker.py",
-    "config.py",
-    "guest/plugin.py",
-    "guest/traffic.py",
-    "netpolicy/__init__.py",
-    "netpolicy/policy.py",
-    "netpolicy/recorder.py",
-)
+#: The guest half of the package: every module under it is shipped.
+GUEST_PACKAGE = "guest"
 #: Extra top-level names in the guest: ``-p gondolin`` must find a module there.
 GUEST_ALIASES = {"gondolin.py": "guest/plugin.py"}
 #: The guest image's Python (Debian bookworm). When the host runs the same
@@ -62,6 +49,23 @@ def _pyc(source: bytes, guest_path: str) -> bytes:
     )
 
 
+def guest_modules() -> tuple[str, ...]:
+    """The package's files the guest gets, relative to the package folder.
+
+    Every ``.py`` file of :data:`GUEST_PACKAGE` (its modules import nothing
+    else of this package; ``tests/unit/test_guest_boundary.py`` checks it),
+    plus the package ``__init__.py``: importing ``pytest_gondolin.guest.x``
+    runs it first. Sorted, so the payload (and its digest) is reproducible.
+    """
+    guest = PACKAGE_DIR / GUEST_PACKAGE
+    found = sorted(
+        path.relative_to(PACKAGE_DIR).as_posix()
+        for path in guest.rglob("*.py")
+        if "__pycache__" not in path.relative_to(guest).parts
+    )
+    return ("__init__.py", *found)
+
+
 def _dirs_for(paths: Iterable[str]) -> list[str]:
     seen: list[str] = []
     for path in paths:
@@ -79,14 +83,12 @@ def build_payload(extra_files: dict[str, bytes] | None = None) -> bytes:
     ``extra_files`` maps paths relative to /gondolin (e.g. ``"ca.pem"``) to contents.
     """
     files: dict[str, tuple[bytes, int]] = {
-        "/gondolin/init.sh": ((PACKAGE_DIR / "guest" / "init.sh").read_bytes(), 0o755),
+        "/gondolin/init.sh": ((PACKAGE_DIR / GUEST_PACKAGE / "init.sh").read_bytes(), 0o755),
     }
     precompile = sys.version_info[:2] == GUEST_PYTHON
     tag = sys.implementation.cache_tag
-    for rel in GUEST_MODULES:
+    for rel in guest_modules():
         src = PACKAGE_DIR / rel
-        if not src.exists():
-            continue
         guest_path = f"/gondolin/py/pytest_gondolin/{rel}"
         source = src.read_bytes()
         files[guest_path] = (source, 0o644)

@@ -1,0 +1,103 @@
+"""The plugin's option and marker declarations, shared by the host and the guest.
+
+Both sides register the same ``gondolin`` option group and ``sandboxed``
+marker (the guest so that a project's ``addopts`` and ``--strict-markers``
+work there too), so the declarations live here, on the guest side of the
+package: stdlib and pytest only. Reading and validating the values is the
+host's business (:mod:`pytest_gondolin.config`).
+
+Naming: kebab-case flags ``--gondolin-<name>``, snake_case ini keys
+``gondolin_<name>``, environment variables ``GONDOLIN_<NAME>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+#: Cassette record modes, in the order the option's help lists them.
+RECORD_MODES = ("none", "once", "new_episodes", "all")
+
+MARKER_DOC = (
+    "sandboxed(*, allow_hosts=(), resolve={}, secrets={}, timeout=None, memory=None, image=None, "
+    "cassette=None, block_internal=True, upstream_ca=None): run this test "
+    "(fixtures included) inside a fresh QEMU guest restored from a clean snapshot"
+)
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # snake_case, e.g. "memory"
+    help: str
+    default: str | None
+    choices: tuple[str, ...] | None = None
+    flag: bool = False
+
+    @property
+    def cli(self) -> str:
+        return "--gondolin-" + self.name.replace("_", "-")
+
+    @property
+    def ini(self) -> str:
+        return "gondolin_" + self.name
+
+    @property
+    def env(self) -> str:
+        return "GONDOLIN_" + self.name.upper()
+
+
+OPTIONS = (
+    Option(
+        "accel",
+        "accelerator: auto (KVM if it works, else TCG), kvm or tcg",
+        "auto",
+        ("auto", "kvm", "tcg"),
+    ),
+    Option(
+        "image",
+        "guest image: a built-in recipe name, a recipe folder or an image folder",
+        "bookworm",
+    ),
+    Option("memory", "guest memory, e.g. 256M or 1G", "256M"),
+    Option("cpus", "guest vCPUs", "1"),
+    Option("boot_timeout", "seconds a guest may take to boot", "120"),
+    Option("timeout", "default timeout in seconds for a sandboxed test (0: none)", "0"),
+    Option("keep_vm", "leave the VM of a failing test running for debugging", None, flag=True),
+    Option(
+        "record_mode",
+        "cassette record mode: none, once, new_episodes, all (default: none if $CI is set, else once)",
+        None,
+        RECORD_MODES,
+    ),
+    Option(
+        "requirements",
+        "packages to install in the guest for sandboxed tests (ini: one per line; "
+        "flag/env: separated by spaces), e.g. 'requests==2.32.3 six'",
+        None,
+    ),
+    Option(
+        "artifacts",
+        "folder for failure artifacts (console log, traffic); default under pytest's basetemp",
+        None,
+    ),
+)
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register every option in one ``gondolin`` group, plus its ini key."""
+    group = parser.getgroup(
+        "gondolin", "sandboxed test execution in QEMU micro-VMs (pytest-gondolin)"
+    )
+    for opt in OPTIONS:
+        if opt.flag:
+            group.addoption(opt.cli, action="store_true", default=None, help=opt.help)
+            parser.addini(opt.ini, opt.help, type="bool", default=False)
+        else:
+            group.addoption(
+                opt.cli,
+                default=None,
+                choices=opt.choices,
+                help=f"{opt.help} (default: {opt.default})",
+            )
+            parser.addini(opt.ini, opt.help, default=None)
