@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,9 +24,6 @@ from pytest_gondolin.errors import ConfigError, GondolinError
 if TYPE_CHECKING:  # imported lazily: `gondolin --help` stays fast
     from pytest_gondolin.fixtures import VMFactory
     from pytest_gondolin.vm.machine import VM
-
-#: ``qemu-system-x86_64 --version`` answers at once; bound it anyway.
-VERSION_TIMEOUT = 10.0
 
 EXAMPLES = """\
 examples:
@@ -130,9 +126,10 @@ def _cmd_image_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_image_prune(args: argparse.Namespace) -> int:
-    from pytest_gondolin.image.info import qcow2_backing_file, snapshots_dir
+    from pytest_gondolin.image.info import qcow2_backing_file
     from pytest_gondolin.image.recipe import RECIPES_DIR, load_recipe
     from pytest_gondolin.image.store import prune_images
+    from pytest_gondolin.vm.snapshot_paths import snapshots_dir
 
     keep = (
         set()
@@ -350,22 +347,16 @@ def _cmd_attach(args: argparse.Namespace) -> int:
 
 def _qemu_version() -> str:
     from pytest_gondolin.hosttools import TOOLS
+    from pytest_gondolin.vm.accel import qemu_version
 
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         return f"not found (install it: sudo apt-get install {TOOLS['qemu-system-x86_64'][0]})"
     try:
-        res = subprocess.run(
-            [qemu, "--version"],
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=VERSION_TIMEOUT,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        version = qemu_version(qemu)
+    except GondolinError as exc:
         return f"{qemu}: cannot run it ({exc})"
-    first = res.stdout.splitlines()[0] if res.stdout.strip() else "unknown version"
-    return f"{first} [{qemu}]"
+    return f"{version} [{qemu}]"
 
 
 def _cmd_version(args: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ from pytest_gondolin.config import Settings
 from pytest_gondolin.errors import GondolinError
 from pytest_gondolin.fixtures import ACTIVE_VM_KEY, SETTINGS_KEY, get_factory
 from pytest_gondolin.image.store import Image
+from pytest_gondolin.logtail import read_tail
 from pytest_gondolin.replay import GUEST_REPORT_ATTR
 from pytest_gondolin.vm.accel import AccelChoice
 from pytest_gondolin.vm.kept import vm_id
@@ -99,8 +100,8 @@ def header_lines(settings: Settings) -> list[str]:
 
 def _warm_snapshot(settings: Settings, image: Image, accel: str) -> bool:
     """Whether the ``vm`` fixture / sandboxes would restore a cached ready snapshot (not boot)."""
-    from pytest_gondolin.image.info import snapshots_dir
     from pytest_gondolin.vm.machine import VMConfig, state_key
+    from pytest_gondolin.vm.snapshot_paths import warm_snapshot_path
 
     # Mirrors VMFactory.vm_config for the session's default guest.
     config = VMConfig(
@@ -115,7 +116,7 @@ def _warm_snapshot(settings: Settings, image: Image, accel: str) -> bool:
     except Exception as exc:  # the header is informational: it must never break a run
         log.debug("no state key for the header: %s", exc)
         return False
-    return (snapshots_dir() / f"{key}.qcow2").is_file()
+    return warm_snapshot_path(key).is_file()
 
 
 def artifacts_root(config: pytest.Config, settings: Settings) -> Path:
@@ -136,16 +137,6 @@ def artifact_dir_name(nodeid: str) -> str:
     return f"{name[: MAX_DIR_NAME - 9]}-{digest}"
 
 
-def _tail_bytes(path: Path, limit: int = MAX_LOG_ARTIFACT) -> bytes:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - limit))
-            return fh.read()
-    except OSError:
-        return b""
-
-
 def write_artifacts(vm: VM, target: Path, *, nodeid: str) -> list[str]:
     """Write the VM's console log, QEMU log, traffic and a description into ``target``.
 
@@ -155,7 +146,7 @@ def write_artifacts(vm: VM, target: Path, *, nodeid: str) -> list[str]:
     written: list[str] = []
     if vm.rundir is not None:
         for name in ("console.log", "qemu.log"):
-            data = _tail_bytes(vm.rundir / name)
+            data = read_tail(vm.rundir / name, MAX_LOG_ARTIFACT)
             (target / name).write_bytes(data)
             written.append(name)
     to_json = getattr(vm.http, "to_json", None)

@@ -35,6 +35,7 @@ import pytest
 from pytest_gondolin import guestfiles
 from pytest_gondolin.errors import (
     AgentError,
+    AgentTimeout,
     ConfigError,
     GondolinError,
     NetworkPolicyError,
@@ -44,7 +45,7 @@ from pytest_gondolin.fixtures import GuestKey, VMFactory
 from pytest_gondolin.netpolicy.cassette import CassetteError, CassettePlayer, open_cassette
 from pytest_gondolin.netpolicy.policy import NetworkPolicy
 from pytest_gondolin.runner import MAX_WORKER_LINE, WorkerClient, worker_args
-from pytest_gondolin.vm.channel import AgentProcess, AgentTimeout
+from pytest_gondolin.vm.agent_process import AgentProcess
 from pytest_gondolin.vm.machine import GUEST_ENV, VM, VMConfig
 from pytest_gondolin.vm.pool import RestorePool
 from pytest_gondolin.vm.warm import launch_clean

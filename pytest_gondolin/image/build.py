@@ -17,22 +17,30 @@ error says so and how to run the build with sudo.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pytest_gondolin import hosttools
 from pytest_gondolin.errors import ImageError
 from pytest_gondolin.image import cpio
+from pytest_gondolin.image.manifest import write_manifest
 from pytest_gondolin.image.recipe import Recipe
-from pytest_gondolin.image.store import MANIFEST_FORMAT, Progress
+from pytest_gondolin.logtail import read_tail_text, tail_lines
 
 #: mmdebstrap's own bound; a cold build takes ~1 min with a local mirror.
 MMDEBSTRAP_TIMEOUT = 30 * 60
+#: Lines of a failed step's log quoted in the error (the full log's path is named too).
+LOG_TAIL_LINES = 30
+#: Bytes read from the end of that log to find them (mmdebstrap lines are short).
+LOG_TAIL_BYTES = 64 * 1024
+
+#: Receives one human-readable line per build step.
+Progress = Callable[[str], None]
 
 
 def _run_logged(
@@ -61,7 +69,7 @@ def _run_logged(
             proc.wait()
             raise
     if code != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        tail = tail_lines(read_tail_text(log_path, LOG_TAIL_BYTES), LOG_TAIL_LINES)
         raise ImageError(f"{step} failed (exit code {code}); full log: {log_path}\n{tail}")
 
 
@@ -214,19 +222,15 @@ def build_image(recipe: Recipe, out: Path, *, progress: Progress) -> None:
     raw.unlink()
     log_path.unlink()
 
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "name": recipe.name,
-        "build_id": recipe.build_id,
-        "suite": recipe.suite,
-        "kernel_version": kernel_version,
-        "packages": list(recipe.packages),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": {
-            name: (out / name).stat().st_size for name in ("vmlinuz", "initrd.img", "rootfs.qcow2")
+    write_manifest(
+        out,
+        {
+            "name": recipe.name,
+            "build_id": recipe.build_id,
+            "suite": recipe.suite,
+            "kernel_version": kernel_version,
+            "packages": list(recipe.packages),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
-    }
-    tmp_manifest = out / "manifest.json.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp_manifest.rename(out / "manifest.json")
+    )
     progress(f"image {recipe.image_key} built in {time.monotonic() - started:.0f} s")

@@ -2,10 +2,10 @@
 
 Read-only and cheap (no QEMU, no build): the ``gondolin image inspect``
 command and the pytest report header use it. A warm snapshot
-(``<cache>/snapshots/<state key>.qcow2``, see ``vm/warm.py``) belongs to the
-image whose ``rootfs.qcow2`` is its qcow2 backing file, so the snapshots of
-an image are found by reading each snapshot's qcow2 header — not by
-recomputing state keys, which would build a boot payload.
+(``<cache>/snapshots/<state key>.qcow2``, see ``vm/snapshot_paths.py``)
+belongs to the image whose ``rootfs.qcow2`` is its qcow2 backing file, so
+the snapshots of an image are found by reading each snapshot's qcow2
+header — not by recomputing state keys, which would build a boot payload.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_gondolin import paths
 from pytest_gondolin.errors import ConfigError, ImageError
 from pytest_gondolin.image.recipe import Recipe, load_recipe
 from pytest_gondolin.image.store import Image, images_root, open_image
+from pytest_gondolin.vm.snapshot_paths import snapshots_dir
 
 #: qcow2 header (QEMU docs/interop/qcow2.txt): magic, version, backing file offset and size.
 _QCOW2_HEADER = struct.Struct(">4sIQI")
@@ -56,11 +56,6 @@ def qcow2_backing_file(path: Path) -> str | None:
         return raw.decode()
     except UnicodeDecodeError as exc:
         raise ImageError(f"{path}: backing file name is not UTF-8") from exc
-
-
-def snapshots_dir() -> Path:
-    """Where ``vm/warm.py`` caches ready-state snapshots (not created here)."""
-    return paths.cache_dir() / "snapshots"
 
 
 def warm_snapshots(image_key: str) -> list[Path]:

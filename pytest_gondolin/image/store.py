@@ -15,11 +15,9 @@ treated as corrupt and rebuilt.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +26,17 @@ import filelock
 
 from pytest_gondolin import paths
 from pytest_gondolin.errors import ImageError
+from pytest_gondolin.image import build
+from pytest_gondolin.image.build import Progress
+from pytest_gondolin.image.manifest import read_manifest
 from pytest_gondolin.image.recipe import Recipe, load_recipe
 from pytest_gondolin.vm.reaper import pid_alive
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = 1
 #: How long a second builder waits for the first to finish an image. A cold
 #: build takes ~1-2 min here; 30 min covers a slow mirror.
 BUILD_LOCK_TIMEOUT = 30 * 60
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -80,26 +78,7 @@ def images_root() -> Path:
 
 def open_image(path: Path) -> Image:
     """Open and validate the image folder ``path``; raise ImageError if it is incomplete."""
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ImageError(f"{path}: no readable manifest.json ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ImageError(f"{path}: manifest.json has an unknown format")
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise ImageError(f"{path}: manifest.json lists no files")
-    for name in ("vmlinuz", "initrd.img", "rootfs.qcow2"):
-        expected = files.get(name)
-        try:
-            actual = (path / name).stat().st_size
-        except OSError as exc:
-            raise ImageError(f"{path}: {name} is missing") from exc
-        if actual != expected:
-            raise ImageError(f"{path}: {name} is {actual} bytes, manifest says {expected}")
-    return Image(path, manifest)
-
-    return True
+    return Image(path, read_manifest(path))
 
 
 def _remove_stale_builds(root: Path) -> None:
@@ -151,13 +130,11 @@ def ensure_image(
                 if target.exists():
                     log.warning("discarding corrupt image: %s", exc)
         _remove_stale_builds(root)
-        from pytest_gondolin.image.build import build_image
-
         tmp = root / f".tmp-{recipe.image_key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            build_image(recipe, tmp, progress=progress or (lambda msg: None))
+            build.build_image(recipe, tmp, progress=progress or (lambda msg: None))
             if target.exists():
                 trash = root / f".tmp-old-{recipe.image_key}-{os.getpid()}"
                 target.rename(trash)

@@ -1,5 +1,9 @@
-"""Choosing the accelerator: KVM when it really works, TCG otherwise.
+"""What the host's QEMU is: its version, and the accelerator to use with it.
 
+:func:`qemu_version` is the one probe of ``qemu-system-x86_64 --version``
+(the warm-snapshot key and ``gondolin version`` both use it).
+
+The accelerator: KVM when it really works, TCG otherwise.
 ``/dev/kvm`` existing is not enough: PVM (nested KVM without hardware
 virtualization) exposes it, yet QEMU aborts on real CPU models ("failed to
 set MSR 0x10a") and guests crawl. So ``auto`` picks KVM only after a
@@ -24,12 +28,34 @@ log = logging.getLogger(__name__)
 ACCELS = ("auto", "kvm", "tcg")
 #: The probe QEMU quits at once; 10 s only guards against a wedged host.
 PROBE_TIMEOUT = 10.0
+#: ``qemu-system-x86_64 --version`` answers at once; 10 s only guards against a wedged host.
+VERSION_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
 class AccelChoice:
     name: str  # "kvm" or "tcg"
     reason: str
+
+
+@functools.cache
+def qemu_version(qemu: str) -> str:
+    """The first line of ``qemu --version`` (``"unknown"`` if it prints none), cached per binary.
+
+    Raises VMError if ``qemu`` cannot be run or does not answer within
+    :data:`VERSION_TIMEOUT`.
+    """
+    try:
+        res = subprocess.run(
+            [qemu, "--version"],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=VERSION_TIMEOUT,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VMError(f"cannot run {qemu} --version: {exc}") from exc
+    return res.stdout.splitlines()[0] if res.stdout.strip() else "unknown"
 
 
 @functools.cache

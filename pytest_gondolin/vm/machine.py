@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import enum
-import functools
 import hashlib
 import json
 import logging
@@ -45,9 +44,12 @@ from pytest_gondolin.errors import (
     VMLaunchError,
 )
 from pytest_gondolin.image.store import Image
+from pytest_gondolin.logtail import read_tail_text
 from pytest_gondolin.vm import checkpoint as ckpt
 from pytest_gondolin.vm import payload, reaper
-from pytest_gondolin.vm.channel import AgentChannel, AgentProcess
+from pytest_gondolin.vm.accel import qemu_version
+from pytest_gondolin.vm.agent_process import AgentProcess
+from pytest_gondolin.vm.channel import AgentChannel
 from pytest_gondolin.vm.qemu import MachineSpec, command_line, privilege_drop_args
 from pytest_gondolin.vm.qmp import QMP
 
@@ -182,14 +184,6 @@ def boot_initrd(config: VMConfig) -> Path:
         payload.build_payload(files),
         paths.cache_dir() / "boot",
     )
-
-
-@functools.cache
-def qemu_version(qemu: str) -> str:
-    res = subprocess.run(
-        [qemu, "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL
-    )
-    return res.stdout.splitlines()[0] if res.stdout else "unknown"
 
 
 def state_key(config: VMConfig) -> str:
@@ -474,11 +468,13 @@ class VM:
 
     def qemu_log(self) -> str:
         """QEMU's own stderr so far (empty if unavailable)."""
-        return _read_tail(self.rundir / "qemu.log" if self.rundir else None)
+        return read_tail_text(self.rundir / "qemu.log" if self.rundir else None, CONSOLE_TAIL_BYTES)
 
     def console_log(self) -> str:
         """The tail of the guest's serial console."""
-        return _read_tail(self.rundir / "console.log" if self.rundir else None)
+        return read_tail_text(
+            self.rundir / "console.log" if self.rundir else None, CONSOLE_TAIL_BYTES
+        )
 
     @property
     def alive(self) -> bool:
@@ -731,12 +727,20 @@ class VM:
         ``preserve``: processes that were running when ``tag`` was saved; they stay attached.
         """
         channel = self._require_channel()
+        # Paused across loadvm and the network reset (loadvm keeps the run
+        # state it found), so no frame of the old or the restored guest
+        # crosses the reset: nothing a test did on the network survives it.
+        self.pause()
         self._hmp(f"loadvm {tag}")
-        # loadvm keeps the run state it found: a VM left paused (vm.pause() in
-        # a test that then failed) would stay paused and never answer the sync.
-        self.resume()
         if self.network is not None:
-            self.network.reset_flows()  # the guest's TCP state just went back in time
+            from pytest_gondolin.errors import NetworkPolicyError
+
+            try:
+                self.network.reset()
+            except NetworkPolicyError as exc:
+                raise SnapshotError(f"{self.name}: restoring {tag!r}: {exc}") from exc
+            self.http = self.network.recorder
+        self.resume()
         try:
             channel.sync(
                 timeout=30.0, preserve=preserve, entropy=os.urandom(64), clock_ns=time.time_ns()
@@ -892,16 +896,3 @@ def _stop_process(proc: subprocess.Popen[bytes]) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-def _read_tail(path: Path | None, size: int = CONSOLE_TAIL_BYTES) -> str:
-    if path is None:
-        return ""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            end = fh.tell()
-            fh.seek(max(0, end - size))
-            return fh.read().decode(errors="replace")
-    except OSError:
-        return ""

@@ -2,7 +2,8 @@
 
 The first VM for a given :func:`~pytest_gondolin.vm.machine.state_key` boots
 cold, saves an internal snapshot ``CLEAN_TAG`` (RAM + devices + disk) in its
-overlay, and exports that overlay to ``<cache>/snapshots/<key>.qcow2``.
+overlay, and exports that overlay to ``<cache>/snapshots/<key>.qcow2``
+(:mod:`~pytest_gondolin.vm.snapshot_paths`).
 Later VMs with the same key start QEMU with a copy of that file and
 ``-loadvm`` (no boot at all). The key covers the image build, the boot
 payload (agent code, CA, MTU), memory, CPUs, accelerator, QEMU version and
@@ -20,21 +21,15 @@ from pathlib import Path
 
 import filelock
 
-from pytest_gondolin import paths
 from pytest_gondolin.errors import VMError
 from pytest_gondolin.vm.machine import VM, VMConfig, _copy_file, state_key
+from pytest_gondolin.vm.snapshot_paths import snapshots_dir, warm_snapshot_lock, warm_snapshot_path
 
 log = logging.getLogger(__name__)
 
 CLEAN_TAG = "gondolin-clean"
 #: A cold boot plus save takes ~6 s here; a lock held far longer is a hung peer.
 WARM_LOCK_TIMEOUT = 600.0
-
-
-def snapshots_dir() -> Path:
-    path = paths.cache_dir() / "snapshots"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def launch_clean(
@@ -47,8 +42,9 @@ def launch_clean(
     """Return a running VM that holds internal snapshot ``CLEAN_TAG`` of its ready state."""
     say = progress or (lambda msg: log.info("%s", msg))
     key = state_key(config)
-    cached = snapshots_dir() / f"{key}.qcow2"
-    lock = filelock.FileLock(str(cached.with_suffix(".lock")))
+    snapshots_dir().mkdir(parents=True, exist_ok=True)
+    cached = warm_snapshot_path(key)
+    lock = filelock.FileLock(str(warm_snapshot_lock(key)))
     with lock.acquire(timeout=WARM_LOCK_TIMEOUT):
         if use_cache and cached.exists():
             started = time.monotonic()

@@ -34,6 +34,7 @@ from pytest_gondolin.fixtures import VMFactory
 from pytest_gondolin.vm import warm
 from pytest_gondolin.vm.machine import VM, state_key
 from pytest_gondolin.vm.qemu import SANDBOX
+from pytest_gondolin.vm.snapshot_paths import warm_snapshot_path
 
 #: One inner session: a sandbox prepared three times (start, after the
 #: panic, after the kill) under TCG on a busy 2-core host.
@@ -403,7 +404,8 @@ def test_truncated_warm_snapshot_is_detected_and_rebuilt(
     config = vm_factory.vm_config(vm_factory.guest_key())
     monkeypatch.setenv("GONDOLIN_CACHE_DIR", str(private_cache))
     key = state_key(config)
-    cached = warm.snapshots_dir() / f"{key}.qcow2"
+    cached = warm_snapshot_path(key)
+    cached.parent.mkdir(parents=True, exist_ok=True)
     assert cached.parent.parent == private_cache
     source = real_cache / "snapshots" / f"{key}.qcow2"
     progress: list[str] = []

@@ -23,14 +23,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_gondolin.errors import AgentError, ExecTimeout, ProtocolError, VMError
-from pytest_gondolin.guest import protocol as proto
-from pytest_gondolin.vm.channel import (
-    AgentChannel,
+from pytest_gondolin.errors import (
+    AgentError,
+    AgentProtocolError,
     AgentRequestError,
     AgentTimeout,
-    RawExecResult,
+    ExecTimeout,
+    VMError,
 )
+from pytest_gondolin.guest import protocol as proto
+from pytest_gondolin.vm.agent_calls import RawExecResult
+from pytest_gondolin.vm.channel import AgentChannel
+from pytest_gondolin.vm.channel_core import ChannelState
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -312,7 +316,7 @@ def test_file_errors(ch: AgentChannel, tmp_path: Path) -> None:
             call()
         assert info.value.errno == err, info.value
     assert ch.read_file(str(tmp_path / "file"), max_size=5) == b"12345"
-    with pytest.raises(ProtocolError, match="path"):
+    with pytest.raises(AgentProtocolError, match="path"):
         ch.read_file("relative/path", max_size=10)
 
 
@@ -578,9 +582,9 @@ def test_hostile_frames_fail_pending_calls(
 ) -> None:
     future, _ = _pending_exec(fake, pool)
     fake.peer.sock.sendall(garbage)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(AgentProtocolError):
         future.result(5)
-    with pytest.raises(ProtocolError, match="unusable"):
+    with pytest.raises(AgentProtocolError, match="unusable"):
         fake.channel.exec(["y"])
     assert not fake.channel.closed
 
@@ -590,7 +594,7 @@ def test_wrong_frame_type_fails_only_that_call(
 ) -> None:
     future, req_id = _pending_exec(fake, pool)
     fake.peer.send({"t": "data", "id": req_id}, b"x")
-    with pytest.raises(ProtocolError, match="unexpected 'data'"):
+    with pytest.raises(AgentProtocolError, match="unexpected 'data'"):
         future.result(5)
     future, req_id = _pending_exec(fake, pool)
     fake.peer.send(
@@ -634,7 +638,7 @@ def test_read_file_over_max_size_from_guest(
     req = fake.peer.recv()
     fake.peer.send({"t": "data", "id": req.id}, b"123")
     fake.peer.send({"t": "data", "id": req.id}, b"456")
-    with pytest.raises(ProtocolError, match="max_size"):
+    with pytest.raises(AgentProtocolError, match="max_size"):
         future.result(5)
 
 
@@ -658,13 +662,13 @@ def test_request_deadlines(fake: Fake) -> None:
     with pytest.raises(AgentTimeout):
         fake.channel.sync(0.2)
     # A failed sync leaves the channel unusable until a sync succeeds.
-    with pytest.raises(ProtocolError, match="sync did not complete"):
+    with pytest.raises(AgentProtocolError, match="sync did not complete"):
         fake.channel.exec(["x"])
 
 
 def test_wait_ready_checks_version(fake: Fake) -> None:
     fake.peer.send({"t": "ready", "id": 0, "version": "999", "pid": 1})
-    with pytest.raises(ProtocolError, match="protocol '999'"):
+    with pytest.raises(AgentProtocolError, match="protocol '999'"):
         fake.channel.wait_ready(5)
 
 
@@ -672,7 +676,7 @@ def test_sync_recovers_a_broken_stream(
     fake: Fake, pool: concurrent.futures.ThreadPoolExecutor
 ) -> None:
     fake.peer.sock.sendall(b"\x00\x00\x00\x02??")  # breaks framing
-    _wait_for(lambda: fake.channel._broken is not None)
+    _wait_for(lambda: fake.channel.state is ChannelState.BROKEN)
     syncing = pool.submit(fake.channel.sync, 5)
     req = fake.peer.recv()
     assert req.type == "sync"

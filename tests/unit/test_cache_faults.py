@@ -22,9 +22,20 @@ from pathlib import Path
 import pytest
 
 from pytest_gondolin.errors import ImageError
-from pytest_gondolin.image import store
+from pytest_gondolin.image import info, store
+from pytest_gondolin.image.manifest import (
+    IMAGE_FILES,
+    MANIFEST_FORMAT,
+    read_manifest,
+    write_manifest,
+)
 from pytest_gondolin.image.recipe import Recipe, load_recipe
 from pytest_gondolin.vm import payload
+from pytest_gondolin.vm.snapshot_paths import (
+    snapshots_dir,
+    warm_snapshot_lock,
+    warm_snapshot_path,
+)
 
 FILES = {"vmlinuz": b"k" * 100, "initrd.img": b"i" * 50, "rootfs.qcow2": b"r" * 300}
 
@@ -54,13 +65,7 @@ class FakeBuilder:
             raise self.fail  # half-written: one file, no manifest
         for name, data in FILES.items():
             (out / name).write_bytes(data)
-        manifest = {
-            "format": store.MANIFEST_FORMAT,
-            "name": recipe.name,
-            "build_id": recipe.build_id,
-            "files": {name: len(data) for name, data in FILES.items()},
-        }
-        (out / "manifest.json").write_text(json.dumps(manifest))
+        write_manifest(out, {"name": recipe.name, "build_id": recipe.build_id})
 
 
 @pytest.fixture
@@ -80,7 +85,7 @@ def _good_image(folder: Path) -> Path:
     (folder / "manifest.json").write_text(
         json.dumps(
             {
-                "format": store.MANIFEST_FORMAT,
+                "format": MANIFEST_FORMAT,
                 "name": "x",
                 "build_id": "1",
                 "files": {n: len(d) for n, d in FILES.items()},
@@ -104,7 +109,7 @@ DAMAGE = {
         json.dumps({"format": 99, "files": {}})
     ),
     "no file list": lambda d: (d / "manifest.json").write_text(
-        json.dumps({"format": store.MANIFEST_FORMAT})
+        json.dumps({"format": MANIFEST_FORMAT})
     ),
     "rootfs truncated": lambda d: _truncate(d / "rootfs.qcow2"),
     "rootfs missing": lambda d: (d / "rootfs.qcow2").unlink(),
@@ -120,6 +125,24 @@ def test_open_image_rejects_a_damaged_folder(tmp_path: Path, damage: object) -> 
     damage(folder)  # type: ignore[operator]
     with pytest.raises(ImageError, match=str(folder)):
         store.open_image(folder)
+
+
+def test_the_manifest_written_is_the_manifest_read(tmp_path: Path) -> None:
+    for name, data in FILES.items():
+        (tmp_path / name).write_bytes(data)
+    written = write_manifest(tmp_path, {"name": "x", "build_id": "7"})
+    assert set(written["files"]) == set(IMAGE_FILES) == set(FILES)
+    assert read_manifest(tmp_path) == written
+    assert written["format"] == MANIFEST_FORMAT
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*FILES, "manifest.json"])
+
+
+def test_warm_snapshot_paths_live_in_the_cache(cache: Path) -> None:
+    assert warm_snapshot_path("k1") == cache / "snapshots" / "k1.qcow2"
+    assert warm_snapshot_lock("k1") == cache / "snapshots" / "k1.lock"
+    assert snapshots_dir() == warm_snapshot_path("k1").parent
+    assert not snapshots_dir().exists()  # readers (image inspect, the header) never create it
+    assert info.warm_snapshots("bookworm-0") == []
 
 
 # --------------------------------------------------------------------------- repair

@@ -1,6 +1,9 @@
-"""Host tool discovery and the accelerator choice (the KVM probe runs for real)."""
+"""Host tool discovery, the QEMU version probe and the accelerator choice (the KVM probe runs for real)."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +42,31 @@ def test_accel_choice_follows_the_functional_probe() -> None:
 def test_unknown_accel_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="'hvf'"):
         accel.choose_accel("hvf")
+
+
+def test_qemu_version_is_the_first_line_and_cached(tmp_path: Path) -> None:
+    fake = tmp_path / "qemu-system-x86_64"
+    calls = tmp_path / "calls"
+    fake.write_text(
+        f'#!/bin/sh\necho x >> {calls}\necho "QEMU emulator version 9.9.9"\necho "(c) QEMU"\n'
+    )
+    fake.chmod(0o755)
+    assert accel.qemu_version(str(fake)) == "QEMU emulator version 9.9.9"
+    assert accel.qemu_version(str(fake)) == "QEMU emulator version 9.9.9"
+    assert calls.read_text() == "x\n"  # probed once per binary
+
+
+def test_qemu_version_failures(tmp_path: Path) -> None:
+    silent = tmp_path / "silent-qemu"
+    silent.write_text("#!/bin/sh\nexit 0\n")
+    silent.chmod(0o755)
+    assert accel.qemu_version(str(silent)) == "unknown"
+    with pytest.raises(VMError, match="cannot run"):
+        accel.qemu_version(str(tmp_path / "missing-qemu"))
+
+
+def test_qemu_version_of_the_real_qemu() -> None:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    assert accel.qemu_version(qemu).startswith("QEMU emulator version")
