@@ -16,10 +16,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pytest_gondolin.netpolicy.ca import CertificateAuthority
-from pytest_gondolin.netpolicy.cassette import open_cassette
-from pytest_gondolin.netpolicy.policy import NetworkPolicy
-from pytest_gondolin.vm.machine import VM, VMConfig
+from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http.cassette import open_cassette
+from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+from pytest_gondolin.vm.identity import VMConfig
+from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.warm import launch_clean
 
 Row = tuple[str, str, str]

@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pytest_gondolin.errors import GondolinError
-    from pytest_gondolin.netpolicy.secrets import Secret
-    from pytest_gondolin.vm.machine import VM, Checkpoint, ExecResult, Snapshot
+    from pytest_gondolin.netpolicy.http.secrets import Secret
+    from pytest_gondolin.vm.commands import ExecResult
+    from pytest_gondolin.vm.identity import Snapshot
+    from pytest_gondolin.vm.machine import VM, Checkpoint
 
 __version__ = "0.1.0"
 
@@ -19,11 +21,11 @@ __all__ = ["VM", "Checkpoint", "ExecResult", "GondolinError", "Secret", "Snapsho
 
 _LAZY = {
     "GondolinError": "pytest_gondolin.errors",
-    "Secret": "pytest_gondolin.netpolicy.secrets",
+    "Secret": "pytest_gondolin.netpolicy.http.secrets",
     "VM": "pytest_gondolin.vm.machine",
     "Checkpoint": "pytest_gondolin.vm.machine",
-    "ExecResult": "pytest_gondolin.vm.machine",
-    "Snapshot": "pytest_gondolin.vm.machine",
+    "ExecResult": "pytest_gondolin.vm.commands",
+    "Snapshot": "pytest_gondolin.vm.identity",
 }
 
 

@@ -184,8 +184,8 @@ def _factory(args: argparse.Namespace) -> VMFactory:
     """A VMFactory for the CLI's options, validated before anything boots."""
     from pytest_gondolin import config as cfg
     from pytest_gondolin.fixtures import VMFactory
-    from pytest_gondolin.netpolicy.policy import NetworkPolicy
-    from pytest_gondolin.vm.machine import BOOT_TIMEOUT
+    from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+    from pytest_gondolin.vm.identity import BOOT_TIMEOUT
     from pytest_gondolin.vm.reaper import reap_orphans
 
     memory = cfg.parse_memory(args.memory, "--memory")

@@ -22,20 +22,18 @@ import pytest
 from pytest_gondolin import config as cfg
 from pytest_gondolin.errors import ConfigError, GondolinError
 from pytest_gondolin.image.store import Image, ensure_image
-from pytest_gondolin.netpolicy.cassette import (
-    CassetteError,
-    CassettePlayer,
-    open_cassette,
-    resolve_cassette_option,
-)
-from pytest_gondolin.netpolicy.policy import NetworkPolicy
+from pytest_gondolin.netpolicy.http.cassette import CassettePlayer, open_cassette
+from pytest_gondolin.netpolicy.http.cassette_paths import resolve_cassette_option
+from pytest_gondolin.netpolicy.http.cassette_values import CassetteError
+from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
 from pytest_gondolin.vm.accel import AccelChoice, choose_accel
-from pytest_gondolin.vm.machine import VM, VMConfig
+from pytest_gondolin.vm.identity import VMConfig
+from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.pool import RestorePool
 from pytest_gondolin.vm.warm import CLEAN_TAG, launch_clean
 
 if TYPE_CHECKING:
-    from pytest_gondolin.netpolicy.secrets import Secret
+    from pytest_gondolin.netpolicy.http.secrets import Secret
 
 log = logging.getLogger(__name__)
 

@@ -69,7 +69,7 @@ def sandbox_options(item: pytest.Item, factory: VMFactory) -> SandboxOptions:
         )
     network = {k: merged[k] for k in HOST_KEYWORDS if k in merged and k != "timeout"}
     if network:
-        from pytest_gondolin.netpolicy.policy import NetworkPolicy
+        from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
 
         try:
             NetworkPolicy.from_options(**{k: v for k, v in network.items() if k != "cassette"})

@@ -42,11 +42,14 @@ from pytest_gondolin.errors import (
     VMError,
 )
 from pytest_gondolin.fixtures import GuestKey, VMFactory
-from pytest_gondolin.netpolicy.cassette import CassetteError, CassettePlayer, open_cassette
-from pytest_gondolin.netpolicy.policy import NetworkPolicy
+from pytest_gondolin.netpolicy.http.cassette import CassettePlayer, open_cassette
+from pytest_gondolin.netpolicy.http.cassette_values import CassetteError
+from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
 from pytest_gondolin.runner import MAX_WORKER_LINE, WorkerClient, worker_args
 from pytest_gondolin.vm.agent_process import AgentProcess
-from pytest_gondolin.vm.machine import GUEST_ENV, VM, VMConfig
+from pytest_gondolin.vm.commands import GUEST_ENV
+from pytest_gondolin.vm.identity import VMConfig
+from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.pool import RestorePool
 from pytest_gondolin.vm.warm import launch_clean
 from pytest_gondolin.worker_messages import Collected, Failure, RunOutcome

@@ -9,7 +9,7 @@ import pytest
 from pytest_gondolin.errors import GondolinError
 from pytest_gondolin.fixtures import GuestKey, get_factory
 from pytest_gondolin.markers import SandboxOptions
-from pytest_gondolin.netpolicy.cassette import resolve_cassette_option
+from pytest_gondolin.netpolicy.http.cassette_paths import resolve_cassette_option
 from pytest_gondolin.replay import replay_collect_errors, replay_item
 from pytest_gondolin.sandbox import Sandbox
 from pytest_gondolin.vm.machine import VM

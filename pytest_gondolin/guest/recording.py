@@ -1,6 +1,6 @@
 """Recorded HTTP exchanges and the queries over them, for both sides of the VM.
 
-The host records what it mediated (:class:`pytest_gondolin.netpolicy.recorder.Recorder`);
+The host records what it mediated (:class:`pytest_gondolin.netpolicy.http.recorder.Recorder`);
 a sandboxed test reads the same records through ``http_traffic`` in the
 guest. Both answer ``get_requests`` and ``assert_request_made`` with the
 functions here, over one list of :class:`Exchange` values, so a filter or
@@ -30,6 +30,7 @@ __all__ = [
     "UrlFilter",
     "assert_request_made",
     "body_json",
+    "canonical_host",
     "exchange_from_dict",
     "get_requests",
     "header_pairs",
@@ -213,15 +214,22 @@ def exchange_from_dict(data: Mapping[str, Any]) -> Exchange:
 
 # --------------------------------------------------------------------------- queries
 
-# The rules of pytest_gondolin.netpolicy.policy.normalize_host (RFC 1035
-# §2.3.4 / RFC 1123 §2.1 labels, 253-character names, RFC 3696 §2 no
-# all-numeric top-level label), restated here because the guest cannot
-# import the host's policy; a unit test holds the two to the same answers.
+# RFC 1035 §2.3.4 / RFC 1123 §2.1: labels of at most 63 octets, names of at
+# most 253 characters in text form. Underscores are tolerated because real
+# service names use them (RFC 2181 §11 allows any octet in DNS itself).
 _LABEL_RE: Final = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _MAX_NAME_LENGTH: Final = 253
 
 
-def _canonical_host(host: str) -> str | None:
+def canonical_host(host: str) -> str | None:
+    """The canonical form of a host name or IP literal, or ``None`` if it is neither.
+
+    A canonical IP literal (IPv6 unbracketed, compressed, no scope id) or a
+    lower-case ASCII name of valid labels (IDNA A-labels, no trailing dot).
+    The one copy of these rules: the host's policy
+    (``netpolicy/http/rules.py``, ``normalize_host``) is built on it, since
+    the guest cannot import host code.
+    """
     text = host.strip()
     if text.startswith("[") and text.endswith("]"):
         try:
@@ -248,6 +256,8 @@ def _canonical_host(host: str) -> str | None:
     labels = name.split(".")
     if len(name) > _MAX_NAME_LENGTH or not all(_LABEL_RE.fullmatch(lb) for lb in labels):
         return None
+    # RFC 3696 §2: a top-level label is never all-numeric. Refusing it also
+    # refuses "127.1" and friends, which inet_aton would turn into 127.0.0.1.
     return None if labels[-1].isdigit() else name
 
 
@@ -258,7 +268,7 @@ def host_key(host: str) -> str:
     case, no trailing dot, IPv6 unbracketed and compressed), as the host's
     policy normalises it; anything else lower-cased without trailing dots.
     """
-    canonical = _canonical_host(host)
+    canonical = canonical_host(host)
     return canonical if canonical is not None else host.lower().rstrip(".")
 
 

@@ -88,7 +88,7 @@ def _set_up(sock: socket.socket, name: str) -> None:
 
 
 def _disable_ipv6(name: str) -> None:
-    # The host drops all IPv6 (netpolicy/stack.py); without this the kernel
+    # The host drops all IPv6 (netpolicy/stack/network.py); without this the kernel
     # would keep sending router solicitations, DAD and MLD reports, and that
     # background work would replay after every snapshot restore.
     try:

@@ -2,14 +2,17 @@
 
 :class:`NetworkDriver` owns a listening Unix socket that QEMU's
 ``-netdev stream,server=off`` connects to (the socket exists before QEMU
-starts), and one thread running a ``selectors`` loop::
+starts), and one thread running a ``selectors`` loop. It is the only
+module of ``netpolicy`` that owns sockets, threads and timeouts; the
+packet stack (:mod:`.stack`) and the HTTP layer (:mod:`.http`) are
+sans-IO, and :mod:`.relay` joins them::
 
-    QEMU --frames--> PeerLink --> NetworkStack --events--> FlowProxy (mitm.py)
+    QEMU --frames--> PeerLink --> NetworkStack --events--> FlowRelay --> FlowProxy
                                                               | requests
     QEMU <--frames-- PeerLink <-- NetworkStack <--bytes--------+
                                                               v
                          plan_request (stub -> policy -> secrets), then
-                         run_upstream on a small worker pool (mediation.py);
+                         run_upstream on a small worker pool (http/mediation.py);
                          results come back through a queue and a wake-up
                          socketpair
 
@@ -18,8 +21,8 @@ Guarantees:
 * The loop thread never dies from an exception: a failure while handling
   one flow costs that flow (it is reset and logged), a failure anywhere
   else is logged and the loop goes on. A corrupt frame stream from QEMU
-  (:class:`~.link.LinkError`) disconnects the link, as QEMU itself does.
-* Everything is bounded by a named limit (:class:`DriverLimits`):
+  (:class:`~.stack.link.LinkError`) disconnects the link, as QEMU itself does.
+* Everything is bounded by a named limit (:class:`~.limits.DriverLimits`):
   concurrent upstream fetches, response bytes waiting for a slow guest,
   frames waiting for QEMU, bytes read per wake-up, sniffing time.
 * Backpressure both ways: guest bytes are read only while the flow's
@@ -46,49 +49,32 @@ import selectors
 import socket
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from pytest_gondolin import paths
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
-from pytest_gondolin.netpolicy.ca import CertificateAuthority
-from pytest_gondolin.netpolicy.cassette import CassettePlayer
-from pytest_gondolin.netpolicy.limits import DriverLimits
-from pytest_gondolin.netpolicy.link import LinkError
-from pytest_gondolin.netpolicy.mediation import (
+from pytest_gondolin.netpolicy.http.ca import CertificateAuthority, default_ca
+from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
+from pytest_gondolin.netpolicy.http.mediation import (
     Mediated,
     MediationContext,
     UpstreamJob,
     internal_error,
-    plan_request,
     run_upstream,
 )
-from pytest_gondolin.netpolicy.mitm import FlowProxy
-from pytest_gondolin.netpolicy.peer import PeerLink
-from pytest_gondolin.netpolicy.policy import NetworkPolicy
-from pytest_gondolin.netpolicy.recorder import Exchange, Recorder
-from pytest_gondolin.netpolicy.secrets import SecretStore
-from pytest_gondolin.netpolicy.stack import (
-    DEFAULT_MTU,
-    FlowClosed,
-    FlowData,
-    FlowEOF,
-    FlowWritable,
-    NetworkStack,
-    NewFlow,
-)
+from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+from pytest_gondolin.netpolicy.http.recorder import Recorder
+from pytest_gondolin.netpolicy.http.secrets import SecretStore
+from pytest_gondolin.netpolicy.limits import DriverLimits
+from pytest_gondolin.netpolicy.relay import FlowRelay, ProxiedFlow
+from pytest_gondolin.netpolicy.stack.link import LinkError
+from pytest_gondolin.netpolicy.stack.network import DEFAULT_MTU, NetworkStack
+from pytest_gondolin.netpolicy.stack.peer import PeerLink
 
-__all__ = [
-    "CLOSE_TIMEOUT",
-    "RESET_TIMEOUT",
-    "DriverLimits",
-    "NetworkDriver",
-    "default_ca",
-]
+__all__ = ["CLOSE_TIMEOUT", "RESET_TIMEOUT", "NetworkDriver"]
 
 log = logging.getLogger(__name__)
 
@@ -103,40 +89,6 @@ CLOSE_TIMEOUT: Final = 5.0
 _MAX_POLL: Final = 5.0
 #: A listen backlog of one: QEMU is the only client, anything else is refused.
 _BACKLOG: Final = 1
-#: Rounds of event handling per iteration; handling an event can create
-#: more, and this guards against a bug turning that into a spin.
-_MAX_EVENT_ROUNDS: Final = 10_000
-
-
-_CA_LOCK = threading.Lock()
-_CAS: dict[Path, CertificateAuthority] = {}
-
-
-def default_ca() -> CertificateAuthority:
-    """The interception CA of this cache dir (``<cache>/ca``), created on first use.
-
-    One CA per cache dir, so the CA certificate in cached boot payloads and
-    warm snapshots stays valid across runs. Raises
-    :class:`~pytest_gondolin.errors.NetworkPolicyError` if it cannot be
-    read or created.
-    """
-    directory = paths.cache_dir() / "ca"
-    with _CA_LOCK:
-        ca = _CAS.get(directory)
-        if ca is None:
-            ca = _CAS[directory] = CertificateAuthority.load_or_create(directory)
-        return ca
-
-
-@dataclass(eq=False)
-class _Flow:
-    """Driver-side state of one accepted flow (identity matters: see ``_results``)."""
-
-    id: int
-    proxy: FlowProxy
-    guest_eof: bool = False
-    eof_delivered: bool = False
-    closing: bool = False  # flow_close was called
 
 
 _Command = Callable[[], None]
@@ -173,12 +125,11 @@ class NetworkDriver:
             secrets=secrets,
             recorder=recorder if recorder is not None else Recorder(redactor=secrets),
         )
-        self._stack = NetworkStack(mtu=mtu)
         self._counters: Counter[str] = Counter()
-        self._flows: dict[int, _Flow] = {}
-        self._jobs: deque[tuple[_Flow, UpstreamJob]] = deque()
+        self._stack = NetworkStack(mtu=mtu)
+        self._relay = self._new_relay()
         self._in_flight = 0
-        self._results: queue.SimpleQueue[tuple[_Flow, Mediated]] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[tuple[ProxiedFlow, Mediated]] = queue.SimpleQueue()
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._peer: PeerLink | None = None
         self._peer_writing = False
@@ -340,7 +291,7 @@ class NetworkDriver:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<NetworkDriver {self.name} {self.socket_path} flows={len(self._flows)}>"
+        return f"<NetworkDriver {self.name} {self.socket_path} flows={len(self._relay)}>"
 
     # ------------------------------------------------------------------ loop
 
@@ -359,8 +310,9 @@ class NetworkDriver:
                 time.sleep(0.01)  # a persistent error must not spin a core
 
     def _poll_timeout(self, now: float) -> float:
-        deadlines = [d for d in (self._stack.next_timer,) if d is not None]
-        deadlines += [d for f in self._flows.values() if (d := f.proxy.deadline) is not None]
+        deadlines = [
+            d for d in (self._stack.next_timer, self._relay.next_deadline) if d is not None
+        ]
         if not deadlines:
             return _MAX_POLL
         return min(max(min(deadlines) - now, 0.0), _MAX_POLL)
@@ -386,8 +338,8 @@ class NetworkDriver:
         self._collect_results()
         now = time.monotonic()
         self._stack.on_timer(now)
-        self._flow_timers(now)
-        self._process_events()
+        self._relay.on_timer(now)
+        self._relay.process_events()
         self._dispatch_jobs()
         self._queue_tx()
         if self._peer is not None and (writable_peer or self._peer.pending_tx):
@@ -453,7 +405,7 @@ class NetworkDriver:
             for frame in frames:
                 self._stack.receive_frame(frame, now)
             # Serve events between reads so the stack's buffers drain steadily.
-            self._process_events()
+            self._relay.process_events()
 
     def _queue_tx(self) -> None:
         frames = self._stack.outgoing_frames()
@@ -478,176 +430,29 @@ class NetworkDriver:
             self._selector.modify(peer.sock, events, "peer")
             self._peer_writing = want_write
 
-    # ------------------------------------------------------------------ flows
-
-    def _process_events(self) -> None:
-        for _ in range(_MAX_EVENT_ROUNDS):
-            events = self._stack.events()
-            if not events:
-                return
-            for event in events:
-                if isinstance(event, NewFlow):
-                    self._new_flow(event)
-                    continue
-                flow = self._flows.get(event.flow_id)
-                if flow is None:
-                    continue
-                if isinstance(event, FlowClosed):
-                    self._flows.pop(event.flow_id, None)
-                    log.debug(
-                        "%s: flow %d closed (%s)", self.name, event.flow_id, event.reason.value
-                    )
-                    continue
-                self._guarded(flow, self._flow_event, flow, event)
-        log.error("%s: event processing did not settle; continuing next iteration", self.name)
-
-    def _flow_event(self, flow: _Flow, event: FlowData | FlowEOF | FlowWritable) -> None:
-        if isinstance(event, FlowEOF):
-            flow.guest_eof = True
-            self._pump_input(flow)
-        elif isinstance(event, FlowData):
-            self._pump_input(flow)
-        else:
-            self._pump_output(flow)
-            self._dispatch_jobs()
-
-    def _new_flow(self, event: NewFlow) -> None:
-        proxy = FlowProxy(
-            dst_ip=event.dst_ip,
-            dst_port=event.dst_port,
-            dns_name=event.dns_name,
-            ca=self.ca,
-            now=time.monotonic(),
-        )
-        flow = _Flow(event.flow_id, proxy)
-        self._flows[event.flow_id] = flow
-        self._counters["flows"] += 1
-        log.debug("%s: flow %d to %s:%d", self.name, event.flow_id, proxy.host, event.dst_port)
-        # Accept at once: the first bytes (request line / SNI) decide what happens.
-        self._stack.accept(event.flow_id)
-
-    def _guarded(self, flow: _Flow, fn: Callable[..., None], *args: object) -> None:
-        """Run ``fn``; an exception costs this flow (reset), never the loop."""
-        try:
-            fn(*args)
-        except Exception:
-            self._counters["flow-errors"] += 1
-            log.exception("%s: error on flow %d; resetting it", self.name, flow.id)
-            self._abort(flow)
-
-    def _abort(self, flow: _Flow) -> None:
-        self._counters["aborts"] += 1
-        self._flows.pop(flow.id, None)
-        self._stack.flow_abort(flow.id)
-
-    def _alive(self, flow: _Flow) -> bool:
-        return self._flows.get(flow.id) is flow
-
-    def _pump_input(self, flow: _Flow) -> None:
-        """Move guest bytes into the proxy while it wants them, acting on each step.
-
-        Iterative on purpose: a guest pipelining thousands of requests that
-        are answered at once (stubs, denials) must not deepen the stack.
-        """
-        proxy = flow.proxy
-        while self._alive(flow):
-            self._after_proxy(flow)
-            if not self._alive(flow):
-                return
-            limit = proxy.read_limit
-            if limit <= 0:
-                return
-            data = self._stack.flow_read(flow.id, limit)
-            if data:
-                proxy.receive(data)
-            elif flow.guest_eof and not flow.eof_delivered:
-                flow.eof_delivered = True
-                proxy.receive(b"")
-            else:
-                return
-
-    def _after_proxy(self, flow: _Flow) -> None:
-        """Record, mediate, send and close as the proxy's new state requires."""
-        proxy = flow.proxy
-        while self._alive(flow):
-            self._record(proxy.take_records())
-            requests = proxy.take_requests()
-            if not requests:
-                break
-            for received in requests:
-                self._counters["requests"] += 1
-                context = self._context
-                outcome = plan_request(received.request, received.started, context)
-                if isinstance(outcome, UpstreamJob):
-                    self._jobs.append((flow, outcome))
-                else:
-                    context.recorder.record(outcome.exchange)
-                    self._counters[f"decision.{outcome.exchange.decision}"] += 1
-                    proxy.respond(outcome.response)
-        if not self._alive(flow):
-            return
-        if proxy.verdict == "abort":
-            self._abort(flow)
-            return
-        self._pump_output(flow)
-
-    def _record(self, records: list[Exchange]) -> None:
-        if records:
-            recorder = self._context.recorder
-            for exchange in records:
-                recorder.record(exchange)
-                self._counters["records"] += 1
-
-    def _pump_output(self, flow: _Flow) -> None:
-        proxy = flow.proxy
-        chunk = self.limits.send_chunk
-        while self._alive(flow):
-            data = proxy.pending_output(chunk)  # also queues TLS close_notify when due
-            if not data:
-                break
-            sent = self._stack.flow_send(flow.id, data)
-            proxy.consume_output(sent)
-            if sent < len(data):
-                break  # the stack is full: FlowWritable will bring us back
-        if proxy.verdict == "abort" and self._alive(flow):
-            self._abort(flow)  # e.g. TLS failed while encrypting the response
-        elif proxy.finished and not flow.closing and self._alive(flow):
-            flow.closing = True
-            self._stack.flow_close(flow.id)
-
-    def _flow_timers(self, now: float) -> None:
-        for flow in list(self._flows.values()):
-            deadline = flow.proxy.deadline
-            if deadline is not None and now >= deadline:
-                self._guarded(flow, self._flow_timeout, flow, now)
-
-    def _flow_timeout(self, flow: _Flow, now: float) -> None:
-        flow.proxy.on_timer(now)
-        self._after_proxy(flow)
-
     # ------------------------------------------------------------------ requests
 
-    def _deliver(self, flow: _Flow, outcome: Mediated) -> None:
-        """Answer the guest with an upstream outcome (already recorded), if its flow lives."""
-        if not self._alive(flow):
-            return  # the guest gave up, or it was rewound (reset): nothing to count
-        self._counters[f"decision.{outcome.exchange.decision}"] += 1
-        flow.proxy.respond(outcome.response)
-        # Answering reopens the interceptor: read what the guest sent meanwhile.
-        self._pump_input(flow)
-
-    def _output_backlog(self) -> int:
-        return sum(f.proxy.output_bytes for f in self._flows.values())
+    def _new_relay(self) -> FlowRelay:
+        return FlowRelay(
+            self._stack,
+            ca=self.ca,
+            context=lambda: self._context,
+            on_room=self._dispatch_jobs,
+            counters=self._counters,
+            send_chunk=self.limits.send_chunk,
+            name=self.name,
+        )
 
     def _dispatch_jobs(self) -> None:
-        limits = self.limits
-        while self._jobs and self._in_flight < limits.upstream_workers:
-            if self._output_backlog() >= limits.max_output_bytes:
+        limits, relay = self.limits, self._relay
+        while relay.has_jobs and self._in_flight < limits.upstream_workers:
+            if relay.output_backlog() >= limits.max_output_bytes:
                 self._counters["jobs-held-backlog"] += 1
                 return
-            flow, job = self._jobs.popleft()
-            if self._flows.get(flow.id) is not flow:
+            taken = relay.take_job()
+            if taken is None:
                 continue  # the guest gave up on this flow while it waited
+            flow, job = taken
             self._in_flight += 1
             try:
                 self._pool.submit(self._work, flow, job)
@@ -655,7 +460,7 @@ class NetworkDriver:
                 self._in_flight -= 1
                 return
 
-    def _work(self, flow: _Flow, job: UpstreamJob) -> None:
+    def _work(self, flow: ProxiedFlow, job: UpstreamJob) -> None:
         """Worker thread: fetch upstream, record, hand the outcome back to the loop."""
         try:
             outcome = run_upstream(job, timeout=self.limits.upstream_timeout)
@@ -677,12 +482,12 @@ class NetworkDriver:
             except queue.Empty:
                 break
             self._in_flight = max(0, self._in_flight - 1)
-            self._guarded(flow, self._deliver, flow, outcome)
+            self._relay.deliver(flow, outcome)
 
     # ------------------------------------------------------------------ reset
 
     def _reset_state(self) -> None:
-        dropped = len(self._flows)
+        dropped = len(self._relay)
         stale = 0
         if self._peer is not None:
             try:
@@ -690,8 +495,7 @@ class NetworkDriver:
             except LinkError as exc:
                 self._drop_peer(exc.reason)
         self._stack = NetworkStack(mtu=self.mtu)  # new flows, new resolver, zero counters
-        self._flows.clear()
-        self._jobs.clear()
+        self._relay = self._new_relay()  # no flow, no waiting job
         self._counters.clear()  # in place: the peer link shares it
         context = self._context
         self._context = MediationContext(

@@ -1,7 +1,7 @@
 """Bounds on what one guest can make its network driver hold or do.
 
 One value, :class:`DriverLimits`, validated on construction and read by
-the driver (:mod:`.driver`, which re-exports it).
+the driver (:mod:`.driver`).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pytest_gondolin.errors import ConfigError
-from pytest_gondolin.netpolicy.peer import DEFAULT_MAX_TX_BYTES, DEFAULT_READ_CHUNK
-from pytest_gondolin.netpolicy.upstream import DEFAULT_UPSTREAM_TIMEOUT
+from pytest_gondolin.netpolicy.http.upstream import DEFAULT_UPSTREAM_TIMEOUT
+from pytest_gondolin.netpolicy.stack.peer import DEFAULT_MAX_TX_BYTES, DEFAULT_READ_CHUNK
 
 __all__ = ["DriverLimits"]
 

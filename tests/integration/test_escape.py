@@ -33,12 +33,13 @@ from typing import Any
 
 import pytest
 
-from pytest_gondolin.netpolicy import policy as policy_module
-from pytest_gondolin.netpolicy.ca import CertificateAuthority
-from pytest_gondolin.netpolicy.driver import DriverLimits
-from pytest_gondolin.netpolicy.policy import NetworkPolicy
-from pytest_gondolin.netpolicy.secrets import Secret
-from pytest_gondolin.vm.machine import GUEST_ENV, VM
+from pytest_gondolin.netpolicy.http import policy as policy_module
+from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+from pytest_gondolin.netpolicy.http.secrets import Secret
+from pytest_gondolin.netpolicy.limits import DriverLimits
+from pytest_gondolin.vm.commands import GUEST_ENV
+from pytest_gondolin.vm.machine import VM
 from tests.integration.hostile_upstreams import CountingServer, counting_server, udp_listener
 
 GATEWAY = "192.168.127.1"
@@ -530,7 +531,7 @@ def test_request_smuggling_is_refused_and_never_reaches_upstream(
 
 
 def test_sni_and_host_must_agree(guarded: VM, upstreams: Upstreams) -> None:
-    """``netpolicy/http.py``'s rule: for TLS the Host header must equal the SNI, else 421.
+    """``netpolicy/http/interceptor.py``'s rule: for TLS the Host header must equal the SNI, else 421.
 
     Both names are allowed, so only the mismatch rule can refuse. Negative
     control: SNI and Host both ``api.test`` reaches the TLS upstream.

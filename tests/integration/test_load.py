@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gondolin.netpolicy.ca import CertificateAuthority
-from pytest_gondolin.netpolicy.driver import DriverLimits
-from pytest_gondolin.netpolicy.policy import NetworkPolicy
+from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+from pytest_gondolin.netpolicy.limits import DriverLimits
 from pytest_gondolin.vm.machine import VM
 from tests.integration.hostile_upstreams import CountingServer, counting_server
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from pytest_gondolin.fixtures import VMFactory
-from pytest_gondolin.netpolicy.ca import CertificateAuthority
-from pytest_gondolin.netpolicy.policy import NetworkPolicy
-from pytest_gondolin.netpolicy.secrets import Secret
+from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+from pytest_gondolin.netpolicy.http.secrets import Secret
 from pytest_gondolin.vm.machine import VM
 
 REAL_TOKEN = "real-token-7c1e0f9a"  # must never reach the guest or a record
@@ -490,7 +490,7 @@ def test_dns_and_traffic_state_do_not_survive_a_restore(vm: VM) -> None:
     """
     import uuid
 
-    from pytest_gondolin.netpolicy.dns import DEFAULT_MAX_NAMES
+    from pytest_gondolin.netpolicy.stack.dns import DEFAULT_MAX_NAMES
     from pytest_gondolin.vm.warm import CLEAN_TAG
 
     tag = "t" + uuid.uuid4().hex[:10]
@@ -531,9 +531,9 @@ def test_name_resolving_to_an_address_of_the_host_is_blocked(
     """
     import time
 
-    from pytest_gondolin.netpolicy import policy as policy_module
-    from pytest_gondolin.netpolicy.hostaddrs import read_host_addresses
-    from pytest_gondolin.netpolicy.policy import is_internal
+    from pytest_gondolin.netpolicy.http import policy as policy_module
+    from pytest_gondolin.netpolicy.http.hostaddrs import read_host_addresses
+    from pytest_gondolin.netpolicy.http.policy import is_internal
 
     port, hits = host_service
     own = sorted(

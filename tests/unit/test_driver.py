@@ -15,34 +15,37 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_gondolin.netpolicy.ca import CertificateAuthority
-from pytest_gondolin.netpolicy.dns import DEFAULT_MAX_NAMES, QTYPE_A, Rcode
-from pytest_gondolin.netpolicy.driver import DriverLimits, NetworkDriver
-from pytest_gondolin.netpolicy.link import FrameDecoder, encode_frame
-from pytest_gondolin.netpolicy.packets import (
+from pytest_gondolin.netpolicy.driver import NetworkDriver
+from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+from pytest_gondolin.netpolicy.http.recorder import Recorder
+from pytest_gondolin.netpolicy.http.secrets import Secret, SecretStore
+from pytest_gondolin.netpolicy.limits import DriverLimits
+from pytest_gondolin.netpolicy.stack.dns import DEFAULT_MAX_NAMES, QTYPE_A, Rcode
+from pytest_gondolin.netpolicy.stack.link import FrameDecoder, encode_frame
+from pytest_gondolin.netpolicy.stack.network import GATEWAY_IP, GATEWAY_MAC, GUEST_IP
+from pytest_gondolin.netpolicy.stack.packets import (
     ETHERTYPE_IPV4,
     IPPROTO_ICMP,
     IPPROTO_TCP,
     IPPROTO_UDP,
-    TCP_ACK,
-    TCP_FIN,
-    TCP_SYN,
     EthernetFrame,
     IcmpEcho,
     IPv4Packet,
-    TcpOptions,
-    TcpSegment,
     UdpDatagram,
     parse_ethernet,
     parse_icmp_echo,
     parse_ipv4,
-    parse_tcp,
     parse_udp,
 )
-from pytest_gondolin.netpolicy.policy import NetworkPolicy
-from pytest_gondolin.netpolicy.recorder import Recorder
-from pytest_gondolin.netpolicy.secrets import Secret, SecretStore
-from pytest_gondolin.netpolicy.stack import GATEWAY_IP, GATEWAY_MAC, GUEST_IP
+from pytest_gondolin.netpolicy.stack.segments import (
+    TCP_ACK,
+    TCP_FIN,
+    TCP_SYN,
+    TcpOptions,
+    TcpSegment,
+    parse_tcp,
+)
 
 from .netpolicy.dns_helpers import parse_response
 from .netpolicy.dns_helpers import query as dns_query

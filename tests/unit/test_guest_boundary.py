@@ -115,7 +115,7 @@ def test_guest_module_imports_only_stdlib_pytest_and_the_guest(module: str) -> N
         ("from pytest_gondolin import guest", True),
         ("from pytest_gondolin import config", False),
         ("from .. import errors", False),
-        ("def f():\n    from pytest_gondolin.netpolicy import recorder", False),
+        ("def f():\n    from pytest_gondolin.netpolicy.http import recorder", False),
         ("import typing\nif typing.TYPE_CHECKING:\n    import pytest_gondolin.vm", False),
         ("import importlib\nimportlib.import_module('pytest_gondolin.errors')", False),
         ("import requests", False),

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pytest_gondolin.errors import GondolinError
-from pytest_gondolin.netpolicy.recorder import Recorder
+from pytest_gondolin.netpolicy.http.recorder import Recorder
 from pytest_gondolin.sandbox import Sandbox
 
 

@@ -2,9 +2,10 @@
 
 The exchange queries live once, in :mod:`pytest_gondolin.guest.recording`;
 the host's :class:`Recorder` and the guest's :class:`GuestTraffic` both use
-them. Host names are compared by :func:`recording.host_key`, which restates
-the policy's ``normalize_host`` rules for the guest: a property test holds
-the two together.
+them. Host names are compared by :func:`recording.host_key`, built on
+:func:`recording.canonical_host`, the one copy of the host-name rules that
+the host's ``normalize_host`` uses too: a property test holds the two
+comparisons together.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pytest_gondolin.errors import NetworkPolicyError
 from pytest_gondolin.guest import hostquery, recording
 from pytest_gondolin.guest.recording import Exchange, exchange_from_dict
 from pytest_gondolin.guest.traffic import GuestTraffic
-from pytest_gondolin.netpolicy.policy import normalize_host
-from pytest_gondolin.netpolicy.recorder import Recorder
+from pytest_gondolin.netpolicy.http.recorder import Recorder
+from pytest_gondolin.netpolicy.http.rules import normalize_host
 
 
 def _policy_key(host: str) -> str:

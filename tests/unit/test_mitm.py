@@ -10,19 +10,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_gondolin.netpolicy.ca import CertificateAuthority
-from pytest_gondolin.netpolicy.http import HttpRequest, HttpResponse
-from pytest_gondolin.netpolicy.mediation import (
+from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http.mediation import (
     Mediated,
     MediationContext,
     UpstreamJob,
     plan_request,
     run_upstream,
 )
-from pytest_gondolin.netpolicy.mitm import SNIFF_TIMEOUT, FlowProxy
-from pytest_gondolin.netpolicy.policy import NetworkPolicy
-from pytest_gondolin.netpolicy.recorder import Recorder
-from pytest_gondolin.netpolicy.secrets import Secret, SecretStore
+from pytest_gondolin.netpolicy.http.messages import HttpRequest, HttpResponse
+from pytest_gondolin.netpolicy.http.mitm import SNIFF_TIMEOUT, FlowProxy
+from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+from pytest_gondolin.netpolicy.http.recorder import Recorder
+from pytest_gondolin.netpolicy.http.secrets import Secret, SecretStore
 
 DST = IPv4Address("198.18.0.5")
 CA = CertificateAuthority.create("mitm test CA")

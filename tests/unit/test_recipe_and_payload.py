@@ -122,8 +122,8 @@ def test_payload_carries_guest_code_and_bytecode() -> None:
     for forbidden in (
         b"pytest_gondolin/vm/machine.py",
         b"netpolicy/driver.py",
-        b"netpolicy/ca.py",
-        b"netpolicy/recorder.py",
+        b"netpolicy/http/ca.py",
+        b"netpolicy/http/recorder.py",
         b"pytest_gondolin/config.py",
         b"pytest_gondolin/errors.py",
     ):

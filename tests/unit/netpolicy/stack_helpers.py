@@ -6,30 +6,33 @@ import weakref
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from pytest_gondolin.netpolicy.packets import (
+from pytest_gondolin.netpolicy.stack.flows import NewFlow
+from pytest_gondolin.netpolicy.stack.network import GATEWAY_MAC, GUEST_IP, NetworkStack
+from pytest_gondolin.netpolicy.stack.packets import (
     ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
     IPPROTO_ICMP,
     IPPROTO_TCP,
     IPPROTO_UDP,
-    TCP_ACK,
-    TCP_FIN,
-    TCP_SYN,
     ArpPacket,
     EthernetFrame,
     IcmpEcho,
     IPv4Packet,
-    TcpOptions,
-    TcpSegment,
     UdpDatagram,
     parse_arp,
     parse_ethernet,
     parse_icmp_echo,
     parse_ipv4,
-    parse_tcp,
     parse_udp,
 )
-from pytest_gondolin.netpolicy.stack import GATEWAY_MAC, GUEST_IP, NetworkStack, NewFlow
+from pytest_gondolin.netpolicy.stack.segments import (
+    TCP_ACK,
+    TCP_FIN,
+    TCP_SYN,
+    TcpOptions,
+    TcpSegment,
+    parse_tcp,
+)
 
 GUEST_MAC = bytes.fromhex("525400123456")
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pytest_gondolin.errors import ConfigError
-from pytest_gondolin.netpolicy.dns import (
+from pytest_gondolin.netpolicy.stack.dns import (
     DEFAULT_POOL,
     DEFAULT_TTL,
     MAX_UDP_MESSAGE,
@@ -20,7 +20,7 @@ from pytest_gondolin.netpolicy.dns import (
     build_response,
     parse_query,
 )
-from pytest_gondolin.netpolicy.packets import PacketError
+from pytest_gondolin.netpolicy.stack.packets import PacketError
 
 from .dns_helpers import opt_record, parse_response, query, wire_name
 

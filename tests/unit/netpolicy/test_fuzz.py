@@ -8,9 +8,16 @@ from ipaddress import IPv4Address
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pytest_gondolin.netpolicy.dns import MAX_UDP_MESSAGE, DnsError, SyntheticResolver, parse_query
-from pytest_gondolin.netpolicy.link import FrameDecoder, LinkError, encode_frame
-from pytest_gondolin.netpolicy.packets import (
+from pytest_gondolin.netpolicy.stack.dns import (
+    MAX_UDP_MESSAGE,
+    DnsError,
+    SyntheticResolver,
+    parse_query,
+)
+from pytest_gondolin.netpolicy.stack.flows import FlowClosed, FlowData, NewFlow
+from pytest_gondolin.netpolicy.stack.link import FrameDecoder, LinkError, encode_frame
+from pytest_gondolin.netpolicy.stack.network import GATEWAY_IP, GUEST_IP, NetworkStack
+from pytest_gondolin.netpolicy.stack.packets import (
     ARP_REQUEST,
     ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
@@ -18,34 +25,31 @@ from pytest_gondolin.netpolicy.packets import (
     IPPROTO_ICMP,
     IPPROTO_TCP,
     IPPROTO_UDP,
-    TCP_ACK,
-    TCP_FIN,
-    TCP_PSH,
-    TCP_RST,
-    TCP_SYN,
     ArpPacket,
     IcmpEcho,
     IPv4Packet,
     PacketError,
-    TcpOptions,
-    TcpSegment,
     UdpDatagram,
     parse_arp,
     parse_ethernet,
     parse_icmp_echo,
     parse_ipv4,
-    parse_tcp,
     parse_udp,
 )
-from pytest_gondolin.netpolicy.stack import (
-    GATEWAY_IP,
-    GUEST_IP,
-    FlowClosed,
-    FlowData,
-    NetworkStack,
-    NewFlow,
+from pytest_gondolin.netpolicy.stack.segments import (
+    TCP_ACK,
+    TCP_FIN,
+    TCP_PSH,
+    TCP_RST,
+    TCP_SYN,
+    TcpOptions,
+    TcpSegment,
+    parse_tcp,
+    seq_add,
+    seq_diff,
 )
-from pytest_gondolin.netpolicy.tcp import BufferBudget, TcpConfig, TcpConnection, seq_add, seq_diff
+from pytest_gondolin.netpolicy.stack.tcp import TcpConnection
+from pytest_gondolin.netpolicy.stack.tcp_config import BufferBudget, TcpConfig
 
 from .dns_helpers import query
 from .stack_helpers import (

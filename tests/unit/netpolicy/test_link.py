@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
-from pytest_gondolin.netpolicy.link import (
+from pytest_gondolin.netpolicy.stack.link import (
     DEFAULT_MAX_FRAME_SIZE,
     FrameDecoder,
     LinkError,

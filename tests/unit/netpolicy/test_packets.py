@@ -8,7 +8,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from pytest_gondolin.errors import NetworkPolicyError
-from pytest_gondolin.netpolicy.packets import (
+from pytest_gondolin.netpolicy.stack.packets import (
     ARP_REPLY,
     ARP_REQUEST,
     ETHERTYPE_ARP,
@@ -16,23 +16,25 @@ from pytest_gondolin.netpolicy.packets import (
     ICMP_ECHO_REQUEST,
     IPPROTO_TCP,
     IPPROTO_UDP,
-    TCP_ACK,
-    TCP_SYN,
     ArpPacket,
     EthernetFrame,
     IcmpEcho,
     IPv4Packet,
     PacketError,
-    TcpOptions,
-    TcpSegment,
     UdpDatagram,
     internet_checksum,
     parse_arp,
     parse_ethernet,
     parse_icmp_echo,
     parse_ipv4,
-    parse_tcp,
     parse_udp,
+)
+from pytest_gondolin.netpolicy.stack.segments import (
+    TCP_ACK,
+    TCP_SYN,
+    TcpOptions,
+    TcpSegment,
+    parse_tcp,
 )
 
 A = IPv4Address("192.168.127.3")

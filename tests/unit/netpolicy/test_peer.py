@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_gondolin.netpolicy.link import FrameDecoder, LinkError, encode_frame
-from pytest_gondolin.netpolicy.peer import PeerLink
+from pytest_gondolin.netpolicy.stack.link import FrameDecoder, LinkError, encode_frame
+from pytest_gondolin.netpolicy.stack.peer import PeerLink
 
 
 @pytest.fixture

@@ -7,36 +7,30 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from pytest_gondolin.errors import ConfigError
-from pytest_gondolin.netpolicy.dns import SyntheticResolver
-from pytest_gondolin.netpolicy.packets import (
+from pytest_gondolin.netpolicy.stack.dns import SyntheticResolver
+from pytest_gondolin.netpolicy.stack.flows import (
+    FlowClosed,
+    FlowData,
+    FlowEOF,
+    FlowWritable,
+    NewFlow,
+)
+from pytest_gondolin.netpolicy.stack.network import GATEWAY_IP, GATEWAY_MAC, GUEST_IP, NetworkStack
+from pytest_gondolin.netpolicy.stack.packets import (
     ARP_REPLY,
     ARP_REQUEST,
     ETHERTYPE_IPV6,
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
     IPPROTO_TCP,
-    TCP_ACK,
-    TCP_FIN,
-    TCP_RST,
-    TCP_SYN,
     ArpPacket,
     IcmpEcho,
     IPv4Packet,
-    TcpSegment,
     internet_checksum,
 )
-from pytest_gondolin.netpolicy.stack import (
-    GATEWAY_IP,
-    GATEWAY_MAC,
-    GUEST_IP,
-    FlowClosed,
-    FlowData,
-    FlowEOF,
-    FlowWritable,
-    NetworkStack,
-    NewFlow,
-)
-from pytest_gondolin.netpolicy.tcp import CloseReason, TcpConfig
+from pytest_gondolin.netpolicy.stack.segments import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpSegment
+from pytest_gondolin.netpolicy.stack.tcp import CloseReason
+from pytest_gondolin.netpolicy.stack.tcp_config import TcpConfig
 
 from .dns_helpers import parse_response, query, wire_name
 from .stack_helpers import (

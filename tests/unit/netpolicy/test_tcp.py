@@ -7,28 +7,23 @@ from dataclasses import dataclass, field
 import pytest
 
 from pytest_gondolin.errors import ConfigError
-from pytest_gondolin.netpolicy.packets import (
+from pytest_gondolin.netpolicy.stack.packets import PacketError
+from pytest_gondolin.netpolicy.stack.segments import (
     TCP_ACK,
     TCP_FIN,
     TCP_PSH,
     TCP_RST,
     TCP_SYN,
-    PacketError,
     TcpOptions,
     TcpSegment,
-)
-from pytest_gondolin.netpolicy.tcp import (
-    BufferBudget,
-    CloseReason,
-    TcpConfig,
-    TcpConnection,
-    TcpState,
     reset_for,
     seq_add,
     seq_diff,
     seq_le,
     seq_lt,
 )
+from pytest_gondolin.netpolicy.stack.tcp import CloseReason, TcpConnection, TcpState
+from pytest_gondolin.netpolicy.stack.tcp_config import BufferBudget, TcpConfig
 
 GUEST_PORT = 40000
 HOST_PORT = 443

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gondolin.netpolicy.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pytest_gondolin.errors import NetworkPolicyError
-from pytest_gondolin.netpolicy import ca as ca_module
-from pytest_gondolin.netpolicy.ca import CA_CERT_FILE, CA_KEY_FILE, CertificateAuthority
+from pytest_gondolin.netpolicy.http import ca as ca_module
+from pytest_gondolin.netpolicy.http.ca import CA_CERT_FILE, CA_KEY_FILE, CertificateAuthority
 
 from .tlshelpers import client_context, handshake
 

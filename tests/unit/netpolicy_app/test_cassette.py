@@ -19,25 +19,24 @@ from hypothesis import strategies as st
 
 from pytest_gondolin import config
 from pytest_gondolin.errors import ConfigError, GondolinError
-from pytest_gondolin.netpolicy.cassette import (
-    DEFAULT_MATCHERS,
+from pytest_gondolin.netpolicy.http.cassette import RECORD_MODES, CassettePlayer, open_cassette
+from pytest_gondolin.netpolicy.http.cassette_file import Cassette
+from pytest_gondolin.netpolicy.http.cassette_match import DEFAULT_MATCHERS, normalize_placeholders
+from pytest_gondolin.netpolicy.http.cassette_paths import (
+    _safe_stem,
+    default_cassette_path,
+    resolve_cassette_option,
+)
+from pytest_gondolin.netpolicy.http.cassette_values import (
     FILTERED,
-    RECORD_MODES,
-    Cassette,
     CassetteError,
     CassetteMismatch,
-    CassettePlayer,
     CassetteRequest,
     CassetteResponse,
     Interaction,
-    _safe_stem,
-    default_cassette_path,
-    normalize_placeholders,
-    open_cassette,
-    resolve_cassette_option,
 )
-from pytest_gondolin.netpolicy.http import HttpRequest, HttpResponse
-from pytest_gondolin.netpolicy.secrets import Secret, SecretStore
+from pytest_gondolin.netpolicy.http.messages import HttpRequest, HttpResponse
+from pytest_gondolin.netpolicy.http.secrets import Secret, SecretStore
 
 API = "https://api.example.com"
 REAL = "ghp_R3alV4lue_never_in_files"

@@ -15,21 +15,21 @@ from typing import Any
 import pytest
 
 from pytest_gondolin.errors import NetworkPolicyError
-from pytest_gondolin.netpolicy.hostaddrs import (
+from pytest_gondolin.netpolicy.http.hostaddrs import (
     HostAddresses,
     parse_fib_trie,
     parse_if_inet6,
     read_host_addresses,
 )
-from pytest_gondolin.netpolicy.http import HttpRequest
-from pytest_gondolin.netpolicy.mediation import (
+from pytest_gondolin.netpolicy.http.mediation import (
     MediationContext,
     UpstreamJob,
     plan_request,
     run_upstream,
 )
-from pytest_gondolin.netpolicy.policy import NetworkPolicy, is_internal, resolve_upstream
-from pytest_gondolin.netpolicy.recorder import Recorder
+from pytest_gondolin.netpolicy.http.messages import HttpRequest
+from pytest_gondolin.netpolicy.http.policy import NetworkPolicy, is_internal, resolve_upstream
+from pytest_gondolin.netpolicy.http.recorder import Recorder
 
 HOST = "198.51.100.7"
 NEIGHBOUR = "198.51.100.8"

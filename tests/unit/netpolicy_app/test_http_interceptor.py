@@ -12,19 +12,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_gondolin.errors import NetworkPolicyError
-from pytest_gondolin.netpolicy.ca import CertificateAuthority
-from pytest_gondolin.netpolicy.http import (
+from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http.interceptor import (
     HttpInterceptor,
-    HttpRequest,
-    HttpResponse,
     RequestReceived,
     RequestRefused,
+)
+from pytest_gondolin.netpolicy.http.messages import (
+    HttpRequest,
+    HttpResponse,
     denial_response,
     make_exchange,
-    sniff,
 )
-from pytest_gondolin.netpolicy.policy import NetworkPolicy
-from pytest_gondolin.netpolicy.recorder import Recorder
+from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+from pytest_gondolin.netpolicy.http.recorder import Recorder
+from pytest_gondolin.netpolicy.http.sniff import sniff
 
 from .tlshelpers import client_context
 

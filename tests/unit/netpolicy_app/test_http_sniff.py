@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_gondolin.netpolicy.http import (
+from pytest_gondolin.netpolicy.http.sniff import (
     SNIFF_LIMIT,
     ClientHello,
     ClientHelloError,

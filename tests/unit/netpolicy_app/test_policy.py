@@ -9,16 +9,15 @@ from typing import Any
 import pytest
 
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
-from pytest_gondolin.netpolicy.ca import CertificateAuthority
-from pytest_gondolin.netpolicy.policy import (
+from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http.policy import (
     NetworkPolicy,
     internal_range,
     is_internal,
-    normalize_host,
-    parse_host_pattern,
     resolve_upstream,
 )
-from pytest_gondolin.netpolicy.secrets import Secret
+from pytest_gondolin.netpolicy.http.rules import normalize_host, parse_host_pattern
+from pytest_gondolin.netpolicy.http.secrets import Secret
 
 # (allow_hosts, host, port, scheme, allowed, rule)
 DECISIONS = [

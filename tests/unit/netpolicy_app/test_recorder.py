@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from pytest_gondolin.errors import ConfigError
-from pytest_gondolin.netpolicy.recorder import Exchange, Recorder, normalize_url
-from pytest_gondolin.netpolicy.secrets import Secret, SecretStore
+from pytest_gondolin.netpolicy.http.recorder import Exchange, Recorder, normalize_url
+from pytest_gondolin.netpolicy.http.secrets import Secret, SecretStore
 
 
 def ex(

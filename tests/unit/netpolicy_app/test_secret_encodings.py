@@ -32,16 +32,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_gondolin.netpolicy.cassette import Cassette, CassettePlayer, open_cassette
-from pytest_gondolin.netpolicy.content_coding import (
+from pytest_gondolin.netpolicy.http.cassette import CassettePlayer, open_cassette
+from pytest_gondolin.netpolicy.http.cassette_file import Cassette
+from pytest_gondolin.netpolicy.http.content_coding import (
     DECODABLE,
     ContentCodingError,
     accept_identity,
     content_codings,
     decode_content,
 )
-from pytest_gondolin.netpolicy.http import HttpInterceptor, HttpRequest, HttpResponse
-from pytest_gondolin.netpolicy.mediation import (
+from pytest_gondolin.netpolicy.http.interceptor import HttpInterceptor
+from pytest_gondolin.netpolicy.http.mediation import (
     Mediated,
     MediationContext,
     UpstreamJob,
@@ -49,10 +50,11 @@ from pytest_gondolin.netpolicy.mediation import (
     run_upstream,
     screen_response,
 )
-from pytest_gondolin.netpolicy.policy import NetworkPolicy
-from pytest_gondolin.netpolicy.recorder import Recorder
-from pytest_gondolin.netpolicy.secrets import Secret, SecretStore
-from pytest_gondolin.netpolicy.upstream import fetch_upstream
+from pytest_gondolin.netpolicy.http.messages import HttpRequest, HttpResponse
+from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+from pytest_gondolin.netpolicy.http.recorder import Recorder
+from pytest_gondolin.netpolicy.http.secrets import Secret, SecretStore
+from pytest_gondolin.netpolicy.http.upstream import fetch_upstream
 
 VALUE = "real-coded-secret-7f3a9c"
 

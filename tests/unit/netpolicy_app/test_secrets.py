@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
-from pytest_gondolin.netpolicy.secrets import Secret, SecretLeak, SecretStore
+from pytest_gondolin.netpolicy.http.secrets import Secret, SecretLeak, SecretStore
 
 TOKEN = "ghp_REALtoken123"
 PASSWORD = "s3cr3t-pässword"

@@ -15,15 +15,11 @@ from typing import Any
 import pytest
 
 from pytest_gondolin.errors import NetworkPolicyError
-from pytest_gondolin.netpolicy.ca import CertificateAuthority
-from pytest_gondolin.netpolicy.http import (
-    HttpInterceptor,
-    HttpRequest,
-    HttpResponse,
-    RequestReceived,
-)
-from pytest_gondolin.netpolicy.policy import NetworkPolicy, resolve_upstream
-from pytest_gondolin.netpolicy.upstream import UpstreamError, client_context, fetch_upstream
+from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http.interceptor import HttpInterceptor, RequestReceived
+from pytest_gondolin.netpolicy.http.messages import HttpRequest, HttpResponse
+from pytest_gondolin.netpolicy.http.policy import NetworkPolicy, resolve_upstream
+from pytest_gondolin.netpolicy.http.upstream import UpstreamError, client_context, fetch_upstream
 
 #: The /slow handler's delay; tests use a much shorter client timeout.
 SLOW_SECONDS = 1.5

@@ -1,27 +1,22 @@
-"""Sans-IO HTTP interception: sniff a guest flow, parse requests, frame responses.
+"""Sans-IO HTTP interception: parse a guest flow's requests, frame the responses.
 
 Nothing here touches a socket or a clock it was not given; the network
-driver feeds bytes in and writes the bytes out. The pieces:
-
-:func:`sniff` / :func:`classify`
-    Look at the first bytes the guest sent on a TCP flow and say
-    ``"http"`` (an HTTP/1.x request line), ``"tls"`` (a complete, valid TLS
-    ClientHello, RFC 8446 §4.1.2, with its SNI), ``"other"`` (anything
-    else, including malformed or over-long hellos: deny the connection) or
-    ``"need_more"``. At most :data:`SNIFF_LIMIT` bytes are ever examined.
+driver feeds bytes in and writes the bytes out. What the flow speaks was
+decided before (:mod:`.sniff`); the values passed in and out are in
+:mod:`.messages`.
 
 :class:`HttpInterceptor`
     One per guest flow (the TCP stream for plain HTTP, or the decrypted
     stream after the driver terminated TLS with
-    :meth:`~pytest_gondolin.netpolicy.ca.CertificateAuthority.ssl_context_for`).
-    It runs h11 in the server role and emits :class:`RequestReceived` for
-    each complete request (head and body, bounded by :data:`MAX_HEADER_BYTES`
-    and :data:`MAX_BODY_BYTES`). The driver decides (stub, policy, secrets,
-    upstream) and calls :meth:`HttpInterceptor.respond` with the response;
-    the interceptor frames it and resumes with the next request on the same
-    connection (keep-alive, pipelining). Requests the interceptor refuses
-    on its own come out as :class:`RequestRefused` carrying a ready "denied"
-    :class:`~pytest_gondolin.netpolicy.recorder.Exchange`, with the error
+    :meth:`~.ca.CertificateAuthority.ssl_context_for`). It runs h11 in the
+    server role and emits :class:`RequestReceived` for each complete
+    request (head and body, bounded by :data:`~.messages.MAX_HEADER_BYTES`
+    and :data:`~.messages.MAX_BODY_BYTES`). The driver decides (stub,
+    policy, secrets, upstream) and calls :meth:`HttpInterceptor.respond`
+    with the response; the interceptor frames it and resumes with the next
+    request on the same connection (keep-alive, pipelining). Requests the
+    interceptor refuses on its own come out as :class:`RequestRefused`
+    carrying a ready "denied" :class:`~.recorder.Exchange`, with the error
     response already queued:
 
     ============================================  ======  =================
@@ -73,7 +68,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 from urllib.parse import urlsplit
@@ -81,452 +76,33 @@ from urllib.parse import urlsplit
 import h11
 
 from pytest_gondolin.errors import NetworkPolicyError
-from pytest_gondolin.netpolicy.policy import (
+from pytest_gondolin.netpolicy.http.messages import (
+    MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
+    HttpRequest,
+    HttpResponse,
+    denial_response,
+    strip_hop_by_hop,
+)
+from pytest_gondolin.netpolicy.http.recorder import Exchange, Headers
+from pytest_gondolin.netpolicy.http.rules import (
+    DEFAULT_PORTS,
     format_authority,
     normalize_host,
     split_host_port,
 )
-from pytest_gondolin.netpolicy.recorder import Exchange, ExchangeDecision
 
 __all__ = [
-    "DEFAULT_PORTS",
-    "MAX_BODY_BYTES",
-    "MAX_HEADER_BYTES",
-    "SNIFF_LIMIT",
-    "ClientHello",
-    "ClientHelloError",
-    "FlowKind",
     "HttpEvent",
     "HttpInterceptor",
-    "HttpRequest",
-    "HttpResponse",
     "RequestReceived",
     "RequestRefused",
-    "Sniff",
-    "classify",
-    "denial_response",
-    "make_exchange",
-    "parse_client_hello",
-    "sniff",
-    "strip_hop_by_hop",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Bytes examined to classify a flow; a ClientHello must fit (real ones are
-#: 0.5-2 KiB, post-quantum key shares included).
-SNIFF_LIMIT: Final = 8 * 1024
-#: Request/response head limit (request line + headers).
-MAX_HEADER_BYTES: Final = 64 * 1024
-#: Request/response body limit; bodies are buffered whole in memory.
-MAX_BODY_BYTES: Final = 64 * 1024 * 1024
-DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 # Refusal reasons go into records and the guest's error page: keep them short.
 _MAX_REASON: Final = 300
-
-FlowKind = Literal["http", "tls", "other", "need_more"]
-
-# RFC 9110 §5.6.2 token characters, for methods.
-_TCHAR: Final = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]"
-_REQUEST_LINE_RE: Final = re.compile(
-    rb"(" + _TCHAR + rb"{1,32}) ([\x21-\x7e\x80-\xff]+) HTTP/1\.[01]\r?\n"
-)
-_METHOD_PREFIX_RE: Final = re.compile(_TCHAR + rb"{1,32}")
-_TARGET_PREFIX_RE: Final = re.compile(_TCHAR + rb"{1,32} [\x21-\x7e\x80-\xff]*")
-_VERSION_PREFIX_RE: Final = re.compile(_TCHAR + rb"{1,32} [\x21-\x7e\x80-\xff]+ (.*)", re.DOTALL)
-
-# RFC 9110 §7.6.1 hop-by-hop fields, plus framing we recompute ourselves.
-_HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "expect",
-    }
-)
-
-
-# --------------------------------------------------------------------------- sniffing
-
-
-class ClientHelloError(NetworkPolicyError):
-    """The bytes are not a valid TLS ClientHello (or exceed :data:`SNIFF_LIMIT`)."""
-
-
-@dataclass(frozen=True)
-class ClientHello:
-    """What the interceptor needs from a ClientHello.
-
-    ``server_name`` is the normalised SNI host name (RFC 6066 §3) or
-    ``None``; ``alpn`` the offered protocols (RFC 7301); ``length`` the
-    bytes of TLS records the hello occupied.
-    """
-
-    server_name: str | None
-    alpn: tuple[str, ...]
-    length: int
-
-
-class _Reader:
-    """Bounds-checked big-endian reader; every overrun is a ClientHelloError."""
-
-    def __init__(self, data: bytes, what: str) -> None:
-        self._data = data
-        self._pos = 0
-        self._what = what
-
-    @property
-    def remaining(self) -> int:
-        return len(self._data) - self._pos
-
-    def take(self, n: int) -> bytes:
-        if n > self.remaining:
-            raise ClientHelloError(
-                f"{self._what}: truncated (wanted {n} bytes, {self.remaining} left)"
-            )
-        out = self._data[self._pos : self._pos + n]
-        self._pos += n
-        return out
-
-    def uint(self, size: int) -> int:
-        return int.from_bytes(self.take(size), "big")
-
-    def vector(self, length_size: int, minimum: int, maximum: int, what: str) -> _Reader:
-        n = self.uint(length_size)
-        if not minimum <= n <= maximum:
-            raise ClientHelloError(f"{what}: length {n} outside {minimum}..{maximum}")
-        return _Reader(self.take(n), what)
-
-    def take_all(self) -> bytes:
-        return self.take(self.remaining)
-
-    def done(self) -> None:
-        if self.remaining:
-            raise ClientHelloError(f"{self._what}: {self.remaining} trailing bytes")
-
-
-_TLS_HANDSHAKE: Final = 22
-_CLIENT_HELLO: Final = 1
-_MAX_RECORD: Final = 1 << 14  # RFC 8446 §5.1: TLSPlaintext.length <= 2^14
-_EXT_SERVER_NAME: Final = 0
-_EXT_ALPN: Final = 16
-
-
-def parse_client_hello(data: bytes) -> ClientHello | None:
-    """Parse the TLS ClientHello at the start of ``data``.
-
-    Returns ``None`` while more bytes are needed, a :class:`ClientHello`
-    once it is complete, and raises :class:`ClientHelloError` for anything
-    malformed or larger than :data:`SNIFF_LIMIT` — never another exception.
-    The hello may span several handshake records (RFC 8446 §5.1).
-    """
-    data = bytes(data[: SNIFF_LIMIT + 1])
-    handshake = bytearray()
-    pos = 0
-    while True:
-        if len(handshake) >= 4:
-            if handshake[0] != _CLIENT_HELLO:
-                raise ClientHelloError(
-                    f"first handshake message has type {handshake[0]}, not ClientHello"
-                )
-            body_len = int.from_bytes(handshake[1:4], "big")
-            if 4 + body_len > SNIFF_LIMIT:
-                raise ClientHelloError(
-                    f"ClientHello of {body_len} bytes exceeds the {SNIFF_LIMIT}-byte sniff limit"
-                )
-            if len(handshake) >= 4 + body_len:
-                if len(handshake) > 4 + body_len:
-                    raise ClientHelloError("unexpected handshake bytes after the ClientHello")
-                server_name, alpn = _parse_hello_body(bytes(handshake[4:]))
-                return ClientHello(server_name=server_name, alpn=alpn, length=pos)
-        if pos + 5 > len(data):
-            if len(data) > SNIFF_LIMIT:
-                raise ClientHelloError(f"no complete ClientHello within {SNIFF_LIMIT} bytes")
-            return None
-        content_type = data[pos]
-        major, minor = data[pos + 1], data[pos + 2]
-        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
-        if content_type != _TLS_HANDSHAKE:
-            raise ClientHelloError(
-                f"record type {content_type} where a handshake record was expected"
-            )
-        if major != 3 or minor > 4:
-            raise ClientHelloError(f"record version {major}.{minor} is not TLS")
-        if not 1 <= length <= _MAX_RECORD:
-            raise ClientHelloError(f"record length {length} outside 1..{_MAX_RECORD}")
-        if pos + 5 + length > SNIFF_LIMIT:
-            raise ClientHelloError(f"ClientHello records exceed the {SNIFF_LIMIT}-byte sniff limit")
-        if pos + 5 + length > len(data):
-            return None
-        handshake += data[pos + 5 : pos + 5 + length]
-        pos += 5 + length
-
-
-def _parse_hello_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
-    r = _Reader(body, "ClientHello")
-    version = r.uint(2)
-    if version >> 8 != 3:
-        raise ClientHelloError(f"ClientHello legacy_version {version:#06x} is not TLS")
-    r.take(32)  # random
-    r.vector(1, 0, 32, "legacy_session_id")
-    suites = r.vector(2, 2, 0xFFFE, "cipher_suites")
-    if suites.remaining % 2:
-        raise ClientHelloError("cipher_suites: odd length")
-    r.vector(1, 1, 0xFF, "legacy_compression_methods")
-    server_name: str | None = None
-    alpn: tuple[str, ...] = ()
-    if r.remaining == 0:  # TLS 1.2 allows a hello without extensions
-        return server_name, alpn
-    extensions = r.vector(2, 0, 0xFFFF, "extensions")
-    r.done()
-    seen: set[int] = set()
-    while extensions.remaining:
-        ext_type = extensions.uint(2)
-        ext = extensions.vector(2, 0, 0xFFFF, f"extension {ext_type}")
-        if ext_type in seen:  # RFC 8446 §4.2: at most one of each type
-            raise ClientHelloError(f"extension {ext_type} appears twice")
-        seen.add(ext_type)
-        if ext_type == _EXT_SERVER_NAME:
-            server_name = _parse_sni(ext)
-        elif ext_type == _EXT_ALPN:
-            alpn = _parse_alpn(ext)
-    return server_name, alpn
-
-
-def _parse_sni(ext: _Reader) -> str:
-    names = ext.vector(2, 1, 0xFFFF, "server_name_list")
-    ext.done()
-    host: str | None = None
-    while names.remaining:
-        name_type = names.uint(1)
-        if name_type != 0:  # RFC 6066 §3: host_name(0) is the only type
-            raise ClientHelloError(f"server_name type {name_type} is unknown")
-        raw = names.vector(2, 1, 0xFFFF, "host_name").take_all()
-        if host is not None:  # RFC 6066 §3: one name per type
-            raise ClientHelloError("more than one host_name in server_name")
-        try:
-            text = raw.decode("ascii")
-            host = normalize_host(text)
-        except (UnicodeDecodeError, NetworkPolicyError):
-            raise ClientHelloError(f"server_name {raw[:80]!r} is not a valid host name") from None
-        if text.startswith("[") or ":" in host or _is_ipv4(host):
-            # RFC 6066 §3: "Literal IPv4 and IPv6 addresses are not permitted"
-            raise ClientHelloError(f"server_name {text!r} is an IP literal")
-    if host is None:
-        raise ClientHelloError("server_name extension has no host_name")
-    return host
-
-
-def _is_ipv4(host: str) -> bool:
-    return bool(re.fullmatch(r"[0-9.]+", host))
-
-
-def _parse_alpn(ext: _Reader) -> tuple[str, ...]:
-    protocols = ext.vector(2, 2, 0xFFFF, "protocol_name_list")
-    ext.done()
-    out: list[str] = []
-    while protocols.remaining:
-        out.append(protocols.vector(1, 1, 0xFF, "protocol_name").take_all().decode("latin-1"))
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class Sniff:
-    """The result of :func:`sniff`: the flow kind and, for TLS, the hello."""
-
-    kind: FlowKind
-    client_hello: ClientHello | None = None
-    reason: str = ""
-
-
-def sniff(data: bytes) -> Sniff:
-    """Classify the first bytes of a guest TCP flow (see :func:`classify`).
-
-    Total: returns for any input, looking at no more than
-    :data:`SNIFF_LIMIT` (+1) bytes. ``reason`` explains an ``"other"``.
-    """
-    data = bytes(data[: SNIFF_LIMIT + 1])
-    if not data:
-        return Sniff("need_more")
-    if data[0] == _TLS_HANDSHAKE:
-        try:
-            hello = parse_client_hello(data)
-        except ClientHelloError as exc:
-            return Sniff("other", reason=f"not a valid TLS ClientHello: {exc}")
-        return Sniff("need_more") if hello is None else Sniff("tls", hello)
-    newline = data.find(b"\n", 0, SNIFF_LIMIT)
-    if newline < 0:
-        if len(data) >= SNIFF_LIMIT:
-            return Sniff("other", reason=f"no request line within {SNIFF_LIMIT} bytes")
-        return (
-            Sniff("need_more")
-            if _plausible_request_prefix(data)
-            else Sniff("other", reason="not HTTP/1.x or TLS")
-        )
-    if _REQUEST_LINE_RE.fullmatch(data[: newline + 1]):
-        return Sniff("http")
-    return Sniff("other", reason="not HTTP/1.x or TLS")
-
-
-def _plausible_request_prefix(data: bytes) -> bool:
-    if _METHOD_PREFIX_RE.fullmatch(data) or _TARGET_PREFIX_RE.fullmatch(data):
-        return True
-    m = _VERSION_PREFIX_RE.fullmatch(data)
-    if m is None:
-        return False
-    rest = m.group(1)
-    return any(full.startswith(rest) for full in (b"HTTP/1.0\r", b"HTTP/1.1\r"))
-
-
-def classify(first_bytes: bytes) -> FlowKind:
-    """``"http"``, ``"tls"``, ``"other"`` or ``"need_more"`` for a flow's first bytes.
-
-    ``"tls"`` means a complete, valid ClientHello (get it with
-    :func:`sniff`); ``"http"`` a complete HTTP/1.0 or 1.1 request line.
-    """
-    return sniff(first_bytes).kind
-
-
-# --------------------------------------------------------------------------- messages
-
-Headers = tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
-class HttpRequest:
-    """A complete request from the guest, destination resolved by the rule above.
-
-    ``host`` is normalised, ``port`` explicit; ``target`` is the
-    request-target as sent, ``path``/``query`` its parts. Headers are
-    ``(name, value)`` strings decoded as ISO-8859-1 (lossless), wire order.
-    """
-
-    method: str
-    target: str
-    scheme: str
-    host: str
-    port: int
-    path: str
-    query: str
-    headers: Headers
-    body: bytes
-    http_version: str = "1.1"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "headers", tuple(self.headers))
-
-    @property
-    def authority(self) -> str:
-        """``host[:port]``, the port omitted when it is the scheme's default."""
-        default = DEFAULT_PORTS.get(self.scheme)
-        return format_authority(self.host, None if self.port == default else self.port)
-
-    @property
-    def url(self) -> str:
-        """The absolute URL, e.g. ``https://api.example.com/v1?x=1``."""
-        query = f"?{self.query}" if self.query else ""
-        return f"{self.scheme}://{self.authority}{self.path}{query}"
-
-    def header(self, name: str) -> str | None:
-        """The first header called ``name`` (case-insensitive), or ``None``."""
-        wanted = name.lower()
-        return next((v for n, v in self.headers if n.lower() == wanted), None)
-
-
-@dataclass(frozen=True)
-class HttpResponse:
-    """A response to give the guest (from upstream, a stub or a denial)."""
-
-    status: int
-    headers: Headers = ()
-    body: bytes = b""
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "headers", tuple(self.headers))
-
-    def header(self, name: str) -> str | None:
-        """The first header called ``name`` (case-insensitive), or ``None``."""
-        wanted = name.lower()
-        return next((v for n, v in self.headers if n.lower() == wanted), None)
-
-
-def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Drop hop-by-hop and framing fields (RFC 9110 §7.6.1), incl. those named in Connection."""
-    pairs = list(headers)
-    named = {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    return [(n, v) for n, v in pairs if n.lower() not in _HOP_BY_HOP and n.lower() not in named]
-
-
-def denial_response(reason: str, rule: str | None, status: int = 403) -> HttpResponse:
-    """The response the guest sees when the host refuses a request.
-
-    A short ``text/plain`` body naming the reason and the rule, and an
-    ``X-Gondolin-Rule`` header so scripts can tell it from an upstream 403.
-    """
-    body = f"pytest-gondolin denied this request: {reason}\nrule: {rule or 'none'}\n"
-    return HttpResponse(
-        status=status,
-        headers=(
-            ("Content-Type", "text/plain; charset=utf-8"),
-            ("X-Gondolin-Rule", _header_safe(rule or "none")),
-            ("Cache-Control", "no-store"),
-        ),
-        body=body.encode("utf-8", "replace"),
-    )
-
-
-def _header_safe(text: str) -> str:
-    return "".join(c if " " <= c <= "~" else "?" for c in text)[:200]
-
-
-def make_exchange(
-    request: HttpRequest,
-    response: HttpResponse | None,
-    decision: ExchangeDecision,
-    reason: str,
-    *,
-    started: float,
-    duration: float,
-    request_headers: Sequence[tuple[str, str]] | None = None,
-) -> Exchange:
-    """An :class:`Exchange` for ``request`` and its ``response``.
-
-    Pass ``request_headers`` to record other headers than the request's own
-    (e.g. the guest's, with placeholders, rather than the substituted ones).
-    """
-    return Exchange(
-        method=request.method,
-        url=request.url,
-        scheme=request.scheme,
-        host=request.host,
-        port=request.port,
-        path=request.path,
-        query=request.query,
-        request_headers=tuple(request.headers if request_headers is None else request_headers),
-        request_body=request.body,
-        status=None if response is None else response.status,
-        response_headers=() if response is None else tuple(response.headers),
-        response_body=b"" if response is None else response.body,
-        decision=decision,
-        reason=reason,
-        started=started,
-        duration=duration,
-    )
-
-
-# --------------------------------------------------------------------------- interceptor
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,12 @@ to QEMU, and the only peer is one guest kernel:
 * Data carried on the SYN is not accepted (no TFO); the guest resends it.
 
 What is *not* simplified: sequence arithmetic modulo 2**32 (RFC 9293
-§3.4), the acceptability test (§3.10.7.4), both receive windows (we never
+§3.4, in :mod:`.segments`), the acceptability test (§3.10.7.4), both receive windows (we never
 send beyond the guest's scaled window; we advertise only our free receive
 buffer, so a slow application backpressures the guest), zero-window
 probing (§3.8.6.1), RFC 5961 challenge ACKs for in-window RST and SYN,
 and bounded send and receive buffers, optionally also bounded by a
-budget shared by all flows.
+budget shared by all flows (:mod:`.tcp_config`).
 """
 
 from __future__ import annotations
@@ -51,77 +51,30 @@ from __future__ import annotations
 import enum
 import logging
 from collections import Counter
-from dataclasses import dataclass
 
-from pytest_gondolin.errors import ConfigError
-from pytest_gondolin.netpolicy.packets import (
+from pytest_gondolin.netpolicy.stack.packets import PacketError
+from pytest_gondolin.netpolicy.stack.segments import (
     TCP_ACK,
     TCP_FIN,
     TCP_PSH,
     TCP_RST,
     TCP_SYN,
-    PacketError,
     TcpOptions,
     TcpSegment,
+    seq_add,
+    seq_diff,
+    seq_in_window,
+    seq_le,
+    seq_lt,
 )
+from pytest_gondolin.netpolicy.stack.tcp_config import DEFAULT_PEER_MSS, BufferBudget, TcpConfig
 
-__all__ = [
-    "DEFAULT_MSS",
-    "BufferBudget",
-    "CloseReason",
-    "TcpConfig",
-    "TcpConnection",
-    "TcpState",
-    "reset_for",
-    "seq_add",
-    "seq_diff",
-    "seq_le",
-    "seq_lt",
-]
+__all__ = ["CloseReason", "TcpConnection", "TcpState"]
 
 logger = logging.getLogger(__name__)
 
-_MASK = 0xFFFFFFFF
-_HALF = 1 << 31
-
-#: MSS for the largest virtio-net MTU QEMU allows (host_mtu=65520) minus
-#: the 20-byte IPv4 and 20-byte TCP headers. The guest caps what we send
-#: with its own MSS option, so this costs nothing on a 1500-byte link.
-DEFAULT_MSS = 65520 - 40
-#: RFC 9293 §3.7.1: the MSS to assume when the SYN carries none.
-DEFAULT_PEER_MSS = 536
-
-
 # --------------------------------------------------------------------------
-# sequence-number arithmetic (RFC 9293 §3.4, modulo 2**32)
-
-
-def seq_add(a: int, n: int) -> int:
-    """``a + n`` in sequence space (``n`` may be negative)."""
-    return (a + n) & _MASK
-
-
-def seq_diff(a: int, b: int) -> int:
-    """How far ``a`` lies ahead of ``b``, in ``[0, 2**32)``."""
-    return (a - b) & _MASK
-
-
-def seq_lt(a: int, b: int) -> bool:
-    """``a < b`` in sequence space (a signed 32-bit difference is negative)."""
-    return ((a - b) & _MASK) >= _HALF
-
-
-def seq_le(a: int, b: int) -> bool:
-    """``a <= b`` in sequence space."""
-    return a == b or seq_lt(a, b)
-
-
-def _in_window(x: int, start: int, size: int) -> bool:
-    return seq_diff(x, start) < size
-
-
-# --------------------------------------------------------------------------
-# values
+# states
 
 
 class TcpState(enum.Enum):
@@ -162,94 +115,6 @@ _SENDING = frozenset(
 )
 _RECEIVING = frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2})
 _APP_CAN_SEND = frozenset({TcpState.SYN_RECEIVED, TcpState.ESTABLISHED, TcpState.CLOSE_WAIT})
-
-
-@dataclass(frozen=True)
-class TcpConfig:
-    """Per-flow TCP parameters; every default has a reason.
-
-    ``mss``: what we advertise (link MTU - 40). ``send_buffer`` /
-    ``recv_buffer``: per-flow caps in bytes; 256 KiB holds four maximal
-    segments, plenty for a local link. ``rto_initial``: RFC 6298 §2.1.
-    ``rto_max``: RFC 6298 §2.5 allows a cap of at least 60 s.
-    ``max_retries``: consecutive unanswered retransmissions (or window
-    probes) before the flow is reset; 8 with the defaults is about three
-    minutes, longer than any pause of a healthy VM (snapshots, TCG).
-    ``min_peer_mss``: floor under the guest's MSS option, so a hostile
-    guest cannot make us cut data into 1-byte segments (Linux clamps for
-    the same reason, tcp_min_snd_mss); our guests never use a smaller MTU.
-    """
-
-    mss: int = DEFAULT_MSS
-    send_buffer: int = 256 * 1024
-    recv_buffer: int = 256 * 1024
-    rto_initial: float = 1.0
-    rto_max: float = 60.0
-    max_retries: int = 8
-    min_peer_mss: int = DEFAULT_PEER_MSS
-
-    def __post_init__(self) -> None:
-        if not 88 <= self.mss <= 65495:
-            raise ConfigError(f"TCP MSS {self.mss} outside 88..65495")
-        if self.send_buffer < 1 or self.recv_buffer < 2:
-            raise ConfigError("TCP buffers must hold at least a couple of bytes")
-        if self.recv_buffer > 0xFFFF << 14:
-            raise ConfigError(f"TCP receive buffer {self.recv_buffer} exceeds the RFC 7323 maximum")
-        if not 0 < self.rto_initial <= self.rto_max:
-            raise ConfigError("need 0 < rto_initial <= rto_max")
-        if self.max_retries < 1:
-            raise ConfigError("max_retries must be at least 1")
-        if not 1 <= self.min_peer_mss <= self.mss:
-            raise ConfigError("min_peer_mss must be between 1 and mss")
-
-    @property
-    def window_shift(self) -> int:
-        """The smallest RFC 7323 shift that can advertise the whole receive buffer."""
-        shift = 0
-        while (0xFFFF << shift) < self.recv_buffer:
-            shift += 1
-        return shift
-
-
-class BufferBudget:
-    """A byte budget shared by the buffers of many flows.
-
-    Flows take from it as they buffer data and give back as it drains, so
-    the stack's total buffered bytes never exceed ``limit`` however many
-    flows a guest opens. ``starved`` turns true when a flow wanted more
-    than was available; the owner clears it after nudging flows.
-    """
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ConfigError(f"buffer budget must be positive, got {limit}")
-        self.limit = limit
-        self.used = 0
-        self.starved = False
-
-    @property
-    def available(self) -> int:
-        return max(self.limit - self.used, 0)
-
-    def take(self, n: int) -> None:
-        self.used += n
-
-    def release(self, n: int) -> None:
-        self.used = max(self.used - n, 0)
-
-
-def reset_for(seg: TcpSegment) -> TcpSegment | None:
-    """The RST answering ``seg`` when no connection exists (RFC 9293 §3.10.7.1).
-
-    Returns ``None`` for an incoming RST (never answer a reset).
-    """
-    if seg.rst:
-        return None
-    if seg.has_ack:
-        return TcpSegment(seg.dst_port, seg.src_port, seg.ack, 0, TCP_RST, 0)
-    return TcpSegment(
-        seg.dst_port, seg.src_port, 0, seq_add(seg.seq, seg.seg_len), TCP_RST | TCP_ACK, 0
-    )
 
 
 # --------------------------------------------------------------------------
@@ -302,7 +167,7 @@ class TcpConnection:
         self._ack_pending = False
 
         # Send side.
-        self.iss = iss & _MASK
+        self.iss = seq_add(iss, 0)  # into sequence space
         self.snd_una = self.iss
         self.snd_nxt = seq_add(self.iss, 1)
         self._snd_max = self.snd_nxt  # highest sequence number ever sent
@@ -630,10 +495,10 @@ class TcpConnection:
     def _acceptable(self, seq: int, seg_len: int, wnd: int) -> bool:
         # The four cases of RFC 9293 §3.10.7.4.
         if seg_len == 0:
-            return seq == self.rcv_nxt if wnd == 0 else _in_window(seq, self.rcv_nxt, wnd)
+            return seq == self.rcv_nxt if wnd == 0 else seq_in_window(seq, self.rcv_nxt, wnd)
         if wnd == 0:
             return False
-        return _in_window(seq, self.rcv_nxt, wnd) or _in_window(
+        return seq_in_window(seq, self.rcv_nxt, wnd) or seq_in_window(
             seq_add(seq, seg_len - 1), self.rcv_nxt, wnd
         )
 

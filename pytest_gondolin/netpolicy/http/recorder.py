@@ -42,7 +42,7 @@ from pytest_gondolin.guest.recording import Headers as Headers
 from pytest_gondolin.guest.recording import UrlFilter as UrlFilter
 from pytest_gondolin.guest.recording import body_json
 from pytest_gondolin.guest.recording import exchange_from_dict as exchange_from_dict
-from pytest_gondolin.netpolicy.policy import format_authority, normalize_host
+from pytest_gondolin.netpolicy.http.rules import DEFAULT_PORTS, format_authority, normalize_host
 
 __all__ = [
     "DEFAULT_BODY_LIMIT",
@@ -58,7 +58,6 @@ __all__ = [
 DEFAULT_BODY_LIMIT: Final = 1 << 20
 #: Records kept per recorder; a test making more is probably looping.
 DEFAULT_MAX_EXCHANGES: Final = 10_000
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
 def normalize_url(url: str) -> str:
@@ -73,13 +72,13 @@ def normalize_url(url: str) -> str:
     except ValueError as exc:
         raise ConfigError(f"{url!r} is not a valid URL: {exc}") from None
     scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+    if scheme not in DEFAULT_PORTS or not parts.hostname:
         raise ConfigError(f"{url!r} is not an absolute http:// or https:// URL")
     try:
         host = normalize_host(parts.hostname)
     except NetworkPolicyError:
         raise ConfigError(f"{url!r} does not name a valid host") from None
-    netloc = format_authority(host, None if port == _DEFAULT_PORTS[scheme] else port)
+    netloc = format_authority(host, None if port == DEFAULT_PORTS[scheme] else port)
     return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
 
 
@@ -120,7 +119,7 @@ class _Redactor(Protocol):
 class Recorder:
     """Thread-safe record of mediated traffic, plus stubs.
 
-    ``redactor`` (e.g. a :class:`~pytest_gondolin.netpolicy.secrets.SecretStore`)
+    ``redactor`` (e.g. a :class:`~pytest_gondolin.netpolicy.http.secrets.SecretStore`)
     is applied to the URL, headers, bodies and reason of every record, so
     real secret values never reach a record or an artifact.
     """

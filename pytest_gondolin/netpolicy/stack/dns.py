@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from pytest_gondolin.errors import ConfigError
-from pytest_gondolin.netpolicy.packets import PacketError
+from pytest_gondolin.netpolicy.stack.packets import PacketError
 
 __all__ = [
     "DEFAULT_MAX_NAMES",

@@ -6,9 +6,9 @@ value or raise :class:`PacketError` -- never anything else; ``build()``
 methods produce correct wire bytes, checksums included.
 
 Covered: Ethernet II, ARP (IPv4 over Ethernet, RFC 826), IPv4 (RFC 791),
-ICMP echo (RFC 792), UDP (RFC 768) and TCP (RFC 9293, options from
-RFC 7323 and RFC 2018). Deliberately *not* covered, and rejected with a
-reason the caller can count:
+ICMP echo (RFC 792) and UDP (RFC 768); TCP segments are in :mod:`.segments`.
+Deliberately *not* covered, and rejected with a reason the caller can
+count:
 
 * IPv4 fragments. Reassembly means holding state keyed by guest-chosen
   identifiers, a classic memory-exhaustion surface (RFC 8900 calls
@@ -23,7 +23,7 @@ reason the caller can count:
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from pytest_gondolin.errors import NetworkPolicyError
@@ -40,21 +40,11 @@ __all__ = [
     "IPPROTO_ICMP",
     "IPPROTO_TCP",
     "IPPROTO_UDP",
-    "TCP_ACK",
-    "TCP_CWR",
-    "TCP_ECE",
-    "TCP_FIN",
-    "TCP_PSH",
-    "TCP_RST",
-    "TCP_SYN",
-    "TCP_URG",
     "ArpPacket",
     "EthernetFrame",
     "IPv4Packet",
     "IcmpEcho",
     "PacketError",
-    "TcpOptions",
-    "TcpSegment",
     "UdpDatagram",
     "format_mac",
     "internet_checksum",
@@ -62,8 +52,8 @@ __all__ = [
     "parse_ethernet",
     "parse_icmp_echo",
     "parse_ipv4",
-    "parse_tcp",
     "parse_udp",
+    "pseudo_header",
 ]
 
 
@@ -100,35 +90,15 @@ ARP_REPLY = 2
 ICMP_ECHO_REPLY = 0
 ICMP_ECHO_REQUEST = 8
 
-TCP_FIN = 0x01
-TCP_SYN = 0x02
-TCP_RST = 0x04
-TCP_PSH = 0x08
-TCP_ACK = 0x10
-TCP_URG = 0x20
-TCP_ECE = 0x40
-TCP_CWR = 0x80
-
 _ETH_HEADER = struct.Struct("!6s6sH")
 _ARP = struct.Struct("!HHBBH6s4s6s4s")
 _IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 _ICMP_ECHO_HEADER = struct.Struct("!BBHHH")
 _UDP_HEADER = struct.Struct("!HHHH")
-_TCP_HEADER = struct.Struct("!HHIIBBHHH")
 
 _IPV4_FLAG_DF = 0x4000
 _IPV4_FLAG_MF = 0x2000
 _IPV4_OFFSET_MASK = 0x1FFF
-
-#: RFC 7323 §2.3: a shift above 14 is treated as 14.
-MAX_WINDOW_SCALE = 14
-
-_TCPOPT_EOL = 0
-_TCPOPT_NOP = 1
-_TCPOPT_MSS = 2
-_TCPOPT_WSCALE = 3
-_TCPOPT_SACK_PERMITTED = 4
-_TCPOPT_TIMESTAMPS = 8
 
 
 def format_mac(mac: bytes) -> str:
@@ -172,8 +142,8 @@ def internet_checksum(data: bytes) -> int:
     return ~_ones_complement_sum(data) & 0xFFFF
 
 
-def _pseudo_header(src: IPv4Address, dst: IPv4Address, protocol: int, length: int) -> bytes:
-    # RFC 9293 §3.1 / RFC 768: source, destination, zero, protocol, length.
+def pseudo_header(src: IPv4Address, dst: IPv4Address, protocol: int, length: int) -> bytes:
+    """The IPv4 pseudo-header a TCP or UDP checksum covers (RFC 9293 §3.1, RFC 768)."""
     return src.packed + dst.packed + struct.pack("!BBH", 0, protocol, length)
 
 
@@ -388,7 +358,7 @@ class UdpDatagram:
             raise ValueError(f"UDP payload of {len(self.payload)} bytes does not fit")
         header = _UDP_HEADER.pack(self.src_port, self.dst_port, length, 0)
         checksum = internet_checksum(
-            _pseudo_header(src_ip, dst_ip, IPPROTO_UDP, length) + header + self.payload
+            pseudo_header(src_ip, dst_ip, IPPROTO_UDP, length) + header + self.payload
         )
         # RFC 768: a computed checksum of zero is sent as all ones (zero means "none").
         checksum = checksum or 0xFFFF
@@ -404,186 +374,7 @@ def parse_udp(data: bytes, src_ip: IPv4Address, dst_ip: IPv4Address) -> UdpDatag
         raise PacketError("udp-bad-length", f"length field {length}, have {len(data)} bytes")
     datagram = data[:length]
     if checksum != 0 and (
-        internet_checksum(_pseudo_header(src_ip, dst_ip, IPPROTO_UDP, length) + datagram) != 0
+        internet_checksum(pseudo_header(src_ip, dst_ip, IPPROTO_UDP, length) + datagram) != 0
     ):
         raise PacketError("udp-bad-checksum")
     return UdpDatagram(src_port, dst_port, bytes(datagram[8:]))
-
-
-# --------------------------------------------------------------------------
-# TCP (RFC 9293) and its options (RFC 7323, RFC 2018)
-
-
-@dataclass(frozen=True)
-class TcpOptions:
-    """The TCP options we understand; everything else is skipped on parse."""
-
-    mss: int | None = None
-    window_scale: int | None = None
-    sack_permitted: bool = False
-    timestamps: tuple[int, int] | None = None
-
-    def build(self) -> bytes:
-        """Return the encoded options, padded with EOL to a multiple of 4 bytes."""
-        out = bytearray()
-        if self.mss is not None:
-            out += struct.pack("!BBH", _TCPOPT_MSS, 4, self.mss)
-        if self.window_scale is not None:
-            # The NOP keeps what follows 4-byte aligned, as every stack does.
-            out += struct.pack("!BBBB", _TCPOPT_NOP, _TCPOPT_WSCALE, 3, self.window_scale)
-        if self.sack_permitted:
-            out += struct.pack("!BBBB", _TCPOPT_NOP, _TCPOPT_NOP, _TCPOPT_SACK_PERMITTED, 2)
-        if self.timestamps is not None:
-            out += struct.pack(
-                "!BBBBII", _TCPOPT_NOP, _TCPOPT_NOP, _TCPOPT_TIMESTAMPS, 10, *self.timestamps
-            )
-        out += b"\x00" * (-len(out) % 4)
-        return bytes(out)
-
-
-def _parse_tcp_options(raw: bytes) -> TcpOptions:
-    """Parse TCP options tolerantly (RFC 9293 §3.1 asks receivers to cope).
-
-    Unknown kinds are skipped; a known kind with the wrong length is
-    ignored; a malformed length (below 2, or running past the header) ends
-    parsing, keeping what was understood so far -- the segment itself is
-    still good. Never raises.
-    """
-    mss: int | None = None
-    wscale: int | None = None
-    sack_ok = False
-    timestamps: tuple[int, int] | None = None
-    i = 0
-    n = len(raw)
-    while i < n:
-        kind = raw[i]
-        if kind == _TCPOPT_EOL:
-            break
-        if kind == _TCPOPT_NOP:
-            i += 1
-            continue
-        if i + 1 >= n:
-            break
-        length = raw[i + 1]
-        if length < 2 or i + length > n:
-            break
-        body = raw[i + 2 : i + length]
-        if kind == _TCPOPT_MSS and length == 4:
-            mss = int.from_bytes(body, "big")
-        elif kind == _TCPOPT_WSCALE and length == 3:
-            wscale = min(body[0], MAX_WINDOW_SCALE)
-        elif kind == _TCPOPT_SACK_PERMITTED and length == 2:
-            sack_ok = True
-        elif kind == _TCPOPT_TIMESTAMPS and length == 10:
-            timestamps = (int.from_bytes(body[:4], "big"), int.from_bytes(body[4:], "big"))
-        i += length
-    return TcpOptions(mss, wscale, sack_ok, timestamps)
-
-
-@dataclass(frozen=True)
-class TcpSegment:
-    """A TCP segment; addresses live in the enclosing IPv4 packet.
-
-    ``window`` is the raw 16-bit header field (unscaled).
-    """
-
-    src_port: int
-    dst_port: int
-    seq: int
-    ack: int
-    flags: int
-    window: int
-    payload: bytes = b""
-    options: TcpOptions = field(default_factory=TcpOptions)
-    urgent: int = 0
-
-    @property
-    def syn(self) -> bool:
-        return bool(self.flags & TCP_SYN)
-
-    @property
-    def fin(self) -> bool:
-        return bool(self.flags & TCP_FIN)
-
-    @property
-    def rst(self) -> bool:
-        return bool(self.flags & TCP_RST)
-
-    @property
-    def has_ack(self) -> bool:
-        return bool(self.flags & TCP_ACK)
-
-    @property
-    def seg_len(self) -> int:
-        """Sequence space the segment occupies: data plus one each for SYN and FIN."""
-        return len(self.payload) + self.syn + self.fin
-
-    def build(self, src_ip: IPv4Address, dst_ip: IPv4Address) -> bytes:
-        """Return the segment's wire bytes with the pseudo-header checksum."""
-        opts = self.options.build()
-        if len(opts) > 40:
-            raise ValueError("TCP options exceed 40 bytes")
-        header_len = 20 + len(opts)
-        length = header_len + len(self.payload)
-        if length > 0xFFFF:
-            raise ValueError(f"TCP payload of {len(self.payload)} bytes does not fit")
-        header = (
-            _TCP_HEADER.pack(
-                self.src_port,
-                self.dst_port,
-                self.seq & 0xFFFFFFFF,
-                self.ack & 0xFFFFFFFF,
-                (header_len // 4) << 4,
-                self.flags & 0xFF,
-                self.window,
-                0,
-                self.urgent,
-            )
-            + opts
-        )
-        checksum = internet_checksum(
-            _pseudo_header(src_ip, dst_ip, IPPROTO_TCP, length) + header + self.payload
-        )
-        return header[:16] + checksum.to_bytes(2, "big") + header[18:] + self.payload
-
-    def describe(self) -> str:
-        """A one-line tcpdump-like summary for DEBUG logs."""
-        names = "".join(
-            c
-            for bit, c in ((TCP_SYN, "S"), (TCP_FIN, "F"), (TCP_RST, "R"), (TCP_PSH, "P"))
-            if self.flags & bit
-        )
-        if self.flags & TCP_ACK:
-            names += "."
-        return (
-            f"{self.src_port}>{self.dst_port} [{names}] seq={self.seq} ack={self.ack} "
-            f"win={self.window} len={len(self.payload)}"
-        )
-
-
-def parse_tcp(data: bytes, src_ip: IPv4Address, dst_ip: IPv4Address) -> TcpSegment:
-    """Parse a TCP segment, verifying its pseudo-header checksum.
-
-    Options are parsed tolerantly (see ``_parse_tcp_options``); a data
-    offset outside the segment raises ``tcp-bad-offset``.
-    """
-    if len(data) < 20:
-        raise PacketError("tcp-short", f"{len(data)} bytes")
-    src_port, dst_port, seq, ack, off, flags, window, _csum, urgent = _TCP_HEADER.unpack_from(data)
-    header_len = (off >> 4) * 4
-    if header_len < 20 or header_len > len(data):
-        raise PacketError("tcp-bad-offset", f"data offset {header_len}, have {len(data)} bytes")
-    if internet_checksum(_pseudo_header(src_ip, dst_ip, IPPROTO_TCP, len(data)) + data) != 0:
-        raise PacketError("tcp-bad-checksum")
-    options = _parse_tcp_options(bytes(data[20:header_len])) if header_len > 20 else TcpOptions()
-    return TcpSegment(
-        src_port=src_port,
-        dst_port=dst_port,
-        seq=seq,
-        ack=ack,
-        flags=flags,
-        window=window,
-        payload=bytes(data[header_len:]),
-        options=options,
-        urgent=urgent,
-    )

@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from typing import Final, overload
 
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
-from pytest_gondolin.netpolicy.policy import HostPattern, normalize_host, parse_host_pattern
+from pytest_gondolin.netpolicy.http.rules import HostPattern, normalize_host, parse_host_pattern
 
 __all__ = [
+    "CREDENTIAL_HEADERS",
     "PLACEHOLDER_PREFIX",
     "Secret",
     "SecretLeak",
@@ -56,8 +57,8 @@ PLACEHOLDER_TOKEN_HEX: Final = 32
 # An environment-variable-like name; bounded so placeholders stay short.
 _NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _BASIC_RE: Final = re.compile(r"\s*(basic)\s+([A-Za-z0-9+/=]+)\s*", re.IGNORECASE)
-# Headers carrying RFC 7617 Basic credentials.
-_CREDENTIAL_HEADERS: Final = frozenset({"authorization", "proxy-authorization"})
+#: Headers carrying RFC 7617 Basic credentials (lower case).
+CREDENTIAL_HEADERS: Final = frozenset({"authorization", "proxy-authorization"})
 # How many derived Basic tokens are remembered for redaction (bounded: the
 # guest chooses the user names).
 _MAX_DERIVED: Final = 1024
@@ -283,7 +284,7 @@ class SecretStore:
                 "substituted secret(s) %s in %s for %s", [e.name for e in found], where, shown
             )
             return new
-        if name.lower() in _CREDENTIAL_HEADERS:
+        if name.lower() in CREDENTIAL_HEADERS:
             return self._substitute_basic(value, where, dest, port, shown)
         return value
 

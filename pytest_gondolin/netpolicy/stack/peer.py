@@ -20,7 +20,7 @@ import socket
 from collections import Counter, deque
 from typing import Final
 
-from pytest_gondolin.netpolicy.link import FrameDecoder, LinkError, encode_frame
+from pytest_gondolin.netpolicy.stack.link import FrameDecoder, LinkError, encode_frame
 
 __all__ = ["DEFAULT_MAX_TX_BYTES", "DEFAULT_READ_CHUNK", "PeerLink"]
 

@@ -50,14 +50,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+import pytest_gondolin.paths as paths
 from pytest_gondolin.errors import NetworkPolicyError
-from pytest_gondolin.netpolicy.policy import normalize_host
+from pytest_gondolin.netpolicy.http.rules import normalize_host
 
 __all__ = [
     "CA_CERT_FILE",
     "CA_KEY_FILE",
     "CertificateAuthority",
     "LeafCertificate",
+    "default_ca",
 ]
 
 log = logging.getLogger(__name__)
@@ -385,3 +387,23 @@ def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+_CA_LOCK = threading.Lock()
+_CAS: dict[Path, CertificateAuthority] = {}
+
+
+def default_ca() -> CertificateAuthority:
+    """The interception CA of this cache dir (``<cache>/ca``), created on first use.
+
+    One CA per cache dir, so the CA certificate in cached boot payloads and
+    warm snapshots stays valid across runs. Raises
+    :class:`~pytest_gondolin.errors.NetworkPolicyError` if it cannot be
+    read or created.
+    """
+    directory = paths.cache_dir() / "ca"
+    with _CA_LOCK:
+        ca = _CAS.get(directory)
+        if ca is None:
+            ca = _CAS[directory] = CertificateAuthority.load_or_create(directory)
+        return ca

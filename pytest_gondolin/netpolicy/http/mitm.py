@@ -1,17 +1,18 @@
 """Per-flow mediation: what the network driver does with one guest TCP flow.
 
 :class:`FlowProxy` is the application side of one accepted guest flow,
-free of sockets and threads (the driver in :mod:`.driver` owns those).
+free of sockets and threads (:mod:`pytest_gondolin.netpolicy.driver` owns
+those, and :mod:`pytest_gondolin.netpolicy.relay` holds the proxies).
 Guest bytes go in (:meth:`FlowProxy.receive`), bytes for the guest come
 out (:meth:`FlowProxy.pending_output` / :meth:`FlowProxy.consume_output`),
 complete HTTP requests come out for the driver to mediate
 (:meth:`FlowProxy.take_requests`, then :mod:`.mediation`) and records of
 refusals come out for the recorder (:meth:`FlowProxy.take_records`).
 
-The first bytes decide what the flow is (:func:`~.http.sniff`, at most
-:data:`~.http.SNIFF_LIMIT` bytes, within :data:`SNIFF_TIMEOUT`):
+The first bytes decide what the flow is (:func:`~.sniff.sniff`, at most
+:data:`~.sniff.SNIFF_LIMIT` bytes, within :data:`SNIFF_TIMEOUT`):
 
-* an HTTP/1.x request line: an :class:`~.http.HttpInterceptor` reads it;
+* an HTTP/1.x request line: an :class:`~.interceptor.HttpInterceptor` reads it;
 * a TLS ClientHello: TLS is terminated here (``ssl.MemoryBIO`` pairs and
   the CA's leaf for the SNI, or for the destination address when the
   client sent none), so even a denied request gets a readable 403, and an
@@ -35,17 +36,16 @@ from ipaddress import IPv4Address
 from typing import Final, Literal
 
 from pytest_gondolin.errors import NetworkPolicyError
-from pytest_gondolin.netpolicy.ca import CertificateAuthority
-from pytest_gondolin.netpolicy.http import (
-    SNIFF_LIMIT,
+from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http.interceptor import (
     HttpInterceptor,
-    HttpResponse,
     RequestReceived,
     RequestRefused,
-    sniff,
 )
-from pytest_gondolin.netpolicy.mediation import error_response, with_rule
-from pytest_gondolin.netpolicy.recorder import Exchange
+from pytest_gondolin.netpolicy.http.mediation import error_response, with_rule
+from pytest_gondolin.netpolicy.http.messages import HttpResponse
+from pytest_gondolin.netpolicy.http.recorder import Exchange
+from pytest_gondolin.netpolicy.http.sniff import SNIFF_LIMIT, sniff
 
 __all__ = ["GUEST_READ_CHUNK", "SNIFF_TIMEOUT", "FlowProxy", "Verdict"]
 

@@ -1,10 +1,11 @@
 """Cassette files: the on-disk format, read and written as YAML.
 
 A cassette is an ordered, immutable list of recorded HTTP exchanges
-(:class:`Cassette` of :class:`Interaction`, each a :class:`CassetteRequest`
-and a :class:`CassetteResponse`). This module only turns one into YAML and
-back; record modes, matching and secret preparation live in
-:mod:`pytest_gondolin.netpolicy.cassette`, which re-exports these names.
+(:class:`Cassette` of :class:`~.cassette_values.Interaction`, each a
+:class:`~.cassette_values.CassetteRequest` and a
+:class:`~.cassette_values.CassetteResponse`). This module only turns one
+into YAML and back; record modes live in :mod:`.cassette`, matching and
+secret preparation in :mod:`.cassette_match`.
 
 File format (vcrpy-compatible YAML; vcrpy can load what we write and we
 load what vcrpy writes)::
@@ -46,43 +47,32 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import yaml
 
-from pytest_gondolin.errors import GondolinError, NetworkPolicyError
-from pytest_gondolin.netpolicy.http import DEFAULT_PORTS, HttpResponse
-from pytest_gondolin.netpolicy.policy import normalize_host
+from pytest_gondolin.netpolicy.http.cassette_values import (
+    FILTERED,
+    CassetteError,
+    CassetteRequest,
+    CassetteResponse,
+    Interaction,
+    shorten,
+)
+from pytest_gondolin.netpolicy.http.recorder import Headers
 
-__all__ = [
-    "FILTERED",
-    "MAX_CASSETTE_BYTES",
-    "MAX_INTERACTIONS",
-    "Cassette",
-    "CassetteError",
-    "CassetteMismatch",
-    "CassetteRequest",
-    "CassetteResponse",
-    "Interaction",
-]
+__all__ = ["MAX_CASSETTE_BYTES", "MAX_INTERACTIONS", "Cassette"]
 
 log = logging.getLogger(__name__)
 
-#: The value stored in place of a filtered header or query parameter.
-FILTERED: Final = "<FILTERED>"
 #: Largest cassette file loaded; bodies are at most 64 MiB each, so this
 #: fits a few big downloads while refusing to exhaust memory on a mistake.
 MAX_CASSETTE_BYTES: Final = 256 * 1024 * 1024
 #: Interactions per cassette; a test recording more is probably looping.
 MAX_INTERACTIONS: Final = 10_000
-# Characters of a URI, body or header shown in a message.
-_SHOWN: Final = 120
-
-Headers = tuple[tuple[str, str], ...]
 
 _HEADER = (
     "# pytest-gondolin cassette (vcrpy format). Secrets appear as GONDOLIN_SECRET_<NAME>,\n"
@@ -100,144 +90,6 @@ _FIELD_VALUE_RE: Final = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _NOT_TEXT_RE: Final = re.compile(
     "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]"
 )
-
-
-class CassetteError(GondolinError):
-    """A cassette could not be read, parsed, written or used as asked.
-
-    ``path`` names the file when there is one.
-    """
-
-    def __init__(self, message: str, *, path: Path | None = None) -> None:
-        self.path = path
-        super().__init__(message)
-
-
-class CassetteMismatch(CassetteError):
-    """The test's traffic and its cassette disagree.
-
-    Raised by :meth:`~pytest_gondolin.netpolicy.cassette.CassettePlayer.check`.
-
-    ``misses`` are the unmatched-request messages, ``unused`` the
-    interactions never replayed (only when unused ones are an error).
-    """
-
-    def __init__(
-        self, message: str, *, path: Path, misses: Sequence[str], unused: Sequence[Interaction]
-    ) -> None:
-        self.misses = list(misses)
-        self.unused = list(unused)
-        super().__init__(message, path=path)
-
-
-def _short(text: str, limit: int = _SHOWN) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# --------------------------------------------------------------------------- values
-
-
-def _split_uri(uri: str) -> tuple[str, str, int, str, str]:
-    """(scheme, host, port, path, query) of an absolute http(s) URI; ValueError otherwise."""
-    parts = urlsplit(uri)
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS or not parts.hostname:
-        raise ValueError("not an absolute http:// or https:// URI")
-    try:
-        host = normalize_host(parts.hostname)
-    except NetworkPolicyError as exc:
-        raise ValueError(str(exc)) from None
-    port = parts.port  # ValueError for a bad port
-    return (
-        scheme,
-        host,
-        DEFAULT_PORTS[scheme] if port is None else port,
-        parts.path or "/",
-        parts.query,
-    )
-
-
-def _canonical_headers(headers: Iterable[tuple[str, str]]) -> Headers:
-    # Grouped by name, values in their original order: exactly the order a
-    # YAML mapping with sorted keys gives back, so a loaded interaction
-    # equals the one that was saved.
-    return tuple(sorted(((n, v) for n, v in headers), key=lambda pair: pair[0]))
-
-
-def _header_value(headers: Headers, name: str) -> str | None:
-    wanted = name.lower()
-    return next((v for n, v in headers if n.lower() == wanted), None)
-
-
-@dataclass(frozen=True)
-class CassetteRequest:
-    """A request as stored in a cassette (already redacted, normalised and filtered).
-
-    ``uri`` is absolute; ``scheme``, ``host`` (normalised), ``port``
-    (explicit), ``path`` and ``query`` are derived from it. Headers are
-    kept grouped by name (see :class:`Cassette`). Raises
-    :class:`CassetteError` for a URI that is not absolute http(s).
-    """
-
-    method: str
-    uri: str
-    headers: Headers = ()
-    body: bytes = b""
-    scheme: str = field(init=False, repr=False, compare=False)
-    host: str = field(init=False, repr=False, compare=False)
-    port: int = field(init=False, repr=False, compare=False)
-    path: str = field(init=False, repr=False, compare=False)
-    query: str = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        try:
-            parts = _split_uri(self.uri)
-        except ValueError as exc:
-            raise CassetteError(f"uri {_short(self.uri)!r}: {exc}") from None
-        for name, value in zip(("scheme", "host", "port", "path", "query"), parts, strict=True):
-            object.__setattr__(self, name, value)
-        object.__setattr__(self, "headers", _canonical_headers(self.headers))
-        object.__setattr__(self, "body", bytes(self.body))
-
-    def header(self, name: str) -> str | None:
-        """The first header called ``name`` (case-insensitive), or ``None``."""
-        return _header_value(self.headers, name)
-
-    def summary(self) -> str:
-        """``METHOD uri``, the URI shortened for messages."""
-        return f"{self.method} {_short(self.uri)}"
-
-
-@dataclass(frozen=True)
-class CassetteResponse:
-    """A recorded response; ``message`` is the reason phrase."""
-
-    status: int
-    message: str = ""
-    headers: Headers = ()
-    body: bytes = b""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "headers", _canonical_headers(self.headers))
-        object.__setattr__(self, "body", bytes(self.body))
-
-    def header(self, name: str) -> str | None:
-        """The first header called ``name`` (case-insensitive), or ``None``."""
-        return _header_value(self.headers, name)
-
-    def to_http(self) -> HttpResponse:
-        """The response to give the guest on replay."""
-        return HttpResponse(
-            status=self.status, headers=self.headers, body=self.body, reason=self.message
-        )
-
-
-@dataclass(frozen=True)
-class Interaction:
-    """One recorded request and the response it got."""
-
-    request: CassetteRequest
-    response: CassetteResponse
 
 
 # --------------------------------------------------------------------------- YAML
@@ -451,7 +303,7 @@ class Cassette:
         try:
             doc = yaml.load(text, Loader=_Loader)  # a SafeLoader (C or Python)
         except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
-            raise CassetteError(f"{source}: not valid YAML: {_short(str(exc), 400)}") from None
+            raise CassetteError(f"{source}: not valid YAML: {shorten(str(exc), 400)}") from None
         data = _require_mapping(doc, source)
         version = data.get("version", 1)
         if version != 1:

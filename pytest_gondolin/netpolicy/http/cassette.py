@@ -5,8 +5,9 @@ network driver asks a :class:`CassettePlayer` per guest request whether to
 replay, record or refuse, and the plugin saves the player at teardown.
 
 The file format (vcrpy-compatible YAML) and its parser are in
-:mod:`pytest_gondolin.netpolicy.cassette_file`; this module re-exports
-its public names.
+:mod:`.cassette_file`, the values it holds in :mod:`.cassette_values`, the
+preparation and matchers below in :mod:`.cassette_match`, and where a
+test's cassette lives in :mod:`.cassette_paths`.
 
 Record modes (vcrpy's meanings; ``once`` is the local default, ``none``
 when ``$CI`` is set)::
@@ -60,60 +61,45 @@ credentials.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import json
 import logging
 import os
-import re
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
-from urllib.parse import parse_qsl, unquote_plus
+from typing import Final, Literal
 
 from pytest_gondolin.errors import ConfigError
-from pytest_gondolin.netpolicy.cassette_file import (
+from pytest_gondolin.netpolicy.http.cassette_file import MAX_INTERACTIONS, Cassette
+from pytest_gondolin.netpolicy.http.cassette_match import (
+    DEFAULT_FILTER_HEADERS,
+    DEFAULT_FILTER_QUERY,
+    DEFAULT_MATCHERS,
+    MATCHER_TABLE,
+    MATCHERS,
+    check_names,
+    filter_query,
+    normalize_basic,
+    normalize_placeholders,
+    normalize_placeholders_bytes,
+)
+from pytest_gondolin.netpolicy.http.cassette_values import (
     FILTERED,
-    MAX_CASSETTE_BYTES,
-    MAX_INTERACTIONS,
-    Cassette,
     CassetteError,
     CassetteMismatch,
     CassetteRequest,
     CassetteResponse,
     Interaction,
-    _short,
+    shorten,
 )
-from pytest_gondolin.netpolicy.http import HttpRequest, HttpResponse
-from pytest_gondolin.netpolicy.secrets import PLACEHOLDER_PREFIX, SecretStore
-
-if TYPE_CHECKING:
-    import pytest
+from pytest_gondolin.netpolicy.http.messages import HttpRequest, HttpResponse
+from pytest_gondolin.netpolicy.http.secrets import CREDENTIAL_HEADERS, SecretStore
 
 __all__ = [
-    "DEFAULT_FILTER_HEADERS",
-    "DEFAULT_FILTER_QUERY",
-    "DEFAULT_MATCHERS",
-    "FILTERED",
-    "MATCHERS",
-    "MAX_CASSETTE_BYTES",
-    "MAX_INTERACTIONS",
     "RECORD_MODES",
-    "Cassette",
-    "CassetteError",
-    "CassetteMismatch",
     "CassettePlayer",
-    "CassetteRequest",
-    "CassetteResponse",
-    "Interaction",
     "RecordMode",
-    "default_cassette_path",
-    "normalize_placeholders",
     "open_cassette",
-    "resolve_cassette_option",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,155 +107,10 @@ log = logging.getLogger(__name__)
 RecordMode = Literal["none", "once", "new_episodes", "all"]
 #: The record modes, as ``--gondolin-record-mode`` accepts them.
 RECORD_MODES: Final[tuple[RecordMode, ...]] = ("none", "once", "new_episodes", "all")
-#: Matchers used unless configured (vcrpy's defaults).
-DEFAULT_MATCHERS: Final = ("method", "scheme", "host", "port", "path", "query")
-#: Every matcher name accepted by :func:`open_cassette`.
-MATCHERS: Final = (*DEFAULT_MATCHERS, "uri", "body", "headers")
-#: Request headers whose values never reach a cassette (case-insensitive).
-DEFAULT_FILTER_HEADERS: Final = ("authorization", "proxy-authorization", "cookie")
-#: Query parameters whose values never reach a cassette (case-insensitive).
-DEFAULT_FILTER_QUERY: Final = (
-    "access_token",
-    "api_key",
-    "apikey",
-    "client_secret",
-    "password",
-    "token",
-)
 # Closest candidates listed in an unmatched-request message.
 _CLOSEST_SHOWN: Final = 3
 # Miss messages kept for check(); more are only counted.
 _MAX_MISSES_KEPT: Final = 100
-# Longest file-name stem derived from a test name (most filesystems allow 255 bytes).
-_MAX_STEM: Final = 120
-
-_PLACEHOLDER_RE: Final = re.compile(
-    re.escape(PLACEHOLDER_PREFIX) + r"([A-Za-z_][A-Za-z0-9_]{0,63})_[0-9a-f]{32}(?![0-9a-f])"
-)
-_PLACEHOLDER_RE_B: Final = re.compile(_PLACEHOLDER_RE.pattern.encode("ascii"))
-_BASIC_RE: Final = re.compile(r"(\s*basic\s+)([A-Za-z0-9+/=]+)(\s*)", re.IGNORECASE)
-_CREDENTIAL_HEADERS: Final = frozenset({"authorization", "proxy-authorization"})
-
-
-# --------------------------------------------------------------------------- preparation
-
-
-def normalize_placeholders(text: str, store: SecretStore | None = None) -> str:
-    """Drop the random suffix of secret placeholders in ``text``.
-
-    ``GONDOLIN_SECRET_<NAME>_<32 hex>`` becomes ``GONDOLIN_SECRET_<NAME>``:
-    the store's own placeholders exactly, any other well-formed one by
-    pattern. Idempotent.
-    """
-    if PLACEHOLDER_PREFIX not in text:
-        return text
-    if store is not None:
-        for name in store.names:
-            text = text.replace(store.placeholder(name), PLACEHOLDER_PREFIX + name)
-    return _PLACEHOLDER_RE.sub(lambda m: PLACEHOLDER_PREFIX + m.group(1), text)
-
-
-def _normalize_placeholders_b(data: bytes, store: SecretStore | None) -> bytes:
-    prefix = PLACEHOLDER_PREFIX.encode("ascii")
-    if prefix not in data:
-        return data
-    if store is not None:
-        for name in store.names:
-            data = data.replace(
-                store.placeholder(name).encode("ascii"), prefix + name.encode("ascii")
-            )
-    return _PLACEHOLDER_RE_B.sub(lambda m: prefix + m.group(1), data)
-
-
-def _normalize_basic(value: str, store: SecretStore | None) -> str:
-    """Normalise placeholders inside ``Basic base64(user:pass)`` (RFC 7617)."""
-    match = _BASIC_RE.fullmatch(value)
-    if match is None:
-        return value
-    try:
-        raw = base64.b64decode(match.group(2), validate=True)
-    except (binascii.Error, ValueError):
-        return value
-    normalized = _normalize_placeholders_b(raw, store)
-    if normalized == raw:
-        return value
-    token = base64.b64encode(normalized).decode("ascii")
-    return f"{match.group(1)}{token}{match.group(3)}"
-
-
-def _filter_query(uri: str, names: frozenset[str]) -> str:
-    """``uri`` with the values of the query parameters in ``names`` replaced by FILTERED."""
-    base, sep, query = uri.partition("?")
-    if not sep or not names:
-        return uri
-    query, hash_sep, fragment = query.partition("#")
-    parts = []
-    for part in query.split("&"):
-        raw_name = part.split("=", 1)[0]
-        if unquote_plus(raw_name).lower() in names:
-            part = f"{raw_name}={FILTERED}"
-        parts.append(part)
-    return f"{base}?{'&'.join(parts)}{hash_sep}{fragment}"
-
-
-# --------------------------------------------------------------------------- matchers
-
-
-def _query_key(query: str) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted(parse_qsl(query, keep_blank_values=True)))
-
-
-def _body_key(request: CassetteRequest) -> Hashable:
-    """The body, compared as data for JSON and form bodies, as bytes otherwise."""
-    ctype = (request.header("content-type") or "").split(";", 1)[0].strip().lower()
-    body = request.body
-    if ctype == "application/json" or ctype.endswith("+json"):
-        try:
-            return ("json", json.dumps(json.loads(body), sort_keys=True))
-        except (ValueError, RecursionError):
-            pass
-    elif ctype == "application/x-www-form-urlencoded":
-        return ("form", _query_key(body.decode("latin-1")))
-    return ("bytes", body)
-
-
-def _show_body(request: CassetteRequest) -> str:
-    return repr(_short(request.body.decode("utf-8", "replace")))
-
-
-_Matcher = tuple[Callable[[CassetteRequest], Hashable], Callable[[CassetteRequest], str]]
-_MATCHER_TABLE: Final[dict[str, _Matcher]] = {
-    "method": (lambda r: r.method, lambda r: repr(r.method)),
-    "scheme": (lambda r: r.scheme, lambda r: repr(r.scheme)),
-    "host": (lambda r: r.host, lambda r: repr(r.host)),
-    "port": (lambda r: r.port, lambda r: str(r.port)),
-    "path": (lambda r: r.path, lambda r: repr(_short(r.path))),
-    "query": (lambda r: _query_key(r.query), lambda r: repr(_short(r.query))),
-    "uri": (
-        lambda r: (r.scheme, r.host, r.port, r.path, _query_key(r.query)),
-        lambda r: repr(_short(r.uri)),
-    ),
-    "body": (_body_key, _show_body),
-    "headers": (
-        lambda r: tuple(sorted((n.lower(), v) for n, v in r.headers)),
-        lambda r: _short(repr(r.headers)),
-    ),
-}
-
-
-def _check_names(
-    value: object, what: str, *, known: Sequence[str] | None = None
-) -> tuple[str, ...]:
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise ConfigError(f"{what}: expected a list of names, got {value!r:.80}")
-    names = tuple(value)
-    for name in names:
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"{what}: {name!r:.80} is not a name")
-        if known is not None and name not in known:
-            raise ConfigError(f"{what}: unknown matcher {name!r}; known: {', '.join(known)}")
-    return names
-
 
 # --------------------------------------------------------------------------- player
 
@@ -365,20 +206,20 @@ class CassettePlayer:
     def _clean_b(self, data: bytes) -> bytes:
         if self.secret_store is not None:
             data = self.secret_store.redact(data)
-        return _normalize_placeholders_b(data, self.secret_store)
+        return normalize_placeholders_bytes(data, self.secret_store)
 
     def _clean_header(self, name: str, value: str, filtered: frozenset[str]) -> str:
         lower = name.lower()
         if lower in filtered:
             return FILTERED
         value = self._clean(value)
-        if lower in _CREDENTIAL_HEADERS:
-            value = _normalize_basic(value, self.secret_store)
+        if lower in CREDENTIAL_HEADERS:
+            value = normalize_basic(value, self.secret_store)
         return value
 
     def prepare_request(self, request: HttpRequest) -> CassetteRequest:
         """``request`` as it would be stored: redacted, normalised, filtered."""
-        uri = _filter_query(self._clean(request.url), self._filter_query)
+        uri = filter_query(self._clean(request.url), self._filter_query)
         headers = tuple(
             (n, self._clean_header(n, v, self._filter_headers)) for n, v in request.headers
         )
@@ -403,12 +244,12 @@ class CassettePlayer:
         A cassette recorded with other filters (or written by hand or by
         vcrpy) still matches the live request, which is prepared the same way.
         """
-        uri = _filter_query(normalize_placeholders(recorded.uri), self._filter_query)
+        uri = filter_query(normalize_placeholders(recorded.uri), self._filter_query)
         headers = tuple(
             (n, FILTERED if n.lower() in self._filter_headers else normalize_placeholders(v))
             for n, v in recorded.headers
         )
-        body = _normalize_placeholders_b(recorded.body, None)
+        body = normalize_placeholders_bytes(recorded.body, None)
         if (uri, headers, body) == (recorded.uri, recorded.headers, recorded.body):
             return recorded
         return CassetteRequest(recorded.method, uri, headers, body)
@@ -421,7 +262,7 @@ class CassettePlayer:
             return None
 
     def _key(self, request: CassetteRequest) -> Hashable:
-        return tuple(_MATCHER_TABLE[m][0](request) for m in self.matchers)
+        return tuple(MATCHER_TABLE[m][0](request) for m in self.matchers)
 
     # ------------------------------------------------------------------ per request
 
@@ -507,7 +348,7 @@ class CassettePlayer:
         """
         live = self._try_prepare(request)
         if live is None:
-            shown = f"{request.method} {_short(self._clean(request.url))}"
+            shown = f"{request.method} {shorten(self._clean(request.url))}"
             return self._miss(f"{shown} cannot be matched against cassette {self.path}")
         lines = [f"{live.summary()} is not in cassette {self.path}"]
         if not self.existed and self.mode != "all":
@@ -527,7 +368,7 @@ class CassettePlayer:
             )
         if self._records and not self.should_record(request):
             lines.append(f"  the cassette holds its maximum of {self._max} interactions")
-        key_fns = [(m, *_MATCHER_TABLE[m]) for m in self.matchers]
+        key_fns = [(m, *MATCHER_TABLE[m]) for m in self.matchers]
         live_keys = [fn(live) for _, fn, _ in key_fns]
         candidates: list[tuple[int, int, list[str]]] = []
         exhausted = 0
@@ -643,11 +484,11 @@ def open_cassette(
     """
     if mode not in RECORD_MODES:
         raise ConfigError(f"record mode must be one of {', '.join(RECORD_MODES)}, got {mode!r}")
-    names = _check_names(matchers, "cassette matchers", known=MATCHERS)
+    names = check_names(matchers, "cassette matchers", known=MATCHERS)
     if not names:
         raise ConfigError("cassette matchers: empty; every request would match the first one")
     filters = {
-        what: _check_names(value, what)
+        what: check_names(value, what)
         for what, value in (
             ("filter_headers", filter_headers),
             ("filter_query", filter_query),
@@ -681,82 +522,3 @@ def open_cassette(
         player.records,
     )
     return player
-
-
-# --------------------------------------------------------------------------- paths
-
-_UNSAFE_CHARS: Final = re.compile(r"[^A-Za-z0-9._\-\[\]=+,@]")
-# Device names Windows refuses as file names, whatever the extension.
-_WINDOWS_RESERVED: Final = frozenset(
-    {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
-)
-
-
-def _safe_stem(name: str) -> str:
-    """A portable file-name stem for ``name``; distinct names give distinct stems.
-
-    Characters outside ``[A-Za-z0-9._-[]=+,@]`` become ``_``; whenever
-    anything was changed (or shortened) a hash of the original is appended,
-    so ``test[a b]`` and ``test[a/b]`` do not collide.
-    """
-    safe = _UNSAFE_CHARS.sub("_", name).strip(".")
-    changed = (
-        safe != name
-        or not safe
-        or len(safe) > _MAX_STEM
-        or safe.split(".", 1)[0].upper() in _WINDOWS_RESERVED
-    )
-    if changed:
-        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
-        safe = f"{safe[:_MAX_STEM].rstrip('.')}-{digest}" if safe else digest
-    return safe
-
-
-def default_cassette_path(item: pytest.Item) -> Path:
-    """``<test dir>/cassettes/<module>/<Class.>test_name[id].yaml``, like pytest-recording.
-
-    Parametrize ids are kept when they are portable file-name characters,
-    else sanitised with a short hash (see :func:`_safe_stem`).
-    """
-    import pytest
-
-    classes = [node.name for node in item.listchain() if isinstance(node, pytest.Class)]
-    name = ".".join([*classes, item.name])
-    module = Path(item.path)
-    return module.parent / "cassettes" / _safe_stem(module.stem) / f"{_safe_stem(name)}.yaml"
-
-
-def resolve_cassette_option(
-    value: object,
-    *,
-    where: str,
-    item: pytest.Item | None = None,
-    base_dir: Path | None = None,
-) -> Path | None:
-    """The cassette path a ``cassette=`` marker / ``vm_factory`` argument stands for.
-
-    ``None``/``False``: no cassette. ``True``: :func:`default_cassette_path`
-    (needs ``item``). A path: relative ones are resolved against
-    ``base_dir``, else the test file's folder, else the working directory;
-    ``.yaml`` is added when there is no suffix. Raises :class:`ConfigError`
-    naming ``where`` for anything else.
-    """
-    if value is None or value is False:
-        return None
-    if value is True:
-        if item is None:
-            raise ConfigError(f"{where}: cassette=True needs a test; pass a file path instead")
-        return default_cassette_path(item)
-    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
-        raise ConfigError(f"{where}: cassette must be True or a file path, got {value!r:.80}")
-    text = os.fspath(value)
-    if not isinstance(text, str):
-        raise ConfigError(f"{where}: cassette path must be text, got {value!r:.80}")
-    path = Path(text).expanduser()
-    if not path.is_absolute():
-        if base_dir is None and item is not None:
-            base_dir = Path(item.path).parent
-        path = (base_dir or Path.cwd()) / path
-    if not path.suffix:
-        path = path.with_suffix(".yaml")
-    return path

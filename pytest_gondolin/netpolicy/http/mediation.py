@@ -22,7 +22,7 @@ bytes, so a *content-coded* body would hide the value from it; hence
   own header is what is recorded);
 * if the response to it is content-coded all the same, the host decodes it
   (gzip, deflate, br when available, stacked), bounded by
-  :data:`~.http.MAX_BODY_BYTES`, and the guest gets the decoded, redacted
+  :data:`~.messages.MAX_BODY_BYTES`, and the guest gets the decoded, redacted
   body without ``Content-Encoding`` (the framing recomputes
   ``Content-Length``; digests and ``ETag`` of the encoded body are
   dropped). A coding the host cannot decode, corrupt data or a
@@ -53,24 +53,25 @@ from dataclasses import dataclass
 from typing import Final
 
 from pytest_gondolin.errors import NetworkPolicyError
-from pytest_gondolin.netpolicy.cassette import CassetteError, CassettePlayer
-from pytest_gondolin.netpolicy.content_coding import (
+from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
+from pytest_gondolin.netpolicy.http.cassette_values import CassetteError
+from pytest_gondolin.netpolicy.http.content_coding import (
     ContentCodingError,
     accept_identity,
     content_codings,
     decode_content,
 )
-from pytest_gondolin.netpolicy.http import (
+from pytest_gondolin.netpolicy.http.messages import (
     MAX_BODY_BYTES,
     HttpRequest,
     HttpResponse,
     denial_response,
     make_exchange,
 )
-from pytest_gondolin.netpolicy.policy import Decision, NetworkPolicy, resolve_upstream
-from pytest_gondolin.netpolicy.recorder import Exchange, ExchangeDecision, Recorder
-from pytest_gondolin.netpolicy.secrets import SecretLeak, SecretStore
-from pytest_gondolin.netpolicy.upstream import DEFAULT_UPSTREAM_TIMEOUT, fetch_upstream
+from pytest_gondolin.netpolicy.http.policy import Decision, NetworkPolicy, resolve_upstream
+from pytest_gondolin.netpolicy.http.recorder import Exchange, ExchangeDecision, Recorder
+from pytest_gondolin.netpolicy.http.secrets import SecretLeak, SecretStore
+from pytest_gondolin.netpolicy.http.upstream import DEFAULT_UPSTREAM_TIMEOUT, fetch_upstream
 
 __all__ = [
     "Mediated",
@@ -97,7 +98,7 @@ _BODY_DERIVED: Final = frozenset(
 def error_response(status: int, message: str, *, kind: str) -> HttpResponse:
     """A ``text/plain`` response for a request the host could not complete.
 
-    Unlike :func:`~.http.denial_response` (a policy refusal) this is for an
+    Unlike :func:`~.messages.denial_response` (a policy refusal) this is for an
     allowed request that failed on the way (upstream down, TLS verification
     failed): ``X-Gondolin-Error`` names the ``kind``.
     """

@@ -8,7 +8,7 @@ name checked even when ``resolve`` redirected the connection (like curl
 ``--resolve``).
 
 Call it only with an address obtained from
-:func:`~pytest_gondolin.netpolicy.policy.resolve_upstream`, which enforces
+:func:`~pytest_gondolin.netpolicy.http.policy.resolve_upstream`, which enforces
 ``block_internal`` on the resolved address.
 """
 
@@ -27,7 +27,7 @@ from typing import Final
 import h11
 
 from pytest_gondolin.errors import NetworkPolicyError
-from pytest_gondolin.netpolicy.http import (
+from pytest_gondolin.netpolicy.http.messages import (
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
     HttpRequest,

@@ -5,25 +5,7 @@ DESIGN.md, "Network options") and validated completely at construction, so
 a typo fails the test run early with a :class:`~pytest_gondolin.errors.ConfigError`
 naming the option and the bad value, never later as a mysterious denial.
 
-Host patterns (``allow_hosts`` entries and ``Secret.hosts``) share one
-grammar, implemented once here (:func:`parse_host_pattern`):
-
-``example.com``
-    exactly that name, any port.
-``example.com:8443``
-    exactly that name and port.
-``*.example.com``
-    any name *below* ``example.com`` at any depth (``a.example.com``,
-    ``a.b.example.com``) but not ``example.com`` itself.
-``*``
-    every host name, but no IP literal (still subject to ``block_internal``).
-``192.0.2.7``, ``[2001:db8::7]:443``, ``2001:db8::7``
-    an IP literal (IPv6 needs brackets when a port follows).
-
-Names compare case-insensitively, a single trailing dot is ignored and
-internationalised names are converted to their IDNA A-label form
-(``bücher.example`` == ``xn--bcher-kva.example``). The conversion uses
-Python's built-in ``idna`` codec (IDNA 2003, RFC 3490).
+Hosts and host patterns are compared as :mod:`.rules` defines them.
 
 Decision order in :meth:`NetworkPolicy.decide` (first match wins):
 
@@ -49,32 +31,32 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import re
 import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
-from pytest_gondolin.netpolicy.hostaddrs import HOST_ADDRESSES, HostAddresses, embedded_ipv4
-
-if TYPE_CHECKING:
-    from pytest_gondolin.netpolicy.secrets import Secret
+from pytest_gondolin.netpolicy.http.hostaddrs import HOST_ADDRESSES, HostAddresses, embedded_ipv4
+from pytest_gondolin.netpolicy.http.rules import (
+    HostPattern,
+    format_authority,
+    is_ip_literal,
+    normalize_host,
+    parse_host_pattern,
+    split_host_port,
+)
+from pytest_gondolin.netpolicy.http.secrets import Secret, check_secret_name
 
 __all__ = [
     "Decision",
-    "HostPattern",
     "IPAddress",
     "NetworkPolicy",
-    "format_authority",
     "internal_range",
     "is_internal",
-    "normalize_host",
-    "parse_host_pattern",
     "resolve_upstream",
-    "split_host_port",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,13 +65,6 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: Schemes the host mediates. Anything else (raw TCP, WebSocket, ...) is denied.
 MEDIATED_SCHEMES: Final = frozenset({"http", "https"})
-
-# RFC 1035 §2.3.4 / RFC 1123 §2.1: labels of at most 63 octets, names of at
-# most 253 characters in text form. Underscores are tolerated because real
-# service names use them (RFC 2181 §11 allows any octet in DNS itself).
-_LABEL_RE: Final = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-_MAX_NAME_LENGTH: Final = 253
-_PORT_RE: Final = re.compile(r"[0-9]{1,5}")
 
 # Internal address ranges, with a short name used in denial reasons.
 _INTERNAL_V4: Final[tuple[tuple[ipaddress.IPv4Network, str], ...]] = tuple(
@@ -126,157 +101,9 @@ _INTERNAL_V6: Final[tuple[tuple[ipaddress.IPv6Network, str], ...]] = tuple(
 # --------------------------------------------------------------------------- names
 
 
-def normalize_host(host: str) -> str:
-    """Return the canonical form of a host name or IP literal.
-
-    Guarantees: the result is either a canonical IP literal (IPv6 without
-    brackets, compressed) or a lower-case ASCII name of valid labels. Raises
-    :class:`NetworkPolicyError` for anything else (empty, spaces, bad
-    labels, all-numeric top-level label, scope ids, over-long names).
-    """
-    if not isinstance(host, str):
-        raise NetworkPolicyError(f"{host!r} is not a valid host name")
-    text = host.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-        try:
-            ip6 = ipaddress.IPv6Address(text)
-        except ValueError:
-            raise NetworkPolicyError(f"{host!r} is not a valid host name") from None
-        if ip6.scope_id is not None:
-            raise NetworkPolicyError(f"{host!r}: IPv6 scope ids are not allowed")
-        return str(ip6)
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        pass
-    else:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
-            raise NetworkPolicyError(f"{host!r}: IPv6 scope ids are not allowed")
-        return str(ip)
-    if text.endswith("."):  # the root label: "example.com." is "example.com"
-        text = text[:-1]
-    if not text or len(text) > _MAX_NAME_LENGTH * 4:
-        raise NetworkPolicyError(f"{host!r} is not a valid host name")
-    try:
-        ascii_name = text.lower().encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        raise NetworkPolicyError(f"{host!r} is not a valid host name") from None
-    labels = ascii_name.split(".")
-    if len(ascii_name) > _MAX_NAME_LENGTH or not all(_LABEL_RE.fullmatch(lb) for lb in labels):
-        raise NetworkPolicyError(f"{host!r} is not a valid host name")
-    # RFC 3696 §2: a top-level label is never all-numeric. Refusing it also
-    # refuses "127.1" and friends, which inet_aton would turn into 127.0.0.1.
-    if labels[-1].isdigit():
-        raise NetworkPolicyError(f"{host!r} is not a valid host name")
-    return ascii_name
-
-
-def _parse_port(text: str, original: str) -> int:
-    if not _PORT_RE.fullmatch(text) or not 1 <= int(text) <= 65535:
-        raise NetworkPolicyError(f"{original!r} has an invalid port {text!r} (1-65535)")
-    return int(text)
-
-
-def split_host_port(text: str) -> tuple[str, int | None]:
-    """Split ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (host not normalised).
-
-    A bare IPv6 literal without brackets is returned whole with no port.
-    Raises :class:`NetworkPolicyError` for a malformed port or bracket.
-    """
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise NetworkPolicyError(f"{text!r} has an unclosed '['")
-        host, rest = text[: end + 1], text[end + 1 :]
-        if not rest:
-            return host, None
-        if not rest.startswith(":"):
-            raise NetworkPolicyError(f"{text!r} has junk after ']'")
-        return host, _parse_port(rest[1:], text)
-    if text.count(":") > 1:  # a bare IPv6 literal: no port possible
-        return text, None
-    host, sep, port = text.partition(":")
-    if not sep:
-        return host, None
-    return host, _parse_port(port, text)
-
-
-def format_authority(host: str, port: int | None) -> str:
-    """``host[:port]`` with IPv6 literals bracketed (RFC 3986 §3.2.2)."""
-    shown = f"[{host}]" if ":" in host else host
-    return shown if port is None else f"{shown}:{port}"
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _is_localhost_name(host: str) -> bool:
     # RFC 6761 §6.3: "localhost." and names below it are the loopback host.
     return host == "localhost" or host.endswith(".localhost")
-
-
-@dataclass(frozen=True)
-class HostPattern:
-    """One parsed host pattern (see the module docstring for the grammar).
-
-    ``host`` is the normalised name (for a wildcard, the suffix after
-    ``*.``; empty for ``*``), ``port`` is ``None`` for "any port" and
-    ``text`` is the pattern as the user wrote it.
-    """
-
-    text: str
-    host: str
-    wildcard: bool
-    port: int | None
-
-    def matches(self, host: str, port: int | None) -> bool:
-        """Whether the *normalised* ``host`` and ``port`` fall under this pattern.
-
-        A pattern with a port never matches an unknown (``None``) port.
-        """
-        if self.port is not None and port != self.port:
-            return False
-        if not self.wildcard:
-            return host == self.host
-        if not self.host:  # "*"
-            return not _is_ip_literal(host)
-        return host.endswith("." + self.host)
-
-
-def parse_host_pattern(text: object, *, where: str) -> HostPattern:
-    """Parse one host pattern; ``where`` names its origin for error messages.
-
-    Raises :class:`ConfigError` such as
-    ``allow_hosts[2]: 'exa mple.com' is not a valid host name``.
-    """
-    if not isinstance(text, str):
-        raise ConfigError(f"{where}: expected a host name string, got {text!r}")
-    try:
-        raw_host, port = split_host_port(text.strip())
-    except NetworkPolicyError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    if raw_host == "*":
-        return HostPattern(text=text, host="", wildcard=True, port=port)
-    wildcard = raw_host.startswith("*.")
-    name = raw_host[2:] if wildcard else raw_host
-    if "*" in name:
-        raise ConfigError(
-            f"{where}: {text!r} is not a valid host pattern "
-            "(only a leading '*.' wildcard or a lone '*' is supported)"
-        )
-    try:
-        host = normalize_host(name)
-    except NetworkPolicyError:
-        raise ConfigError(f"{where}: {text!r} is not a valid host name") from None
-    if wildcard and _is_ip_literal(host):
-        raise ConfigError(f"{where}: {text!r}: a wildcard cannot cover an IP address")
-    return HostPattern(text=text, host=host, wildcard=wildcard, port=port)
 
 
 # --------------------------------------------------------------------------- addresses
@@ -408,8 +235,6 @@ class NetworkPolicy:
     _resolve: dict[tuple[str, int], _ResolveEntry] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from pytest_gondolin.netpolicy.secrets import Secret, check_secret_name
-
         if isinstance(self.allow_hosts, str | bytes) or not isinstance(self.allow_hosts, Sequence):
             raise ConfigError(
                 f"allow_hosts: expected a list of host names, got {self.allow_hosts!r}"
@@ -486,8 +311,6 @@ class NetworkPolicy:
         value is the host environment variable of the same name (``environ``,
         default ``os.environ``); a missing variable is a :class:`ConfigError`.
         """
-        from pytest_gondolin.netpolicy.secrets import Secret
-
         converted: dict[str, Secret] = {}
         for name, spec in (secrets or {}).items():
             if isinstance(spec, Secret):
@@ -535,7 +358,7 @@ class NetworkPolicy:
                 True, f"{authority} has an explicit resolve entry", f"resolve[{entry.key!r}]"
             )
         if self.block_internal:
-            if _is_ip_literal(name):
+            if is_ip_literal(name):
                 rng = internal_range(name)
                 if rng is not None:
                     return Decision(
@@ -613,10 +436,10 @@ def resolve_upstream(
     if target is not None:
         name, port = target
         check_internal = False
-        if _is_ip_literal(name):
+        if is_ip_literal(name):
             log.debug("resolve entry: %s -> %s", host, format_authority(name, port))
             return name, port
-    elif _is_ip_literal(name):
+    elif is_ip_literal(name):
         refusal = _refusal(name, host_addresses) if check_internal else None
         if refusal is not None:
             raise NetworkPolicyError(
@@ -633,7 +456,7 @@ def resolve_upstream(
             addr = str(info[4][0])
         except (IndexError, TypeError):
             continue
-        if not _is_ip_literal(addr.split("%", 1)[0]):
+        if not is_ip_literal(addr.split("%", 1)[0]):
             continue
         addresses.append(addr)
     if not addresses:
