@@ -28,7 +28,7 @@ import pytest
 from _pytest._code.code import ReprFileLocation, TerminalRepr
 from _pytest._io import TerminalWriter
 
-from pytest_gondolin.errors import ProtocolError
+from pytest_gondolin.errors import WorkerProtocolError
 from pytest_gondolin.worker_messages import (
     Collected,
     Failure,
@@ -79,9 +79,11 @@ def _deserialize(
             config=config, data=copy.deepcopy(data)
         )
     except Exception as exc:
-        raise ProtocolError(f"pytest could not deserialize a worker report: {exc!r:.300}") from exc
+        raise WorkerProtocolError(
+            f"pytest could not deserialize a worker report: {exc!r:.300}"
+        ) from exc
     if not isinstance(report, pytest.TestReport | pytest.CollectReport):
-        raise ProtocolError("no plugin could deserialize a worker report")
+        raise WorkerProtocolError("no plugin could deserialize a worker report")
     return report
 
 
@@ -182,10 +184,10 @@ def replay_item(item: pytest.Item, outcome: RunOutcome | Failure) -> None:
         try:
             report = _deserialize(config, data)
             if not isinstance(report, pytest.TestReport) or report.nodeid != item.nodeid:
-                raise ProtocolError(
+                raise WorkerProtocolError(
                     f"report for {report.nodeid!r:.200} replayed for {item.nodeid!r}"
                 )
-        except ProtocolError as exc:
+        except WorkerProtocolError as exc:
             log.warning("dropping a worker report for %s: %s", item.nodeid, exc)
             if failure is None:
                 failure = Failure("error", "the worker sent an unreadable report", str(exc))
@@ -240,7 +242,7 @@ def replay_collect_errors(config: pytest.Config, collected: Collected) -> int:
     for data in collected.errors:
         try:
             report = _deserialize(config, data)
-        except ProtocolError as exc:
+        except WorkerProtocolError as exc:
             log.warning("dropping a worker collect report: %s", exc)
             continue
         key = f"{report.nodeid}\0{report.longrepr}"

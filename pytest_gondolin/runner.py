@@ -6,27 +6,17 @@ docstring defines the wire protocol).  This module is the host side:
 * :class:`WorkerTransport` — the duplex byte pipe to a worker, a Protocol
   with six methods.  :class:`SubprocessTransport` implements it over a local
   child process; the VM transport implements it over the guest agent.
-* :func:`~pytest_gondolin.worker_messages.parse_message` (in
-  :mod:`pytest_gondolin.worker_messages`, with the message types, the
-  report validators and the run outcome types) — sans-IO: one line from
-  the worker in, one validated message out, or
-  :class:`~pytest_gondolin.errors.ProtocolError`.
-  The worker is hostile by assumption: every line is bounded, every field is
-  type-checked, serialized reports are checked against the exact shape
-  pytest produces before pytest's own deserializer ever sees them.
+* :func:`~pytest_gondolin.worker_messages.parse_message` and
+  :class:`~pytest_gondolin.worker_messages.RunTally` (sans-IO) — one
+  hostile line in, one validated, size-bounded message out (or
+  :class:`~pytest_gondolin.errors.WorkerProtocolError`); one run's messages
+  in, a :class:`RunOutcome` within the per-test memory bound out.
 * :class:`WorkerClient` — drives one worker: ``start`` (wait for
   collection), ``ping``, ``run`` (one item), ``close``.
-* :func:`~pytest_gondolin.replay.replay_item` (in :mod:`pytest_gondolin.replay`)
-  — replays a run's reports through the host's hooks the way
-  pytest-xdist's controller does (``pytest_runtest_logstart``,
-  ``pytest_report_from_serializable`` + ``pytest_runtest_logreport`` per
-  report, ``pytest_warning_recorded``, ``pytest_runtest_logfinish``), so
-  terminal output, ``-x``/``--maxfail``, ``--lf``, junitxml and every other
-  reporter work unchanged.  A run that crashed or timed out becomes a failed
-  report naming the cause.
+* :func:`~pytest_gondolin.replay.replay_item` — replays a run's reports
+  through the host's hooks as pytest-xdist's controller does.
 
-The names that moved to those two modules are re-exported here, so
-``from pytest_gondolin.runner import ...`` keeps working.
+Names that moved out of this module are re-exported here.
 
 Transport contract (what :class:`WorkerClient` needs from a transport)
 ----------------------------------------------------------------------
@@ -57,7 +47,7 @@ Transport contract (what :class:`WorkerClient` needs from a transport)
 
 The client is not thread-safe; one thread drives one worker.
 
-Lifecycle of a :class:`WorkerClient` (see :class:`Runstate`)::
+Lifecycle of a :class:`WorkerClient` (see :class:`WorkerState`)::
 
     NEW --start--> READY --run--> RUNNING --done--> READY --close--> CLOSED
                      |               |
@@ -83,20 +73,24 @@ from typing import IO, Any, Final, Protocol
 
 import pytest
 
-from pytest_gondolin.errors import AgentError, GondolinError, ProtocolError
+from pytest_gondolin.errors import AgentError, GondolinError, WorkerProtocolError
 from pytest_gondolin.guest.worker import (
     MAX_COMMAND_LINE,
     MAX_WORKER_LINE,
     WORKER_MODULE,
     encode_line,
 )
+from pytest_gondolin.logtail import tail_lines
 from pytest_gondolin.replay import GUEST_REPORT_ATTR as GUEST_REPORT_ATTR
 from pytest_gondolin.replay import WorkerFailureRepr as WorkerFailureRepr
 from pytest_gondolin.replay import _warning_category as _warning_category
 from pytest_gondolin.replay import replay_collect_errors as replay_collect_errors
 from pytest_gondolin.replay import replay_item as replay_item
 from pytest_gondolin.worker_messages import MAX_COLLECTED_ITEMS as MAX_COLLECTED_ITEMS
+from pytest_gondolin.worker_messages import MAX_KEPT_PER_TEST as MAX_KEPT_PER_TEST
+from pytest_gondolin.worker_messages import MAX_MESSAGES_PER_RUN as MAX_MESSAGES_PER_RUN
 from pytest_gondolin.worker_messages import MAX_NODEID_CHARS as MAX_NODEID_CHARS
+from pytest_gondolin.worker_messages import MAX_WARNINGS_PER_RUN as MAX_WARNINGS_PER_RUN
 from pytest_gondolin.worker_messages import Collected as Collected
 from pytest_gondolin.worker_messages import DoneMessage as DoneMessage
 from pytest_gondolin.worker_messages import ErrorMessage as ErrorMessage
@@ -107,6 +101,7 @@ from pytest_gondolin.worker_messages import PongMessage as PongMessage
 from pytest_gondolin.worker_messages import QueryMessage as QueryMessage
 from pytest_gondolin.worker_messages import ReportMessage as ReportMessage
 from pytest_gondolin.worker_messages import RunOutcome as RunOutcome
+from pytest_gondolin.worker_messages import RunTally as RunTally
 from pytest_gondolin.worker_messages import WarningRecord as WarningRecord
 from pytest_gondolin.worker_messages import WorkerMessage as WorkerMessage
 from pytest_gondolin.worker_messages import check_collect_report as check_collect_report
@@ -118,10 +113,10 @@ __all__ = [
     "Collected",
     "Failure",
     "RunOutcome",
-    "Runstate",
     "SubprocessTransport",
     "WarningRecord",
     "WorkerClient",
+    "WorkerState",
     "WorkerTransport",
     "parse_message",
     "replay_collect_errors",
@@ -147,15 +142,13 @@ _STACK_DUMP_QUIET: Final = 0.2
 EXIT_WAIT: Final = 5.0
 #: How long ``close`` lets the worker finish its session after ``quit``.
 DEFAULT_QUIT_TIMEOUT: Final = 5.0
-#: Most messages one run may produce (reports + warnings + errors); a real
-#: run sends three reports, subtests add one per subtest.
-MAX_MESSAGES_PER_RUN: Final = 20_000
-#: Warnings beyond this many in one run are dropped (and logged).
-MAX_WARNINGS_PER_RUN: Final = 1_000
-#: Most bytes one run may send; beyond this the worker is treated as hostile.
-MAX_BYTES_PER_RUN: Final = 4 * MAX_WORKER_LINE
+#: Most bytes one run may send: bounds its parsing work (well under a second
+#: per 64 MiB); host memory is bounded by MAX_KEPT_PER_TEST instead.
+MAX_BYTES_PER_RUN: Final = 256 * 1024 * 1024
 #: Bytes of worker stderr kept for crash reports and stack dumps.
 STDERR_TAIL_BYTES: Final = 64 * 1024
+#: Lines of that stderr quoted in an error message.
+STDERR_TAIL_LINES: Final = 60
 
 
 # --------------------------------------------------------------------------
@@ -163,7 +156,7 @@ STDERR_TAIL_BYTES: Final = 64 * 1024
 # --------------------------------------------------------------------------
 
 
-class Runstate(enum.Enum):
+class WorkerState(enum.Enum):
     """Where a :class:`WorkerClient` is in its lifecycle."""
 
     NEW = "new"
@@ -210,7 +203,7 @@ class WorkerClient:
 
     Every method bounds its wait.  ``run`` returns a :class:`RunOutcome` even
     when the test crashed or hung the worker (the worker is then killed and
-    the client is DEAD); it raises ``ProtocolError`` when the worker sent
+    the client is DEAD); it raises ``WorkerProtocolError`` when the worker sent
     something malformed (again leaving it killed) and ``AgentError`` when
     called on a worker that is not READY.
     """
@@ -218,7 +211,7 @@ class WorkerClient:
     def __init__(self, transport: WorkerTransport, *, max_line: int = MAX_WORKER_LINE) -> None:
         self._transport = transport
         self._max_line = max_line
-        self._state = Runstate.NEW
+        self._state = WorkerState.NEW
         self._collected: Collected | None = None
         self._received = 0
         #: Answers the worker's mid-run queries: ``(kind, args) -> JSON data``; raise
@@ -226,7 +219,7 @@ class WorkerClient:
         self.on_query: Callable[[str, JSONObject], Any] | None = None
 
     @property
-    def state(self) -> Runstate:
+    def state(self) -> WorkerState:
         return self._state
 
     @property
@@ -236,14 +229,14 @@ class WorkerClient:
 
     # -- plumbing -----------------------------------------------------------
 
-    def _require(self, *states: Runstate) -> None:
+    def _require(self, *states: WorkerState) -> None:
         if self._state not in states:
             raise AgentError(f"test worker is {self._state.value}, not {states[0].value}")
 
     def _send(self, message: JSONObject) -> None:
         line = encode_line(message)
         if len(line) > MAX_COMMAND_LINE:
-            raise ProtocolError(f"command {message['t']!r} too large ({len(line)} bytes)")
+            raise WorkerProtocolError(f"command {message['t']!r} too large ({len(line)} bytes)")
         log.debug("worker <- %.200r", line)
         try:
             self._transport.send(line)
@@ -251,7 +244,7 @@ class WorkerClient:
             raise _LinkDown(str(exc)) from exc
 
     def _recv(self, timeout: float) -> WorkerMessage | None:
-        """Next message, ``None`` at EOF; raises TimeoutError, ProtocolError.
+        """Next message, ``None`` at EOF; raises TimeoutError, WorkerProtocolError.
 
         Adds the line's length to ``self._received``.
         """
@@ -272,14 +265,16 @@ class WorkerClient:
         return parse_message(line, max_line=self._max_line)
 
     def _die(self) -> None:
-        self._state = Runstate.DEAD
+        self._state = WorkerState.DEAD
         self._transport.kill()
 
-    def _broken(self, exc: ProtocolError) -> ProtocolError:
+    def _broken(self, exc: WorkerProtocolError) -> WorkerProtocolError:
         tail = self._transport.stderr_tail()
         self._die()
         if tail.strip():
-            return ProtocolError(f"{exc}\nworker stderr (tail):\n{_tail_lines(tail)}")
+            return WorkerProtocolError(
+                f"{exc}\nworker stderr (tail):\n{tail_lines(tail, STDERR_TAIL_LINES)}"
+            )
         return exc
 
     def _exit_detail(self) -> tuple[int | None, str]:
@@ -297,10 +292,10 @@ class WorkerClient:
         """Wait for the worker to finish collecting; return what it collected.
 
         Raises ``AgentError`` if the worker exits or does not finish within
-        *timeout* (the worker is then killed) and ``ProtocolError`` if its
+        *timeout* (the worker is then killed) and ``WorkerProtocolError`` if its
         first message is not ``collected``.
         """
-        self._require(Runstate.NEW)
+        self._require(WorkerState.NEW)
         try:
             msg = self._recv(timeout)
         except TimeoutError:
@@ -308,21 +303,22 @@ class WorkerClient:
             self._die()
             raise AgentError(
                 f"test worker did not finish collecting within {timeout:g}s\n"
-                f"worker stderr (tail):\n{_tail_lines(tail)}"
+                f"worker stderr (tail):\n{tail_lines(tail, STDERR_TAIL_LINES)}"
             ) from None
-        except ProtocolError as exc:
-            raise self._broken(exc) from exc
+        except WorkerProtocolError as exc:
+            raise self._broken(WorkerProtocolError(f"while collecting: {exc}")) from exc
         if msg is None:
             code, tail = self._exit_detail()
             raise AgentError(
                 f"test worker exited before collecting ({_describe_exit(code)})\n"
-                f"worker stderr (tail):\n{_tail_lines(tail)}"
+                f"worker stderr (tail):\n{tail_lines(tail, STDERR_TAIL_LINES)}"
             )
         if not isinstance(msg, Collected):
+            said = f": {msg.message[:2000]}" if isinstance(msg, ErrorMessage) else ""
             raise self._broken(
-                ProtocolError(f"expected 'collected' first, got {type(msg).__name__}")
+                WorkerProtocolError(f"expected 'collected' first, got {type(msg).__name__}{said}")
             )
-        self._state = Runstate.READY
+        self._state = WorkerState.READY
         self._collected = msg
         return msg
 
@@ -330,9 +326,9 @@ class WorkerClient:
         """Check that the worker answers (used after a VM restore).
 
         Raises ``AgentError`` (worker killed) when it does not answer in
-        time or is gone, ``ProtocolError`` when it answers wrongly.
+        time or is gone, ``WorkerProtocolError`` when it answers wrongly.
         """
-        self._require(Runstate.READY)
+        self._require(WorkerState.READY)
         nonce = secrets.token_hex(8)
         try:
             self._send({"t": "ping", "nonce": nonce})
@@ -340,13 +336,15 @@ class WorkerClient:
         except (_LinkDown, TimeoutError) as exc:
             self._die()
             raise AgentError(f"test worker did not answer a ping within {timeout:g}s") from exc
-        except ProtocolError as exc:
+        except WorkerProtocolError as exc:
             raise self._broken(exc) from exc
         if msg is None:
             code, tail = self._exit_detail()
-            raise AgentError(f"test worker is gone ({_describe_exit(code)})\n{_tail_lines(tail)}")
+            raise AgentError(
+                f"test worker is gone ({_describe_exit(code)})\n{tail_lines(tail, STDERR_TAIL_LINES)}"
+            )
         if not isinstance(msg, PongMessage) or msg.nonce != nonce:
-            raise self._broken(ProtocolError(f"expected pong {nonce}, got {msg!r:.200}"))
+            raise self._broken(WorkerProtocolError(f"expected pong {nonce}, got {msg!r:.200}"))
 
     def run(
         self, nodeid: str, *, seed: int, timeout: float, env: Mapping[str, str] | None = None
@@ -360,27 +358,18 @@ class WorkerClient:
         then is killed).  Reports for any other node id are a protocol
         violation.  ``env`` is merged into the worker's environment before the item runs.
         """
-        self._require(Runstate.READY)
+        self._require(WorkerState.READY)
         if not isinstance(nodeid, str) or not 0 < len(nodeid) <= MAX_NODEID_CHARS:
-            raise ProtocolError(f"refusing to send node id {nodeid!r:.100}")
+            raise WorkerProtocolError(f"refusing to send node id {nodeid!r:.100}")
         started = time.monotonic()
         deadline = started + timeout
-        reports: list[JSONObject] = []
-        warnings_: list[WarningRecord] = []
-        errors: list[str] = []
-        messages = 0
+        tally = RunTally(nodeid)
         self._received = 0
 
         def outcome(failure: Failure | None) -> RunOutcome:
-            return RunOutcome(
-                nodeid=nodeid,
-                reports=tuple(reports),
-                warnings=tuple(warnings_),
-                failure=failure,
-                duration=time.monotonic() - started,
-            )
+            return tally.outcome(failure, time.monotonic() - started)
 
-        self._state = Runstate.RUNNING
+        self._state = WorkerState.RUNNING
         try:
             command: JSONObject = {"t": "run", "nodeid": nodeid, "seed": int(seed)}
             if env:
@@ -396,49 +385,22 @@ class WorkerClient:
                     return outcome(
                         Failure("crash", _describe_exit(code), tail, time.monotonic() - started)
                     )
-                messages += 1
-                if messages > MAX_MESSAGES_PER_RUN or self._received > MAX_BYTES_PER_RUN:
-                    raise ProtocolError(
-                        f"more than {MAX_MESSAGES_PER_RUN} messages or "
-                        f"{MAX_BYTES_PER_RUN} bytes in one run"
-                    )
-                if isinstance(msg, ReportMessage):
-                    if msg.nodeid != nodeid:
-                        raise ProtocolError(
-                            f"report for {msg.nodeid!r:.200} while running {nodeid!r}"
-                        )
-                    reports.append(msg.data)
-                elif isinstance(msg, WarningRecord):
-                    if len(warnings_) < MAX_WARNINGS_PER_RUN:
-                        warnings_.append(msg)
-                    else:
-                        log.debug("dropping warning beyond %d for %s", MAX_WARNINGS_PER_RUN, nodeid)
-                elif isinstance(msg, ErrorMessage):
-                    errors.append(msg.message)
-                elif isinstance(msg, QueryMessage):
+                if self._received > MAX_BYTES_PER_RUN:
+                    raise WorkerProtocolError(f"more than {MAX_BYTES_PER_RUN} bytes in one run")
+                tally.add(msg)
+                if isinstance(msg, QueryMessage):
                     self._answer(msg)
                 elif isinstance(msg, DoneMessage):
-                    if msg.nodeid != nodeid:
-                        raise ProtocolError(
-                            f"done for {msg.nodeid!r:.200} while running {nodeid!r}"
-                        )
-                    self._state = Runstate.READY
-                    failure = None
-                    if errors:
-                        failure = Failure(
-                            "error",
-                            "the worker could not run this item",
-                            "\n".join(errors),
-                            time.monotonic() - started,
-                        )
-                    return outcome(failure)
-                else:
-                    raise ProtocolError(f"unexpected {type(msg).__name__} during a run")
+                    self._state = WorkerState.READY
+                    return outcome(None)
+                if time.monotonic() >= deadline:
+                    # A worker that always has a line ready never lets recv time out.
+                    return outcome(self._timed_out(timeout, time.monotonic() - started))
         except _LinkDown:
             code, tail = self._exit_detail()
             return outcome(Failure("crash", _describe_exit(code), tail, time.monotonic() - started))
-        except ProtocolError as exc:
-            raise self._broken(exc) from exc
+        except WorkerProtocolError as exc:
+            raise self._broken(WorkerProtocolError(f"while running {nodeid}: {exc}")) from exc
 
     def _answer(self, query: QueryMessage) -> None:
         """Answer a mid-run query with ``on_query`` (no handler or a failure: an error answer)."""
@@ -469,15 +431,17 @@ class WorkerClient:
         if dump.strip():
             detail = "stack dump of the worker (SIGUSR1):\n" + dump
         else:
-            detail = "no stack dump arrived; worker stderr (tail):\n" + _tail_lines(before)
+            detail = "no stack dump arrived; worker stderr (tail):\n" + tail_lines(
+                before, STDERR_TAIL_LINES
+            )
         return Failure("timeout", f"Timeout > {timeout:g}s", detail, elapsed)
 
     def adopt(self, collected: Collected) -> None:
         """Declare the worker READY with ``collected``: it is a clone (a VM started from a
         snapshot) of a worker that another client started."""
-        self._require(Runstate.NEW)
+        self._require(WorkerState.NEW)
         self._collected = collected
-        self._state = Runstate.READY
+        self._state = WorkerState.READY
 
     def rewind(self) -> None:
         """Declare the worker READY again: its side was restored to a snapshot
@@ -486,22 +450,22 @@ class WorkerClient:
         have dropped any buffered output.  Raises ``AgentError`` if ``start``
         never succeeded or the client was closed.
         """
-        if self._collected is None or self._state is Runstate.CLOSED:
+        if self._collected is None or self._state is WorkerState.CLOSED:
             raise AgentError(f"cannot rewind a test worker that is {self._state.value}")
-        self._state = Runstate.READY
+        self._state = WorkerState.READY
 
     def close(self, timeout: float = DEFAULT_QUIT_TIMEOUT) -> None:
         """Ask the worker to quit, then make sure it is gone.  Idempotent."""
-        if self._state is Runstate.CLOSED:
+        if self._state is WorkerState.CLOSED:
             return
-        if self._state is Runstate.READY:
+        if self._state is WorkerState.READY:
             try:
                 self._send({"t": "quit"})
                 self._transport.wait(timeout)
             except (_LinkDown, OSError, GondolinError) as exc:
                 log.debug("worker quit failed: %s", exc)
         self._transport.kill()
-        self._state = Runstate.CLOSED
+        self._state = WorkerState.CLOSED
 
     def __enter__(self) -> WorkerClient:
         return self
@@ -522,10 +486,6 @@ def _await_quiet(read: Callable[[], str], before: str) -> str:
         elif last != before and time.monotonic() - last_change >= _STACK_DUMP_QUIET:
             break
     return last
-
-
-def _tail_lines(text: str, lines: int = 60) -> str:
-    return "\n".join(text.splitlines()[-lines:])
 
 
 # --------------------------------------------------------------------------

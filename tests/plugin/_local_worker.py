@@ -28,9 +28,9 @@ from pytest_gondolin.errors import GondolinError
 from pytest_gondolin.guest.worker import WORKER_ENV
 from pytest_gondolin.runner import (
     Failure,
-    Runstate,
     SubprocessTransport,
     WorkerClient,
+    WorkerState,
     replay_collect_errors,
     replay_item,
     worker_args,
@@ -69,7 +69,7 @@ class LocalRouter:
         self._tmp = Path(tempfile.mkdtemp(prefix="gondolin-local-worker-"))
 
     def _start(self, session: pytest.Session) -> WorkerClient | Failure:
-        if self.client is not None and self.client.state is Runstate.READY:
+        if self.client is not None and self.client.state is WorkerState.READY:
             return self.client
         files = sorted(
             {str(item.path) for item in session.items if item.get_closest_marker(MARKER)}
@@ -119,7 +119,7 @@ class LocalRouter:
             replay_item(item, Failure.from_exception(exc))
         else:
             replay_item(item, outcome)
-        if client.state is not Runstate.READY:
+        if client.state is not WorkerState.READY:
             client.close()
             self.client = None
         return True

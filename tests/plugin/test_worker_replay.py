@@ -8,7 +8,7 @@ Two halves:
   output, outcomes, ``-x``, ``-k``, ``--lf`` and junitxml must be what an
   in-process run gives;
 * the host-side protocol (``pytest_gondolin.runner``) against a scripted fake
-  transport: every hostile line is a ``ProtocolError``, never anything else,
+  transport: every hostile line is a ``WorkerProtocolError``, never anything else,
   and crashes / timeouts become failures naming their cause.
 """
 
@@ -29,7 +29,7 @@ from _pytest.reports import pytest_report_from_serializable, pytest_report_to_se
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_gondolin.errors import AgentError, ProtocolError
+from pytest_gondolin.errors import AgentError, WorkerProtocolError
 from pytest_gondolin.guest import worker
 from pytest_gondolin.runner import (
     Collected,
@@ -38,9 +38,9 @@ from pytest_gondolin.runner import (
     PongMessage,
     ReportMessage,
     RunOutcome,
-    Runstate,
     WarningRecord,
     WorkerClient,
+    WorkerState,
     _warning_category,
     check_test_report,
     parse_message,
@@ -543,7 +543,7 @@ def test_a_clean_run_returns_reports_and_warnings() -> None:
     assert outcome.reports[1]["location"] == ("test_m.py", 0, "test_f")
     assert outcome.warnings == (WarningRecord("w", "builtins.UserWarning", NODEID, "f.py", 3),)
     assert json.loads(transport.sent[0]) == {"t": "run", "nodeid": NODEID, "seed": 7}
-    assert client.state is Runstate.READY
+    assert client.state is WorkerState.READY
 
 
 def test_ping_echoes_the_nonce_and_a_wrong_one_is_rejected() -> None:
@@ -552,9 +552,9 @@ def test_ping_echoes_the_nonce_and_a_wrong_one_is_rejected() -> None:
 
     client, _ = started([pong, line({"t": "pong", "nonce": "stale"})])
     client.ping(1.0)
-    with pytest.raises(ProtocolError, match="expected pong"):
+    with pytest.raises(WorkerProtocolError, match="expected pong"):
         client.ping(1.0)
-    assert client.state is Runstate.DEAD
+    assert client.state is WorkerState.DEAD
 
 
 @pytest.mark.parametrize(
@@ -577,7 +577,7 @@ def test_a_dead_worker_becomes_a_crash_failure(script: list[Script], headline: s
     assert outcome.failure is not None
     assert (outcome.failure.kind, outcome.failure.headline) == ("crash", headline)
     assert "worker stderr line" in outcome.failure.detail
-    assert transport.killed and client.state is Runstate.DEAD
+    assert transport.killed and client.state is WorkerState.DEAD
 
 
 def test_a_broken_pipe_on_send_is_a_crash_and_signals_are_named() -> None:
@@ -611,7 +611,7 @@ def test_an_error_message_fails_the_item_but_keeps_the_worker() -> None:
     assert outcome.failure is not None
     assert outcome.failure.kind == "error"
     assert "not collected" in outcome.failure.detail
-    assert client.state is Runstate.READY
+    assert client.state is WorkerState.READY
 
 
 def test_lifecycle_is_guarded_and_close_is_idempotent() -> None:
@@ -619,7 +619,7 @@ def test_lifecycle_is_guarded_and_close_is_idempotent() -> None:
     client.close()
     client.close()
     assert json.loads(transport.sent[-1]) == {"t": "quit"}
-    assert transport.killed and client.state is Runstate.CLOSED
+    assert transport.killed and client.state is WorkerState.CLOSED
     with pytest.raises(AgentError, match="closed"):
         client.run(NODEID, seed=0, timeout=1)
 
@@ -627,7 +627,7 @@ def test_lifecycle_is_guarded_and_close_is_idempotent() -> None:
 def test_rewind_makes_a_dead_client_ready_after_a_restore() -> None:
     client, _ = started([None, report_line(when="setup"), DONE])
     assert client.run(NODEID, seed=0, timeout=5).failure is not None
-    assert client.state is Runstate.DEAD
+    assert client.state is WorkerState.DEAD
     client.rewind()  # e.g. the VM went back to its post-collection snapshot
     outcome = client.run(NODEID, seed=0, timeout=5)
     assert outcome.failure is None and len(outcome.reports) == 1
@@ -649,7 +649,7 @@ def test_start_failures_are_agent_errors(script: list[Script], match: str) -> No
     transport = FakeTransport(script)
     with pytest.raises(AgentError, match=match) as excinfo:
         WorkerClient(transport).start(0.1)
-    assert not isinstance(excinfo.value, ProtocolError)
+    assert not isinstance(excinfo.value, WorkerProtocolError)
     assert transport.killed
 
 
@@ -756,15 +756,19 @@ HOSTILE_RUN_LINES = {
     "report-private-attr": _mutated(("_id",), "x"),
     "report-user-property-name": _mutated(("user_properties",), [[1, 2]]),
     "report-wasxfail-int": _mutated(("wasxfail",), 1),
+    # issue 14.1: these raised OverflowError / crashed the terminal and junitxml
+    "report-duration-overflow": _mutated(("duration",), 10**400),
+    "report-skip-without-location": _mutated(("longrepr",), "Skipped", outcome="skipped"),
+    "report-failed-without-longrepr": _mutated(("longrepr",), None, outcome="failed"),
 }
 
 
 @pytest.mark.parametrize("hostile", HOSTILE_RUN_LINES.values(), ids=HOSTILE_RUN_LINES.keys())
 def test_hostile_lines_during_a_run_are_protocol_errors(hostile: bytes) -> None:
     client, transport = started([report_line(when="setup"), hostile, DONE])
-    with pytest.raises(ProtocolError):
+    with pytest.raises(WorkerProtocolError):
         client.run(NODEID, seed=0, timeout=5)
-    assert transport.killed and client.state is Runstate.DEAD
+    assert transport.killed and client.state is WorkerState.DEAD
 
 
 HOSTILE_FIRST_LINES = {
@@ -796,7 +800,7 @@ HOSTILE_FIRST_LINES = {
 @pytest.mark.parametrize("hostile", HOSTILE_FIRST_LINES.values(), ids=HOSTILE_FIRST_LINES.keys())
 def test_hostile_first_lines_are_protocol_errors(hostile: bytes) -> None:
     transport = FakeTransport([hostile])
-    with pytest.raises(ProtocolError):
+    with pytest.raises(WorkerProtocolError):
         WorkerClient(transport).start(1.0)
     assert transport.killed
 
@@ -817,7 +821,7 @@ def test_subtest_reports_are_accepted() -> None:
 
 
 # Hypothesis: whatever the worker sends, the host gets a message or a
-# ProtocolError, and a report that passes validation is one pytest can
+# WorkerProtocolError, and a report that passes validation is one pytest can
 # rebuild and print.
 
 json_values = st.recursive(
@@ -832,7 +836,7 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_parse_message_on_random_bytes(data: bytes) -> None:
-    with contextlib.suppress(ProtocolError):
+    with contextlib.suppress(WorkerProtocolError):
         parse_message(data)
 
 
@@ -857,7 +861,7 @@ MESSAGE_SKELETONS: list[dict[str, Any]] = [
 def test_parse_message_on_mutated_messages(data: st.DataObject) -> None:
     skeleton = data.draw(st.sampled_from(MESSAGE_SKELETONS))
     key = data.draw(st.sampled_from(sorted(skeleton)))
-    with contextlib.suppress(ProtocolError):
+    with contextlib.suppress(WorkerProtocolError):
         parse_message(line({**skeleton, key: data.draw(json_values)}))
 
 
@@ -888,7 +892,7 @@ def test_a_validated_report_always_deserializes_and_renders(
     target[path[-1]] = value
     try:
         checked = check_test_report(json.loads(json.dumps(data)))
-    except ProtocolError:
+    except WorkerProtocolError:
         return
     report = pytest_report_from_serializable(checked)
     assert isinstance(report, pytest.TestReport)
