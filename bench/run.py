@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from pytest_gondolin.image.store import ensure_image  # noqa: E402
 from pytest_gondolin.vm.accel import choose_accel  # noqa: E402
-from pytest_gondolin.vm.machine import VM, VMConfig  # noqa: E402
+from pytest_gondolin.vm.identity import VMConfig  # noqa: E402
+from pytest_gondolin.vm.machine import VM  # noqa: E402
 from pytest_gondolin.vm.warm import CLEAN_TAG, launch_clean  # noqa: E402
 
 BEGIN = "<!-- bench:begin -->"

@@ -182,7 +182,7 @@ def _shell_loop(run: Callable[[str], tuple[int, bytes, bytes]], banner: str) -> 
 
 def _factory(args: argparse.Namespace) -> VMFactory:
     """A VMFactory for the CLI's options, validated before anything boots."""
-    from pytest_gondolin import config as cfg
+    import pytest_gondolin.config as cfg
     from pytest_gondolin.fixtures import VMFactory
     from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
     from pytest_gondolin.vm.identity import BOOT_TIMEOUT

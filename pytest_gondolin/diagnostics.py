@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from pytest_gondolin import paths
+import pytest_gondolin.paths as paths
 from pytest_gondolin.config import Settings
 from pytest_gondolin.errors import GondolinError
 from pytest_gondolin.fixtures import ACTIVE_VM_KEY, SETTINGS_KEY, get_factory
@@ -100,7 +100,7 @@ def header_lines(settings: Settings) -> list[str]:
 
 def _warm_snapshot(settings: Settings, image: Image, accel: str) -> bool:
     """Whether the ``vm`` fixture / sandboxes would restore a cached ready snapshot (not boot)."""
-    from pytest_gondolin.vm.machine import VMConfig, state_key
+    from pytest_gondolin.vm.identity import VMConfig, state_key
     from pytest_gondolin.vm.snapshot_paths import warm_snapshot_path
 
     # Mirrors VMFactory.vm_config for the session's default guest.

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_gondolin import config as cfg
+import pytest_gondolin.config as cfg
 from pytest_gondolin.errors import ConfigError, GondolinError
 from pytest_gondolin.image.store import Image, ensure_image
 from pytest_gondolin.netpolicy.http.cassette import CassettePlayer, open_cassette

@@ -363,7 +363,7 @@ def requirements_dir(
     """
     import filelock
 
-    from pytest_gondolin import paths
+    import pytest_gondolin.paths as paths
 
     reqs = sorted(set(requirements))
     key = hashlib.sha256("\n".join([*GUEST_PLATFORMS, "cp311", *reqs]).encode()).hexdigest()[:16]

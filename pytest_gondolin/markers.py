@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pytest_gondolin import config as cfg
+import pytest_gondolin.config as cfg
 from pytest_gondolin.errors import ConfigError
 from pytest_gondolin.fixtures import GuestKey, VMFactory
 

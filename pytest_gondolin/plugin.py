@@ -9,7 +9,7 @@ from collections.abc import Generator
 
 import pytest
 
-from pytest_gondolin import config as cfg
+import pytest_gondolin.config as cfg
 from pytest_gondolin.errors import ConfigError
 from pytest_gondolin.fixtures import (  # noqa: F401  (fixtures are found by name in this module)
     ACTIVE_VM_KEY,
@@ -65,7 +65,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     """Run sandboxed items in a guest and replay their reports; leave the rest to pytest."""
     if item.get_closest_marker("sandboxed") is None:
         return None
-    from pytest_gondolin import sandboxes
+    import pytest_gondolin.sandboxes as sandboxes
 
     sandboxes.run_item(
         item, item.stash.get(OPTIONS_KEY, None), item.stash.get(OPTIONS_ERROR_KEY, None)

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from pytest_gondolin import guestfiles
+import pytest_gondolin.guestfiles as guestfiles
 from pytest_gondolin.errors import (
     AgentError,
     AgentTimeout,

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pytest_gondolin import hosttools
+import pytest_gondolin.hosttools as hosttools
 from pytest_gondolin.errors import ImageError
 from pytest_gondolin.image import cpio
 from pytest_gondolin.image.manifest import write_manifest

@@ -24,7 +24,7 @@ from typing import Any
 
 import filelock
 
-from pytest_gondolin import paths
+import pytest_gondolin.paths as paths
 from pytest_gondolin.errors import ImageError
 from pytest_gondolin.image import build
 from pytest_gondolin.image.build import Progress

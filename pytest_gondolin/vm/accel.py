@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_gondolin import hosttools
+import pytest_gondolin.hosttools as hosttools
 from pytest_gondolin.errors import ConfigError, VMError
 
 log = logging.getLogger(__name__)

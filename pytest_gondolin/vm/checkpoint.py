@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_gondolin import hosttools
 from pytest_gondolin.errors import SnapshotError
+from pytest_gondolin.hosttools import require as require_tool
 
 TRAILER_MAGIC = b"GONDOLIN-CKPT1\n"
 FORMAT_VERSION = 1
@@ -70,7 +70,7 @@ def read_trailer(path: Path) -> dict[str, Any]:
 
 def export_disk(disk: Path, base: Path, target: Path, metadata: dict[str, Any]) -> None:
     """Write the guest-visible contents of ``disk`` (minus ``base``) to ``target`` atomically."""
-    qemu_img = hosttools.require("qemu-img")
+    qemu_img = require_tool("qemu-img")
     target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
@@ -101,7 +101,7 @@ class CheckpointInfo:
 
 def backing_of(path: Path) -> str | None:
     """The backing file name recorded in qcow2 ``path`` (None if it has none)."""
-    qemu_img = hosttools.require("qemu-img")
+    qemu_img = require_tool("qemu-img")
     res = subprocess.run(
         [qemu_img, "info", "--output=json", "-U", str(path)],
         capture_output=True,
@@ -122,7 +122,7 @@ def ensure_backing(path: Path, base: Path) -> None:
     recorded = backing_of(path)
     if recorded is not None and Path(recorded).exists():
         return
-    qemu_img = hosttools.require("qemu-img")
+    qemu_img = require_tool("qemu-img")
     res = subprocess.run(
         [qemu_img, "rebase", "-u", "-F", "qcow2", "-b", str(base), str(path)],
         capture_output=True,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_gondolin import paths
+import pytest_gondolin.paths as paths
 from pytest_gondolin.errors import ConfigError, VMError
 from pytest_gondolin.vm import reaper
 from pytest_gondolin.vm.channel import AgentChannel

@@ -29,7 +29,7 @@ import signal
 import uuid
 from pathlib import Path
 
-from pytest_gondolin import paths
+import pytest_gondolin.paths as paths
 from pytest_gondolin.errors import VMError
 
 log = logging.getLogger(__name__)

@@ -4,14 +4,14 @@
 its ready state as an internal snapshot (:mod:`pytest_gondolin.vm.warm`
 writes it; :mod:`pytest_gondolin.image.info`, the report header and
 ``gondolin image prune`` read it). ``<state key>.lock`` serialises its
-writers. The state key is :func:`pytest_gondolin.vm.machine.state_key`.
+writers. The state key is :func:`pytest_gondolin.vm.identity.state_key`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pytest_gondolin import paths
+import pytest_gondolin.paths as paths
 
 __all__ = ["snapshots_dir", "warm_snapshot_lock", "warm_snapshot_path"]
 

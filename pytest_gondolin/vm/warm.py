@@ -1,6 +1,6 @@
 """Ready-state snapshots cached across runs, so a second run skips the cold boot.
 
-The first VM for a given :func:`~pytest_gondolin.vm.machine.state_key` boots
+The first VM for a given :func:`~pytest_gondolin.vm.identity.state_key` boots
 cold, saves an internal snapshot ``CLEAN_TAG`` (RAM + devices + disk) in its
 overlay, and exports that overlay to ``<cache>/snapshots/<key>.qcow2``
 (:mod:`~pytest_gondolin.vm.snapshot_paths`).
@@ -22,7 +22,9 @@ from pathlib import Path
 import filelock
 
 from pytest_gondolin.errors import VMError
-from pytest_gondolin.vm.machine import VM, VMConfig, _copy_file, state_key
+from pytest_gondolin.vm.identity import VMConfig, state_key
+from pytest_gondolin.vm.machine import VM
+from pytest_gondolin.vm.overlay import copy_disk
 from pytest_gondolin.vm.snapshot_paths import snapshots_dir, warm_snapshot_lock, warm_snapshot_path
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def _export(vm: VM, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     vm.pause()  # the overlay must not change while it is copied
     try:
-        _copy_file(vm.rundir / "disk.qcow2", tmp)
+        copy_disk(vm.rundir / "disk.qcow2", tmp)
         tmp.rename(target)
     except OSError as exc:
         log.warning("could not cache the ready snapshot at %s: %s", target, exc)

@@ -32,7 +32,8 @@ from pytest_gondolin import paths
 from pytest_gondolin.errors import ExecTimeout, VMCrashed
 from pytest_gondolin.fixtures import VMFactory
 from pytest_gondolin.vm import warm
-from pytest_gondolin.vm.machine import VM, state_key
+from pytest_gondolin.vm.identity import state_key
+from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.qemu import SANDBOX
 from pytest_gondolin.vm.snapshot_paths import warm_snapshot_path
 
@@ -501,6 +502,7 @@ def test_qemu_events_do_not_pile_up(vm: VM) -> None:
     """
     for _ in range(3):
         vm.restore(vm.snapshot())
-    assert vm._qmp is not None and vm._qmp._client is not None
-    events = vm._qmp._client.events
+    qmp = vm._qemu._qmp if vm._qemu is not None else None
+    assert qmp is not None and qmp._client is not None
+    events = qmp._client.events
     assert events.empty() and len(events.history) == 0

@@ -11,7 +11,8 @@ import pytest
 
 from pytest_gondolin.errors import ExecError, ExecTimeout, VMCrashed, VMError, VMLaunchError
 from pytest_gondolin.image.store import Image
-from pytest_gondolin.vm.machine import VM, VMConfig
+from pytest_gondolin.vm.identity import VMConfig
+from pytest_gondolin.vm.machine import VM
 
 
 def test_guest_is_linux_with_python(session_vm: VM) -> None:

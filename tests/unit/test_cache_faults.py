@@ -256,7 +256,7 @@ def test_warm_snapshot_key_is_stable(tmp_path: Path) -> None:
     code = (
         "from pathlib import Path\n"
         "from pytest_gondolin.image.store import Image\n"
-        "from pytest_gondolin.vm.machine import VMConfig, state_key\n"
+        "from pytest_gondolin.vm.identity import VMConfig, state_key\n"
         f"image = Image(Path({str(image)!r}), {{'build_id': '1', 'name': 'fake'}})\n"
         "config = VMConfig(image=image, network=False)\n"
         "print(*(state_key(config) for _ in range(3)))\n"

@@ -9,13 +9,14 @@ That a real guest boots, snapshots and restores under them is in
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from pytest_gondolin.vm import machine
+from pytest_gondolin.vm import qemu_process
 from pytest_gondolin.vm.qemu import (
     MACHINE,
     SANDBOX,
@@ -156,14 +157,14 @@ def test_root_drops_every_capability() -> None:
 def test_setpriv_prefix(
     monkeypatch: pytest.MonkeyPatch, euid: int, die_with_parent: bool, expected: list[str]
 ) -> None:
-    monkeypatch.setattr(machine.shutil, "which", lambda name: f"/bin/{name}")
-    monkeypatch.setattr(machine.os, "geteuid", lambda: euid)
-    assert machine._setpriv_prefix(die_with_parent) == expected
+    monkeypatch.setattr(shutil, "which", lambda name: f"/bin/{name}")
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    assert qemu_process.setpriv_prefix(die_with_parent) == expected
 
 
 def test_setpriv_missing_means_no_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(machine.shutil, "which", lambda name: None)
-    assert machine._setpriv_prefix(True) == []
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert qemu_process.setpriv_prefix(True) == []
 
 
 def _qemu_accepts(sandbox: str, machine_opt: str) -> subprocess.CompletedProcess[str]:

@@ -2,14 +2,16 @@
 
 Every table in the package is checked for shape (each state is a key, every
 target is a state of the same enum, terminal states are reachable), and
-every forbidden move of the agent channel and of a call raises StateError
-naming the current state and the allowed ones.
+every forbidden move of the agent channel, a call and a VM raises
+StateError naming the current state and the allowed ones. The VM's table
+is driven through a real VM object in ``test_vm_lifecycle.py``.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,7 @@ from pytest_gondolin.errors import GondolinError, StateError
 from pytest_gondolin.statemachine import Transitions, require, sources, transition
 from pytest_gondolin.vm.agent_calls import CALL_TRANSITIONS, CallState
 from pytest_gondolin.vm.channel_core import CHANNEL_TRANSITIONS, ChannelState
+from pytest_gondolin.vm.runstate import VM_TRANSITIONS, Runstate
 
 
 class Phase(enum.Enum):
@@ -101,6 +104,7 @@ def test_state_error_message_names_both_sides() -> None:
     [
         pytest.param(CHANNEL_TRANSITIONS, ChannelState, {ChannelState.CLOSED}, id="channel"),
         pytest.param(CALL_TRANSITIONS, CallState, set(), id="call"),
+        pytest.param(VM_TRANSITIONS, Runstate, {Runstate.CLOSED}, id="vm"),
     ],
 )
 def test_the_package_tables_are_well_formed(
@@ -133,11 +137,21 @@ def test_the_package_tables_are_well_formed(
         (CallState.DONE, CallState.FAILED),  # an outcome, once known, stays
         (CallState.FAILED, CallState.DONE),
         (CallState.RUNNING, CallState.PENDING),
+        (Runstate.CREATED, Runstate.RUNNING),  # only a boot makes a VM run
+        (Runstate.RUNNING, Runstate.BOOTING),  # a VM boots once
+        (Runstate.RUNNING, Runstate.CREATED),
+        (Runstate.CLOSED, Runstate.RUNNING),  # closed while booting: the boot must not revive it
+        (Runstate.CLOSED, Runstate.BOOTING),
     ],
 )
 def test_forbidden_moves(current: enum.Enum, new: enum.Enum) -> None:
-    table = CHANNEL_TRANSITIONS if isinstance(current, ChannelState) else CALL_TRANSITIONS
+    tables: dict[type[enum.Enum], Transitions[Any]] = {
+        ChannelState: CHANNEL_TRANSITIONS,
+        CallState: CALL_TRANSITIONS,
+        Runstate: VM_TRANSITIONS,
+    }
+    table = tables[type(current)]
     with pytest.raises(StateError) as info:
-        transition(table, current, new)  # type: ignore[arg-type]
+        transition(table, current, new)
     assert info.value.state is current
     assert current not in info.value.required
