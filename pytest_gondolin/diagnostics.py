@@ -7,14 +7,15 @@ pytest-xdist) registered by ``plugin.pytest_configure`` under
 * ``pytest_report_header``: image (and build id, or "not built yet"),
   accelerator choice and reason, cache folder, warm snapshot state.
 * ``pytest_report_teststatus``: reports replayed from a guest (marked by
-  ``replay.replay_item`` with :data:`~pytest_gondolin.replay.GUEST_REPORT_ATTR`)
+  ``replay_item`` with :data:`~pytest_gondolin.sandbox.replay.GUEST_REPORT_ATTR`)
   read ``PASSED (in guest)`` in the ``-v`` progress lines. Only that
   displayed word changes (not the short summary, whose lines tools parse):
   outcome, nodeid and category stay, so junitxml, ``--lf`` and xdist see
   ordinary reports.
 * failure artifacts: when a test that used a VM fails (the ``vm`` fixture,
   via ``pytest_runtest_makereport``; a sandboxed test, via the replayed
-  ``pytest_runtest_logreport``), the VM's console log, QEMU log and
+  ``pytest_runtest_logreport``: either way the VM the test ran in is in
+  ``item.stash[ACTIVE_VM_KEY]``), the VM's console log, QEMU log and
   recorded traffic go to ``<artifacts>/<test>/`` and the report gets a
   ``gondolin: artifacts`` section naming that folder.
 * ``--gondolin-keep-vm``: the ``vm`` fixture's VM of a failing test is
@@ -45,7 +46,7 @@ from pytest_gondolin.errors import GondolinError
 from pytest_gondolin.fixtures import ACTIVE_VM_KEY, SETTINGS_KEY, get_factory
 from pytest_gondolin.image.store import Image
 from pytest_gondolin.logtail import read_tail
-from pytest_gondolin.replay import GUEST_REPORT_ATTR
+from pytest_gondolin.sandbox.replay import GUEST_REPORT_ATTR
 from pytest_gondolin.vm.accel import AccelChoice
 from pytest_gondolin.vm.kept import vm_id
 from pytest_gondolin.vm.machine import VM
@@ -261,9 +262,7 @@ class Diagnostics:
             and item.nodeid == report.nodeid
             and item.get_closest_marker("sandboxed") is not None
         ):
-            from pytest_gondolin.sandboxes import vm_for
-
-            vm = vm_for(item)
+            vm = item.stash.get(ACTIVE_VM_KEY, None)  # set by the sandbox session before replay
             if vm is not None:
                 self._save(vm, report)  # before any reporter sees the report
         self._note_sections(report)

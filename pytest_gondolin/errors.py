@@ -187,7 +187,7 @@ class WorkerProtocolError(WireProtocolError):
     """A line from (or a command for) the in-guest test worker violated its protocol.
 
     The worker is hostile by assumption: every line it sends is bounded and
-    checked (:mod:`pytest_gondolin.worker_messages`).
+    checked (:mod:`pytest_gondolin.sandbox.messages`).
     """
 
 

@@ -22,10 +22,11 @@ import pytest
 import pytest_gondolin.config as cfg
 from pytest_gondolin.errors import ConfigError, GondolinError
 from pytest_gondolin.image.store import Image, ensure_image
-from pytest_gondolin.netpolicy.http.cassette import CassettePlayer, open_cassette
+from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
 from pytest_gondolin.netpolicy.http.cassette_paths import resolve_cassette_option
 from pytest_gondolin.netpolicy.http.cassette_values import CassetteError
 from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+from pytest_gondolin.network_setup import apply_network
 from pytest_gondolin.vm.accel import AccelChoice, choose_accel
 from pytest_gondolin.vm.identity import VMConfig
 from pytest_gondolin.vm.machine import VM
@@ -52,6 +53,36 @@ class GuestKey:
     image: str
     memory_mib: int
     cpus: int
+
+    @classmethod
+    def from_options(
+        cls,
+        settings: cfg.Settings,
+        *,
+        memory: Any = None,
+        cpus: Any = None,
+        image: Any = None,
+        source: str = "vm_factory",
+    ) -> GuestKey:
+        """The session's defaults with ``memory``/``cpus``/``image`` given by ``source`` on top.
+
+        Raises ConfigError naming ``source``, the argument and the bad value.
+        """
+        memory_mib = (
+            settings.memory_mib
+            if memory is None
+            else cfg.parse_memory(memory, f"{source}(memory=...)")
+        )
+        ncpus = (
+            settings.cpus
+            if cpus is None
+            else cfg.parse_number(
+                cpus, f"{source}(cpus=...)", kind=int, low=1, high=64, what="cpus"
+            )
+        )
+        if image is not None and not isinstance(image, str):
+            raise ConfigError(f"{source}(image=...): must be a string, got {image!r}")
+        return cls(image or settings.image, memory_mib, ncpus)
 
 
 def _restore(vm: VM) -> None:
@@ -114,21 +145,9 @@ class VMFactory:
         image: str | None = None,
         source: str = "vm_factory",
     ) -> GuestKey:
-        memory_mib = (
-            self.settings.memory_mib
-            if memory is None
-            else cfg.parse_memory(memory, f"{source}(memory=...)")
+        return GuestKey.from_options(
+            self.settings, memory=memory, cpus=cpus, image=image, source=source
         )
-        ncpus = (
-            self.settings.cpus
-            if cpus is None
-            else cfg.parse_number(
-                cpus, f"{source}(cpus=...)", kind=int, low=1, high=64, what="cpus"
-            )
-        )
-        if image is not None and not isinstance(image, str):
-            raise ConfigError(f"{source}(image=...): must be a string, got {image!r}")
-        return GuestKey(image or self.settings.image, memory_mib, ncpus)
 
     def vm_config(self, key: GuestKey) -> VMConfig:
         return VMConfig(
@@ -190,13 +209,10 @@ class VMFactory:
                 )
             cassette_path = resolve_cassette_option(cassette, where="vm_factory(cassette=...)")
         vm = self._boot(key)
-        recorder = vm.configure_network(policy)
-        if cassette_path is not None and vm.network is not None:
-            driver = vm.network
-            player = open_cassette(
-                cassette_path, self.settings.record_mode, secret_store=driver.secrets
-            )
-            driver.configure(policy, driver.secrets, recorder, player)
+        player = apply_network(
+            vm, policy, cassette=cassette_path, record_mode=self.settings.record_mode
+        )
+        if player is not None:
             vm.add_close_hook(player.save)
             with self._lock:
                 self._players.append(player)

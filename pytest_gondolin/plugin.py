@@ -1,6 +1,11 @@
 """pytest hooks of pytest-gondolin (hooks only; the work lives in other modules).
 
 Loaded by the ``pytest11`` entry point ``gondolin`` or with ``-p gondolin``.
+``pytest_configure`` registers the feature's plugin objects, which own their
+state and hooks: :class:`~pytest_gondolin.sandbox.session.SandboxSession`
+(``@pytest.mark.sandboxed``) and
+:class:`~pytest_gondolin.diagnostics.Diagnostics` (header, guest status,
+failure artifacts, kept VMs).
 """
 
 from __future__ import annotations
@@ -10,20 +15,18 @@ from collections.abc import Generator
 import pytest
 
 import pytest_gondolin.config as cfg
-from pytest_gondolin.errors import ConfigError
+from pytest_gondolin.diagnostics import PLUGIN_NAME as DIAGNOSTICS
+from pytest_gondolin.diagnostics import Diagnostics
 from pytest_gondolin.fixtures import (  # noqa: F401  (fixtures are found by name in this module)
     ACTIVE_VM_KEY,
     FACTORY_KEY,
     SETTINGS_KEY,
-    get_factory,
     session_vm,
     vm,
     vm_factory,
 )
-from pytest_gondolin.markers import SandboxOptions, sandbox_options
-
-OPTIONS_KEY = pytest.StashKey[SandboxOptions]()
-OPTIONS_ERROR_KEY = pytest.StashKey[str]()
+from pytest_gondolin.sandbox.session import PLUGIN_NAME as SANDBOX
+from pytest_gondolin.sandbox.session import SandboxSession
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,45 +35,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", cfg.MARKER_DOC)
-    config.stash[SETTINGS_KEY] = cfg.load_settings(config)
-    # Header, "(in guest)" status, failure artifacts, --gondolin-keep-vm (diagnostics.py).
-    from pytest_gondolin.diagnostics import PLUGIN_NAME, Diagnostics
-
-    if not config.pluginmanager.has_plugin(PLUGIN_NAME):
-        config.pluginmanager.register(Diagnostics(config), PLUGIN_NAME)
+    settings = config.stash[SETTINGS_KEY] = cfg.load_settings(config)
+    if not config.pluginmanager.has_plugin(SANDBOX):
+        config.pluginmanager.register(SandboxSession(config, settings), SANDBOX)
+    if not config.pluginmanager.has_plugin(DIAGNOSTICS):
+        config.pluginmanager.register(Diagnostics(config), DIAGNOSTICS)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     from pytest_gondolin.vm.reaper import reap_orphans
 
     reap_orphans()
-
-
-def pytest_collection_modifyitems(
-    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
-) -> None:
-    """Validate every sandboxed item's marker now, so a bad argument is named before anything boots."""
-    factory = get_factory(config)
-    for item in items:
-        if item.get_closest_marker("sandboxed") is None:
-            continue
-        try:
-            item.stash[OPTIONS_KEY] = sandbox_options(item, factory)
-        except ConfigError as exc:
-            item.stash[OPTIONS_ERROR_KEY] = str(exc)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    """Run sandboxed items in a guest and replay their reports; leave the rest to pytest."""
-    if item.get_closest_marker("sandboxed") is None:
-        return None
-    import pytest_gondolin.sandboxes as sandboxes
-
-    sandboxes.run_item(
-        item, item.stash.get(OPTIONS_KEY, None), item.stash.get(OPTIONS_ERROR_KEY, None)
-    )
-    return True
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,7 +1,7 @@
 """Test-only routing plugin: items marked ``remote_local`` run in a local worker.
 
 Load it with ``-p tests.plugin._local_worker``.  It does on a plain host
-subprocess what ``pytest_gondolin.plugin`` does with a VM: items carrying the
+subprocess what ``pytest_gondolin.sandbox.session`` does with a VM: items carrying the
 ``remote_local`` marker are sent to one :class:`WorkerClient` over a
 :class:`SubprocessTransport` (started on first use, restarted after a crash
 or timeout) and their reports are replayed with :func:`replay_item`.
@@ -26,16 +26,11 @@ import pytest
 
 from pytest_gondolin.errors import GondolinError
 from pytest_gondolin.guest.worker import WORKER_ENV
-from pytest_gondolin.runner import (
-    Failure,
-    SubprocessTransport,
-    WorkerClient,
-    WorkerState,
-    replay_collect_errors,
-    replay_item,
-    worker_args,
-    worker_command,
-)
+from pytest_gondolin.sandbox.arguments import worker_args
+from pytest_gondolin.sandbox.client import WorkerClient, WorkerState
+from pytest_gondolin.sandbox.outcome import Failure
+from pytest_gondolin.sandbox.replay import replay_collect_errors, replay_item
+from pytest_gondolin.sandbox.transports import SubprocessTransport, worker_command
 
 MARKER = "remote_local"
 #: Importing pytest and collecting a handful of files takes ~0.5 s here.
@@ -66,6 +61,7 @@ class LocalRouter:
         self.config = config
         self.client: WorkerClient | None = None
         self.starts = 0
+        self.seen_collect_errors: set[str] = set()
         self._tmp = Path(tempfile.mkdtemp(prefix="gondolin-local-worker-"))
 
     def _start(self, session: pytest.Session) -> WorkerClient | Failure:
@@ -93,7 +89,7 @@ class LocalRouter:
         except GondolinError as exc:
             client.close()
             return Failure.from_exception(exc)
-        replay_collect_errors(self.config, collected)
+        replay_collect_errors(self.config, collected, self.seen_collect_errors)
         self.client = client
         return client
 

@@ -87,7 +87,7 @@ def test_header_with_the_real_cache(
 
 MARK_AS_GUEST = """
     import pytest
-    from pytest_gondolin.runner import GUEST_REPORT_ATTR
+    from pytest_gondolin.sandbox.replay import GUEST_REPORT_ATTR
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(item, call):

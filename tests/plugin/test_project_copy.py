@@ -1,7 +1,7 @@
 """The project copy in a real guest: symlinks out of the tree bring nothing in (issue 14, item 5).
 
 One inner session (a VM restore, the project copy and the guest worker's
-collection: ~25 s under TCG). ``tests/unit/test_guestfiles.py`` covers each
+collection: ~25 s under TCG). ``tests/unit/sandbox/test_project_files.py`` covers each
 way out of the tree on its own; this proves the guest sees the result.
 """
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from pytest_gondolin.worker_messages import MAX_KEPT_PER_TEST
+from pytest_gondolin.sandbox.outcome import MAX_KEPT_PER_TEST
 
 pytest_plugins = ("pytester",)
 

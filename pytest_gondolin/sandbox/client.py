@@ -1,0 +1,456 @@
+"""The host side of the worker protocol: :class:`WorkerClient` drives one test worker.
+
+The far side is the worker of :mod:`pytest_gondolin.guest.worker` (its
+docstring defines the wire protocol).  The client sends commands and reads
+the worker's lines through a :class:`WorkerTransport` (a local subprocess
+or a guest process, :mod:`.transports`); every line goes through
+:func:`~.messages.parse_message` and every run through a
+:class:`~.outcome.RunTally`, so what comes back is a bounded, validated
+:class:`~.outcome.RunOutcome`.
+
+Transport contract (what :class:`WorkerClient` needs from a transport)
+----------------------------------------------------------------------
+
+``send(data: bytes) -> None``
+    Write *data* (whole protocol lines) to the worker's stdin.  May raise
+    ``OSError`` or a ``GondolinError`` when the worker is gone.
+``recv_line(timeout: float) -> bytes | None``
+    Return the next line from the worker's protocol stream *including* its
+    ``b"\\n"``; ``None`` once the stream has ended.  Raise ``TimeoutError``
+    if no whole line arrives within *timeout* seconds.  Never buffer more
+    than about ``MAX_WORKER_LINE + 1`` bytes for one line: when a line is
+    longer, return what was read (no terminator, longer than the limit) and
+    stop reading.  A chunk without terminator that is *not* over the limit
+    means the stream ended mid-line.  May raise ``OSError`` or a
+    ``GondolinError`` for a broken link (the client treats it as a crash).
+``wait(timeout: float) -> int | None``
+    Wait up to *timeout* for the worker process to exit; return its exit
+    status (negative: killed by that signal) or ``None`` if unknown.
+``interrupt() -> None``
+    Ask the worker for a stack dump (SIGUSR1 to the worker process); the
+    dump appears in ``stderr_tail()``.  Best effort, never raises.
+``kill() -> None``
+    End the worker now and release everything.  Idempotent, never raises.
+``stderr_tail() -> str``
+    The last few KiB of the worker's stderr (what pytest, faulthandler and
+    stray prints wrote), decoded leniently.
+
+The client is not thread-safe; one thread drives one worker.
+
+Lifecycle of a :class:`WorkerClient` (:class:`WorkerState`), changed only by
+``WorkerClient._set_state`` against :data:`WORKER_TRANSITIONS`; public
+methods say with ``@require`` which states they need (calling one in
+another state is a caller's bug: :class:`~pytest_gondolin.errors.StateError`)::
+
+    NEW --start / adopt--> READY --run--> RUNNING --done--> READY
+     |                       |               +--crash / timeout / protocol error--> DEAD
+     +--start failed--> DEAD +--ping failed--> DEAD --rewind (a VM restore)--> READY
+    any --close--> CLOSED
+
+Errors the guest side causes keep their types: a worker that exits or
+hangs before collecting, or stops answering pings, is an
+:class:`~pytest_gondolin.errors.AgentError`; a malformed line is a
+:class:`~pytest_gondolin.errors.WorkerProtocolError` (the worker is then
+killed).  A test that crashes or hangs the worker is not an error of the
+client: ``run`` returns an outcome whose ``failure`` says so.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+import signal
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Protocol
+
+from pytest_gondolin.errors import AgentError, GondolinError, WorkerProtocolError
+from pytest_gondolin.guest.worker import MAX_COMMAND_LINE, MAX_WORKER_LINE, encode_line
+from pytest_gondolin.logtail import tail_lines
+from pytest_gondolin.sandbox.json_checks import JSONObject
+from pytest_gondolin.sandbox.messages import (
+    Collected,
+    DoneMessage,
+    ErrorMessage,
+    PongMessage,
+    QueryMessage,
+    WorkerMessage,
+    parse_message,
+)
+from pytest_gondolin.sandbox.outcome import Failure, RunOutcome, RunTally
+from pytest_gondolin.sandbox.report_checks import MAX_NODEID_CHARS
+from pytest_gondolin.statemachine import Transitions, require, transition
+
+__all__ = [
+    "WORKER_TRANSITIONS",
+    "WorkerClient",
+    "WorkerState",
+    "WorkerTransport",
+]
+
+log = logging.getLogger(__name__)
+
+#: Waiting for the worker to import pytest and collect: a cold Python start
+#: under TCG takes ~5 s, collecting a large project much longer.
+DEFAULT_START_TIMEOUT: Final = 120.0
+#: A pong is a round trip through an idle worker (~1 ms on virtio-serial).
+DEFAULT_PING_TIMEOUT: Final = 10.0
+#: After SIGUSR1, faulthandler writes the dump at once; this bounds how long
+#: we wait for it to stop growing before killing the worker.
+STACK_DUMP_GRACE: Final = 2.0
+#: The dump is considered complete once stderr has been quiet this long.
+_STACK_DUMP_QUIET: Final = 0.2
+#: After EOF, how long the worker gets to finish exiting so its exit code
+#: can be reported (it is already past writing its last line).
+EXIT_WAIT: Final = 5.0
+#: How long ``close`` lets the worker finish its session after ``quit``.
+DEFAULT_QUIT_TIMEOUT: Final = 5.0
+#: Most bytes one run may send: bounds its parsing work (well under a second
+#: per 64 MiB); host memory is bounded by MAX_KEPT_PER_TEST instead.
+MAX_BYTES_PER_RUN: Final = 256 * 1024 * 1024
+#: Lines of the worker's stderr quoted in an error message.
+STDERR_TAIL_LINES: Final = 60
+
+
+class WorkerState(enum.Enum):
+    """Where a :class:`WorkerClient` is in its lifecycle (see the module docstring)."""
+
+    NEW = "new"  # the worker is starting: collection not yet reported
+    READY = "ready"  # collected and waiting for a command
+    RUNNING = "running"  # running one item
+    DEAD = "dead"  # killed (crash, timeout, broken protocol); a VM restore revives it
+    CLOSED = "closed"  # told to quit and killed; final
+
+
+WORKER_TRANSITIONS: Transitions[WorkerState] = {
+    WorkerState.NEW: {WorkerState.READY, WorkerState.DEAD, WorkerState.CLOSED},
+    WorkerState.READY: {WorkerState.RUNNING, WorkerState.DEAD, WorkerState.CLOSED},
+    WorkerState.RUNNING: {WorkerState.READY, WorkerState.DEAD, WorkerState.CLOSED},
+    WorkerState.DEAD: {WorkerState.READY, WorkerState.CLOSED},
+    WorkerState.CLOSED: set(),
+}
+
+
+class WorkerTransport(Protocol):
+    """A duplex line pipe to one worker process; contract in the module docstring."""
+
+    def send(self, data: bytes) -> None: ...
+
+    def recv_line(self, timeout: float) -> bytes | None: ...
+
+    def wait(self, timeout: float) -> int | None: ...
+
+    def interrupt(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def stderr_tail(self) -> str: ...
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "worker connection lost"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"worker crashed (killed by {name})"
+    return f"worker crashed (exit code {code})"
+
+
+class _LinkDown(Exception):
+    """The transport reported the worker gone (internal)."""
+
+
+class WorkerClient:
+    """Drives one worker over a :class:`WorkerTransport`.
+
+    Every method bounds its wait.  ``run`` returns a :class:`RunOutcome` even
+    when the test crashed or hung the worker (the worker is then killed and
+    the client is DEAD); it raises ``WorkerProtocolError`` when the worker sent
+    something malformed (again leaving it killed).  A method called in a
+    state that does not allow it raises ``StateError``.
+    """
+
+    def __init__(self, transport: WorkerTransport, *, max_line: int = MAX_WORKER_LINE) -> None:
+        self._transport = transport
+        self._max_line = max_line
+        self._state = WorkerState.NEW
+        self._collected: Collected | None = None
+        self._received = 0
+        #: Answers the worker's mid-run queries: ``(kind, args) -> JSON data``; raise
+        #: a GondolinError to send an error answer.
+        self.on_query: Callable[[str, JSONObject], Any] | None = None
+
+    @property
+    def state(self) -> WorkerState:
+        return self._state
+
+    @property
+    def collected(self) -> Collected | None:
+        """What ``start`` returned (or ``adopt`` was given), once it has."""
+        return self._collected
+
+    def _set_state(self, new: WorkerState) -> None:
+        """The only place the client's state changes (see :data:`WORKER_TRANSITIONS`)."""
+        old = self._state
+        self._state = transition(WORKER_TRANSITIONS, old, new)
+        if new is not old:
+            log.debug("test worker: %s -> %s", old.value, new.value)
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _send(self, message: JSONObject) -> None:
+        line = encode_line(message)
+        if len(line) > MAX_COMMAND_LINE:
+            raise WorkerProtocolError(f"command {message['t']!r} too large ({len(line)} bytes)")
+        log.debug("worker <- %.200r", line)
+        try:
+            self._transport.send(line)
+        except (OSError, GondolinError) as exc:
+            raise _LinkDown(str(exc)) from exc
+
+    def _recv(self, timeout: float) -> WorkerMessage | None:
+        """Next message, ``None`` at EOF; raises TimeoutError, WorkerProtocolError.
+
+        Adds the line's length to ``self._received``.
+        """
+        try:
+            line = self._transport.recv_line(max(timeout, 0.0))
+        except TimeoutError:
+            raise
+        except (OSError, GondolinError) as exc:
+            log.debug("worker link failed: %s", exc)
+            return None
+        if line is None:
+            return None
+        if not line.endswith(b"\n") and len(line) <= self._max_line:
+            log.debug("worker stream ended mid-line after %d bytes", len(line))
+            return None
+        log.debug("worker -> %.200r", line)
+        self._received += len(line)
+        return parse_message(line, max_line=self._max_line)
+
+    def _die(self) -> None:
+        self._set_state(WorkerState.DEAD)
+        self._transport.kill()
+
+    def _broken(self, exc: WorkerProtocolError) -> WorkerProtocolError:
+        tail = self._transport.stderr_tail()
+        self._die()
+        if tail.strip():
+            return WorkerProtocolError(
+                f"{exc}\nworker stderr (tail):\n{tail_lines(tail, STDERR_TAIL_LINES)}"
+            )
+        return exc
+
+    def _exit_detail(self) -> tuple[int | None, str]:
+        try:
+            code = self._transport.wait(EXIT_WAIT)
+        except (OSError, GondolinError):
+            code = None
+        tail = self._transport.stderr_tail()
+        self._die()
+        return code, tail
+
+    # -- public API ---------------------------------------------------------
+
+    @require(WorkerState.NEW)
+    def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> Collected:
+        """Wait for the worker to finish collecting; return what it collected.
+
+        Raises ``AgentError`` if the worker exits or does not finish within
+        *timeout* (the worker is then killed) and ``WorkerProtocolError`` if its
+        first message is not ``collected``.
+        """
+        try:
+            msg = self._recv(timeout)
+        except TimeoutError:
+            tail = self._transport.stderr_tail()
+            self._die()
+            raise AgentError(
+                f"test worker did not finish collecting within {timeout:g}s\n"
+                f"worker stderr (tail):\n{tail_lines(tail, STDERR_TAIL_LINES)}"
+            ) from None
+        except WorkerProtocolError as exc:
+            raise self._broken(WorkerProtocolError(f"while collecting: {exc}")) from exc
+        if msg is None:
+            code, tail = self._exit_detail()
+            raise AgentError(
+                f"test worker exited before collecting ({_describe_exit(code)})\n"
+                f"worker stderr (tail):\n{tail_lines(tail, STDERR_TAIL_LINES)}"
+            )
+        if not isinstance(msg, Collected):
+            said = f": {msg.message[:2000]}" if isinstance(msg, ErrorMessage) else ""
+            raise self._broken(
+                WorkerProtocolError(f"expected 'collected' first, got {type(msg).__name__}{said}")
+            )
+        self._collected = msg
+        self._set_state(WorkerState.READY)
+        return msg
+
+    @require(WorkerState.NEW)
+    def adopt(self, collected: Collected) -> None:
+        """Declare the worker READY with ``collected``: it is a clone (a VM started from a
+        snapshot) of a worker that another client started."""
+        self._collected = collected
+        self._set_state(WorkerState.READY)
+
+    @require(WorkerState.READY)
+    def ping(self, timeout: float = DEFAULT_PING_TIMEOUT) -> None:
+        """Check that the worker answers (used after a VM restore).
+
+        Raises ``AgentError`` (worker killed) when it does not answer in
+        time or is gone, ``WorkerProtocolError`` when it answers wrongly.
+        """
+        nonce = secrets.token_hex(8)
+        try:
+            self._send({"t": "ping", "nonce": nonce})
+            msg = self._recv(timeout)
+        except (_LinkDown, TimeoutError) as exc:
+            self._die()
+            raise AgentError(f"test worker did not answer a ping within {timeout:g}s") from exc
+        except WorkerProtocolError as exc:
+            raise self._broken(exc) from exc
+        if msg is None:
+            code, tail = self._exit_detail()
+            raise AgentError(
+                f"test worker is gone ({_describe_exit(code)})\n{tail_lines(tail, STDERR_TAIL_LINES)}"
+            )
+        if not isinstance(msg, PongMessage) or msg.nonce != nonce:
+            raise self._broken(WorkerProtocolError(f"expected pong {nonce}, got {msg!r:.200}"))
+
+    @require(WorkerState.READY)
+    def run(
+        self, nodeid: str, *, seed: int, timeout: float, env: Mapping[str, str] | None = None
+    ) -> RunOutcome:
+        """Run one item in the worker and collect what it reports.
+
+        Returns when the worker says ``done`` (``failure`` is then ``None``
+        unless the worker reported an error), or with ``failure`` set when
+        the worker died (``"crash"``) or did not finish within *timeout*
+        seconds (``"timeout"``: the worker gets SIGUSR1 for a stack dump,
+        then is killed).  Reports for any other node id are a protocol
+        violation.  ``env`` is merged into the worker's environment before the item runs.
+        """
+        if not isinstance(nodeid, str) or not 0 < len(nodeid) <= MAX_NODEID_CHARS:
+            raise WorkerProtocolError(f"refusing to send node id {nodeid!r:.100}")
+        started = time.monotonic()
+        deadline = started + timeout
+        tally = RunTally(nodeid)
+        self._received = 0
+
+        def outcome(failure: Failure | None) -> RunOutcome:
+            return tally.outcome(failure, time.monotonic() - started)
+
+        def crashed() -> RunOutcome:
+            code, tail = self._exit_detail()
+            return outcome(Failure("crash", _describe_exit(code), tail, time.monotonic() - started))
+
+        self._set_state(WorkerState.RUNNING)
+        try:
+            command: JSONObject = {"t": "run", "nodeid": nodeid, "seed": int(seed)}
+            if env:
+                command["env"] = dict(env)
+            self._send(command)
+            while True:
+                try:
+                    msg = self._recv(deadline - time.monotonic())
+                except TimeoutError:
+                    return outcome(self._timed_out(timeout, time.monotonic() - started))
+                if msg is None:
+                    return crashed()
+                if self._received > MAX_BYTES_PER_RUN:
+                    raise WorkerProtocolError(f"more than {MAX_BYTES_PER_RUN} bytes in one run")
+                tally.add(msg)
+                if isinstance(msg, QueryMessage):
+                    self._answer(msg)
+                elif isinstance(msg, DoneMessage):
+                    self._set_state(WorkerState.READY)
+                    return outcome(None)
+                if time.monotonic() >= deadline:
+                    # A worker that always has a line ready never lets recv time out.
+                    return outcome(self._timed_out(timeout, time.monotonic() - started))
+        except _LinkDown:
+            return crashed()
+        except WorkerProtocolError as exc:
+            raise self._broken(WorkerProtocolError(f"while running {nodeid}: {exc}")) from exc
+
+    def _answer(self, query: QueryMessage) -> None:
+        """Answer a mid-run query with ``on_query`` (no handler or a failure: an error answer)."""
+        answer: JSONObject
+        if self.on_query is None:
+            answer = {
+                "t": "answer",
+                "ok": False,
+                "error": f"the host answers no {query.kind!r} queries",
+            }
+        else:
+            try:
+                answer = {"t": "answer", "ok": True, "data": self.on_query(query.kind, query.args)}
+            except GondolinError as exc:
+                answer = {"t": "answer", "ok": False, "error": str(exc)}
+        self._send(answer)
+
+    def _timed_out(self, timeout: float, elapsed: float) -> Failure:
+        before = self._transport.stderr_tail()
+        try:
+            self._transport.interrupt()
+        except (OSError, GondolinError) as exc:  # the contract says it never raises; be sure
+            log.debug("interrupting the worker failed: %s", exc)
+        dump = _await_quiet(self._transport.stderr_tail, before)
+        self._die()
+        if dump.startswith(before):
+            dump = dump[len(before) :]
+        if dump.strip():
+            detail = "stack dump of the worker (SIGUSR1):\n" + dump
+        else:
+            detail = "no stack dump arrived; worker stderr (tail):\n" + tail_lines(
+                before, STDERR_TAIL_LINES
+            )
+        return Failure("timeout", f"Timeout > {timeout:g}s", detail, elapsed)
+
+    @require(WorkerState.READY, WorkerState.RUNNING, WorkerState.DEAD)
+    def rewind(self) -> None:
+        """Declare the worker READY again: its side was restored to a snapshot
+        taken right after ``collected`` (a VM restore), whatever happened
+        since -- even a run that crashed or timed out.  The transport must
+        have dropped any buffered output.  Raises ``StateError`` before
+        ``start`` (or ``adopt``) or after ``close``.
+        """
+        self._set_state(WorkerState.READY)
+
+    def close(self, timeout: float = DEFAULT_QUIT_TIMEOUT) -> None:
+        """Ask the worker to quit, then make sure it is gone.  Idempotent."""
+        if self._state is WorkerState.CLOSED:
+            return
+        if self._state is WorkerState.READY:
+            try:
+                self._send({"t": "quit"})
+                self._transport.wait(timeout)
+            except (_LinkDown, OSError, GondolinError) as exc:
+                log.debug("worker quit failed: %s", exc)
+        self._transport.kill()
+        self._set_state(WorkerState.CLOSED)
+
+    def __enter__(self) -> WorkerClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _await_quiet(read: Callable[[], str], before: str) -> str:
+    """Poll *read* until its value changed and then held still, or the grace ends."""
+    deadline = time.monotonic() + STACK_DUMP_GRACE
+    last, last_change = before, time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now != last:
+            last, last_change = now, time.monotonic()
+        elif last != before and time.monotonic() - last_change >= _STACK_DUMP_QUIET:
+            break
+    return last

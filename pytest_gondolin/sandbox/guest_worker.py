@@ -1,0 +1,339 @@
+"""A prepared guest worker: VMs that hold a collected pytest session and take turns.
+
+Per guest key (image, memory, CPUs) the session prepares one
+:class:`GuestWorker`:
+
+1. a VM from the cached ready snapshot (or a cold boot, see ``vm/warm.py``);
+2. the project tree and the host's pytest copied in (:mod:`.project_files`);
+3. the test worker started there (:mod:`pytest_gondolin.guest.worker`); it
+   collects the files holding sandboxed items and waits for commands;
+4. an internal snapshot :data:`WORKER_TAG` saved *after* collection, so no
+   test pays for Python start-up or collection again;
+5. with :data:`PREFETCH_LANES` > 1, clones of that VM started from the
+   snapshot (no second collection): the *lanes*, which take turns through a
+   :class:`~pytest_gondolin.vm.pool.RestorePool`, the same one behind the
+   ``vm`` fixture, so one is restored in the background while a test runs
+   in another.
+
+Each run takes a lane restored to that snapshot (RAM + devices + disk: the
+worker is back to "collected, waiting", even if the previous test killed
+it; fresh entropy and the host's clock), applies the test's network
+(:func:`~pytest_gondolin.network_setup.apply_network`), runs the item and
+returns a :class:`~.outcome.RunOutcome` carrying the host's verdicts. If
+every lane's QEMU died, the session prepares a new worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Final
+
+import pytest
+
+import pytest_gondolin.sandbox.project_files as project_files
+from pytest_gondolin.errors import GondolinError, VMError
+from pytest_gondolin.fixtures import GuestKey, VMFactory
+from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
+from pytest_gondolin.netpolicy.http.cassette_values import CassetteError
+from pytest_gondolin.network_setup import apply_network
+from pytest_gondolin.sandbox.arguments import guest_args, worker_args
+from pytest_gondolin.sandbox.client import WorkerClient
+from pytest_gondolin.sandbox.messages import Collected
+from pytest_gondolin.sandbox.options import SandboxOptions
+from pytest_gondolin.sandbox.outcome import Failure, HostFailure, RunOutcome
+from pytest_gondolin.sandbox.queries import answer_query
+from pytest_gondolin.sandbox.transports import VMTransport
+from pytest_gondolin.vm.commands import GUEST_ENV
+from pytest_gondolin.vm.identity import VMConfig
+from pytest_gondolin.vm.machine import VM
+from pytest_gondolin.vm.pool import RestorePool
+from pytest_gondolin.vm.warm import launch_clean
+
+__all__ = ["DEFAULT_RUN_TIMEOUT", "PREFETCH_LANES", "WORKER_TAG", "GuestWorker"]
+
+log = logging.getLogger(__name__)
+
+WORKER_TAG: Final = "gondolin-worker"
+#: VMs per worker taking turns: while a test runs in one, the other is
+#: restored in the background. Two cover the restore (~0.2 s under TCG);
+#: with one CPU there is nothing to overlap.
+PREFETCH_LANES: Final = 2 if (os.cpu_count() or 1) > 1 else 1
+#: The worker's output stream is long-lived (every report of the session);
+#: each run's volume is bounded by the client instead.
+WORKER_MAX_OUTPUT: Final = 1 << 50
+#: Python start-up plus collection in the guest: ~5 s under TCG for a small
+#: project; 300 s leaves room for big suites on a loaded CI host.
+WORKER_START_TIMEOUT: Final = 300.0
+#: A sandboxed test without its own timeout still may not hang the session forever.
+DEFAULT_RUN_TIMEOUT: Final = 3600.0
+#: How long a VM whose agent connection dropped gets to show it is dying (a
+#: panicked guest takes QEMU down within milliseconds; this is ample).
+VM_EXIT_GRACE: Final = 2.0
+#: Unpacking the project, pytest and requirements in the guest (TCG, big trees).
+UNPACK_TIMEOUT: Final = 300.0
+#: Console bytes quoted when a run's VM died.
+CONSOLE_TAIL_CHARS: Final = 3000
+
+
+@dataclasses.dataclass(eq=False)
+class _Lane:
+    """One VM running the worker; a worker's lanes take turns (``vm/pool.py``)."""
+
+    vm: VM
+    transport: VMTransport
+    client: WorkerClient
+
+    @property
+    def name(self) -> str:
+        return self.vm.name
+
+    @property
+    def alive(self) -> bool:
+        return self.vm.alive
+
+    def close(self) -> None:
+        self.vm.close()
+
+
+def _lane(vm: VM, transport: VMTransport) -> _Lane:
+    """A lane whose client answers the running test's traffic queries from ``vm``."""
+    client = WorkerClient(transport)
+    client.on_query = lambda kind, args: answer_query(vm.http, kind, args)
+    return _Lane(vm, transport, client)
+
+
+def _cassette_verdict(player: CassettePlayer) -> HostFailure | None:
+    """Save what was recorded; a request the cassette could not answer fails the test."""
+    try:
+        player.save()
+        player.check(allow_unused=True)
+    except CassetteError as exc:
+        return HostFailure("cassette", f"cassette: {exc}")
+    return None
+
+
+class GuestWorker:
+    """A prepared guest worker for one guest key, restored before each item."""
+
+    def __init__(
+        self, factory: VMFactory, config: pytest.Config, key: GuestKey, paths: list[str]
+    ) -> None:
+        self.factory = factory
+        self.config = config
+        self.key = key
+        self.paths = paths
+        self.vm: VM | None = None  # the VM that ran (or runs) the latest test
+        self.collected: Collected | None = None
+        self._lanes: RestorePool[_Lane] | None = None
+
+    # -- preparing -------------------------------------------------------------
+
+    def prepare(self) -> Collected:
+        """Boot, copy the project in, start the worker, snapshot it, clone the lanes.
+
+        Returns what the worker collected. Raises GondolinError when any step
+        fails (the caller closes this worker).
+        """
+        started = time.monotonic()
+        vmconfig = self.factory.vm_config(self.key)
+        self.factory.count += 1
+        name = f"sandbox{self.factory.count}"
+        vm = launch_clean(vmconfig, name=name, progress=self.factory.progress)
+        self.factory.adopt(vm)
+        self.vm = vm
+        self._copy_project(vm)
+        say = self.factory.progress
+        say(f"{name}: starting the guest test worker (pytest start-up and collection)")
+        proc = vm.spawn(
+            self._worker_argv(),
+            env=self._worker_env(),
+            cwd=str(self.config.invocation_params.dir),
+            max_output=WORKER_MAX_OUTPUT,
+        )
+        first = _lane(vm, VMTransport(vm, proc))
+        self.collected = collected = first.client.start(WORKER_START_TIMEOUT)
+        # sync: the unpacked tree must not be dirty in the snapshot, or every
+        # restore would replay its writeback (kernel work in each test's time).
+        # The page cache holds the sources pytest and the project were imported
+        # from; the worker has them in memory now. Dropped, the snapshot is
+        # smaller and every restore loads less (together: 173 -> 136 ms a test).
+        vm.exec(["sh", "-c", "sync && echo 1 > /proc/sys/vm/drop_caches"], check=True)
+        vm.save_internal(WORKER_TAG)
+        lanes = [first]
+        for _ in range(1, PREFETCH_LANES):
+            try:
+                lanes.append(self._clone(first, vmconfig))
+            except GondolinError as exc:
+                log.warning(
+                    "no prefetch clone of %s (tests run one restore at a time): %s", name, exc
+                )
+                break
+        # No launch: a lane costs a whole preparation; when every lane died,
+        # the session prepares a new worker.
+        self._lanes = RestorePool[_Lane](None, self._restore, size=len(lanes), name="sandbox")
+        for lane in lanes:
+            self._lanes.add(lane)
+        say(
+            f"{name}: worker ready with {len(collected.nodeids)} items in {time.monotonic() - started:.1f} s"
+            + (f" ({len(lanes)} VMs take turns)" if len(lanes) > 1 else "")
+        )
+        return collected
+
+    def _copy_project(self, vm: VM) -> None:
+        """The project tree, pytest and the configured requirements, unpacked in the guest."""
+        rootdir = Path(self.config.rootpath)
+        say = self.factory.progress
+        say(f"{vm.name}: copying the project tree ({rootdir}) and pytest into the guest")
+        vm.write_file("/tmp/gondolin-project.tar", project_files.pack_project(rootdir))
+        vm.write_file("/tmp/gondolin-libs.tar", project_files.pack_distributions())
+        requirements = self.factory.settings.requirements
+        if requirements:
+            folder = project_files.requirements_dir(requirements, progress=say)
+            vm.write_file(
+                "/tmp/gondolin-reqs.tar",
+                project_files.pack_folder(folder, project_files.GUEST_REQUIREMENTS),
+            )
+            vm.exec(
+                "tar -xf /tmp/gondolin-reqs.tar -C / && rm /tmp/gondolin-reqs.tar",
+                check=True,
+                timeout=UNPACK_TIMEOUT,
+            )
+        vm.exec(
+            "tar -xf /tmp/gondolin-project.tar -C / && tar -xf /tmp/gondolin-libs.tar -C / "
+            "&& rm /tmp/gondolin-project.tar /tmp/gondolin-libs.tar",
+            check=True,
+            timeout=UNPACK_TIMEOUT,
+        )
+        vm.exec(["mkdir", "-p", str(self.config.invocation_params.dir)], check=True)
+
+    def _worker_env(self) -> dict[str, str]:
+        pythonpath = [
+            project_files.GUEST_SITE,
+            "/run/gondolin/py",
+            project_files.GUEST_REQUIREMENTS,
+        ]
+        src = Path(self.config.rootpath) / "src"
+        if src.is_dir():
+            pythonpath.append(str(src))
+        return {
+            **GUEST_ENV,
+            "PYTHONPATH": ":".join(pythonpath),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+            "GONDOLIN_GUEST": "1",
+        }
+
+    def _worker_argv(self) -> list[str]:
+        return [
+            "python3",
+            "-s",
+            "-m",
+            "pytest_gondolin.guest.worker",
+            *guest_args(worker_args(self.config)),
+            "-p",
+            "gondolin",
+            *self.paths,
+        ]
+
+    def _clone(self, lane: _Lane, vmconfig: VMConfig) -> _Lane:
+        """A second VM started from ``lane``'s worker snapshot: no boot, no second collection."""
+        assert self.collected is not None and lane.vm.rundir is not None
+        self.factory.count += 1
+        lane.vm.pause()  # its disk holds the snapshot; it must not change while copied
+        try:
+            vm = VM.launch(
+                vmconfig,
+                name=f"sandbox{self.factory.count}",
+                loadvm_disk=lane.vm.rundir / "disk.qcow2",
+                loadvm_tag=WORKER_TAG,
+            )
+        finally:
+            lane.vm.resume()
+        self.factory.adopt(vm)
+        proc = vm.attach(lane.transport.proc, max_output=WORKER_MAX_OUTPUT)
+        clone = _lane(vm, VMTransport(vm, proc))
+        clone.client.adopt(self.collected)
+        return clone
+
+    @property
+    def alive(self) -> bool:
+        return self._lanes is not None and any(lane.alive for lane in self._lanes.vms)
+
+    # -- running -----------------------------------------------------------------
+
+    def _restore(self, lane: _Lane) -> None:
+        lane.vm.load_internal(WORKER_TAG, preserve=[lane.transport.proc])
+        lane.transport.rewind()
+        lane.client.rewind()
+
+    def run(self, nodeid: str, options: SandboxOptions) -> RunOutcome | Failure:
+        """Run the item on a fresh VM (restored in the background, or now) with its options.
+
+        The test's network (``options.policy`` and ``options.cassette``) is
+        applied on the host before the run; a cassette miss comes back as
+        the outcome's ``host_failure``, a VM that died during the run in its
+        ``failure``. A bare :class:`~.outcome.Failure` means the item never ran.
+        """
+        started = time.monotonic()
+        try:
+            if self._lanes is None:
+                raise VMError("the guest worker is not prepared")
+            lane = self._lanes.take()
+        except GondolinError as exc:
+            return Failure.from_exception(exc, duration=time.monotonic() - started)
+        self.vm = lane.vm
+        restored = time.monotonic()
+        try:
+            player = apply_network(
+                lane.vm,
+                options.policy,
+                cassette=options.cassette,
+                record_mode=self.factory.settings.record_mode,
+            )
+            outcome = lane.client.run(
+                nodeid,
+                seed=int.from_bytes(secrets.token_bytes(8), "big"),
+                timeout=options.timeout or DEFAULT_RUN_TIMEOUT,
+                env=lane.vm.secret_env(),
+            )
+        except GondolinError as exc:
+            # A worker that broke protocol was killed; the next restore revives it.
+            self._lanes.give_back(lane)
+            return Failure.from_exception(exc, duration=time.monotonic() - started)
+        log.debug(
+            "%s on %s: waited %.0f ms for a fresh VM, run %.0f ms",
+            nodeid,
+            lane.vm.name,
+            (restored - started) * 1000,
+            (time.monotonic() - restored) * 1000,
+        )
+        host_failure = _cassette_verdict(player) if player is not None else None
+        failure = outcome.failure
+        if failure is not None and (not lane.vm.alive or lane.vm.exited(grace=VM_EXIT_GRACE)):
+            failure = self._vm_died(lane.vm, failure)
+        # A dead lane is not restored; the next take() closes and drops it.
+        self._lanes.give_back(lane)
+        return dataclasses.replace(outcome, failure=failure, host_failure=host_failure)
+
+    @staticmethod
+    def _vm_died(vm: VM, failure: Failure) -> Failure:
+        """``failure`` of a run whose VM died with it: said so, with the console's tail."""
+        console = vm.console_log()
+        detail = failure.detail + (
+            "\n--- guest console (tail) ---\n" + console[-CONSOLE_TAIL_CHARS:] if console else ""
+        )
+        return dataclasses.replace(
+            failure, headline=failure.headline + " (the VM died)", detail=detail
+        )
+
+    def close(self) -> None:
+        """Close every lane and the VMs; idempotent."""
+        if self._lanes is not None:
+            self._lanes.close()
+        if self.vm is not None:
+            self.vm.close()

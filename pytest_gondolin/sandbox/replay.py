@@ -1,0 +1,261 @@
+"""Replay a worker's run on the host, as if the item had run here.
+
+:func:`replay_item` replays a run's reports through the host's hooks the
+way pytest-xdist's controller does (``pytest_runtest_logstart``,
+``pytest_report_from_serializable`` + ``pytest_runtest_logreport`` per
+report, ``pytest_warning_recorded``, ``pytest_runtest_logfinish``), so
+terminal output, ``-x``/``--maxfail``, ``--lf``, junitxml and every other
+reporter work unchanged.  The host's verdicts are applied here, to the
+deserialized reports, never to the wire data: a run that crashed or timed
+out becomes a failed report naming the cause (a :class:`WorkerFailureRepr`),
+and a :class:`~.outcome.HostFailure` (a cassette miss) fails the call
+report.  :func:`replay_collect_errors` does the same for the worker's
+collection errors.  The reports come already validated by
+:mod:`.messages`; deserializing them is still guarded, and bad report data
+never raises out of here.
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import pytest
+from _pytest._code.code import ReprFileLocation, TerminalRepr
+from _pytest._io import TerminalWriter
+
+from pytest_gondolin.errors import WorkerProtocolError
+from pytest_gondolin.sandbox.json_checks import JSONObject
+from pytest_gondolin.sandbox.messages import Collected, WarningRecord
+from pytest_gondolin.sandbox.outcome import Failure, HostFailure, RunOutcome
+
+__all__ = [
+    "GUEST_REPORT_ATTR",
+    "WorkerFailureRepr",
+    "replay_collect_errors",
+    "replay_item",
+    "warning_category",
+]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------
+# replay on the host
+# --------------------------------------------------------------------------
+
+
+class WorkerFailureRepr(TerminalRepr):
+    """The longrepr of a report the host made up for a crashed or hung run."""
+
+    def __init__(self, path: str, lineno: int, headline: str, detail: str) -> None:
+        self.reprcrash = ReprFileLocation(path, lineno, headline)
+        self.headline = headline
+        self.detail = detail
+
+    def toterminal(self, tw: TerminalWriter) -> None:
+        tw.line(self.headline, red=True, bold=True)
+        if self.detail.strip():
+            tw.line("")
+            for line in self.detail.rstrip("\n").splitlines():
+                tw.line(line)
+
+
+def _deserialize(
+    config: pytest.Config, data: JSONObject
+) -> pytest.TestReport | pytest.CollectReport:
+    # pytest's deserializer mutates nested dicts and raises KeyError /
+    # TypeError / AssertionError on shapes it does not know; we validated
+    # the shape already, this is the last line of defence.
+    try:
+        report = config.hook.pytest_report_from_serializable(
+            config=config, data=copy.deepcopy(data)
+        )
+    except Exception as exc:
+        raise WorkerProtocolError(
+            f"pytest could not deserialize a worker report: {exc!r:.300}"
+        ) from exc
+    if not isinstance(report, pytest.TestReport | pytest.CollectReport):
+        raise WorkerProtocolError("no plugin could deserialize a worker report")
+    return report
+
+
+def _synthetic(
+    item: pytest.Item,
+    when: Literal["setup", "call", "teardown"],
+    failure: Failure | None,
+) -> pytest.TestReport:
+    now = time.time()
+    longrepr = None
+    if failure is not None:
+        lineno = (item.location[1] or 0) + 1
+        longrepr = WorkerFailureRepr(str(item.path), lineno, failure.headline, failure.detail)
+    return pytest.TestReport(
+        nodeid=item.nodeid,
+        location=item.location,
+        keywords=dict.fromkeys(item.keywords, 1),
+        outcome="passed" if failure is None else "failed",
+        longrepr=longrepr,
+        when=when,
+        duration=failure.duration if failure is not None and when == "call" else 0.0,
+        start=now,
+        stop=now,
+    )
+
+
+def _fill_in(
+    item: pytest.Item, reports: Sequence[pytest.TestReport], failure: Failure
+) -> list[pytest.TestReport]:
+    """Reports that complete an interrupted run with *failure* in the right phase."""
+    # Subtest reports are extra "call" reports; only plain reports say
+    # which phases the run got through.
+    phases = {r.when: r for r in reports if type(r) is pytest.TestReport}
+    if "teardown" in phases:
+        return []
+    setup = phases.get("setup")
+    if "call" in phases or (setup is not None and not setup.passed):
+        return [_synthetic(item, "teardown", failure)]
+    if setup is None and failure.kind == "error":
+        return [_synthetic(item, "setup", failure), _synthetic(item, "teardown", None)]
+    made = [] if setup is not None else [_synthetic(item, "setup", None)]
+    return [*made, _synthetic(item, "call", failure), _synthetic(item, "teardown", None)]
+
+
+def warning_category(name: str) -> type[Warning]:
+    """The class a replayed warning is shown under: a builtin by name, else a stand-in."""
+    module, _, qualname = name.rpartition(".")
+    if module == "builtins":
+        candidate = getattr(builtins, qualname, None)
+        if isinstance(candidate, type) and issubclass(candidate, Warning):
+            return candidate
+    # Never import what the worker names: stand in a UserWarning subclass
+    # that prints under the worker's class name.
+    short = qualname.rpartition(".")[2] or "UserWarning"
+    return type(
+        short, (UserWarning,), {"__module__": module or "builtins", "__qualname__": qualname}
+    )
+
+
+def _replay_warning(item: pytest.Item, record: WarningRecord) -> None:
+    category = warning_category(record.category)
+    message = warnings.WarningMessage(
+        category(record.message), category, record.filename, record.lineno
+    )
+    item.config.hook.pytest_warning_recorded.call_historic(
+        kwargs={
+            "warning_message": message,
+            "when": "runtest",
+            "nodeid": item.nodeid,
+            "location": None,
+        }
+    )
+
+
+def _apply_host_failure(reports: Sequence[pytest.TestReport], verdict: HostFailure) -> None:
+    """Fail the call report with the host's verdict, or note it there if it failed anyway."""
+    # Subtest reports are extra "call" reports: the verdict is the test's own.
+    call = next((r for r in reports if type(r) is pytest.TestReport and r.when == "call"), None)
+    if call is None:
+        return
+    if call.passed:
+        call.outcome = "failed"
+        call.longrepr = verdict.message
+    else:
+        call.sections.append((verdict.section, verdict.message))
+
+
+#: Attribute set to True on reports that ran in a guest (serialized by xdist like any other).
+GUEST_REPORT_ATTR = "gondolin_guest"
+
+
+def replay_item(item: pytest.Item, outcome: RunOutcome | Failure) -> None:
+    """Report *outcome* for *item* through the host's hooks, as if it ran here.
+
+    Calls ``pytest_runtest_logstart``, then ``pytest_runtest_logreport`` for
+    each report (deserialized with ``pytest_report_from_serializable``, its
+    location set to the host item's, the call report failed by the
+    outcome's ``host_failure``), then the reports that stand in for
+    phases a crash or timeout cut off, ``pytest_warning_recorded`` for each
+    warning, and ``pytest_runtest_logfinish``.  Failures are counted by the
+    session as usual, so ``-x``/``--maxfail`` stop the host's loop.  A bare
+    :class:`Failure` means the item never ran.  Never raises for bad report
+    data: an unreadable report turns into a failure of kind ``"error"``.
+    """
+    if isinstance(outcome, Failure):
+        outcome = RunOutcome(nodeid=item.nodeid, failure=outcome, duration=outcome.duration)
+    if outcome.nodeid != item.nodeid:
+        raise ValueError(f"outcome for {outcome.nodeid!r} replayed for {item.nodeid!r}")
+    config = item.config
+    failure = outcome.failure
+    reports: list[pytest.TestReport] = []
+    for data in outcome.reports:
+        try:
+            report = _deserialize(config, data)
+            if not isinstance(report, pytest.TestReport) or report.nodeid != item.nodeid:
+                raise WorkerProtocolError(
+                    f"report for {report.nodeid!r:.200} replayed for {item.nodeid!r}"
+                )
+        except WorkerProtocolError as exc:
+            log.warning("dropping a worker report for %s: %s", item.nodeid, exc)
+            if failure is None:
+                failure = Failure("error", "the worker sent an unreadable report", str(exc))
+            continue
+        report.location = item.location
+        setattr(report, GUEST_REPORT_ATTR, True)  # for the verbose "(in guest)" status
+        reports.append(report)
+    if outcome.host_failure is not None:
+        _apply_host_failure(reports, outcome.host_failure)
+    extra: list[pytest.TestReport] = []
+    late: Failure | None = None
+    if failure is not None:
+        extra = _fill_in(item, reports, failure)
+        if not extra:
+            late = failure
+    ihook = item.ihook
+    ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    for report in (*reports, *extra):
+        ihook.pytest_runtest_logreport(report=report)
+    for record in outcome.warnings:
+        _replay_warning(item, record)
+    if late is not None:
+        # Every phase reported, yet the run did not end cleanly: say so
+        # without inventing a second teardown report.
+        _replay_warning(
+            item,
+            WarningRecord(
+                f"{late.headline} after the test finished\n{late.detail}".rstrip(),
+                "pytest.PytestWarning",
+                item.nodeid,
+                str(item.path),
+                (item.location[1] or 0) + 1,
+            ),
+        )
+    ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+
+
+def replay_collect_errors(config: pytest.Config, collected: Collected, seen: set[str]) -> int:
+    """Report the worker's collection errors on the host, each at most once per ``seen``.
+
+    A worker restarted after a crash collects again and repeats its errors;
+    the caller keeps one ``seen`` set per session (it is updated here), so
+    they are shown once.  Returns how many were reported now.
+    """
+    count = 0
+    for data in collected.errors:
+        try:
+            report = _deserialize(config, data)
+        except WorkerProtocolError as exc:
+            log.warning("dropping a worker collect report: %s", exc)
+            continue
+        key = f"{report.nodeid}\0{report.longrepr}"
+        if key in seen:
+            continue
+        seen.add(key)
+        config.hook.pytest_collectreport(report=report)
+        count += 1
+    return count

@@ -1,0 +1,140 @@
+"""The sandboxed-test feature for one pytest session: one plugin object owns its state.
+
+:class:`SandboxSession` is registered by ``plugin.pytest_configure`` under
+:data:`PLUGIN_NAME` (pytest-xdist's ``DSession`` pattern). It owns, for the
+whole session:
+
+* the validated options of every sandboxed item, built once at collection
+  (:func:`~.options.sandbox_options`);
+* the prepared guest workers, one per guest key (:class:`~.guest_worker.GuestWorker`);
+* the guest keys whose worker could not be prepared, with the failure every
+  later item of that key reports without paying for another boot;
+* the collection errors already reported, so a re-prepared worker does not
+  repeat them.
+
+Its ``pytest_runtest_protocol`` runs a sandboxed item in its guest and
+replays the outcome (:mod:`.replay`); other items are left to pytest.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+import pytest
+
+from pytest_gondolin.config import Settings
+from pytest_gondolin.errors import ConfigError, GondolinError
+from pytest_gondolin.fixtures import ACTIVE_VM_KEY, GuestKey, get_factory
+from pytest_gondolin.sandbox.guest_worker import GuestWorker
+from pytest_gondolin.sandbox.options import SandboxOptions, sandbox_options
+from pytest_gondolin.sandbox.outcome import Failure
+from pytest_gondolin.sandbox.replay import replay_collect_errors, replay_item
+
+__all__ = ["MARKER", "PLUGIN_NAME", "SandboxSession"]
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAME = "gondolin-sandbox"
+MARKER = "sandboxed"
+
+
+class SandboxSession:
+    """Runs ``@pytest.mark.sandboxed`` items in guest workers; the owner of their state."""
+
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        #: node id -> its options, or why its marker is invalid (built at collection).
+        self.options: dict[str, SandboxOptions | str] = {}
+        #: The prepared worker of each guest key.
+        self.workers: dict[GuestKey, GuestWorker] = {}
+        #: Guest keys whose worker could not be prepared, and why.
+        self.broken: dict[GuestKey, Failure] = {}
+        #: Collection errors of the guest workers already reported (see replay_collect_errors).
+        self.seen_collect_errors: set[str] = set()
+
+    # -- collection ----------------------------------------------------------------
+
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """Validate every sandboxed item's markers now, so a bad argument is named before
+        anything boots (the item then errors with that message)."""
+        for item in items:
+            if item.get_closest_marker(MARKER) is None:
+                continue
+            try:
+                self.options[item.nodeid] = sandbox_options(item, self.settings)
+            except ConfigError as exc:
+                self.options[item.nodeid] = str(exc)
+
+    # -- running ---------------------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> bool | None:
+        """Run sandboxed items in a guest and replay their reports; leave the rest to pytest."""
+        if item.get_closest_marker(MARKER) is None:
+            return None
+        self.run_item(item)
+        return True
+
+    def run_item(self, item: pytest.Item) -> None:
+        """Run ``item`` in its guest worker and replay the outcome; failures become reports."""
+        options = self.options.get(item.nodeid, "sandboxed options missing")
+        if isinstance(options, str):
+            replay_item(item, Failure("error", options))
+            return
+        worker = self._worker_for(item.session, options.guest)
+        if isinstance(worker, Failure):
+            replay_item(item, worker)
+            return
+        outcome = worker.run(item.nodeid, options)
+        if worker.vm is not None:
+            # What diagnostics saves as the failure's artifacts (like the vm fixture's VM).
+            item.stash[ACTIVE_VM_KEY] = worker.vm
+        replay_item(item, outcome)
+
+    def _worker_for(self, session: pytest.Session, key: GuestKey) -> GuestWorker | Failure:
+        """The prepared worker for ``key``: the live one, a new one, or why there is none."""
+        if key in self.broken:
+            return self.broken[key]
+        worker = self.workers.get(key)
+        if worker is not None and worker.alive:
+            return worker
+        worker = GuestWorker(get_factory(self.config), self.config, key, self._files(session, key))
+        try:
+            collected = worker.prepare()
+        except Exception as exc:  # a bug or a broken host must fail these tests, not the session
+            worker.close()
+            # Later items would fail the same way: don't pay a boot for each of them.
+            failure = Failure.from_exception(exc)
+            if not isinstance(exc, GondolinError):
+                failure = Failure(failure.kind, failure.headline, traceback.format_exc())
+            self.broken[key] = failure
+            return failure
+        self.workers[key] = worker
+        replay_collect_errors(self.config, collected, self.seen_collect_errors)
+        return worker
+
+    def _files(self, session: pytest.Session, key: GuestKey) -> list[str]:
+        """Every file holding a selected sandboxed item for ``key``: one worker serves them all."""
+        paths: list[str] = []
+        for item in session.items:
+            options = self.options.get(item.nodeid)
+            if isinstance(options, SandboxOptions) and options.guest == key:
+                path = str(item.path)
+                if path not in paths:
+                    paths.append(path)
+        return paths
+
+    # -- the end ---------------------------------------------------------------------
+
+    def pytest_unconfigure(self) -> None:
+        """Close every worker's lanes (their VMs also close with the factory)."""
+        workers, self.workers = list(self.workers.values()), {}
+        for worker in workers:
+            try:
+                worker.close()
+            except Exception:  # one worker's close must not keep the others up
+                log.exception("closing the guest worker for %s failed", worker.key)

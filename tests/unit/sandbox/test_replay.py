@@ -1,0 +1,170 @@
+"""Replaying an outcome onto a real host item (``sandbox/replay.py``), in-process, no VM.
+
+The host's verdicts are applied here, to the deserialized reports: a run
+cut short by a crash or timeout is completed with failed reports in the
+right phase, and a :class:`~pytest_gondolin.sandbox.outcome.HostFailure`
+(a cassette miss) fails the call report -- while the outcome's serialized
+reports stay exactly what the worker sent.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from pytest_gondolin.sandbox.messages import Collected
+from pytest_gondolin.sandbox.outcome import Failure, HostFailure, RunOutcome
+from pytest_gondolin.sandbox.replay import (
+    GUEST_REPORT_ATTR,
+    replay_collect_errors,
+    replay_item,
+    warning_category,
+)
+from pytest_gondolin.sandbox.report_checks import check_collect_report, check_test_report
+from tests.unit.sandbox._wire import serialized_report
+from tests.unit.sandbox._worker_reports import collect_error
+
+
+def _reports_for(item: pytest.Item, *phases: tuple[str, str]) -> tuple[dict[str, object], ...]:
+    """Checked serialized reports for ``item``, one per ``(when, outcome)``."""
+    reports = []
+    for when, outcome in phases:
+        data = serialized_report(when=when, outcome=outcome)
+        data["nodeid"], data["location"] = item.nodeid, list(item.location)
+        reports.append(check_test_report(data))
+    return tuple(reports)
+
+
+@pytest.mark.parametrize(
+    ("seen", "kind", "expected"),
+    [
+        ((), "crash", [("setup", "passed"), ("call", "failed"), ("teardown", "passed")]),
+        ((), "error", [("setup", "failed"), ("teardown", "passed")]),
+        (("setup",), "timeout", [("setup", "passed"), ("call", "failed"), ("teardown", "passed")]),
+        (
+            ("setup", "call"),
+            "crash",
+            [("setup", "passed"), ("call", "passed"), ("teardown", "failed")],
+        ),
+        (
+            ("setup", "call", "teardown"),
+            "crash",
+            [("setup", "passed"), ("call", "passed"), ("teardown", "passed")],
+        ),
+    ],
+)
+def test_replay_completes_an_interrupted_run(
+    pytester: pytest.Pytester, seen: tuple[str, ...], kind: str, expected: list[tuple[str, str]]
+) -> None:
+    item = pytester.getitem("def test_func(): pass")
+    recorder = pytester.make_hook_recorder(item.config.pluginmanager)
+    reports = []
+    for when in seen:
+        data = serialized_report(when=when)
+        data["nodeid"], data["location"] = item.nodeid, list(item.location)
+        reports.append(check_test_report(data))
+    failure = Failure(kind, f"{kind} happened", "details here")  # type: ignore[arg-type]
+    replay_item(item, RunOutcome(item.nodeid, tuple(reports), failure=failure))
+    replayed = recorder.getreports("pytest_runtest_logreport")
+    assert [(r.when, r.outcome) for r in replayed] == expected
+    failed = [r for r in replayed if r.failed]
+    for rep in failed:
+        assert f"{kind} happened" in rep.longreprtext and "details here" in rep.longreprtext
+    if not failed:  # every phase reported: the failure becomes a warning
+        warned = recorder.getcalls("pytest_warning_recorded")
+        assert any(f"{kind} happened" in str(c.warning_message.message) for c in warned)
+    recorder.finish_recording()
+
+
+def test_replay_refuses_reports_for_another_item(pytester: pytest.Pytester) -> None:
+    item = pytester.getitem("def test_func(): pass")
+    recorder = pytester.make_hook_recorder(item.config.pluginmanager)
+    replay_item(item, RunOutcome(item.nodeid, (check_test_report(serialized_report()),)))
+    replayed = recorder.getreports("pytest_runtest_logreport")
+    assert [(r.nodeid, r.when, r.outcome) for r in replayed] == [
+        (item.nodeid, "setup", "failed"),
+        (item.nodeid, "teardown", "passed"),
+    ]
+    assert "unreadable report" in replayed[0].longreprtext
+    recorder.finish_recording()
+
+
+MISS = HostFailure("cassette", "cassette: 1 request(s) did not match cassette x.yaml")
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        pytest.param("passed", ("failed", MISS.message, []), id="passed-call-fails"),
+        pytest.param(
+            "failed", ("failed", "boom", [(MISS.section, MISS.message)]), id="failed-call-noted"
+        ),
+    ],
+)
+def test_a_host_failure_fails_the_call_report_not_the_wire_data(
+    pytester: pytest.Pytester, call: str, expected: tuple[str, str, list[tuple[str, str]]]
+) -> None:
+    item = pytester.getitem("def test_func(): pass")
+    recorder = pytester.make_hook_recorder(item.config.pluginmanager)
+    reports = _reports_for(item, ("setup", "passed"), ("call", call), ("teardown", "passed"))
+    sent = copy.deepcopy(reports)
+    outcome = RunOutcome(item.nodeid, reports, host_failure=MISS)
+    replay_item(item, outcome)
+    replayed = recorder.getreports("pytest_runtest_logreport")
+    assert [(r.when, r.outcome) for r in replayed] == [
+        ("setup", "passed"),
+        ("call", "failed"),
+        ("teardown", "passed"),
+    ]
+    outcome_word, text, extra_sections = expected
+    call_report = replayed[1]
+    assert call_report.outcome == outcome_word and text in call_report.longreprtext
+    gondolin = [s for s in call_report.sections if s[0].startswith("gondolin:")]
+    assert gondolin == extra_sections
+    assert all(getattr(r, GUEST_REPORT_ATTR) for r in replayed)
+    assert outcome.reports == sent  # the verdict never edits what the worker sent
+    recorder.finish_recording()
+
+
+def test_without_a_host_failure_a_passed_run_stays_passed(pytester: pytest.Pytester) -> None:
+    """Negative control for the test above: the same reports, no verdict."""
+    item = pytester.getitem("def test_func(): pass")
+    recorder = pytester.make_hook_recorder(item.config.pluginmanager)
+    reports = _reports_for(item, ("setup", "passed"), ("call", "passed"), ("teardown", "passed"))
+    replay_item(item, RunOutcome(item.nodeid, reports))
+    replayed = recorder.getreports("pytest_runtest_logreport")
+    assert [r.outcome for r in replayed] == ["passed"] * 3
+    recorder.finish_recording()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected_base", "expected_name"),
+    [
+        ("builtins.DeprecationWarning", DeprecationWarning, "DeprecationWarning"),
+        ("builtins.open", UserWarning, "open"),
+        ("os.system", UserWarning, "system"),
+        ("mypkg.sub.MyWarning", UserWarning, "MyWarning"),
+    ],
+)
+def test_warning_categories_are_never_imported(
+    name: str, expected_base: type, expected_name: str
+) -> None:
+    category = warning_category(name)
+    assert issubclass(category, expected_base)
+    assert category.__name__ == expected_name
+    assert category is DeprecationWarning or category.__module__ == name.rpartition(".")[0]
+
+
+def test_collection_errors_are_reported_once_per_seen_set(pytester: pytest.Pytester) -> None:
+    """A worker prepared again repeats its collection errors; the session's set shows them once."""
+    config = pytester.parseconfig()
+    recorder = pytester.make_hook_recorder(config.pluginmanager)
+    collected = Collected((), (check_collect_report(collect_error("test_x.py")),))
+    seen: set[str] = set()
+    assert replay_collect_errors(config, collected, seen) == 1
+    assert replay_collect_errors(config, collected, seen) == 0
+    assert replay_collect_errors(config, collected, set()) == 1  # another session's set
+    reports = recorder.getreports("pytest_collectreport")
+    assert [(r.nodeid, r.outcome) for r in reports] == [("test_x.py", "failed")] * 2
+    recorder.finish_recording()
