@@ -97,3 +97,35 @@ def test_examples(args: dict[str, Any], expected: Any) -> None:
 
 def test_no_recorder_is_an_error_answer() -> None:
     assert _answer(None, "http", {"op": "list"})[0] == "error"
+
+
+def _stub(payload: str) -> dict[str, Any]:
+    return {"op": "stub", "method": "GET", "url": "http://x.test/", "json": payload}
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        ("[" + ",".join(["[[]]"] * 200_000) + "]", "JSON values"),  # ~1 MiB of tiny lists
+        ("[" * 65 + "]" * 65, "deep"),
+        ('"' + "x" * (1024 * 1024) + '"', "bytes"),
+    ],
+    ids=["many-values", "too-deep", "too-big"],
+)
+def test_a_stub_json_is_checked_on_its_bytes_before_it_is_built(payload: str, reason: str) -> None:
+    """The red team's flood: 4 MiB of nested lists as json= once cost the host ~140 MiB."""
+    recorder = Recorder()
+    with pytest.raises(GondolinError, match="bad stub from the guest") as info:
+        answer_query(recorder, "http", _stub(payload))
+    assert reason in str(info.value)
+    assert not recorder.stubs
+
+
+def test_a_modest_stub_json_still_works() -> None:
+    """Negative control: a realistic nested document is accepted and served."""
+    recorder = Recorder()
+    doc = {
+        "items": [{"id": i, "tags": ["a", "b"], "meta": {"x": [1, [2, [3]]]}} for i in range(500)]
+    }
+    answer_query(recorder, "http", _stub(json.dumps(doc)))
+    assert len(recorder.stubs) == 1
