@@ -16,11 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pytest_gondolin.errors import VMError
-
 if TYPE_CHECKING:
     from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
     from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+    from pytest_gondolin.netpolicy.http.secrets import SecretStore
     from pytest_gondolin.vm.machine import VM
 
 __all__ = ["apply_network"]
@@ -46,17 +45,18 @@ def apply_network(
     Raises VMError if ``vm`` has no network driver, ConfigError for a bad
     record mode and CassetteError for an unreadable cassette file.
     """
-    recorder = vm.configure_network(policy)
     if cassette is None:
+        vm.configure_network(policy)
         return None
     from pytest_gondolin.netpolicy.http.cassette import open_cassette
 
-    driver = vm.network
-    if driver is None:  # configure_network raised already; kept for the type checker
-        raise VMError(f"{vm.name} has no network driver")
-    # The cassette must redact with the store whose placeholders the guest
-    # sees, which configure_network has just made; the driver then takes
-    # the player alongside the same policy, store and recorder.
-    player = open_cassette(cassette, record_mode, secret_store=driver.secrets)
-    driver.configure(driver.policy, driver.secrets, recorder, player)
-    return player
+    opened: list[CassettePlayer] = []
+
+    def open_player(store: SecretStore | None) -> CassettePlayer:
+        # The cassette redacts with the store whose placeholders the guest sees.
+        player = open_cassette(cassette, record_mode, secret_store=store)
+        opened.append(player)
+        return player
+
+    vm.configure_network(policy, open_cassette=open_player)
+    return opened[0]

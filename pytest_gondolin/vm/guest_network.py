@@ -9,8 +9,9 @@ restore.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from pytest_gondolin.errors import NetworkPolicyError, SnapshotError, VMLaunchError
 
@@ -19,8 +20,13 @@ if TYPE_CHECKING:
     from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
     from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
     from pytest_gondolin.netpolicy.http.recorder import Recorder
+    from pytest_gondolin.netpolicy.http.secrets import SecretStore
 
-__all__ = ["apply_policy", "reset_network", "secret_env", "start_network"]
+__all__ = ["CassetteOpener", "apply_policy", "reset_network", "secret_env", "start_network"]
+
+#: Opens a cassette that redacts with the given secret store (the one whose
+#: placeholders the guest is about to see).
+CassetteOpener: TypeAlias = "Callable[[SecretStore | None], CassettePlayer]"
 
 
 def start_network(socket_path: Path, *, mtu: int, name: str) -> NetworkDriver:
@@ -34,12 +40,13 @@ def start_network(socket_path: Path, *, mtu: int, name: str) -> NetworkDriver:
 
 
 def apply_policy(
-    driver: NetworkDriver, policy: NetworkPolicy | None, cassette: CassettePlayer | None
+    driver: NetworkDriver, policy: NetworkPolicy | None, open_cassette: CassetteOpener | None
 ) -> Recorder:
     """Mediate by ``policy`` (None: deny all) from now on; return the fresh recorder.
 
     The recorder redacts the policy's secrets; the driver keeps their store,
-    so :func:`secret_env` gives their placeholders.
+    so :func:`secret_env` gives their placeholders. ``open_cassette`` is
+    given that same store; the driver is configured once, with all of it.
     """
     from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
     from pytest_gondolin.netpolicy.http.recorder import Recorder
@@ -48,6 +55,7 @@ def apply_policy(
     policy = policy if policy is not None else NetworkPolicy()
     store = SecretStore(policy.secrets) if policy.secrets else None
     recorder = Recorder(redactor=store)
+    cassette = open_cassette(store) if open_cassette is not None else None
     driver.configure(policy, store, recorder, cassette)
     return recorder
 

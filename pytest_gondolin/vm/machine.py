@@ -39,7 +39,13 @@ from pytest_gondolin.vm import checkpoint as ckpt
 from pytest_gondolin.vm.agent_process import AgentProcess
 from pytest_gondolin.vm.channel import DEFAULT_MAX_OUTPUT, AgentChannel
 from pytest_gondolin.vm.commands import ExecResult, command_argv, command_env, exec_result
-from pytest_gondolin.vm.guest_network import apply_policy, reset_network, secret_env, start_network
+from pytest_gondolin.vm.guest_network import (
+    CassetteOpener,
+    apply_policy,
+    reset_network,
+    secret_env,
+    start_network,
+)
 from pytest_gondolin.vm.identity import (
     Snapshot,
     VMConfig,
@@ -55,7 +61,6 @@ from pytest_gondolin.vm.runstate import LAUNCHED, VM_TRANSITIONS, Runstate
 
 if TYPE_CHECKING:  # annotations only: guest_network loads the stack when a guest needs it
     from pytest_gondolin.netpolicy.driver import NetworkDriver
-    from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
     from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
     from pytest_gondolin.netpolicy.http.recorder import Recorder
 
@@ -303,18 +308,21 @@ class VM:
 
     @require(Runstate.RUNNING)
     def configure_network(
-        self, policy: NetworkPolicy | None = None, *, cassette: CassettePlayer | None = None
+        self, policy: NetworkPolicy | None = None, *, open_cassette: CassetteOpener | None = None
     ) -> Recorder:
         """Mediate the guest's traffic by ``policy`` from now on (default: deny all).
 
         Host-side only: no reboot, no restore. ``vm.http`` becomes a fresh
         recorder (redacting the policy's secrets) and is returned; the
         secrets' placeholders go into the environment of later ``exec``
-        calls. Raises VMError if the VM has no network of its own.
+        calls. With ``open_cassette``, allowed requests are replayed from or
+        recorded into the cassette it opens (given the secret store, so the
+        cassette redacts what the guest sees as placeholders). Raises VMError
+        if the VM has no network of its own.
         """
         if self.network is None:
             raise VMError(f"{self.name} has no network driver (VMConfig.network is off)")
-        self.http = recorder = apply_policy(self.network, policy, cassette)
+        self.http = recorder = apply_policy(self.network, policy, open_cassette)
         return recorder
 
     def secret_env(self) -> dict[str, str]:
