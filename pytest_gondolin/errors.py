@@ -33,7 +33,7 @@ broke it) and ``WireProtocolError`` (what broke). ``WorkerProtocolError``
 is not an ``AgentError``: the test worker's line protocol has nothing to do
 with the agent's frames, even though its lines ride on an agent process.
 The guest-side codec (:mod:`pytest_gondolin.guest.protocol`, stdlib only)
-raises its own ``ProtocolError``; the host maps it to
+raises its own ``FrameError``; the host maps it to
 ``AgentProtocolError`` at the boundary.
 """
 

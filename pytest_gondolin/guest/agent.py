@@ -48,7 +48,7 @@ from pytest_gondolin.guest.protocol import (
     PROTOCOL_VERSION,
     Frame,
     FrameDecoder,
-    ProtocolError,
+    FrameError,
     validate_frame,
 )
 from pytest_gondolin.guest.reaper import Reaper
@@ -137,7 +137,7 @@ class Agent:
                 decoder.feed(view[:n])
                 for frame in decoder:
                     self._dispatch(frame)
-            except ProtocolError as exc:
+            except FrameError as exc:
                 log.error("malformed frame from host (%s); discarding buffered input", exc)
                 decoder = FrameDecoder()
         self._shutdown()
@@ -152,7 +152,7 @@ class Agent:
             log.debug("<- %s (+%d bytes)", frame.header, len(frame.payload))
         try:
             validate_frame(frame, sender="host")
-        except ProtocolError as exc:
+        except FrameError as exc:
             self.writer.error(frame.id, f"bad request: {exc}", errno.EINVAL)
             return
         try:

@@ -13,7 +13,7 @@ import os
 import threading
 from typing import Any
 
-from pytest_gondolin.guest.protocol import ProtocolError, encode_frame
+from pytest_gondolin.guest.protocol import FrameError, encode_frame
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class FrameWriter:
         """Send one frame atomically; return False (and log) if it could not be sent."""
         try:
             data = encode_frame(header, payload)
-        except ProtocolError as exc:
+        except FrameError as exc:
             log.error("cannot encode %s: %s", header.get("t"), exc)
             return False
         with self._lock:

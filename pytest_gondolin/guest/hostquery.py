@@ -19,8 +19,8 @@ class HostQueryError(Exception):
     """The host could not answer a query (its message says why)."""
 
 
-class QueryChannel(Protocol):
-    """What a query needs of the worker's channel: send one line, read the next."""
+class LinePipe(Protocol):
+    """What a query needs of the worker's pipe to the host: send one line, read the next."""
 
     def send(self, message: dict[str, Any]) -> None: ...
 
@@ -28,11 +28,11 @@ class QueryChannel(Protocol):
 
 
 #: The channel of the item running now (empty between runs).
-_ACTIVE: list[QueryChannel] = []
+_ACTIVE: list[LinePipe] = []
 
 
 @contextlib.contextmanager
-def active(channel: QueryChannel) -> Iterator[None]:
+def active(channel: LinePipe) -> Iterator[None]:
     """Make ``channel`` the one :func:`host_query` uses while the block runs."""
     _ACTIVE.append(channel)
     try:

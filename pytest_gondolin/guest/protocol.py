@@ -64,8 +64,8 @@ __all__ = [
     "FieldKind",
     "Frame",
     "FrameDecoder",
+    "FrameError",
     "MessageSpec",
-    "ProtocolError",
     "encode_frame",
     "validate",
     "validate_frame",
@@ -87,10 +87,10 @@ _U32 = struct.Struct(">I")
 _PREFIX = struct.Struct(">II")
 
 
-class ProtocolError(Exception):
+class FrameError(Exception):
     """A frame or message violates the protocol.
 
-    The host re-raises this as ``pytest_gondolin.errors.ProtocolError``; it is
+    The host re-raises this as ``pytest_gondolin.errors.AgentProtocolError``; it is
     defined here because this module must stay importable in the guest
     without the host package's dependencies.
     """
@@ -236,13 +236,13 @@ MESSAGES: Final[Mapping[str, MessageSpec]] = {
 def _check_envelope(header: object) -> dict[str, Any]:
     """Check the fields every frame needs (object, ``t``, ``id``); return the header."""
     if not isinstance(header, dict):
-        raise ProtocolError(f"header must be a JSON object, got {type(header).__name__}")
+        raise FrameError(f"header must be a JSON object, got {type(header).__name__}")
     t = header.get("t")
     if not isinstance(t, str) or not t:
-        raise ProtocolError(f"header field 't' must be a non-empty str, got {t!r:.80}")
+        raise FrameError(f"header field 't' must be a non-empty str, got {t!r:.80}")
     i = header.get("id")
     if not _is_int(i) or not 0 <= i < MAX_ID:
-        raise ProtocolError(f"header field 'id' must be an int in [0, 2**53), got {i!r:.80}")
+        raise FrameError(f"header field 'id' must be an int in [0, 2**53), got {i!r:.80}")
     return header
 
 
@@ -256,23 +256,23 @@ def validate(
     Unknown extra fields are tolerated for forward compatibility.
 
     Raises:
-        ProtocolError: naming the message type and the offending field.
+        FrameError: naming the message type and the offending field.
     """
     _check_envelope(header)
     t = header["t"]
     spec = MESSAGES.get(t)
     if spec is None:
-        raise ProtocolError(f"unknown message type {t!r:.80}")
+        raise FrameError(f"unknown message type {t!r:.80}")
     if sender is not None and spec.sender != sender:
-        raise ProtocolError(f"message type {t!r} may only be sent by the {spec.sender}")
+        raise FrameError(f"message type {t!r} may only be sent by the {spec.sender}")
     if t == "ready" and header["id"] != 0:
-        raise ProtocolError("ready.id: expected 0")
+        raise FrameError("ready.id: expected 0")
     for name, kind in spec.fields.items():
         if name not in header:
-            raise ProtocolError(f"{t}.{name}: missing (expected {kind.description})")
+            raise FrameError(f"{t}.{name}: missing (expected {kind.description})")
         value = header[name]
         if not kind.check(value):
-            raise ProtocolError(
+            raise FrameError(
                 f"{t}.{name}: expected {kind.description}, got {type(value).__name__} {value!r:.80}"
             )
     return header
@@ -282,11 +282,11 @@ def validate_frame(frame: Frame, *, sender: Literal["host", "guest"] | None = No
     """Return ``frame`` if its header validates and a payload is present only where allowed.
 
     Raises:
-        ProtocolError: as :func:`validate`, or for a payload on a message that takes none.
+        FrameError: as :func:`validate`, or for a payload on a message that takes none.
     """
     validate(frame.header, sender=sender)
     if frame.payload and not MESSAGES[frame.type].payload:
-        raise ProtocolError(f"{frame.type}: carries no payload, got {len(frame.payload)} bytes")
+        raise FrameError(f"{frame.type}: carries no payload, got {len(frame.payload)} bytes")
     return frame
 
 
@@ -301,7 +301,7 @@ def encode_frame(header: dict[str, Any], payload: bytes | bytearray | memoryview
     serialisable; message-level rules are :func:`validate`'s job.
 
     Raises:
-        ProtocolError: the header is not encodable or the frame exceeds the size limits.
+        FrameError: the header is not encodable or the frame exceeds the size limits.
     """
     _check_envelope(header)
     try:
@@ -309,12 +309,12 @@ def encode_frame(header: dict[str, Any], payload: bytes | bytearray | memoryview
             header, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
         ).encode("ascii")
     except (TypeError, ValueError, RecursionError) as exc:
-        raise ProtocolError(f"header is not JSON-serialisable: {exc}") from exc
+        raise FrameError(f"header is not JSON-serialisable: {exc}") from exc
     if len(raw) > MAX_HEADER:
-        raise ProtocolError(f"header of {len(raw)} bytes exceeds MAX_HEADER ({MAX_HEADER})")
+        raise FrameError(f"header of {len(raw)} bytes exceeds MAX_HEADER ({MAX_HEADER})")
     total = 4 + len(raw) + len(payload)
     if total > MAX_FRAME:
-        raise ProtocolError(f"frame of {total} bytes exceeds MAX_FRAME ({MAX_FRAME})")
+        raise FrameError(f"frame of {total} bytes exceeds MAX_FRAME ({MAX_FRAME})")
     return b"".join((_PREFIX.pack(total, len(raw)), raw, payload))
 
 
@@ -327,13 +327,13 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise ProtocolError(f"duplicate key {k!r:.80} in header")
+            raise FrameError(f"duplicate key {k!r:.80} in header")
         out[k] = v
     return out
 
 
 def _reject_constant(name: str) -> Any:
-    raise ProtocolError(f"non-standard JSON constant {name} in header")
+    raise FrameError(f"non-standard JSON constant {name} in header")
 
 
 class FrameDecoder:
@@ -343,7 +343,7 @@ class FrameDecoder:
     :meth:`next_frame` or by iterating. Each frame's envelope (``t``,
     ``id``) is checked; message fields are not (see :func:`validate`).
 
-    Once it has raised :class:`ProtocolError` the decoder is broken: every
+    Once it has raised :class:`FrameError` the decoder is broken: every
     later :meth:`feed` or :meth:`next_frame` raises again, because framing
     is lost and nothing after the bad bytes can be trusted. Start a new
     decoder to resynchronise.
@@ -351,7 +351,7 @@ class FrameDecoder:
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._error: ProtocolError | None = None
+        self._error: FrameError | None = None
 
     @property
     def broken(self) -> bool:
@@ -365,13 +365,13 @@ class FrameDecoder:
 
     def _raise_if_broken(self) -> None:
         if self._error is not None:
-            raise ProtocolError(f"decoder unusable after an earlier error: {self._error}")
+            raise FrameError(f"decoder unusable after an earlier error: {self._error}")
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes.
 
         Raises:
-            ProtocolError: the decoder is broken.
+            FrameError: the decoder is broken.
         """
         self._raise_if_broken()
         self._buf += data
@@ -383,12 +383,12 @@ class FrameDecoder:
         peer cannot make us buffer more than :data:`MAX_FRAME` per frame.
 
         Raises:
-            ProtocolError: the bytes are not a valid frame (the decoder is then broken).
+            FrameError: the bytes are not a valid frame (the decoder is then broken).
         """
         self._raise_if_broken()
         try:
             return self._parse()
-        except ProtocolError as exc:
+        except FrameError as exc:
             self._error = exc
             self._buf.clear()
             raise
@@ -404,16 +404,16 @@ class FrameDecoder:
             return None
         (total,) = _U32.unpack_from(buf, 0)
         if total > MAX_FRAME:
-            raise ProtocolError(f"frame length {total} exceeds MAX_FRAME ({MAX_FRAME})")
+            raise FrameError(f"frame length {total} exceeds MAX_FRAME ({MAX_FRAME})")
         if total < 4:
-            raise ProtocolError(f"frame length {total} too short for a header length")
+            raise FrameError(f"frame length {total} too short for a header length")
         if len(buf) < 8:
             return None
         (hlen,) = _U32.unpack_from(buf, 4)
         if hlen > MAX_HEADER:
-            raise ProtocolError(f"header length {hlen} exceeds MAX_HEADER ({MAX_HEADER})")
+            raise FrameError(f"header length {hlen} exceeds MAX_HEADER ({MAX_HEADER})")
         if hlen > total - 4:
-            raise ProtocolError(f"header length {hlen} exceeds frame length {total}")
+            raise FrameError(f"header length {hlen} exceeds frame length {total}")
         if len(buf) < 4 + total:
             return None
         raw = bytes(buf[8 : 8 + hlen])
@@ -422,15 +422,15 @@ class FrameDecoder:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ProtocolError(f"header is not valid UTF-8: {exc}") from exc
+            raise FrameError(f"header is not valid UTF-8: {exc}") from exc
         try:
             header = json.loads(
                 text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
             )
-        except ProtocolError:
+        except FrameError:
             raise
         # RecursionError: deeply nested arrays; ValueError covers JSONDecodeError
         # and int-string conversion limits.
         except (ValueError, RecursionError) as exc:
-            raise ProtocolError(f"header is not valid JSON: {exc!s:.200}") from exc
+            raise FrameError(f"header is not valid JSON: {exc!s:.200}") from exc
         return Frame(_check_envelope(header), payload)

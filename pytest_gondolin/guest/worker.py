@@ -169,7 +169,7 @@ def _shrink(obj: Any, limit: int) -> Any:
     return obj
 
 
-class Channel:
+class HostPipe:
     """The worker's end of the protocol: private fds for commands and messages.
 
     Sending never raises: once the host is gone (a write fails), the channel
@@ -184,7 +184,7 @@ class Channel:
         self.closed = False
 
     @classmethod
-    def take_std_fds(cls) -> Channel:
+    def take_std_fds(cls) -> HostPipe:
         """Move the protocol onto private copies of fds 0 and 1.
 
         Afterwards fd 1 is a copy of fd 2 (stray prints land in stderr) and
@@ -300,7 +300,7 @@ def _category_name(category: type[Warning] | None) -> str:
 class WorkerPlugin:
     """The pytest plugin that turns the session into a command server."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: HostPipe) -> None:
         self._channel = channel
         self._config: pytest.Config | None = None
         self._collect_errors: list[dict[str, Any]] = []
@@ -414,7 +414,7 @@ class WorkerPlugin:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the worker; returns pytest's exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    channel = Channel.take_std_fds()
+    channel = HostPipe.take_std_fds()
     # The stack dump must reach the real stderr even while pytest's fd
     # capture has fd 2 redirected to a temporary file during a test.
     dump_file = os.fdopen(os.dup(2), "w", closefd=True)

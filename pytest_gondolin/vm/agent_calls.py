@@ -108,11 +108,11 @@ class Call:
     def receive(self, frame: proto.Frame) -> bool:
         """Apply one validated frame for this call; return True once it is finished.
 
-        Raises ``guest.protocol.ProtocolError`` for a frame this call cannot
+        Raises ``guest.protocol.FrameError`` for a frame this call cannot
         take (the caller fails the call with it).
         """
         if frame.type not in self.accepts:
-            raise proto.ProtocolError(f"unexpected {frame.type!r} for a {self.kind} request")
+            raise proto.FrameError(f"unexpected {frame.type!r} for a {self.kind} request")
         if frame.type == "error":
             h = frame.header
             self.fail(AgentRequestError(self.kind, h["message"], h["errno"]))
@@ -147,7 +147,7 @@ class ReadCall(Call):
     def handle(self, frame: proto.Frame) -> bool:
         if frame.type == "data":
             if len(self.data) + len(frame.payload) > self.max_size:
-                raise proto.ProtocolError(f"guest sent more than max_size ({self.max_size}) bytes")
+                raise proto.FrameError(f"guest sent more than max_size ({self.max_size}) bytes")
             self.data += frame.payload
             return False
         return True
@@ -202,7 +202,7 @@ class ExecCall(Call):
         t = frame.type
         if t == "started":
             if self.pid is not None:
-                raise proto.ProtocolError("duplicate 'started'")
+                raise proto.FrameError("duplicate 'started'")
             self.pid = frame.header["pid"]
             self._set_state(CallState.RUNNING)
             return False

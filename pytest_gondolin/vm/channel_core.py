@@ -169,7 +169,7 @@ class ChannelCore:
         try:
             proto.validate(header, sender="host")
             return proto.encode_frame(header, payload)
-        except proto.ProtocolError as exc:
+        except proto.FrameError as exc:
             raise AgentProtocolError(
                 f"{self.name}: invalid {header.get('t')} request: {exc}"
             ) from exc
@@ -255,7 +255,7 @@ class ChannelCore:
             for frame in self._decoder:
                 proto.validate_frame(frame, sender="guest")
                 self._dispatch(frame)
-        except proto.ProtocolError as exc:
+        except proto.FrameError as exc:
             self._break(str(exc))
         except Exception as exc:
             log.exception("%s: failed to process guest data", self.name)
@@ -286,7 +286,7 @@ class ChannelCore:
             return
         try:
             finished = call.receive(frame)
-        except proto.ProtocolError as exc:
+        except proto.FrameError as exc:
             call.fail(AgentProtocolError(f"{self.name}: {exc}"))
             finished = True
         if finished:

@@ -62,7 +62,7 @@ def test_worker_makes_any_report_jsonable() -> None:
 def test_worker_channel_skips_an_oversized_command_and_refuses_oversized_messages() -> None:
     cmd_r, cmd_w = os.pipe()
     out_r, out_w = os.pipe()
-    channel = worker.Channel(cmd_r, out_w, max_out=200)
+    channel = worker.HostPipe(cmd_r, out_w, max_out=200)
 
     def feed() -> None:  # more than a pipe buffer: write from another thread
         with os.fdopen(cmd_w, "wb") as w:

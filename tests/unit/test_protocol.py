@@ -20,7 +20,7 @@ from pytest_gondolin.guest.protocol import (
     MESSAGES,
     Frame,
     FrameDecoder,
-    ProtocolError,
+    FrameError,
     encode_frame,
     validate,
     validate_frame,
@@ -108,14 +108,14 @@ def test_max_frame_boundary() -> None:
     exact = encode_frame(header, bytes(MAX_FRAME - overhead))
     assert len(exact) == 4 + MAX_FRAME
     assert decode_all(exact)[0].payload == bytes(MAX_FRAME - overhead)
-    with pytest.raises(ProtocolError, match="MAX_FRAME"):
+    with pytest.raises(FrameError, match="MAX_FRAME"):
         encode_frame(header, bytes(MAX_FRAME - overhead + 1))
 
 
 def test_oversized_length_rejected_before_the_body_arrives() -> None:
     dec = FrameDecoder()
     dec.feed(struct.pack(">I", MAX_FRAME + 1))
-    with pytest.raises(ProtocolError, match="MAX_FRAME"):
+    with pytest.raises(FrameError, match="MAX_FRAME"):
         dec.next_frame()
 
 
@@ -154,7 +154,7 @@ BAD_FRAMES: list[tuple[str, bytes, str]] = [
 def test_bad_frames_raise_protocol_error(data: bytes, match: str) -> None:
     dec = FrameDecoder()
     dec.feed(data)
-    with pytest.raises(ProtocolError, match=match):
+    with pytest.raises(FrameError, match=match):
         dec.next_frame()
     assert dec.broken
 
@@ -162,11 +162,11 @@ def test_bad_frames_raise_protocol_error(data: bytes, match: str) -> None:
 def test_decoder_stays_broken() -> None:
     dec = FrameDecoder()
     dec.feed(raw_frame(b"[]"))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(FrameError):
         dec.next_frame()
-    with pytest.raises(ProtocolError, match="earlier error"):
+    with pytest.raises(FrameError, match="earlier error"):
         dec.feed(encode_frame({"t": "ok", "id": 1}))
-    with pytest.raises(ProtocolError, match="earlier error"):
+    with pytest.raises(FrameError, match="earlier error"):
         dec.next_frame()
 
 
@@ -174,7 +174,7 @@ def test_good_frame_before_bad_one_is_delivered() -> None:
     dec = FrameDecoder()
     dec.feed(encode_frame({"t": "ok", "id": 1}) + raw_frame(b"[]"))
     assert dec.next_frame() == Frame({"t": "ok", "id": 1})
-    with pytest.raises(ProtocolError):
+    with pytest.raises(FrameError):
         dec.next_frame()
 
 
@@ -190,7 +190,7 @@ def test_good_frame_before_bad_one_is_delivered() -> None:
     ],
 )
 def test_encode_rejects(header: dict[str, Any], payload: bytes, match: str) -> None:
-    with pytest.raises(ProtocolError, match=match):
+    with pytest.raises(FrameError, match=match):
         encode_frame(header, payload)
 
 
@@ -244,7 +244,7 @@ def test_valid_messages_pass(t: str) -> None:
     assert validate(header, sender=sender) is header
     frame = Frame(header, payload)
     assert validate_frame(frame, sender=sender) is frame
-    with pytest.raises(ProtocolError, match="may only be sent"):
+    with pytest.raises(FrameError, match="may only be sent"):
         validate(header, sender=other)
 
 
@@ -300,7 +300,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
 
 @pytest.mark.parametrize(("header", "match"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
 def test_invalid_messages_name_the_field(header: dict[str, Any], match: str) -> None:
-    with pytest.raises(ProtocolError, match=match):
+    with pytest.raises(FrameError, match=match):
         validate(header)
 
 
@@ -310,9 +310,9 @@ def test_null_is_allowed_where_documented() -> None:
 
 
 def test_payload_only_where_allowed() -> None:
-    with pytest.raises(ProtocolError, match="carries no payload"):
+    with pytest.raises(FrameError, match="carries no payload"):
         validate_frame(Frame(_with("exit"), b"x"))
-    with pytest.raises(ProtocolError, match="carries no payload"):
+    with pytest.raises(FrameError, match="carries no payload"):
         validate_frame(Frame(_with("sync_ok"), b"x"))
     assert validate_frame(Frame(_with("sync"), b"entropy")).payload == b"entropy"
 
@@ -366,7 +366,7 @@ def test_round_trip_under_arbitrary_splitting(
 
 
 def _decode_hostile(pieces: list[bytes]) -> None:
-    """Feed pieces; frames must be well-formed, and only ProtocolError may be raised."""
+    """Feed pieces; frames must be well-formed, and only FrameError may be raised."""
     dec = FrameDecoder()
     try:
         for piece in pieces:
@@ -376,9 +376,9 @@ def _decode_hostile(pieces: list[bytes]) -> None:
                 assert isinstance(frame.type, str) and frame.type
                 assert isinstance(frame.id, int) and 0 <= frame.id < MAX_ID
                 assert isinstance(frame.payload, bytes)
-                with contextlib.suppress(ProtocolError):
+                with contextlib.suppress(FrameError):
                     validate_frame(frame)
-    except ProtocolError:
+    except FrameError:
         assert dec.broken
 
 
@@ -413,5 +413,5 @@ def test_random_json_headers_validate_or_raise_protocol_error(
     for field in [*MESSAGES[t].fields, "id", "t"]:
         header = {**_with(t), **extra, field: value}
         _decode_hostile([raw_frame(json.dumps(header).encode())])
-        with contextlib.suppress(ProtocolError):
+        with contextlib.suppress(FrameError):
             validate(header)
