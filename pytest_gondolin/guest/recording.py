@@ -42,6 +42,7 @@ _SIMILAR_SHOWN: Final = 20
 
 ExchangeDecision = Literal["allowed", "denied", "stubbed", "replayed"]
 _DECISIONS: Final = frozenset({"allowed", "denied", "stubbed", "replayed"})
+_FLAGS: Final = frozenset({"request_body_truncated", "response_body_truncated", "bodies_dropped"})
 
 Headers = tuple[tuple[str, str], ...]
 UrlFilter = str | re.Pattern[str] | None
@@ -72,12 +73,24 @@ def _find_header(headers: Headers, name: str) -> str | None:
     return None
 
 
+# C0 controls but tab, LF and CR: JSON writes each as six characters
+# (``\u0000``), so a body of them would grow sixfold; base64 grows by 4/3.
+_CONTROL_BYTES: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def body_json(body: bytes) -> dict[str, str]:
-    """A body as JSON: ``{"text": ...}`` when it is UTF-8, else ``{"base64": ...}``."""
-    try:
-        return {"text": body.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"base64": base64.b64encode(body).decode("ascii")}
+    """A body as JSON: ``{"text": ...}`` when it is UTF-8 text, else ``{"base64": ...}``.
+
+    Text means valid UTF-8 without control characters (tab, LF and CR
+    allowed): anything else would be escaped character by character, which
+    costs more than base64 and reads no better.
+    """
+    if _CONTROL_BYTES.search(body) is None:
+        try:
+            return {"text": body.decode("utf-8")}
+        except UnicodeDecodeError:
+            pass
+    return {"base64": base64.b64encode(body).decode("ascii")}
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,12 @@ class Exchange:
     :meth:`response_header` for case-insensitive lookup. ``status`` is
     ``None`` when no response was produced. ``started`` is the wall-clock
     time (``time.time()``) the request began, ``duration`` seconds.
+
+    A body longer than the recorder keeps is cut, with ``*_truncated`` set.
+    ``bodies_dropped`` says the recorder had spent its byte budget for this
+    test when the exchange happened: both bodies were left out (empty, with
+    ``*_truncated`` set for each that was not empty); everything else was
+    recorded as usual.
     """
 
     method: str
@@ -109,6 +128,7 @@ class Exchange:
     response_body_truncated: bool = False
     started: float = 0.0
     duration: float = 0.0
+    bodies_dropped: bool = False
 
     def __post_init__(self) -> None:
         if self.decision not in _DECISIONS:
@@ -184,7 +204,9 @@ class Exchange:
 def exchange_from_dict(data: Mapping[str, Any]) -> Exchange:
     """Rebuild an :class:`Exchange` from :meth:`Exchange.to_dict` output.
 
-    Raises ValueError for anything else (the data may come across the VM boundary).
+    Raises ValueError for anything else (the data may come across the VM
+    boundary). Fields it does not know are ignored and missing fields that
+    have a default take it, so either side may be the newer one.
     """
     if not isinstance(data, Mapping):
         raise ValueError("an exchange must be an object")
@@ -208,6 +230,8 @@ def exchange_from_dict(data: Mapping[str, Any]) -> Exchange:
             ):
                 raise ValueError(f"exchange field {f.name!r} must be a list of pairs")
             value = tuple((str(k), str(v)) for k, v in value)
+        elif f.name in _FLAGS and not isinstance(value, bool):
+            raise ValueError(f"exchange field {f.name!r} must be true or false")
         kwargs[f.name] = value
     return Exchange(**kwargs)
 

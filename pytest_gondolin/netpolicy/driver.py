@@ -23,8 +23,10 @@ Guarantees:
   else is logged and the loop goes on. A corrupt frame stream from QEMU
   (:class:`~.stack.link.LinkError`) disconnects the link, as QEMU itself does.
 * Everything is bounded by a named limit (:class:`~.limits.DriverLimits`):
-  concurrent upstream fetches, response bytes waiting for a slow guest,
-  frames waiting for QEMU, bytes read per wake-up, sniffing time.
+  concurrent upstream fetches, request bodies held across flows, response
+  bytes waiting for a slow guest, frames waiting for QEMU, bytes read per
+  wake-up, sniffing time; what is recorded by the recorder's byte budget
+  (:mod:`.http.recorder`).
 * Backpressure both ways: guest bytes are read only while the flow's
   interceptor wants them (otherwise the guest's TCP window closes), and
   bytes go to the guest only as fast as the stack accepts them (the rest
@@ -440,6 +442,7 @@ class NetworkDriver:
             on_room=self._dispatch_jobs,
             counters=self._counters,
             send_chunk=self.limits.send_chunk,
+            body_budget=self.limits.max_request_body_bytes,
             name=self.name,
         )
 

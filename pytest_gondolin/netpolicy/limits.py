@@ -29,6 +29,10 @@ class DriverLimits:
     bytes per ``recv`` from QEMU and per loop iteration, so timers and
     results are served between bursts. ``send_chunk``: bytes offered to the
     stack per ``flow_send`` (its per-flow send buffer is 256 KiB).
+    ``max_request_body_bytes``: request bodies the host holds at once
+    across flows, from their first byte until answered (each is buffered
+    whole, up to 64 MiB); past it a request is refused with 503. Without
+    it, every one of the stack's 256 flows could hold a 64 MiB body.
     """
 
     upstream_workers: int = 4
@@ -38,6 +42,7 @@ class DriverLimits:
     read_chunk: int = DEFAULT_READ_CHUNK
     max_read_per_wake: int = 4 * 1024 * 1024
     send_chunk: int = 256 * 1024
+    max_request_body_bytes: int = 128 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for name in (
@@ -47,6 +52,7 @@ class DriverLimits:
             "read_chunk",
             "max_read_per_wake",
             "send_chunk",
+            "max_request_body_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"DriverLimits.{name} must be positive")

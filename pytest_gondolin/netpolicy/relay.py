@@ -18,6 +18,12 @@ clock is injected. Guarantees:
 * guest bytes are read only while the flow's proxy wants them (otherwise
   the guest's TCP window closes), and bytes go to the guest only as fast
   as the stack accepts them (the rest waits for ``FlowWritable``);
+* a flow's next request is answered only once its answers waiting for the
+  guest are below :data:`ANSWER_BACKLOG` (a guest that pipelines requests
+  for a large stub and never reads cannot make the host hold the answers);
+* the request bodies all flows hold together are bounded (``body_budget``,
+  a :class:`~.http.interceptor.BodyBudget`), and a flow that goes gives its
+  share back;
 * every exchange is recorded in the recorder current when its request
   arrived, with the guest's own headers.
 """
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http.interceptor import BodyBudget
 from pytest_gondolin.netpolicy.http.mediation import (
     Mediated,
     MediationContext,
@@ -49,13 +56,18 @@ from pytest_gondolin.netpolicy.stack.flows import (
 )
 from pytest_gondolin.netpolicy.stack.network import NetworkStack
 
-__all__ = ["FlowRelay", "ProxiedFlow"]
+__all__ = ["ANSWER_BACKLOG", "FlowRelay", "ProxiedFlow"]
 
 log = logging.getLogger(__name__)
 
 #: Rounds of event handling per iteration; handling an event can create
 #: more, and this guards against a bug turning that into a spin.
 _MAX_EVENT_ROUNDS: Final = 10_000
+#: Bytes of a flow's output still waiting for the guest above which its
+#: next request waits to be answered: one TCP send buffer's worth, so a
+#: guest that reads keeps the pipe full, one that does not holds the host
+#: to this plus one answer.
+ANSWER_BACKLOG: Final = 256 * 1024
 
 
 @dataclass(eq=False)
@@ -80,7 +92,8 @@ class FlowRelay:
     new relay); ``ca`` issues the TLS leaves; ``context`` returns the
     mediation settings current now (read once per request); ``on_room``
     is called when a flow's output drained, so held upstream jobs may start;
-    ``counters`` is shared with the driver; ``name`` prefixes log lines.
+    ``counters`` is shared with the driver; ``body_budget`` bounds the
+    request-body bytes all flows hold at once; ``name`` prefixes log lines.
     """
 
     def __init__(
@@ -92,6 +105,7 @@ class FlowRelay:
         on_room: Callable[[], None],
         counters: Counter[str],
         send_chunk: int,
+        body_budget: int,
         name: str,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -101,6 +115,7 @@ class FlowRelay:
         self._on_room = on_room
         self._counters = counters
         self._send_chunk = send_chunk
+        self._body_budget = BodyBudget(body_budget)
         self._name = name
         self._clock = clock
         self._flows: dict[int, ProxiedFlow] = {}
@@ -115,6 +130,11 @@ class FlowRelay:
         """The earliest time :meth:`on_timer` has work, or ``None``."""
         deadlines = [d for f in self._flows.values() if (d := f.proxy.deadline) is not None]
         return min(deadlines) if deadlines else None
+
+    @property
+    def body_bytes_held(self) -> int:
+        """Request-body bytes the flows hold now (at most ``body_budget``)."""
+        return self._body_budget.held
 
     @property
     def has_jobs(self) -> bool:
@@ -143,7 +163,7 @@ class FlowRelay:
                 if flow is None:
                     continue
                 if isinstance(event, FlowClosed):
-                    self._flows.pop(event.flow_id, None)
+                    self._forget(flow)
                     log.debug(
                         "%s: flow %d closed (%s)", self._name, event.flow_id, event.reason.value
                     )
@@ -179,6 +199,8 @@ class FlowRelay:
             self._pump_input(flow)
         else:
             self._pump_output(flow)
+            if flow.proxy.output_bytes < ANSWER_BACKLOG:
+                self._pump_input(flow)  # answers held back by the backlog may go now
             self._on_room()
 
     def _new_flow(self, event: NewFlow) -> None:
@@ -188,6 +210,7 @@ class FlowRelay:
             dns_name=event.dns_name,
             ca=self._ca,
             now=self._clock(),
+            body_budget=self._body_budget,
         )
         flow = ProxiedFlow(event.flow_id, proxy)
         self._flows[event.flow_id] = flow
@@ -207,8 +230,14 @@ class FlowRelay:
 
     def _abort(self, flow: ProxiedFlow) -> None:
         self._counters["aborts"] += 1
-        self._flows.pop(flow.id, None)
+        self._forget(flow)
         self._stack.flow_abort(flow.id)
+
+    def _forget(self, flow: ProxiedFlow) -> None:
+        """Stop relaying ``flow`` and free what its proxy holds."""
+        if self._flows.get(flow.id) is flow:
+            del self._flows[flow.id]
+        flow.proxy.close()
 
     def _alive(self, flow: ProxiedFlow) -> bool:
         return self._flows.get(flow.id) is flow
@@ -241,6 +270,8 @@ class FlowRelay:
         proxy = flow.proxy
         while self._alive(flow):
             self._record(proxy.take_records())
+            if proxy.output_bytes >= ANSWER_BACKLOG:
+                break  # the next request waits: FlowWritable brings us back
             requests = proxy.take_requests()
             if not requests:
                 break

@@ -29,6 +29,9 @@ decided before (:mod:`.sniff`); the values passed in and out are in
     unsupported transfer coding                   501     ``http-protocol``
     head larger than ``max_header_bytes``         431     ``limits``
     body larger than ``max_body_bytes``           413     ``limits``
+    bodies held across flows past the budget      503     ``limits``
+    (:class:`BodyBudget`, shared by the flows
+    of one guest)
     ``CONNECT`` (no tunnels, RFC 9110 §9.3.6)     405     ``connect``
     ``Upgrade: websocket`` (not mediated)         403     ``websocket``
     destination mismatch (see below)              421     ``misdirected``
@@ -84,7 +87,7 @@ from pytest_gondolin.netpolicy.http.messages import (
     denial_response,
     strip_hop_by_hop,
 )
-from pytest_gondolin.netpolicy.http.recorder import Exchange, Headers
+from pytest_gondolin.netpolicy.http.recorder import DEFAULT_BODY_LIMIT, Exchange, Headers
 from pytest_gondolin.netpolicy.http.rules import (
     DEFAULT_PORTS,
     format_authority,
@@ -93,6 +96,7 @@ from pytest_gondolin.netpolicy.http.rules import (
 )
 
 __all__ = [
+    "BodyBudget",
     "HttpEvent",
     "HttpInterceptor",
     "RequestReceived",
@@ -137,13 +141,44 @@ def _decode(value: bytes) -> str:
     return value.decode("latin-1")
 
 
+class BodyBudget:
+    """Request-body bytes the interceptors of one guest may hold at once.
+
+    Each interceptor holds its request's body from the first byte (or, with
+    ``Content-Length``, from the head) until the request is answered, refused
+    or its flow closed (:meth:`HttpInterceptor.close`); a body that would
+    take the total past ``limit`` is refused. Without it, one guest could
+    make the host hold ``max_body_bytes`` per open flow. Not thread-safe:
+    the interceptors sharing one run on one thread.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise NetworkPolicyError(f"BodyBudget: limit {limit} must be >= 0")
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        """Count ``n`` more bytes as held, if they fit; return whether they did."""
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        """Count ``n`` bytes, taken before, as no longer held."""
+        self.held = max(0, self.held - n)
+
+
 class HttpInterceptor:
     """The state of one guest HTTP flow (sans-IO; see the module docstring).
 
     ``scheme`` is ``"http"`` or ``"https"``; ``authority`` is the flow's
     destination as the driver knows it (the SNI for TLS, or the destination
     address) and, for TLS, the only Host name accepted; ``port`` is the TCP
-    destination port (``None``: unknown, not checked).
+    destination port (``None``: unknown, not checked). ``budget``, shared
+    by the flows of one guest, bounds the request bodies they hold together
+    (default: one of its own, as large as ``max_body_bytes``).
 
     Never raises on guest input: every malformed, oversize or forbidden
     request becomes a :class:`RequestRefused` plus an error response.
@@ -157,6 +192,7 @@ class HttpInterceptor:
         port: int | None,
         max_header_bytes: int = MAX_HEADER_BYTES,
         max_body_bytes: int = MAX_BODY_BYTES,
+        budget: BodyBudget | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if scheme not in DEFAULT_PORTS:
@@ -169,6 +205,8 @@ class HttpInterceptor:
         self._port = port
         self._max_header = max_header_bytes
         self._max_body = max_body_bytes
+        self._budget = BodyBudget(max_body_bytes) if budget is None else budget
+        self._taken = 0  # bytes of self._budget this flow holds
         self._clock = clock
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self._out = bytearray()
@@ -196,11 +234,36 @@ class HttpInterceptor:
         """False while a response is owed or the flow is closed (apply backpressure)."""
         return self._pending is None and not self._closed
 
-    def data_to_send(self) -> bytes:
-        """Bytes to write to the guest since the last call."""
-        out = bytes(self._out)
-        self._out.clear()
+    def data_to_send(self) -> bytearray:
+        """Bytes to write to the guest since the last call (the caller's to keep: no copy)."""
+        out, self._out = self._out, bytearray()
         return out
+
+    def close(self) -> None:
+        """The flow is gone: give back what it held of the shared :class:`BodyBudget`. Idempotent."""
+        self._release()
+        self._closed = True
+        self._pending = None
+        self._body = bytearray()
+
+    def _release(self) -> None:
+        self._budget.give(self._taken)
+        self._taken = 0
+
+    def _hold(self, total: int) -> None:
+        """Hold ``total`` body bytes for the current request, or refuse it (503)."""
+        more = total - self._taken
+        if more <= 0:
+            return
+        if not self._budget.take(more):
+            raise _Refusal(
+                503,
+                f"the host already holds {self._budget.held} bytes of this guest's request "
+                f"bodies; {more} more would pass the limit of {self._budget.limit} "
+                "(DriverLimits.max_request_body_bytes)",
+                "limits",
+            )
+        self._taken += more
 
     # ------------------------------------------------------------------ input
 
@@ -238,11 +301,14 @@ class HttpInterceptor:
                 if isinstance(event, h11.Request):
                     self._on_head(event)
                 elif isinstance(event, h11.Data):
-                    self._body += event.data
-                    if len(self._body) > self._max_body:
+                    # Checked before the bytes are kept: at most one read past a limit.
+                    size = len(self._body) + len(event.data)
+                    if size > self._max_body:
                         raise _Refusal(
                             413, f"request body exceeds {self._max_body} bytes", "limits"
                         )
+                    self._hold(size)
+                    self._body += event.data  # bytearray: amortised, never quadratic
                 elif isinstance(event, h11.EndOfMessage):
                     events.append(self._on_complete())
                 elif isinstance(event, h11.ConnectionClosed):
@@ -279,6 +345,8 @@ class HttpInterceptor:
             raise _Refusal(
                 413, f"request body of {int(length[0])} bytes exceeds {self._max_body}", "limits"
             )
+        if length:
+            self._hold(int(length[0]))  # refuse before the body arrives
         if self._conn.they_are_waiting_for_100_continue:
             self._send(h11.InformationalResponse(status_code=100, headers=[]))
 
@@ -387,6 +455,7 @@ class HttpInterceptor:
         self._pending = None
         self._pending_bytes = 0
         self._head = None
+        self._release()
         self._send_message(head, body)
         log.debug("responded %d to %s %s", response.status, request.method, request.url)
         return self._next_cycle()
@@ -473,6 +542,10 @@ class HttpInterceptor:
         self._pending = None
         self._head = None
         self._closed = True
+        self._release()
+        # One copy, at most what the recorder would keep of it.
+        body_kept = bytes(memoryview(self._body)[:DEFAULT_BODY_LIMIT])
+        self._body = bytearray()
         now = self._clock()
         return RequestRefused(
             Exchange(
@@ -484,7 +557,7 @@ class HttpInterceptor:
                 path=path,
                 query=query,
                 request_headers=headers,
-                request_body=bytes(self._body[: 1 << 20]),
+                request_body=body_kept,
                 status=status,
                 response_headers=response.headers,
                 response_body=response.body,

@@ -38,6 +38,7 @@ from typing import Final, Literal
 from pytest_gondolin.errors import NetworkPolicyError
 from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
 from pytest_gondolin.netpolicy.http.interceptor import (
+    BodyBudget,
     HttpInterceptor,
     RequestReceived,
     RequestRefused,
@@ -86,12 +87,14 @@ class FlowProxy:
         dns_name: str | None,
         ca: CertificateAuthority,
         now: float,
+        body_budget: BodyBudget | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.dst_ip = dst_ip
         self.dst_port = dst_port
         self.dns_name = dns_name
         self._ca = ca
+        self._body_budget = body_budget
         self._clock = clock
         self._phase: _Phase = "sniff"
         self._sniff = bytearray()
@@ -225,7 +228,7 @@ class FlowProxy:
         if self._tls is not None:
             # Encrypt lazily, only what the stack can take soon (bounded ciphertext).
             while self._plain_out and len(self._wire_out) < max_bytes:
-                chunk = bytes(self._plain_out[:_TLS_WRITE_CHUNK])
+                chunk = bytes(memoryview(self._plain_out)[:_TLS_WRITE_CHUNK])
                 try:
                     written = self._tls.write(chunk)
                 except ssl.SSLError as exc:
@@ -237,11 +240,19 @@ class FlowProxy:
                 self._drain_tls_out()
             if not self._plain_out:
                 self._maybe_close_tls()
-        return bytes(self._wire_out[:max_bytes])
+        return bytes(memoryview(self._wire_out)[:max_bytes])  # one copy, not two
 
     def consume_output(self, n: int) -> None:
         """Drop the first ``n`` bytes of output: the stack accepted them."""
         del self._wire_out[:n]
+
+    def close(self) -> None:
+        """The flow is gone: free what it holds (its share of the body budget). Idempotent."""
+        if self._http is not None:
+            self._http.close()
+        self._wire_out = bytearray()
+        self._plain_out = bytearray()
+        self._requests = []
 
     # ------------------------------------------------------------------ internals
 
@@ -295,7 +306,11 @@ class FlowProxy:
             self._phase = "http"
             self._deadline = None
             self._http = HttpInterceptor(
-                "http", authority=self.host, port=self.dst_port, clock=self._clock
+                "http",
+                authority=self.host,
+                port=self.dst_port,
+                budget=self._body_budget,
+                clock=self._clock,
             )
             self._feed_http(first)
             if self._eof:
@@ -364,6 +379,7 @@ class FlowProxy:
                 "https",
                 authority=self._server_name or str(self.dst_ip),
                 port=self.dst_port,
+                budget=self._body_budget,
                 clock=self._clock,
             )
             log.debug("TLS with the guest established for %s", self._server_name)
@@ -415,10 +431,17 @@ class FlowProxy:
         assert http is not None
         out = http.data_to_send()
         if out:
+            # Take the interceptor's buffer over when ours is empty: a large
+            # response is then never copied on its way to the stack.
             if self._tls is not None:
-                self._plain_out += out
-            else:
+                if self._plain_out:
+                    self._plain_out += out
+                else:
+                    self._plain_out = out
+            elif self._wire_out:
                 self._wire_out += out
+            else:
+                self._wire_out = out
         if http.closed and self.verdict is None:
             self._set_verdict("close")
 
