@@ -47,7 +47,7 @@ def answer_query(recorder: Recorder | None, kind: str, args: dict[str, Any]) -> 
         try:
             body = base64.b64decode(str(args.get("body", "")), validate=True)
             payload = _stub_json(args.get("json"))
-            recorder.stub(
+            recorder.stub_from_guest(
                 str(args["method"]),
                 str(args["url"]),
                 status=int(args.get("status", 200)),

@@ -23,7 +23,8 @@ a fixed allowance per object), never less than the real size:
   (:data:`DEFAULT_MAX_RECORDED_BYTES`, 48 MiB) nor number more than
   ``max_exchanges`` (:data:`DEFAULT_MAX_EXCHANGES`); past either, the oldest
   are dropped and counted in :attr:`Recorder.dropped`;
-* stubs: each body at most :data:`MAX_STUB_BODY_BYTES`, at most
+* stubs a sandboxed test registers (:meth:`Recorder.stub_from_guest`):
+  each body at most :data:`MAX_STUB_BODY_BYTES`, at most
   :data:`MAX_STUBS` of them totalling :data:`MAX_STUB_BYTES` per recorder
   (registering past a limit is a :class:`ConfigError` naming it).
 
@@ -298,8 +299,39 @@ class Recorder:
         ``json`` (mutually exclusive with ``body``) is serialised and sets
         ``Content-Type: application/json`` unless ``headers`` sets one. The
         latest stub registered for a request wins. Raises :class:`ConfigError`
-        for a bad method, URL, status or body.
+        for a bad method, URL, status or body. Host code is trusted: its
+        stubs are not size-limited (a guest's are, :meth:`stub_from_guest`).
         """
+        return self._stub(method, url, status, body, json, headers, limited=False)
+
+    def stub_from_guest(
+        self,
+        method: str,
+        url: str,
+        status: int = 200,
+        body: bytes | str = b"",
+        json: Any = None,
+        headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    ) -> Stub:
+        """:meth:`stub`, for a stub a sandboxed test registered: within the stub limits.
+
+        Each body at most :data:`MAX_STUB_BODY_BYTES`, at most
+        :data:`MAX_STUBS` stubs holding :data:`MAX_STUB_BYTES` in all;
+        ConfigError naming the limit otherwise.
+        """
+        return self._stub(method, url, status, body, json, headers, limited=True)
+
+    def _stub(
+        self,
+        method: str,
+        url: str,
+        status: int,
+        body: bytes | str,
+        json: Any,
+        headers: Mapping[str, str] | Sequence[tuple[str, str]] | None,
+        *,
+        limited: bool,
+    ) -> Stub:
         if not isinstance(method, str) or not (
             method == "*" or re.fullmatch(r"[A-Za-z]{1,32}", method)
         ):
@@ -325,7 +357,7 @@ class Recorder:
             payload = bytes(body)
         else:
             raise ConfigError(f"stub: body must be bytes or str, got {type(body).__name__}")
-        if len(payload) > MAX_STUB_BODY_BYTES:
+        if limited and len(payload) > MAX_STUB_BODY_BYTES:
             raise ConfigError(
                 f"stub: a body of {len(payload)} bytes exceeds the limit of "
                 f"{MAX_STUB_BODY_BYTES} bytes per stub (MAX_STUB_BODY_BYTES)"
@@ -343,12 +375,12 @@ class Recorder:
             same = [s for s in self._stubs if (s.method, s.url) == (new.method, new.url)]
             freed = sum(_stub_size(s) for s in same)
             count = len(self._stubs) - len(same) + 1
-            if count > MAX_STUBS:
+            if limited and count > MAX_STUBS:
                 raise ConfigError(
                     f"stub: at most {MAX_STUBS} stubs at once (MAX_STUBS); "
                     f"clear(stubs=True) removes them"
                 )
-            if self._stub_bytes - freed + size > MAX_STUB_BYTES:
+            if limited and self._stub_bytes - freed + size > MAX_STUB_BYTES:
                 raise ConfigError(
                     f"stub: the stubs would hold {self._stub_bytes - freed + size} "
                     f"bytes, over the limit of {MAX_STUB_BYTES} (MAX_STUB_BYTES); "

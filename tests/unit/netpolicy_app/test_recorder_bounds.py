@@ -199,42 +199,51 @@ def test_body_json_uses_base64_where_escaping_would_cost_more(body: bytes, kind:
 
 def test_stub_body_is_capped() -> None:
     r = Recorder()
-    r.stub("GET", "http://a.test/ok", body=b"x" * MAX_STUB_BODY_BYTES)  # control: at the limit
+    r.stub_from_guest("GET", "http://a.test/ok", body=b"x" * MAX_STUB_BODY_BYTES)  # control: at the limit
     with pytest.raises(
         ConfigError, match=r"exceeds the limit of 1048576 bytes per stub \(MAX_STUB_BODY_BYTES\)"
     ):
-        r.stub("GET", "http://a.test/big", body=b"x" * (MAX_STUB_BODY_BYTES + 1))
+        r.stub_from_guest("GET", "http://a.test/big", body=b"x" * (MAX_STUB_BODY_BYTES + 1))
     with pytest.raises(ConfigError, match="MAX_STUB_BODY_BYTES"):
-        r.stub("GET", "http://a.test/big", json="x" * MAX_STUB_BODY_BYTES)
+        r.stub_from_guest("GET", "http://a.test/big", json="x" * MAX_STUB_BODY_BYTES)
     assert [s.url for s in r.stubs] == ["http://a.test/ok"]
 
 
 def test_stub_count_is_capped_and_the_same_url_replaces() -> None:
     r = Recorder()
     for i in range(MAX_STUBS):
-        r.stub("GET", f"http://a.test/{i}")
+        r.stub_from_guest("GET", f"http://a.test/{i}")
     # Re-registering a method and URL replaces the old stub: no growth, latest wins.
-    r.stub("GET", "http://a.test/0", status=404)
+    r.stub_from_guest("GET", "http://a.test/0", status=404)
     assert len(r.stubs) == MAX_STUBS
     found = r.find_stub("GET", "http://a.test/0")
     assert found is not None and found.status == 404
     with pytest.raises(ConfigError, match=r"at most 256 stubs at once \(MAX_STUBS\)"):
-        r.stub("GET", "http://a.test/one-more")
+        r.stub_from_guest("GET", "http://a.test/one-more")
     r.clear(stubs=True)
-    r.stub("GET", "http://a.test/one-more")
+    r.stub_from_guest("GET", "http://a.test/one-more")
 
 
 def test_stub_bytes_are_capped_in_total() -> None:
     r = Recorder()
     for i in range(15):
-        r.stub("GET", f"http://a.test/{i}", body=b"x" * MAX_STUB_BODY_BYTES)
+        r.stub_from_guest("GET", f"http://a.test/{i}", body=b"x" * MAX_STUB_BODY_BYTES)
     with pytest.raises(ConfigError, match=r"over the limit of 16777216 \(MAX_STUB_BYTES\)"):
-        r.stub("GET", "http://a.test/16", body=b"x" * MAX_STUB_BODY_BYTES)
+        r.stub_from_guest("GET", "http://a.test/16", body=b"x" * MAX_STUB_BODY_BYTES)
     assert len(r.stubs) == 15
     assert sum(len(s.body) for s in r.stubs) <= MAX_STUB_BYTES
     # Replacing one by a smaller one frees its bytes.
-    r.stub("GET", "http://a.test/0", body=b"small")
-    r.stub("GET", "http://a.test/16", body=b"x" * MAX_STUB_BODY_BYTES)
+    r.stub_from_guest("GET", "http://a.test/0", body=b"small")
+    r.stub_from_guest("GET", "http://a.test/16", body=b"x" * MAX_STUB_BODY_BYTES)
+
+
+def test_host_stubs_are_trusted_and_not_limited() -> None:
+    """A host-side test's ``vm.http.stub`` may serve a big download (control for the caps above)."""
+    r = Recorder()
+    r.stub("GET", "http://a.test/big", body=b"x" * (4 * MAX_STUB_BODY_BYTES))
+    for i in range(MAX_STUBS + 1):
+        r.stub("GET", f"http://a.test/{i}")
+    assert len(r.stubs) == MAX_STUBS + 2
 
 
 def test_stub_limits_reach_the_guest_as_an_error_answer() -> None:
