@@ -970,3 +970,228 @@ def test_secret_echoed_in_a_coded_body_reaches_the_guest_as_the_placeholder(vm: 
     assert "gzip" in (records[0].request_header("Accept-Encoding") or "")
     assert records[1].request_header("Accept-Encoding") == "deflate"
     assert REAL_TOKEN not in vm.http.to_json()
+
+
+GUEST_POST_FLOOD = r"""
+import http.client, json, sys, time
+
+stop = time.monotonic() + float(sys.argv[1])
+body = bytes(range(256)) * 4096  # 1 MiB, not text
+sent = 0
+while time.monotonic() < stop:
+    conn = http.client.HTTPConnection("flood.test", 80, timeout=60)
+    for _ in range(50):  # keep-alive, as a client library would
+        conn.request("POST", "/x", body=body)
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"ok")
+        sent += 1
+        if time.monotonic() >= stop:
+            break
+    conn.close()
+print(json.dumps({"requests": sent}))
+"""
+
+#: Host memory a flood of 1 MiB POSTs may cost: the recorder's whole budget
+#: (48 MiB, of which 32 MiB with bodies) plus 16 MiB for bodies in flight.
+HTTP_FLOOD_RSS_BUDGET_KIB = 64 * 1024
+
+
+def test_post_flood_to_a_stub_keeps_host_memory_bounded(vm: VM) -> None:
+    """~10 s of 1 MiB POSTs to a stub (hundreds of MiB): the host's peak RSS grows < 64 MiB.
+
+    Every request is recorded; past the recorder's 32 MiB budget without its
+    bodies (``bodies_dropped``). Negative control: the same flood, shorter,
+    into a recorder without a budget raises the peak by at least 64 MiB.
+    """
+    from pytest_gondolin.netpolicy.http.recorder import Recorder
+
+    if not _reset_peak_rss():
+        pytest.skip("cannot reset the peak RSS (/proc/self/clear_refs)")
+    assert vm.http is not None and vm.network is not None
+    body = bytes(range(256)) * 4096
+    vm.http.stub("*", "http://flood.test/x", body=b"ok")
+    vm.write_file("/tmp/post_flood.py", GUEST_POST_FLOOD)
+    _reset_peak_rss()
+    start = _proc_status()
+    r = vm.exec(["python3", "/tmp/post_flood.py", "10"], timeout=120)
+    flood = _proc_status()
+    assert r.returncode == 0, r.stderr
+    sent = json.loads(r.stdout)["requests"]
+    assert sent >= 80, sent  # well past the budget
+    assert flood["VmHWM"] - start["VmRSS"] < HTTP_FLOOD_RSS_BUDGET_KIB, (sent, start, flood)
+    recorded = vm.http.get_requests(method="POST", url="http://flood.test/x")
+    assert len(recorded) == sent and {e.decision for e in recorded} == {"stubbed"}
+    whole = [e for e in recorded if not e.bodies_dropped]
+    assert 28 <= len(whole) <= 32 and whole == recorded[: len(whole)]
+    assert all(e.request_body == body and e.response_body == b"ok" for e in whole)
+    for e in recorded[len(whole) :]:
+        assert (e.request_body, e.response_body) == (b"", b"")
+        assert e.request_body_truncated and e.request_header("Content-Length") == str(len(body))
+
+    # Negative control: no budget, 4 s of the same flood.
+    unbounded = Recorder(body_budget=1 << 40, max_bytes=1 << 40)
+    unbounded.stub("*", "http://flood.test/x", body=b"ok")
+    vm.network.configure(vm.network.policy, None, unbounded)
+    try:
+        _reset_peak_rss()
+        base = _proc_status()
+        r = vm.exec(["python3", "/tmp/post_flood.py", "4"], timeout=120)
+        control = _proc_status()
+        assert r.returncode == 0, r.stderr
+        kept = sum(len(e.request_body) for e in unbounded.requests)
+        assert kept >= 64 << 20, kept
+        assert control["VmHWM"] - base["VmRSS"] >= 64 * 1024, (kept, base, control)
+    finally:
+        vm.configure_network()
+        unbounded.clear()
+
+
+# --------------------------------------------------------------------------- ranges
+
+GUEST_RANGES = r"""
+import json, os, urllib.request
+
+def get(spec):
+    req = urllib.request.Request(
+        "http://api.test/echo", headers={"X-Tok": os.environ["P"], "Range": spec}
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return [resp.status, resp.headers.get("Content-Type", ""), resp.read().decode("latin-1")]
+
+size = int(os.environ["N"])
+print(json.dumps({
+    "pieces": [get(f"bytes={i}-{i + 7}") for i in range(0, size, 8)],
+    "multi": get("bytes=5-14,15-60"),
+}))
+"""
+
+
+def test_secret_cannot_be_read_in_pieces_with_range(vm: VM) -> None:
+    """An honest echo upstream that supports Range: 8-byte pieces, then one multi-range.
+
+    Without mediation the pieces, joined, are the value, and the
+    ``multipart/byteranges`` answer splits it (``tok_Abc123`` |
+    ``SECRETvalue789:end``) so no part holds it whole (negative control,
+    from the host). Through the host the upstream never sees ``Range``:
+    every guest request gets the whole body, redacted, with the
+    placeholder; the joined pieces and curl's multi-range answer hold no
+    part of the value, and neither do the records.
+    """
+    import http.server
+
+    value = "tok_Abc123SECRETvalue789"
+    seen: list[dict[str, str]] = []
+
+    class RangeEcho(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            seen.append(dict(self.headers.items()))
+            body = f"echo:{self.headers.get('X-Tok', '')}:end".encode("latin-1")
+            spans = []
+            spec = self.headers.get("Range", "")
+            if spec.startswith("bytes="):
+                for part in spec[6:].split(","):
+                    first, _, last = part.partition("-")
+                    spans.append((int(first), min(len(body) - 1, int(last))))
+            if not spans:
+                status, kind, payload, extra = 200, "text/plain", body, []
+            elif len(spans) == 1:
+                (first, last), status, kind = spans[0], 206, "text/plain"
+                payload = body[first : last + 1]
+                extra = [("Content-Range", f"bytes {first}-{last}/{len(body)}")]
+            else:
+                status, kind, extra = 206, "multipart/byteranges; boundary=B", []
+                payload = (
+                    b"".join(
+                        b"--B\r\nContent-Range: bytes %d-%d/%d\r\n\r\n%s\r\n"
+                        % (first, last, len(body), body[first : last + 1])
+                        for first, last in spans
+                    )
+                    + b"--B--\r\n"
+                )
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Accept-Ranges", "bytes")
+            for name, field in extra:
+                self.send_header(name, field)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    def direct(port: int, spec: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(
+                f"GET /echo HTTP/1.1\r\nHost: api.test\r\nX-Tok: {value}\r\n"
+                f"Range: {spec}\r\nConnection: close\r\n\r\n".encode()
+            )
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        return reply
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeEcho)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    size = len(f"echo:{value}:end")
+    try:
+        port = server.server_address[1]
+        # Negative control, from the host: the pieces are the value, no piece holds it.
+        pieces = [direct(port, f"bytes={i}-{i + 7}") for i in range(0, size, 8)]
+        assert all(p.startswith(b"HTTP/1.1 206") for p in pieces), pieces[0][:40]
+        joined = b"".join(p.partition(b"\r\n\r\n")[2] for p in pieces)
+        assert value.encode() in joined
+        assert not any(value.encode() in p for p in pieces)
+        multi = direct(port, "bytes=5-14,15-60")
+        assert b"\r\n\r\ntok_Abc123\r\n" in multi and b"\r\n\r\nSECRETvalue789:end\r\n" in multi
+        assert value.encode() not in multi
+        seen.clear()
+
+        vm.configure_network(
+            NetworkPolicy.from_options(
+                allow_hosts=["api.test"],
+                resolve={"api.test:80": f"127.0.0.1:{port}"},
+                secrets={"TOK": Secret(value=value, hosts=["api.test"])},
+            )
+        )
+        placeholder = vm.secret_env()["TOK"]
+        env = {**GUEST_ENV, "P": placeholder, "N": str(size)}
+        vm.write_file("/tmp/ranges.py", GUEST_RANGES)
+        script = vm.exec(["python3", "/tmp/ranges.py"], env=env, timeout=120)
+        assert script.returncode == 0, script.stdout + script.stderr
+        curl = vm.exec(
+            'curl -s -m 30 -D - -H "X-Tok: $P" -H "Range: bytes=5-14,15-60" http://api.test/echo',
+            env=env,
+            timeout=90,
+        )
+        assert curl.returncode == 0, curl.stdout + curl.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    got = json.loads(script.stdout.strip().splitlines()[-1])
+    whole = f"echo:{placeholder}:end"
+    for status, kind, body in [*got["pieces"], got["multi"]]:
+        assert (status, kind, body) == (200, "text/plain", whole)
+    guest_text = script.stdout + script.stderr + curl.stdout + curl.stderr
+    assert curl.stdout.startswith("HTTP/1.1 200"), curl.stdout[:200]
+    assert curl.stdout.endswith(whole), curl.stdout[-200:]
+    for secret_part in (value, "tok_Abc123", "SECRETvalue789", value[8:16]):
+        assert secret_part not in guest_text
+    assert "".join(body for _, _, body in got["pieces"]).count(value) == 0
+    # upstream: every request had the value, none had a Range
+    assert len(seen) == len(got["pieces"]) + 2, len(seen)
+    for headers in seen:
+        assert headers["X-Tok"] == value and "Range" not in headers, headers
+    # records: the guest's Range, never the value or a piece of it
+    assert vm.http is not None
+    records = vm.http.get_requests(host="api.test")
+    assert len(records) == len(seen)
+    assert all((r.request_header("Range") or "").startswith("bytes=") for r in records)
+    recorded = vm.http.to_json()
+    assert value not in recorded and "tok_Abc123" not in recorded

@@ -11,6 +11,7 @@ stack through :mod:`pytest_gondolin.netpolicy.relay`. One module per concern:
 :mod:`.hostaddrs`        this host's own addresses, for ``block_internal``
 :mod:`.policy`           :class:`NetworkPolicy`: which destinations are allowed
 :mod:`.secrets`          placeholders in the guest, real values upstream
+:mod:`.secret_forms`     finding a value in the encodings an honest echo applies
 :mod:`.sniff`            what a flow speaks (request line or ClientHello)
 :mod:`.ca`               the CA and leaf certificates for TLS interception
 :mod:`.messages`         request and response values and their limits

@@ -13,13 +13,26 @@ on the rule.
 
 Secret values never come back. Every response (upstream, replayed, stub)
 is redacted before the guest, the recorder or a cassette sees it, so an
-upstream echoing a credential back cannot leak it. Redaction compares
-bytes, so a *content-coded* body would hide the value from it; hence
+upstream echoing a credential back cannot leak it. Redaction
+(:meth:`~.secrets.SecretStore.redact`) finds the value's bytes and every
+common faithful encoding of them (JSON, HTML and percent escapes, UTF-16,
+base64, hex: :mod:`.secret_forms`), in the body, the reason and every
+header's bytes. It needs the whole value in one piece, in clear; hence
 (:func:`screen_response`, with :mod:`.content_coding`):
 
 * a request that carries a substituted secret goes upstream with
-  ``Accept-Encoding: identity`` whatever the guest asked for (the guest's
-  own header is what is recorded);
+  ``Accept-Encoding: identity`` whatever the guest asked for, and without
+  the fields that ask an honest server for a piece or a transformation of
+  the representation (:data:`SLICING_REQUEST_FIELDS`: ``Range`` and
+  ``If-Range``, digest requests, ``Accept-Charset``, ``TE``). The guest's
+  own headers are what is recorded;
+* a partial response to it all the same (``206`` or ``Content-Range``,
+  RFC 9110 §14.4, §15.3.7: a ``multipart/byteranges`` body splits the
+  value across parts) is never passed on: the guest gets a 502 with
+  ``X-Gondolin-Error: range``, recorded as "allowed" with the reason.
+  Digest fields (``Digest``, ``Content-Digest``, ``Repr-Digest``,
+  ``Content-MD5``) are dropped from every response to it: computed over a
+  body that held the value, they would let the guest test guesses of it;
 * if the response to it is content-coded all the same, the host decodes it
   (gzip, deflate, br when available, stacked), bounded by
   :data:`~.messages.MAX_BODY_BYTES`, and the guest gets the decoded, redacted
@@ -38,17 +51,19 @@ bytes, so a *content-coded* body would hide the value from it; hence
 
 Transfer codings need nothing extra: the upstream client (h11) removes
 ``chunked`` and refuses any other, so redaction sees the whole body, a
-value split across chunks included. An upstream that deliberately hides
-the value (its own encryption, compression it does not declare) defeats
-any redaction: send secrets only to hosts you trust with them.
+value split across chunks included. An upstream that transforms the value
+in a way :mod:`.secret_forms` does not list (hashes or encrypts it,
+compresses without saying so, escapes its letters) defeats any
+redaction: send secrets only to hosts you trust with them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -74,25 +89,60 @@ from pytest_gondolin.netpolicy.http.secrets import SecretLeak, SecretStore
 from pytest_gondolin.netpolicy.http.upstream import DEFAULT_UPSTREAM_TIMEOUT, fetch_upstream
 
 __all__ = [
+    "SLICING_REQUEST_FIELDS",
     "Mediated",
     "MediationContext",
+    "PartialContentError",
     "UpstreamJob",
     "error_response",
     "internal_error",
     "plan_request",
     "run_upstream",
     "screen_response",
+    "secret_request_headers",
     "with_rule",
 ]
 
 log = logging.getLogger(__name__)
 
-# Response fields computed from the body's bytes (RFC 9110 §8.6, §8.8.3; RFC
-# 9530; RFC 1864): wrong once the body is redacted or decoded, and a digest
-# of a body that held a value would let the guest test guesses of it.
-_BODY_DERIVED: Final = frozenset(
-    {"content-length", "content-md5", "digest", "content-digest", "repr-digest", "etag"}
+#: Request fields removed from a request that carries a secret value: each asks
+#: an honest server for a piece of the representation, or for a form of it that
+#: redaction does not search.
+SLICING_REQUEST_FIELDS: Final = frozenset(
+    {
+        "range",  # RFC 9110 §14.2: the value in pieces, none of them whole
+        "if-range",  # RFC 9110 §13.1.5: a condition on Range, meaningless without it
+        "want-digest",  # RFC 3230 §4.3.1: a digest of a body that held the value
+        "want-repr-digest",  # RFC 9530 §4: the same, of the representation
+        "want-content-digest",  # RFC 9530 §4: the same, of the content
+        "accept-charset",  # RFC 9110 §12.5.2: UTF-7, EBCDIC, ... are not searched
+        "te",  # RFC 9110 §10.1.4: transfer codings (also dropped as hop-by-hop)
+    }
 )
+# Digests of the body or representation (RFC 3230, RFC 9530, RFC 1864):
+# computed upstream over the value, they would let the guest test guesses.
+_DIGESTS: Final = frozenset({"content-md5", "digest", "content-digest", "repr-digest"})
+# Response fields computed from the body's bytes (RFC 9110 §8.6, §8.8.3; RFC
+# 9530; RFC 1864): wrong once the body is redacted or decoded.
+_BODY_DERIVED: Final = _DIGESTS | {"content-length", "etag"}
+# RFC 9110 §5.6.2: a field name is a token.
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+class PartialContentError(NetworkPolicyError):
+    """A partial response (``206``, or one with ``Content-Range``) to a request carrying a secret.
+
+    The host removed ``Range`` from that request; a piece of the
+    representation all the same could hold part of the value, which no
+    redaction recognises. Carries ``status``.
+    """
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        super().__init__(
+            f"upstream answered {status} with a part of the representation (Range is "
+            "not forwarded with a secret: a piece of the value cannot be redacted)"
+        )
 
 
 def error_response(status: int, message: str, *, kind: str) -> HttpResponse:
@@ -144,7 +194,7 @@ class UpstreamJob:
     """An allowed request to fetch upstream (on a worker thread, see :func:`run_upstream`).
 
     ``request`` is the guest's (placeholders), ``outgoing`` the one sent
-    upstream (secrets substituted, then ``Accept-Encoding: identity``);
+    upstream (secrets substituted, then :func:`secret_request_headers`);
     ``carries_secret`` says whether a value was substituted.
     """
 
@@ -157,20 +207,39 @@ class UpstreamJob:
 
 
 def _without(
-    headers: tuple[tuple[str, str], ...], names: frozenset[str]
+    headers: Iterable[tuple[str, str]], names: frozenset[str]
 ) -> tuple[tuple[str, str], ...]:
     return tuple((n, v) for n, v in headers if n.lower() not in names)
+
+
+def secret_request_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers`` as sent upstream for a request carrying a secret value.
+
+    Without :data:`SLICING_REQUEST_FIELDS`, and with one ``Accept-Encoding:
+    identity`` (:func:`~.content_coding.accept_identity`).
+    """
+    return accept_identity(_without(headers, SLICING_REQUEST_FIELDS))
 
 
 def _redact(response: HttpResponse, secrets: SecretStore | None) -> HttpResponse:
     if secrets is None or not secrets.names:
         return response
-    headers = tuple((n, secrets.redact(v)) for n, v in response.headers)
+    headers = []
+    for name, value in response.headers:
+        clean = secrets.redact(name)
+        if clean != name and not _TOKEN.fullmatch(clean):
+            continue  # a value in a field name, whose redacted form is no field name
+        headers.append((clean, secrets.redact(value)))
     body = secrets.redact(response.body)
-    if body != response.body:
-        headers = _without(headers, _BODY_DERIVED)  # the framing adds Content-Length back
+    if body != response.body:  # the framing adds Content-Length back
+        return dataclasses.replace(
+            response,
+            headers=_without(headers, _BODY_DERIVED),
+            body=body,
+            reason=secrets.redact(response.reason),
+        )
     return dataclasses.replace(
-        response, headers=headers, body=body, reason=secrets.redact(response.reason)
+        response, headers=tuple(headers), body=body, reason=secrets.redact(response.reason)
     )
 
 
@@ -181,18 +250,28 @@ def screen_response(
     carries_secret: bool,
     max_decoded_bytes: int = MAX_BODY_BYTES,
 ) -> HttpResponse:
-    """``response`` with its content coding undone wherever a secret value could hide in it.
+    """``response`` made searchable wherever a secret value could hide in it.
 
-    With no secrets, no ``Content-Encoding`` or an empty body (HEAD, 204,
-    304) the response is returned as is. Otherwise the body is decoded; for
-    a request that ``carries_secret`` the decoded body is always what the
-    guest gets, and a body that cannot be decoded within
+    With no secrets the response is returned as is. For a request that
+    ``carries_secret``, a partial response (``206`` or ``Content-Range``)
+    raises :class:`PartialContentError` and digest fields are dropped.
+    Then, with no ``Content-Encoding`` or an empty body (HEAD, 204, 304)
+    the response is returned as it is by then. Otherwise the body is
+    decoded; for a request that ``carries_secret`` the decoded body is
+    always what the guest gets, and a body that cannot be decoded within
     ``max_decoded_bytes`` raises :class:`~.content_coding.ContentCodingError`.
     For any other request the decoded body replaces the coded one only when
     it holds a value; undecodable bodies are returned as is. Redaction
     itself is the caller's (:func:`_finish`).
     """
-    if secrets is None or not secrets.names or not response.body:
+    if secrets is None or not secrets.names:
+        return response
+    if carries_secret:
+        if response.status == 206 or response.header("Content-Range") is not None:
+            raise PartialContentError(response.status)
+        if any(n.lower() in _DIGESTS for n, _ in response.headers):
+            response = dataclasses.replace(response, headers=_without(response.headers, _DIGESTS))
+    if not response.body:
         return response
     codings = content_codings(response.headers)
     if not codings:
@@ -214,13 +293,14 @@ def screen_response(
     )
 
 
-def _refuse_coded(exc: ContentCodingError) -> tuple[HttpResponse, str]:
-    """The 502 for a coded response that may hold a secret, and the reason to record."""
+def _refuse(exc: ContentCodingError | PartialContentError) -> tuple[HttpResponse, str]:
+    """The 502 for a response that may hold a secret unsearchably, and the reason to record."""
     message = (
         f"the response to a request carrying a secret could not be searched for it "
         f"and was not passed on: {exc}"
     )
-    return error_response(502, message, kind="content-encoding"), f"response refused: {message}"
+    kind = "range" if isinstance(exc, PartialContentError) else "content-encoding"
+    return error_response(502, message, kind=kind), f"response refused: {message}"
 
 
 def _finish(
@@ -303,8 +383,8 @@ def plan_request(
             )
         carries_secret = headers != list(request.headers)
         if carries_secret:
-            # A coded response would hide an echoed value from redaction.
-            headers = accept_identity(headers)
+            # A coded or partial response would hide an echoed value from redaction.
+            headers = secret_request_headers(headers)
         outgoing = dataclasses.replace(request, headers=tuple(headers))
     player = context.cassette
     if player is not None:
@@ -314,8 +394,8 @@ def plan_request(
             reason = f"replayed from cassette {player.path.name}"
             try:  # a cassette written before this screening may hold a coded value
                 replay = screen_response(replay, context.secrets, carries_secret=carries_secret)
-            except ContentCodingError as exc:
-                replay, refused = _refuse_coded(exc)
+            except (ContentCodingError, PartialContentError) as exc:
+                replay, refused = _refuse(exc)
                 reason = f"{reason}; {refused}"
             return _finish(
                 request,
@@ -407,8 +487,8 @@ def run_upstream(
         )
     try:
         response = screen_response(response, context.secrets, carries_secret=job.carries_secret)
-    except ContentCodingError as exc:
-        refusal, refused = _refuse_coded(exc)
+    except (ContentCodingError, PartialContentError) as exc:
+        refusal, refused = _refuse(exc)
         return _finish(
             request,
             refusal,

@@ -16,11 +16,13 @@ name, or any header going to another host — is refused with
 :class:`SecretLeak`, whose message names the secret but never its value.
 
 :meth:`SecretStore.redact` turns real values (and the Basic credentials
-this store built from them) back into placeholders, for logs and
-recordings. It compares bytes, so it cannot see a value inside a
-compressed body: :mod:`.mediation` asks the upstream for
-``Accept-Encoding: identity`` on every request carrying a value and
-decodes (or refuses) a coded response before redacting it.
+this store built from them) back into placeholders, for the guest, logs
+and recordings: not only the value's bytes but every common faithful
+encoding of it -- JSON, HTML and percent escapes, UTF-16, base64, hex --
+listed in :mod:`.secret_forms`. It cannot see a value inside a compressed
+body: :mod:`.mediation` asks the upstream for ``Accept-Encoding: identity``
+(and no ranges) on every request carrying a value and decodes (or
+refuses) a coded response before redacting it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Final, overload
 
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
 from pytest_gondolin.netpolicy.http.rules import HostPattern, normalize_host, parse_host_pattern
+from pytest_gondolin.netpolicy.http.secret_forms import SecretForms
 
 __all__ = [
     "CREDENTIAL_HEADERS",
@@ -190,8 +193,8 @@ class SecretStore:
                 )
             )
         self._entries: tuple[_Entry, ...] = tuple(entries)
-        # Longest value first so that a value containing another is redacted whole.
-        self._by_length = tuple(sorted(entries, key=lambda e: len(e.value), reverse=True))
+        # Every encoding of every value, compiled once (longest value first).
+        self._forms = SecretForms([(e.value, e.placeholder) for e in entries])
         self._lock = threading.Lock()
         # base64 token we built (real creds) -> the guest's token (placeholders)
         self._derived: OrderedDict[str, str] = OrderedDict()
@@ -339,29 +342,35 @@ class SecretStore:
     def redact(self, data: bytes) -> bytes: ...
 
     def redact(self, data: str | bytes) -> str | bytes:
-        """Replace every real secret value in ``data`` with its placeholder.
+        """Replace every real secret value in ``data``, in any form, with its placeholder.
 
-        Also replaces the Basic-credential tokens :meth:`apply` built, so an
-        upstream echoing ``Authorization`` back does not leak into records.
-        Same type out as in.
+        The forms are those of :mod:`.secret_forms` (the value's UTF-8 and
+        ISO-8859-1 bytes, escaped as JSON, HTML or percent-encoding, UTF-16,
+        base64, hex). Also replaces the Basic-credential tokens
+        :meth:`apply` built, so an upstream echoing ``Authorization`` back
+        does not leak into records. Same type out as in. A ``str`` is
+        searched as the bytes it stands for: ISO-8859-1 when it encodes so
+        (header values are bytes decoded so, losslessly), else UTF-8.
         """
         with self._lock:
             derived = list(self._derived.items())
-        if isinstance(data, str):
+        if isinstance(data, bytes):
+            out = bytes(data)
             for new_token, guest_token in derived:
-                data = data.replace(new_token, guest_token)
-            for entry in self._by_length:
-                data = data.replace(entry.value, entry.placeholder)
-            return data
-        out = bytes(data)
+                out = out.replace(new_token.encode("ascii"), guest_token.encode("ascii"))
+            return self._forms.redact(out)
         for new_token, guest_token in derived:
-            out = out.replace(new_token.encode("ascii"), guest_token.encode("ascii"))
-        for entry in self._by_length:
-            placeholder = entry.placeholder.encode("ascii")
-            for encoding in ("utf-8", "latin-1"):
-                try:
-                    needle = entry.value.encode(encoding)
-                except UnicodeEncodeError:
-                    continue
-                out = out.replace(needle, placeholder)
-        return out
+            data = data.replace(new_token, guest_token)
+        try:
+            raw = data.encode("latin-1")
+        except UnicodeEncodeError:
+            raw = data.encode("utf-8", "surrogatepass")
+            out = self._forms.redact(raw)
+            if out == raw:
+                return data
+            try:
+                return out.decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError:  # a match cut a character: what is left is not the value
+                return out.decode("utf-8", "replace")
+        out = self._forms.redact(raw)
+        return data if out == raw else out.decode("latin-1")
