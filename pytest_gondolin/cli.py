@@ -147,7 +147,7 @@ def _cmd_image_prune(args: argparse.Namespace) -> int:
             snap.unlink(missing_ok=True)
             removed.append(snap)
     if args.snapshots:
-        boot = paths.cache_dir() / "boot"
+        boot = paths.cache_root() / "boot"
         for initrd in sorted(boot.glob("initrd-*.img")) if boot.is_dir() else []:
             initrd.unlink(missing_ok=True)
             removed.append(initrd)
@@ -373,7 +373,9 @@ def _cmd_version(args: argparse.Namespace) -> int:
         print(f"accel:   {accel.name} ({args.accel}: {accel.reason})")
     except GondolinError as exc:
         print(f"accel:   unusable ({exc})")
-    print(f"cache:   {paths.cache_dir()}")
+    cache = paths.cache_root()
+    notes = [n for n in (paths.cache_write_problem(cache), paths.cache_trust_problem(cache)) if n]
+    print(f"cache:   {cache}" + (f" ({'; '.join(notes)})" if notes else ""))
     print(f"runtime: {paths.runtime_dir()}")
     return 0
 

@@ -5,13 +5,19 @@ pytest-xdist) registered by ``plugin.pytest_configure`` under
 :data:`PLUGIN_NAME`. Its hooks:
 
 * ``pytest_report_header``: image (and build id, or "not built yet"),
-  accelerator choice and reason, cache folder, warm snapshot state.
+  accelerator choice and reason, cache folder (and why it cannot be
+  written, or may be changed by another user), warm snapshot state. It
+  never writes: a project without VM tests runs whatever the cache is.
 * ``pytest_report_teststatus``: reports replayed from a guest (marked by
   ``replay_item`` with :data:`~pytest_gondolin.sandbox.replay.GUEST_REPORT_ATTR`)
   read ``PASSED (in guest)`` in the ``-v`` progress lines. Only that
   displayed word changes (not the short summary, whose lines tools parse):
   outcome, nodeid and category stay, so junitxml, ``--lf`` and xdist see
   ordinary reports.
+* a :class:`~pytest_gondolin.errors.CacheDirError` raised in a test (say
+  by ``vm_factory()`` in its body) is reported as its message alone: it
+  names the folder and ``GONDOLIN_CACHE_DIR``; a traceback into the plugin
+  would add nothing to act on.
 * failure artifacts: when a test that used a VM fails (the ``vm`` fixture,
   via ``pytest_runtest_makereport``; a sandboxed test, via the replayed
   ``pytest_runtest_logreport``: either way the VM the test ran in is in
@@ -42,7 +48,7 @@ import pytest
 
 import pytest_gondolin.paths as paths
 from pytest_gondolin.config import Settings
-from pytest_gondolin.errors import GondolinError
+from pytest_gondolin.errors import CacheDirError, GondolinError
 from pytest_gondolin.fixtures import ACTIVE_VM_KEY, SETTINGS_KEY, get_factory
 from pytest_gondolin.image.store import Image
 from pytest_gondolin.logtail import read_tail
@@ -96,7 +102,28 @@ def header_lines(settings: Settings) -> list[str]:
             image = f"image {status.key}, warm snapshot: {warm}"
         else:
             image = f"image {status.key} not built yet (built on first use)"
-    return [f"gondolin: {image}; cache {paths.cache_dir()}", f"gondolin: {accel}"]
+    return [f"gondolin: {image}; {cache_line()}", f"gondolin: {accel}"]
+
+
+def cache_line() -> str:
+    """``cache <folder>``, and what stands in the way of VMs using it, if anything. Writes nothing."""
+    try:
+        root = paths.cache_root()
+    except GondolinError as exc:
+        return f"no cache folder: {exc}"
+    line = f"cache {root}"
+    problem = paths.cache_write_problem(root)
+    if problem is not None and root.is_dir():
+        line += f" ({problem}: VMs use what is in it and save nothing there)"
+    elif problem is not None:
+        line += (
+            f" {problem}: tests that need a VM will fail; "
+            "set GONDOLIN_CACHE_DIR to a folder this user can write"
+        )
+    trust = paths.cache_trust_problem(root)
+    if trust is not None:
+        line += f" (it {trust}: others may replace its images and CA key)"
+    return line
 
 
 def _warm_snapshot(settings: Settings, image: Image, accel: str) -> bool:
@@ -246,6 +273,10 @@ class Diagnostics:
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
+        if call.excinfo is not None and call.excinfo.errisinstance(CacheDirError):
+            # Its message is all there is to act on (which folder, which
+            # variable): shown alone, as pytest.fail(pytrace=False) would.
+            report.longrepr = call.excinfo.getrepr(style="value", chain=False)
         vm = item.stash.get(ACTIVE_VM_KEY, None)
         if report.failed and vm is not None:
             self._save(vm, report)

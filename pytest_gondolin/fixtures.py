@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import pytest_gondolin.config as cfg
-from pytest_gondolin.errors import ConfigError, GondolinError
+import pytest_gondolin.paths as paths
+from pytest_gondolin.errors import CacheDirError, ConfigError, GondolinError
 from pytest_gondolin.image.store import Image, ensure_image
 from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
 from pytest_gondolin.netpolicy.http.cassette_paths import resolve_cassette_option
@@ -352,7 +353,18 @@ def _terminal_progress(config: pytest.Config) -> Progress:
 
 @pytest.fixture(scope="session")
 def vm_factory(pytestconfig: pytest.Config) -> Iterator[VMFactory]:
-    """Session-scoped factory: ``vm_factory(memory="1G", ...)`` boots a VM it closes at session end."""
+    """Session-scoped factory: ``vm_factory(memory="1G", ...)`` boots a VM it closes at session end.
+
+    Every VM needs the cache folder: without one, each test that asks for
+    a VM fails at setup with the one message naming it; other tests run.
+    """
+    problem: str | None = None
+    try:
+        paths.cache_dir()
+    except CacheDirError as exc:
+        problem = str(exc)
+    if problem is not None:  # outside the except: the message alone, not its chain
+        pytest.fail(problem, pytrace=False)
     factory = get_factory(pytestconfig)
     yield factory
     factory.close_all()
@@ -367,10 +379,13 @@ def session_vm(vm_factory: VMFactory) -> VM:
 @pytest.fixture
 def vm(vm_factory: VMFactory, request: pytest.FixtureRequest) -> Iterator[VM]:
     """A VM put back to a clean snapshot (RAM, devices, disk) before this test."""
+    problem: str | None = None
     try:
         machine = vm_factory.clean_vm(vm_factory.guest_key(source="vm fixture"))
     except GondolinError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        problem = str(exc)
+    if problem is not None:  # outside the except: the message alone, not its chain
+        pytest.fail(problem, pytrace=False)
     if machine.network is not None:
         # The template is shared between tests: each starts deny-all with an empty vm.http.
         machine.configure_network()

@@ -2,6 +2,16 @@
 
 * cache (images, warm snapshots, the MITM CA): ``$GONDOLIN_CACHE_DIR``, else
   ``$XDG_CACHE_HOME/pytest-gondolin``, else ``~/.cache/pytest-gondolin``.
+  Only VMs need it: :func:`cache_root` names it without touching the disk
+  (the report header, readers), :func:`cache_dir` creates it for a VM and
+  raises :class:`~pytest_gondolin.errors.CacheDirError` (naming the folder
+  and ``GONDOLIN_CACHE_DIR``) if it cannot. A cache that exists but cannot
+  be written still serves what is in it: writers ask :func:`can_write`,
+  map a refused write with :func:`writing_cache`, and hold their locks
+  where :func:`lock_path` says (in the runtime folder when the cache's is
+  read-only). The cache holds the images guests boot and the CA key their
+  TLS trusts, so a cache folder another user owns or may write in is
+  reported once (:func:`cache_trust_problem`); it is still used.
 * runtime (per-VM sockets, overlays, console logs): ``gondolin-<uid>`` under
   ``$XDG_RUNTIME_DIR`` or the system temp dir, one subdirectory per VM,
   reaped when its owner process is gone.
@@ -26,14 +36,19 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
+import grp
+import hashlib
 import logging
 import os
+import pwd
 import stat
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-from pytest_gondolin.errors import ConfigError
+from pytest_gondolin.errors import CacheDirError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +57,152 @@ log = logging.getLogger(__name__)
 RUNDIR_SOCKET_SUFFIX = len("/4194304-0123abcd/agent.sock")
 
 
-def cache_dir() -> Path:
-    """Return the cache root, creating it if needed."""
+#: errno values that mean "this may not be written here" (not "this is broken").
+_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+#: Cache roots already checked by :func:`cache_dir` (the warning is given once).
+_trust_checked: set[Path] = set()
+
+
+def cache_root() -> Path:
+    """The cache root the environment names; nothing is created or checked.
+
+    Raises CacheDirError only if it names none (no ``GONDOLIN_CACHE_DIR``,
+    ``XDG_CACHE_HOME`` or home folder).
+    """
     env = os.environ.get("GONDOLIN_CACHE_DIR")
     if env:
-        root = Path(env).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = (Path(xdg) if xdg else Path.home() / ".cache") / "pytest-gondolin"
-    root.mkdir(parents=True, exist_ok=True)
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg) / "pytest-gondolin"
+    try:
+        home = Path.home()
+    except RuntimeError as exc:  # no HOME and no passwd entry
+        raise CacheDirError("~/.cache/pytest-gondolin", f"has no home folder ({exc})") from exc
+    return home / ".cache" / "pytest-gondolin"
+
+
+def cache_dir() -> Path:
+    """Return the cache root, creating it if needed.
+
+    Raises CacheDirError if it cannot be created or is not a folder; a
+    folder that exists but is read-only is returned (what is in it can
+    still be used). The first time a root is returned, a warning is logged
+    if :func:`cache_trust_problem` finds one.
+    """
+    root = cache_root()
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)  # it will hold the CA key
+    except FileExistsError:
+        raise CacheDirError(root, "is not a folder") from None
+    except OSError as exc:
+        raise CacheDirError(root, f"cannot be created ({exc.strerror})") from exc
+    if root not in _trust_checked:
+        _trust_checked.add(root)
+        problem = cache_trust_problem(root)
+        if problem is not None:
+            log.warning(
+                "the cache folder %s %s: whoever can write there can replace the images "
+                "guests boot and the CA key their TLS trusts; set GONDOLIN_CACHE_DIR to a "
+                "folder only you can write",
+                root,
+                problem,
+            )
     return root
+
+
+def cache_trust_problem(root: Path) -> str | None:
+    """Why another user may control the cache folder ``root``, or None.
+
+    Another user owns it (root excepted: root can change anything anyway),
+    or others, or a group with other members, may write in it (and so add
+    or rename entries, even with the sticky bit: an image or CA folder
+    planted before ours). A group named after this user with no other
+    member (a "user private group", Debian's default with umask 002) is
+    this user alone. A missing folder has no problem yet: it will be
+    created as ours.
+    """
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    if st.st_uid not in (os.getuid(), 0):
+        return f"is owned by uid {st.st_uid}, not {os.getuid()}"
+    writers = st.st_mode & (stat.S_IWOTH | (0 if _own_group(st.st_gid) else stat.S_IWGRP))
+    if writers:
+        who = "others" if writers & stat.S_IWOTH else f"group {st.st_gid}"
+        return f"has mode {stat.S_IMODE(st.st_mode):o} ({who} may write in it)"
+    return None
+
+
+def _own_group(gid: int) -> bool:
+    """Whether group ``gid`` is this user's private group (its name, no other member)."""
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return group.gr_name == user and set(group.gr_mem) <= {user}
+
+
+def cache_write_problem(root: Path) -> str | None:
+    """Why files cannot be added under the cache root ``root``, or None if they can.
+
+    Creates nothing: for a missing root, the nearest folder that exists
+    must let this user create the rest.
+    """
+    probe = root
+    while not os.path.lexists(probe) and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return (
+            "is not a folder" if probe == root else f"cannot be created ({probe} is not a folder)"
+        )
+    if can_write(probe):
+        return None
+    return "is read-only" if probe == root else f"cannot be created ({probe} is read-only)"
+
+
+def can_write(folder: Path) -> bool:
+    """Whether this process may add and replace files in ``folder`` (False if it does not exist)."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+@contextlib.contextmanager
+def writing_cache(need: str) -> Iterator[None]:
+    """Turn a write the cache refuses (EACCES, EPERM, EROFS) into one CacheDirError.
+
+    ``need`` says what had to be written ("image X must be built there"). Any
+    other OSError passes unchanged: it is not about where the cache is.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _REFUSED:
+            raise
+        detail = f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+        raise CacheDirError(cache_root(), f"cannot be written ({detail})", need=need) from exc
+
+
+def lock_path(path: Path) -> Path:
+    """Where to hold the lock file ``path`` (a file in the cache).
+
+    ``path`` itself when it can be opened for writing (its folder can be
+    written, or the file exists and can be); otherwise a file in this
+    user's private runtime folder keyed by ``path``, so the processes of
+    this user reading a read-only cache still take turns.
+    """
+    if os.path.exists(path):
+        if os.access(path, os.W_OK):
+            return path
+    elif can_write(path.parent):
+        return path
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()[:24]
+    folder = runtime_dir() / "cache-locks"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"{digest}.lock"
 
 
 def owned_dir_problem(path: Path) -> str | None:

@@ -5,7 +5,10 @@ target on close, so readers never see a partial file (rename(2) is atomic
 within a filesystem). The host gets exactly one reply per write: ``ok`` on
 close, or one ``error`` at the first failure, after which the write's later
 chunks and close are dropped silently. A read streams ``data`` frames, then
-``ok``, from its own thread. Standard library and :mod:`pytest_gondolin.guest` only.
+``ok``, from its own thread. An ``error`` carries the errno and the OS's
+reason without a path: the host names the path its caller gave, and the
+agent's own (a write's temp file) would only mislead. Standard library and
+:mod:`pytest_gondolin.guest` only.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ from pytest_gondolin.guest.protocol import CHUNK, Frame
 
 #: Concurrent unfinished write_file transfers (each holds an open temp file).
 MAX_WRITES = 64
+
+
+def _reason(exc: BaseException) -> str:
+    """The message of an ``error`` answer to a file request: the OS's reason, no path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return describe(exc)
 
 
 @dataclass
@@ -64,7 +74,7 @@ class Files:
         # Remember the id so later chunks and the close are dropped silently:
         # the host gets exactly one reply per write.
         self._failed_writes.add(frame.id)
-        self.writer.error(frame.id, describe(exc), errno_of(exc))
+        self.writer.error(frame.id, _reason(exc), errno_of(exc))
 
     def write_open(self, frame: Frame) -> None:
         """``write_open``: create the temp file (no reply unless it fails)."""
@@ -111,7 +121,7 @@ class Files:
             self._fail_write(frame, exc)
 
     def write_close(self, frame: Frame) -> None:
-        """``write_close``: rename the temp file over the target and reply ``ok``."""
+        """``write_close``: rename the temp file over the target; reply ``ok`` or ``error``."""
         if frame.id in self._failed_writes:
             self._failed_writes.discard(frame.id)
             return
@@ -121,10 +131,11 @@ class Files:
         try:
             os.close(w.fd)
             os.replace(w.tmp, w.path)
-        except OSError:
+        except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(w.tmp)
-            raise
+            self.writer.error(frame.id, _reason(exc), errno_of(exc))
+            return
         self.writer.send({"t": "ok", "id": frame.id})
 
     def read(self, frame: Frame) -> None:
@@ -159,6 +170,6 @@ class Files:
             finally:
                 os.close(fd)
         except Exception as exc:
-            self.writer.error(req_id, describe(exc), errno_of(exc))
+            self.writer.error(req_id, _reason(exc), errno_of(exc))
             return
         self.writer.send({"t": "ok", "id": req_id})

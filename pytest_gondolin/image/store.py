@@ -10,7 +10,9 @@ Layout under ``<cache>/images/``::
 Concurrent builders serialize on a :mod:`filelock` per image; a build
 happens in a temp folder renamed into place when complete, so a reader never
 sees a half-written image. A folder whose manifest or files don't match is
-treated as corrupt and rebuilt.
+treated as corrupt and rebuilt. Finding a complete image writes nothing, so
+a read-only cache serves the images in it; one that must be built there
+raises :class:`~pytest_gondolin.errors.CacheDirError`.
 """
 
 from __future__ import annotations
@@ -71,9 +73,8 @@ class Image:
 
 
 def images_root() -> Path:
-    root = paths.cache_dir() / "images"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    """The folder of cached images (not created: finding an image must not write)."""
+    return paths.cache_root() / "images"
 
 
 def open_image(path: Path) -> Image:
@@ -104,6 +105,7 @@ def ensure_image(
         return open_image(Path(recipe))
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe) if recipe else load_recipe()
+    paths.cache_dir()  # CacheDirError, naming the folder, if there can be no cache at all
     root = images_root()
     target = root / recipe.image_key
     if not rebuild:
@@ -112,12 +114,14 @@ def ensure_image(
         except ImageError:
             pass
     locks = root / ".locks"
-    locks.mkdir(exist_ok=True)
     lock = filelock.FileLock(str(locks / f"{recipe.image_key}.lock"))
     if progress:
         progress(f"waiting for the image lock {lock.lock_file}")
     try:
-        lock.acquire(timeout=BUILD_LOCK_TIMEOUT)
+        # The lock is the first write of a build: a read-only cache stops it here.
+        with paths.writing_cache(f"image {recipe.image_key} must be built there"):
+            locks.mkdir(parents=True, exist_ok=True)
+            lock.acquire(timeout=BUILD_LOCK_TIMEOUT)
     except filelock.Timeout as exc:
         raise ImageError(
             f"timed out after {BUILD_LOCK_TIMEOUT} s waiting for another build of {recipe.image_key}"
@@ -150,7 +154,8 @@ def ensure_image(
 def list_images() -> list[Image | Path]:
     """Every folder in the image cache: an :class:`Image`, or a Path if it is incomplete."""
     out: list[Image | Path] = []
-    for path in sorted(images_root().iterdir()):
+    root = images_root()
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
         if path.name.startswith(".") or not path.is_dir():
             continue
         try:
@@ -167,7 +172,7 @@ def prune_images(keep: set[str]) -> list[Path]:
     """
     root = images_root()
     removed: list[Path] = []
-    for path in sorted(root.iterdir()):
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
         if path.name.startswith(".") or not path.is_dir() or path.name in keep:
             continue
         shutil.rmtree(path, ignore_errors=True)

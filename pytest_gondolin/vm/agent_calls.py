@@ -24,7 +24,7 @@ import collections
 import enum
 from dataclasses import dataclass
 
-from pytest_gondolin.errors import AgentRequestError, VMError
+from pytest_gondolin.errors import AgentRequestError, VMError, guest_file_error
 from pytest_gondolin.guest import protocol as proto
 from pytest_gondolin.statemachine import Transitions, require, transition
 
@@ -37,6 +37,7 @@ __all__ = [
     "ReadCall",
     "SimpleCall",
     "SyncScan",
+    "WriteCall",
 ]
 
 
@@ -115,7 +116,7 @@ class Call:
             raise proto.FrameError(f"unexpected {frame.type!r} for a {self.kind} request")
         if frame.type == "error":
             h = frame.header
-            self.fail(AgentRequestError(self.kind, h["message"], h["errno"]))
+            self.fail(self.request_error(h["message"], h["errno"]))
         elif self.handle(frame):
             self._set_state(CallState.DONE)
         return self.done
@@ -123,6 +124,10 @@ class Call:
     def handle(self, frame: proto.Frame) -> bool:
         """Take a non-error frame; True when it completes the call."""
         return frame.type == "ok"
+
+    def request_error(self, message: str, errno: int | None) -> AgentRequestError:
+        """The error the agent's ``error`` answer means for this call."""
+        return AgentRequestError(self.kind, message, errno)
 
 
 class SimpleCall(Call):
@@ -133,16 +138,35 @@ class SimpleCall(Call):
         self.kind = kind
 
 
+class WriteCall(Call):
+    """``write_open`` .. ``write_close`` of guest file ``path``: one ``ok`` or ``error``."""
+
+    kind = "write_file"
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def request_error(self, message: str, errno: int | None) -> AgentRequestError:
+        """A :class:`~pytest_gondolin.errors.GuestFileError` (an OSError) naming ``path``."""
+        return guest_file_error(self.kind, self.path, errno, message)
+
+
 class ReadCall(Call):
-    """``read``: ``data`` frames up to ``max_size`` bytes, then ``ok``."""
+    """``read`` of guest file ``path``: ``data`` frames up to ``max_size`` bytes, then ``ok``."""
 
     kind = "read_file"
     accepts = frozenset({"data", "ok", "error"})
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, *, path: str) -> None:
         super().__init__()
         self.max_size = max_size
+        self.path = path
         self.data = bytearray()
+
+    def request_error(self, message: str, errno: int | None) -> AgentRequestError:
+        """A :class:`~pytest_gondolin.errors.GuestFileError` (an OSError) naming ``path``."""
+        return guest_file_error(self.kind, self.path, errno, message)
 
     def handle(self, frame: proto.Frame) -> bool:
         if frame.type == "data":

@@ -36,7 +36,14 @@ from pytest_gondolin.errors import (
     VMError,
 )
 from pytest_gondolin.guest import protocol as proto
-from pytest_gondolin.vm.agent_calls import Call, ExecCall, RawExecResult, ReadCall, SimpleCall
+from pytest_gondolin.vm.agent_calls import (
+    Call,
+    ExecCall,
+    RawExecResult,
+    ReadCall,
+    SimpleCall,
+    WriteCall,
+)
 from pytest_gondolin.vm.agent_process import AgentProcess
 from pytest_gondolin.vm.channel_core import ChannelCore, ChannelState, exec_header
 from pytest_gondolin.vm.frame_socket import FrameSocket
@@ -330,12 +337,13 @@ class AgentChannel:
         """Atomically create or replace ``path`` in the guest (parents created) with ``data``.
 
         Raises:
-            AgentRequestError: the guest could not write it (errno set).
+            GuestFileError: the guest could not write it; an OSError subclass
+                by errno (``GuestPermissionError``, ...) whose ``filename`` is ``path``.
             AgentTimeout: not done within ``REQUEST_TIMEOUT`` plus size / ``MIN_TRANSFER_RATE``.
             AgentProtocolError / AgentError / VMError: as for :meth:`exec`.
         """
         deadline = _deadline(self._request_timeout + len(data) / MIN_TRANSFER_RATE)
-        call = SimpleCall("write_file")
+        call = WriteCall(path)
         self._register(call, deadline)
         try:
             self._send_frame(
@@ -353,11 +361,13 @@ class AgentChannel:
         """Return the contents of the regular file ``path`` in the guest.
 
         Raises:
-            AgentRequestError: missing, not a regular file, or larger than ``max_size`` (EFBIG).
+            GuestFileError: missing (``GuestFileNotFoundError``), a folder
+                (``GuestIsADirectoryError``), not a regular file (EINVAL) or
+                larger than ``max_size`` (EFBIG); an OSError whose ``filename`` is ``path``.
             AgentProtocolError: the guest sent more than ``max_size`` bytes.
             AgentTimeout / AgentError / VMError: as for :meth:`write_file`.
         """
-        call = ReadCall(max_size)
+        call = ReadCall(max_size, path=path)
         self._request(
             call,
             {"t": "read", "path": path, "max_size": max_size},

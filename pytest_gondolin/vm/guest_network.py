@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
 from pytest_gondolin.errors import NetworkPolicyError, SnapshotError, VMLaunchError
+from pytest_gondolin.vm.guest_ca import guest_ca
 
 if TYPE_CHECKING:
     from pytest_gondolin.netpolicy.driver import NetworkDriver
@@ -30,11 +31,15 @@ CassetteOpener: TypeAlias = "Callable[[SecretStore | None], CassettePlayer]"
 
 
 def start_network(socket_path: Path, *, mtu: int, name: str) -> NetworkDriver:
-    """A driver listening on ``socket_path`` with the deny-all policy; VMLaunchError if it cannot."""
+    """A driver listening on ``socket_path`` with the deny-all policy; VMLaunchError if it cannot.
+
+    Its TLS interception uses :func:`~pytest_gondolin.vm.guest_ca.guest_ca`,
+    the CA in the guest's boot payload (CacheDirError if the cache has none).
+    """
     from pytest_gondolin.netpolicy.driver import NetworkDriver
 
     try:
-        return NetworkDriver(socket_path, mtu=mtu, name=name)
+        return NetworkDriver(socket_path, ca=guest_ca(), mtu=mtu, name=name)
     except NetworkPolicyError as exc:
         raise VMLaunchError(f"cannot start the guest network: {exc}") from exc
 

@@ -25,8 +25,9 @@ from pathlib import Path
 from pytest_gondolin.errors import SnapshotError
 from pytest_gondolin.hosttools import require as require_tool
 from pytest_gondolin.image.store import Image, ensure_image
-from pytest_gondolin.paths import cache_dir
+from pytest_gondolin.paths import cache_dir, writing_cache
 from pytest_gondolin.vm.accel import choose_accel, qemu_version
+from pytest_gondolin.vm.guest_ca import guest_ca
 from pytest_gondolin.vm.payload import build_payload, combined_initrd
 from pytest_gondolin.vm.qemu import MachineSpec, command_line
 
@@ -85,12 +86,10 @@ def boot_initrd(config: VMConfig) -> Path:
     """The initrd (image base + per-boot payload) a VM with ``config`` boots."""
     files = {**config.extra_files, "mtu": str(config.mtu).encode()}
     if config.network and config.net_socket is None and "ca.pem" not in files:
-        # Imported here: the network stack loads when a guest first needs it,
-        # not when the plugin starts.
-        from pytest_gondolin.netpolicy.http.ca import default_ca
-
-        files["ca.pem"] = default_ca().ca_pem  # one CA per cache dir: stable payload
-    return combined_initrd(config.image.initrd, build_payload(files), cache_dir() / "boot")
+        files["ca.pem"] = guest_ca().ca_pem  # one CA per cache dir: stable payload
+    boot = cache_dir() / "boot"
+    with writing_cache("the guest's boot files must be written there"):
+        return combined_initrd(config.image.initrd, build_payload(files), boot)
 
 
 def state_key(config: VMConfig) -> str:

@@ -32,7 +32,14 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pytest_gondolin.errors import AgentError, ExecTimeout, SnapshotError, StateError, VMError
+from pytest_gondolin.errors import (
+    AgentError,
+    AgentRequestError,
+    ExecTimeout,
+    SnapshotError,
+    StateError,
+    VMError,
+)
 from pytest_gondolin.hosttools import require as require_tool
 from pytest_gondolin.statemachine import require, transition
 from pytest_gondolin.vm import checkpoint as ckpt
@@ -400,11 +407,18 @@ class VM:
 
     @require(*LAUNCHED)
     def write_file(self, path: str, data: str | bytes, *, mode: int = 0o644) -> None:
-        """Write ``data`` to ``path`` in the guest (atomically; parents created)."""
+        """Write ``data`` to ``path`` in the guest (atomically; parents created).
+
+        Raises :class:`~pytest_gondolin.errors.GuestFileError` if the guest
+        cannot: an ``OSError`` (``PermissionError``, ``NotADirectoryError``, ...)
+        whose ``filename`` is ``path``.
+        """
         blob = data.encode() if isinstance(data, str) else bytes(data)
         channel = self._require_channel()
         try:
             channel.write_file(path, blob, mode=mode)
+        except AgentRequestError:
+            raise  # the agent answered: the VM is up, no crash to look for
         except (AgentError, VMError) as exc:
             self._crash_check(exc)
             raise
@@ -440,10 +454,17 @@ class VM:
 
     @require(*LAUNCHED)
     def read_file(self, path: str, *, max_size: int = MAX_READ_FILE) -> bytes:
-        """Return the contents of ``path`` in the guest."""
+        """Return the contents of the regular file ``path`` in the guest.
+
+        Raises :class:`~pytest_gondolin.errors.GuestFileError` if the guest
+        cannot: an ``OSError`` (``FileNotFoundError``, ``IsADirectoryError``,
+        ...; EFBIG past ``max_size``) whose ``filename`` is ``path``.
+        """
         channel = self._require_channel()
         try:
             return channel.read_file(path, max_size=max_size)
+        except AgentRequestError:
+            raise  # the agent answered: the VM is up, no crash to look for
         except (AgentError, VMError) as exc:
             self._crash_check(exc)
             raise

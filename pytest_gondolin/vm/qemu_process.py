@@ -236,7 +236,7 @@ class QemuProcess:
         if proc is not None and proc.poll() is None:
             if self._qmp is not None:
                 try:
-                    self._qmp.cmd("quit", timeout=SHUTDOWN_GRACE)
+                    self._qmp.quit(timeout=SHUTDOWN_GRACE)
                 except VMError:
                     pass
             _stop_process(proc)

@@ -18,7 +18,7 @@ __all__ = ["snapshots_dir", "warm_snapshot_lock", "warm_snapshot_path"]
 
 def snapshots_dir() -> Path:
     """The folder of cached warm snapshots (not created: readers must not create it)."""
-    return paths.cache_dir() / "snapshots"
+    return paths.cache_root() / "snapshots"
 
 
 def warm_snapshot_path(key: str) -> Path:
@@ -27,5 +27,5 @@ def warm_snapshot_path(key: str) -> Path:
 
 
 def warm_snapshot_lock(key: str) -> Path:
-    """The lock file writers of :func:`warm_snapshot_path` hold."""
+    """The lock file writers of :func:`warm_snapshot_path` hold (see :func:`~pytest_gondolin.paths.lock_path`)."""
     return snapshots_dir() / f"{key}.lock"

@@ -9,6 +9,9 @@ Later VMs with the same key start QEMU with a copy of that file and
 payload (agent code, CA, MTU), memory, CPUs, accelerator, QEMU version and
 command line, so any change invalidates it. Writers hold a file lock and
 rename into place; a cached file that fails to load is deleted and rebuilt.
+In a cache that cannot be written, a snapshot in it is still used; without
+one the VM boots cold and nothing is saved (the lock is then held in the
+runtime folder, :func:`~pytest_gondolin.paths.lock_path`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import filelock
 
+import pytest_gondolin.paths as paths
 from pytest_gondolin.errors import VMError
 from pytest_gondolin.vm.identity import VMConfig, state_key
 from pytest_gondolin.vm.machine import VM
@@ -44,9 +48,9 @@ def launch_clean(
     """Return a running VM that holds internal snapshot ``CLEAN_TAG`` of its ready state."""
     say = progress or (lambda msg: log.info("%s", msg))
     key = state_key(config)
-    snapshots_dir().mkdir(parents=True, exist_ok=True)
+    saving = use_cache and _writable(snapshots_dir())
     cached = warm_snapshot_path(key)
-    lock = filelock.FileLock(str(warm_snapshot_lock(key)))
+    lock = filelock.FileLock(str(paths.lock_path(warm_snapshot_lock(key))))
     with lock.acquire(timeout=WARM_LOCK_TIMEOUT):
         if use_cache and cached.exists():
             started = time.monotonic()
@@ -54,7 +58,8 @@ def launch_clean(
                 vm = VM.launch(config, name=name, loadvm_disk=cached, loadvm_tag=CLEAN_TAG)
             except VMError as exc:
                 log.warning("cached snapshot %s did not load (%s); booting cold", cached, exc)
-                cached.unlink(missing_ok=True)
+                if saving:
+                    cached.unlink(missing_ok=True)
             else:
                 say(
                     f"{name} restored from the cached ready snapshot in {time.monotonic() - started:.2f} s"
@@ -67,15 +72,28 @@ def launch_clean(
         vm = VM.launch(config, name=name)
         try:
             vm.save_internal(CLEAN_TAG)
-            if use_cache:
+            if saving:
                 _export(vm, cached)
         except BaseException:
             vm.close()
             raise
-        say(
-            f"{name} booted and snapshotted in {time.monotonic() - started:.1f} s (cached for later runs)"
-        )
+        if saving:
+            kept = "cached for later runs"
+        elif use_cache:
+            kept = f"not cached: {snapshots_dir()} cannot be written"
+        else:
+            kept = "not cached"
+        say(f"{name} booted and snapshotted in {time.monotonic() - started:.1f} s ({kept})")
         return vm
+
+
+def _writable(folder: Path) -> bool:
+    """Create ``folder`` if it can be; whether snapshots can be saved in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return paths.can_write(folder)
 
 
 def _export(vm: VM, target: Path) -> None:

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import os
 import signal
 import time
 
 import pytest
 
-from pytest_gondolin.errors import ExecError, ExecTimeout, VMCrashed, VMError, VMLaunchError
+from pytest_gondolin.errors import (
+    ExecError,
+    ExecTimeout,
+    GondolinError,
+    GuestFileError,
+    GuestFileNotFoundError,
+    GuestIsADirectoryError,
+    GuestNotADirectoryError,
+    GuestPermissionError,
+    VMCrashed,
+    VMError,
+    VMLaunchError,
+)
 from pytest_gondolin.image.store import Image
 from pytest_gondolin.vm.identity import VMConfig
 from pytest_gondolin.vm.machine import VM
@@ -151,3 +164,54 @@ def test_guest_kernel_panic_is_reported(vm_factory) -> None:  # type: ignore[no-
         machine.exec("echo c > /proc/sysrq-trigger; sleep 30", timeout=60)
     assert "sysrq" in machine.console_log().lower() or "panic" in machine.console_log().lower()
     machine.close()
+
+
+# -- guest file errors: OSErrors (and gondolin errors) naming the path given -----------
+
+
+def test_read_of_a_missing_file_is_file_not_found(session_vm: VM) -> None:
+    path = "/no-such-dir/missing.txt"
+    with pytest.raises(FileNotFoundError) as info:
+        session_vm.read_file(path)
+    error = info.value
+    assert isinstance(error, GuestFileNotFoundError) and isinstance(error, GondolinError)
+    assert (error.errno, error.filename) == (errno.ENOENT, path)
+    assert str(error).endswith(f"No such file or directory: {path!r}")
+
+
+def test_a_write_the_guest_refuses_names_the_path_given(session_vm: VM) -> None:
+    # /proc takes no new files: the agent's temp file next to the target is refused.
+    with pytest.raises(OSError) as info:
+        session_vm.write_file("/proc/nope", b"x")
+    error = info.value
+    assert isinstance(error, GuestFileError) and error.filename == "/proc/nope"
+    assert "/proc/nope" in str(error) and ".tmp" not in str(error)
+    # sysfs refuses with EACCES: a PermissionError.
+    with pytest.raises(PermissionError) as denied:
+        session_vm.write_file("/sys/nope", b"x")
+    assert isinstance(denied.value, GuestPermissionError)
+    assert denied.value.filename == "/sys/nope"
+
+
+def test_write_into_a_missing_folder(session_vm: VM) -> None:
+    # Missing folders are created, as documented ...
+    session_vm.write_file("/tmp/new-folder/sub/file.txt", "made")
+    assert session_vm.read_file("/tmp/new-folder/sub/file.txt") == b"made"
+    # ... unless they cannot be: the error names the file asked for, not the folder.
+    with pytest.raises(FileNotFoundError) as info:
+        session_vm.write_file("/proc/no-folder/file.txt", "x")
+    assert info.value.filename == "/proc/no-folder/file.txt"
+    # A file where a folder should be.
+    session_vm.write_file("/tmp/plain-file", "x")
+    with pytest.raises(NotADirectoryError) as not_dir:
+        session_vm.write_file("/tmp/plain-file/file.txt", "x")
+    assert isinstance(not_dir.value, GuestNotADirectoryError)
+    assert not_dir.value.filename == "/tmp/plain-file/file.txt"
+
+
+def test_read_of_a_folder_is_a_directory_error(session_vm: VM) -> None:
+    with pytest.raises(IsADirectoryError) as info:
+        session_vm.read_file("/etc")
+    assert isinstance(info.value, GuestIsADirectoryError) and info.value.filename == "/etc"
+    # Negative control: the VM is fine and reads a real file.
+    assert b"Debian" in session_vm.read_file("/etc/os-release")

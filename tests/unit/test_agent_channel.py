@@ -29,6 +29,7 @@ from pytest_gondolin.errors import (
     AgentRequestError,
     AgentTimeout,
     ExecTimeout,
+    GuestFileError,
     VMError,
 )
 from pytest_gondolin.guest import protocol as proto
@@ -304,18 +305,40 @@ def test_write_file_replaces_and_honours_mode(ch: AgentChannel, tmp_path: Path) 
 
 def test_file_errors(ch: AgentChannel, tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"12345")
-    cases: list[tuple[Callable[[], object], int]] = [
-        (lambda: ch.read_file(str(tmp_path / "missing"), max_size=10), errno.ENOENT),
-        (lambda: ch.read_file(str(tmp_path / "file"), max_size=4), errno.EFBIG),
-        (lambda: ch.read_file(str(tmp_path), max_size=10), errno.EISDIR),
-        (lambda: ch.write_file(str(tmp_path / "file" / "sub"), b"x" * 10), errno.ENOTDIR),
-        (lambda: ch.write_file(str(tmp_path) + "/", b"x"), errno.EISDIR),
+    missing, file, sub = (
+        str(tmp_path / "missing"),
+        str(tmp_path / "file"),
+        str(tmp_path / "file" / "sub"),
+    )
+    cases: list[tuple[Callable[[], object], str, int, type[OSError]]] = [
+        (lambda: ch.read_file(missing, max_size=10), missing, errno.ENOENT, FileNotFoundError),
+        (lambda: ch.read_file(file, max_size=4), file, errno.EFBIG, GuestFileError),
+        (
+            lambda: ch.read_file(str(tmp_path), max_size=10),
+            str(tmp_path),
+            errno.EISDIR,
+            IsADirectoryError,
+        ),
+        (lambda: ch.write_file(sub, b"x" * 10), sub, errno.ENOTDIR, NotADirectoryError),
+        (
+            lambda: ch.write_file(str(tmp_path) + "/", b"x"),
+            str(tmp_path) + "/",
+            errno.EISDIR,
+            IsADirectoryError,
+        ),
+        # The agent's temp file cannot be created in /proc: the error names the path given.
+        (lambda: ch.write_file("/proc/nope", b"x"), "/proc/nope", errno.ENOENT, FileNotFoundError),
     ]
-    for call, err in cases:
-        with pytest.raises(AgentRequestError) as info:
+    for call, path, err, kind in cases:
+        with pytest.raises(kind) as info:
             call()
-        assert info.value.errno == err, info.value
-    assert ch.read_file(str(tmp_path / "file"), max_size=5) == b"12345"
+        error = info.value
+        assert isinstance(error, GuestFileError), repr(error)
+        assert isinstance(error, AgentRequestError)  # what callers caught before
+        assert (error.errno, error.filename) == (err, path), error
+        assert str(error).endswith(f": {path!r}"), str(error)
+        assert ".tmp" not in str(error), str(error)
+    assert ch.read_file(file, max_size=5) == b"12345"
     with pytest.raises(AgentProtocolError, match="path"):
         ch.read_file("relative/path", max_size=10)
 

@@ -190,7 +190,7 @@ def test_abandoned_builds_of_dead_processes_are_removed(
     dead = subprocess.Popen(["true"])
     dead.wait()
     abandoned = root / f".tmp-{recipe.image_key}-{dead.pid}"
-    abandoned.mkdir()
+    abandoned.mkdir(parents=True)
     (abandoned / "rootfs.qcow2").write_bytes(b"half")
     live = root / f".tmp-other-{os.getpid()}"  # a build under way in a live process
     live.mkdir()

@@ -80,14 +80,14 @@ def registered(core: ChannelCore, call: Any) -> Any:
             id="simple-error",
         ),
         pytest.param(
-            lambda: ReadCall(5),
+            lambda: ReadCall(5, path="/f"),
             [("data", b"12", {}), ("data", b"345", {}), ("ok", b"", {})],
             CallState.DONE,
             lambda c: bytes(c.data) == b"12345",
             id="read",
         ),
         pytest.param(
-            lambda: ReadCall(4),
+            lambda: ReadCall(4, path="/f"),
             [("data", b"12", {}), ("data", b"345", {})],
             CallState.FAILED,
             lambda c: isinstance(c.error, AgentProtocolError) and "max_size" in str(c.error),
@@ -303,7 +303,10 @@ def test_bad_requests_are_refused_before_anything_is_sent(core: ChannelCore) -> 
 def test_random_guest_bytes_never_escape_the_core(chunks: list[bytes]) -> None:
     core = ChannelCore("fuzz")
     core._next_id = 1  # the sampled frames address ids 1 and 2
-    calls = [registered(core, ExecCall(64, streaming=True)), registered(core, ReadCall(8))]
+    calls = [
+        registered(core, ExecCall(64, streaming=True)),
+        registered(core, ReadCall(8, path="/f")),
+    ]
     for chunk in chunks:
         core.receive_data(chunk)
     assert core.state in (ChannelState.OPEN, ChannelState.BROKEN)
