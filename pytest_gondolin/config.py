@@ -90,23 +90,79 @@ def parse_number(
 
 
 def parse_requirements(value: object, source: str) -> tuple[str, ...]:
-    """Requirement specifiers: one per line in ini files, space-separated elsewhere."""
+    """Requirement specifiers from a list (a TOML list, an ini key's lines) or a string.
+
+    One rule for every source: each list item or line of text is one
+    requirement if it parses as one (``requests >= 2.32``, ``attrs [tests]``),
+    else whitespace-separated requirements (``requests==2.32.3 six``). Blank
+    items and ``#`` comments are skipped. Raises :class:`ConfigError` naming
+    ``source`` and the item that is not a requirement.
+    """
     if value is None:
         return ()
-    text = str(value)
-    items = text.splitlines() if source.startswith("ini") else text.split()
+    if isinstance(value, str):
+        lines = value.splitlines()
+    elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        lines = list(value)
+    else:
+        raise ConfigError(
+            f"{source}: expected requirements as a list of strings or a string, got {value!r}"
+        )
     out: list[str] = []
-    for item in (i.strip() for i in items):
-        if not item or item.startswith("#"):
+    for line in (raw.strip() for raw in lines):
+        if not line or line.startswith("#"):
             continue
-        from packaging.requirements import InvalidRequirement, Requirement
-
-        try:
-            Requirement(item)
-        except InvalidRequirement as exc:
-            raise ConfigError(f"{source}: {item!r} is not a valid requirement ({exc})") from exc
-        out.append(item)
+        if _requirement_error(line) is None:
+            out.append(line)
+            continue
+        for word in line.split():
+            problem = _requirement_error(word)
+            if problem is not None:
+                raise ConfigError(f"{source}: {word!r} is not a valid requirement ({problem})")
+            out.append(word)
     return tuple(out)
+
+
+def _requirement_error(text: str) -> str | None:
+    """Why ``text`` is not one PEP 508 requirement, or ``None`` if it is one."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        Requirement(text)
+    except InvalidRequirement as exc:
+        return str(exc)
+    return None
+
+
+_SWITCH = {
+    "on": True,
+    "true": True,
+    "yes": True,
+    "1": True,
+    "off": False,
+    "false": False,
+    "no": False,
+    "0": False,
+}
+
+
+def parse_switch(value: object, source: str, what: str) -> bool:
+    """``on``/``off`` (also true/false, yes/no, 1/0, any case) as a bool."""
+    if isinstance(value, bool):
+        return value
+    switch = _SWITCH.get(str(value).strip().lower())
+    if switch is None:
+        raise ConfigError(f"{source}: {what} must be on or off, got {value!r}")
+    return switch
+
+
+def parse_size(value: object, source: str, what: str) -> int:
+    """A size in bytes from ``512``, ``"512M"``, ``"2G"``, ``"2GiB"`` (a bare number means MiB)."""
+    m = _SIZE_RE.match(str(value)) if not isinstance(value, bool) else None
+    if not m:
+        raise ConfigError(f"{source}: {what} must be a size like '512M' or '2G', got {value!r}")
+    n, unit = int(m.group(1)), m.group(2).upper()
+    return n * {"": 2**20, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
 
 
 def parse_choice(value: object, source: str, choices: tuple[str, ...], what: str) -> str:
@@ -129,6 +185,10 @@ class Settings:
     record_mode: str
     artifacts: str | None
     requirements: tuple[str, ...] = ()
+    #: Carry the host's Python environment into the guest (sandbox/host_environment.py).
+    host_environment: bool = False
+    #: Bytes of host environment carried at most.
+    host_environment_limit: int = 512 * 2**20
 
 
 def load_settings(config: pytest.Config) -> Settings:
@@ -151,6 +211,10 @@ def load_settings(config: pytest.Config) -> Settings:
         mode = parse_choice(mode, src, RECORD_MODES, "record mode")
         artifacts, _ = raw_value(config, "artifacts")
         requirements = parse_requirements(*raw_value(config, "requirements"))
+        host_env, src = raw_value(config, "host_environment")
+        host_environment = parse_switch(host_env, src, "host environment")
+        env_limit, src = raw_value(config, "host_environment_limit")
+        host_environment_limit = parse_size(env_limit, src, "host environment limit")
     except ConfigError as exc:
         raise pytest.UsageError(f"pytest-gondolin: {exc}") from exc
     return Settings(
@@ -164,4 +228,6 @@ def load_settings(config: pytest.Config) -> Settings:
         record_mode=mode,
         artifacts=str(artifacts) if artifacts else None,
         requirements=requirements,
+        host_environment=host_environment,
+        host_environment_limit=host_environment_limit,
     )

@@ -2,14 +2,17 @@
 
 The one place that cuts logs down to what an error message, a report
 section or a failure artifact quotes (QEMU's stderr, the guest console, a
-build log, a worker's stderr). Stdlib only, so :mod:`pytest_gondolin.errors`
-can use it.
+build log, a worker's stderr). :func:`tail_lines` is defined with the error
+classes in :mod:`pytest_gondolin.guest.errors` (the guest has those, and
+their messages quote tails) and re-exported here.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from pytest_gondolin.guest.errors import tail_lines
 
 __all__ = ["read_tail", "read_tail_text", "tail_lines"]
 
@@ -34,10 +37,3 @@ def read_tail(path: Path | None, limit: int) -> bytes:
 def read_tail_text(path: Path | None, limit: int) -> str:
     """:func:`read_tail`, decoded as UTF-8 with replacement (a cut may split a character)."""
     return read_tail(path, limit).decode("utf-8", errors="replace")
-
-
-def tail_lines(text: str, lines: int) -> str:
-    """The last ``lines`` lines of ``text``, joined with ``\\n`` (no trailing newline)."""
-    if lines <= 0:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])

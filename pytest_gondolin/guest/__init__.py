@@ -17,4 +17,9 @@ side imports from here, never the other way round
 * ``options`` -- option and marker declarations (shared with the host)
 * ``hostquery`` -- questions a running test asks the host
 * ``traffic`` / ``recording`` -- ``http_traffic`` and the exchange queries
+* ``errors`` -- the exception classes (the host's ``pytest_gondolin.errors``
+  re-exports them)
+* ``secret`` -- ``Secret``, a value both sides use
+* ``public`` -- the package's public names in the guest (stand-ins for the
+  host-only classes)
 """

@@ -13,6 +13,7 @@ Naming: kebab-case flags ``--gondolin-<name>``, snake_case ini keys
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 
@@ -33,6 +34,9 @@ class Option:
     default: str | None
     choices: tuple[str, ...] | None = None
     flag: bool = False
+    #: The ini key's pytest type: ``"linelist"`` takes a TOML list as well as
+    #: one item per line, as pytest's own ``markers`` does.
+    ini_type: Literal["string", "linelist"] = "string"
 
     @property
     def cli(self) -> str:
@@ -72,9 +76,22 @@ OPTIONS = (
     ),
     Option(
         "requirements",
-        "packages to install in the guest for sandboxed tests (ini: one per line; "
-        "flag/env: separated by spaces), e.g. 'requests==2.32.3 six'",
+        "packages to install in the guest for sandboxed tests: separated by spaces or "
+        "new lines (ini: also a TOML list), e.g. 'requests==2.32.3 six'",
         None,
+        ini_type="linelist",
+    ),
+    Option(
+        "host_environment",
+        "carry the host's Python environment (installed distributions, editable installs) "
+        "into the guest: on or off (off by default until the carried environment is cached "
+        "in the guest too; today it adds seconds to each session's start under TCG)",
+        "off",
+    ),
+    Option(
+        "host_environment_limit",
+        "largest host Python environment carried into the guest, e.g. 512M or 2G",
+        "512M",
     ),
     Option(
         "artifacts",
@@ -100,4 +117,4 @@ def add_options(parser: pytest.Parser) -> None:
                 choices=opt.choices,
                 help=f"{opt.help} (default: {opt.default})",
             )
-            parser.addini(opt.ini, opt.help, default=None)
+            parser.addini(opt.ini, opt.help, type=opt.ini_type, default=None)

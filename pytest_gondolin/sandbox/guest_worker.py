@@ -4,7 +4,8 @@ Per guest key (image, memory, CPUs) the session prepares one
 :class:`GuestWorker`:
 
 1. a VM from the cached ready snapshot (or a cold boot, see ``vm/warm.py``);
-2. the project tree and the host's pytest copied in (:mod:`.project_files`);
+2. the project tree (:mod:`.project_files`) and the host's Python
+   environment (:mod:`.host_environment`) copied in, at their host paths;
 3. the test worker started there (:mod:`pytest_gondolin.guest.worker`); it
    collects the files holding sandboxed items and waits for commands;
 4. an internal snapshot :data:`WORKER_TAG` saved *after* collection, so no
@@ -35,12 +36,15 @@ from typing import Final
 
 import pytest
 
+import pytest_gondolin.sandbox.host_environment as host_environment
 import pytest_gondolin.sandbox.project_files as project_files
-from pytest_gondolin.errors import GondolinError, VMError
+from pytest_gondolin.errors import ConfigError, GondolinError, VMError
 from pytest_gondolin.fixtures import GuestKey, VMFactory
+from pytest_gondolin.guest.hostpath import HOST_PATH_ENV
 from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
 from pytest_gondolin.netpolicy.http.cassette_values import CassetteError
 from pytest_gondolin.network_setup import apply_network
+from pytest_gondolin.paths import cache_dir
 from pytest_gondolin.sandbox.arguments import guest_args, worker_args
 from pytest_gondolin.sandbox.client import WorkerClient
 from pytest_gondolin.sandbox.messages import Collected
@@ -76,6 +80,8 @@ DEFAULT_RUN_TIMEOUT: Final = 3600.0
 VM_EXIT_GRACE: Final = 2.0
 #: Unpacking the project, pytest and requirements in the guest (TCG, big trees).
 UNPACK_TIMEOUT: Final = 300.0
+#: The guest worker's entry module: the host's sys.path first, then the worker.
+HOSTPATH_MODULE: Final = "pytest_gondolin.guest.hostpath"
 #: Console bytes quoted when a run's VM died.
 CONSOLE_TAIL_CHARS: Final = 3000
 
@@ -130,6 +136,7 @@ class GuestWorker:
         self.vm: VM | None = None  # the VM that ran (or runs) the latest test
         self.collected: Collected | None = None
         self._lanes: RestorePool[_Lane] | None = None
+        self.environment: host_environment.HostEnvironment | None = None
 
     # -- preparing -------------------------------------------------------------
 
@@ -185,47 +192,103 @@ class GuestWorker:
         return collected
 
     def _copy_project(self, vm: VM) -> None:
-        """The project tree, pytest and the configured requirements, unpacked in the guest."""
+        """The project tree, the host's environment (or pytest) and the requirements, in the guest."""
         rootdir = Path(self.config.rootpath)
+        settings = self.factory.settings
         say = self.factory.progress
-        say(f"{vm.name}: copying the project tree ({rootdir}) and pytest into the guest")
-        vm.write_file("/tmp/gondolin-project.tar", project_files.pack_project(rootdir))
-        vm.write_file("/tmp/gondolin-libs.tar", project_files.pack_distributions())
-        requirements = self.factory.settings.requirements
+        say(f"{vm.name}: copying the project tree ({rootdir}) and the host's environment")
+        started = time.monotonic()
+        env = self._host_environment()
+        tars = [project_files.pack_project(rootdir)]
+        requirements = list(settings.requirements)
+        if env is not None:
+            tars += host_environment.pack_chunks(env, cache_dir() / "host-environment")
+            tars += [project_files.pack_project(Path(source)) for source in env.sources]
+            requirements += self._fallback_requirements(env)
+        if env is None or not env.carries("pytest"):
+            tars.append(project_files.pack_distributions())
         if requirements:
             folder = project_files.requirements_dir(requirements, progress=say)
-            vm.write_file(
-                "/tmp/gondolin-reqs.tar",
-                project_files.pack_folder(folder, project_files.GUEST_REQUIREMENTS),
-            )
-            vm.exec(
-                "tar -xf /tmp/gondolin-reqs.tar -C / && rm /tmp/gondolin-reqs.tar",
-                check=True,
-                timeout=UNPACK_TIMEOUT,
-            )
+            tars.append(project_files.pack_folder(folder, project_files.GUEST_REQUIREMENTS))
+        packed = time.monotonic()
+        # On the root disk, not /tmp: the guest's tmpfs is a fraction of its memory.
+        names = [f"/var/tmp/gondolin-{i}.tar" for i in range(len(tars))]
+        for name, data in zip(names, tars, strict=True):
+            vm.write_file(name, data)
+        written = time.monotonic()
+        # --ignore-zeros: the environment's tars are per-distribution tars joined.
         vm.exec(
-            "tar -xf /tmp/gondolin-project.tar -C / && tar -xf /tmp/gondolin-libs.tar -C / "
-            "&& rm /tmp/gondolin-project.tar /tmp/gondolin-libs.tar",
+            " && ".join(f"tar --ignore-zeros -xf {n} -C / && rm {n}" for n in names),
             check=True,
             timeout=UNPACK_TIMEOUT,
         )
         vm.exec(["mkdir", "-p", str(self.config.invocation_params.dir)], check=True)
+        log.info(
+            "%s: %.1f MiB copied in: packed %.2f s, written %.2f s, unpacked %.2f s",
+            vm.name,
+            sum(map(len, tars)) / 2**20,
+            packed - started,
+            written - packed,
+            time.monotonic() - written,
+        )
+
+    def _host_environment(self) -> host_environment.HostEnvironment | None:
+        """What of the host's environment the guest gets (None: carrying it is off)."""
+        settings = self.factory.settings
+        if not settings.host_environment:
+            self.environment = None
+            return None
+        if self.environment is None:
+            self.environment = host_environment.scan(
+                Path(self.config.rootpath), limit=settings.host_environment_limit
+            )
+        return self.environment
+
+    def _fallback_requirements(self, env: host_environment.HostEnvironment) -> list[str]:
+        """Wheels for the distributions the guest cannot load as the host has them.
+
+        Fetched with the configured requirements when pip finds them all; if
+        not, the session says once which distributions the guest lacks and why,
+        and goes on without them.
+        """
+        notes = list(env.notes)
+        pins = [m.pin for m in env.missing]
+        if pins:
+            try:
+                project_files.requirements_dir(
+                    [*self.factory.settings.requirements, *pins], progress=self.factory.progress
+                )
+            except ConfigError as exc:
+                notes += [f"{m.name} {m.version}: {m.reason}" for m in env.missing]
+                notes.append(f"pip found no wheel for the guest either: {str(exc)[-500:]}")
+                pins = []
+        if notes:
+            host_environment.report_once(
+                ["pytest-gondolin: not all of the host's environment is importable in the guest:"]
+                + [f"  {n}" for n in notes]
+            )
+        return pins
 
     def _worker_env(self) -> dict[str, str]:
-        pythonpath = [
-            project_files.GUEST_SITE,
-            "/run/gondolin/py",
-            project_files.GUEST_REQUIREMENTS,
-        ]
-        src = Path(self.config.rootpath) / "src"
-        if src.is_dir():
-            pythonpath.append(str(src))
+        env = self.environment if self.factory.settings.host_environment else None
+        pythonpath = ["/run/gondolin/py", project_files.GUEST_REQUIREMENTS]
+        if env is None or not env.carries("pytest"):
+            pythonpath.insert(0, project_files.GUEST_SITE)
+        extra: dict[str, str] = {}
+        if env is not None:
+            # The host's own sys.path, in its order (guest/hostpath.py).
+            extra[HOST_PATH_ENV] = env.host_path()
+        else:
+            src = Path(self.config.rootpath) / "src"
+            if src.is_dir():
+                pythonpath.append(str(src))
         return {
             **GUEST_ENV,
             "PYTHONPATH": ":".join(pythonpath),
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
             "GONDOLIN_GUEST": "1",
+            **extra,
         }
 
     def _worker_argv(self) -> list[str]:
@@ -233,7 +296,7 @@ class GuestWorker:
             "python3",
             "-s",
             "-m",
-            "pytest_gondolin.guest.worker",
+            HOSTPATH_MODULE,
             *guest_args(worker_args(self.config)),
             "-p",
             "gondolin",

@@ -10,7 +10,9 @@ deserialized reports, never to the wire data: a run that crashed or timed
 out becomes a failed report naming the cause (a :class:`WorkerFailureRepr`),
 and a :class:`~.outcome.HostFailure` (a cassette miss) fails the call
 report.  :func:`replay_collect_errors` does the same for the worker's
-collection errors.  The reports come already validated by
+collection errors, each headed ``in the guest:`` (:class:`GuestErrorRepr`):
+unlike a test's reports, which the verbose status marks ``(in guest)``,
+nothing else says where a module failed to import.  The reports come already validated by
 :mod:`.messages`; deserializing them is still guarded, and bad report data
 never raises out of here.
 """
@@ -36,6 +38,8 @@ from pytest_gondolin.sandbox.outcome import Failure, HostFailure, RunOutcome
 
 __all__ = [
     "GUEST_REPORT_ATTR",
+    "IN_GUEST",
+    "GuestErrorRepr",
     "WorkerFailureRepr",
     "replay_collect_errors",
     "replay_item",
@@ -64,6 +68,46 @@ class WorkerFailureRepr(TerminalRepr):
             tw.line("")
             for line in self.detail.rstrip("\n").splitlines():
                 tw.line(line)
+
+
+#: What the host's account of an error that happened in the guest starts with.
+IN_GUEST = "in the guest:"
+
+
+class GuestErrorRepr(TerminalRepr):
+    """The longrepr of a collection error the guest reported, headed ``in the guest:`` on the host.
+
+    ``inner`` is the guest's own longrepr (pytest's text for an import error,
+    or a deserialized traceback), shown unchanged after the heading, so the
+    guest's ``--tb`` style holds.  ``reprcrash`` carries the heading too, for
+    the short summary line (``ERROR x.py - in the guest: ...``); ``str()``
+    starts with it (junitxml's text, pytest-xdist's serialization of a
+    host worker's report).
+    """
+
+    def __init__(self, inner: TerminalRepr | str, path: str, lineno: int) -> None:
+        self.inner = inner
+        crash = getattr(inner, "reprcrash", None)
+        if isinstance(crash, ReprFileLocation):
+            message, path, lineno = crash.message, crash.path, crash.lineno
+        else:
+            message = str(inner).strip().partition("\n")[0]
+        self.reprcrash = ReprFileLocation(path, lineno, f"{IN_GUEST} {message}")
+
+    def toterminal(self, tw: TerminalWriter) -> None:
+        if isinstance(self.inner, str):
+            tw.line(f"{IN_GUEST} {self.inner}")
+        else:
+            tw.line(IN_GUEST, bold=True)
+            self.inner.toterminal(tw)
+
+
+def _head_in_guest(report: pytest.CollectReport) -> None:
+    """Head a failed guest collect report's longrepr ``in the guest:`` (no-op for any other)."""
+    longrepr = report.longrepr
+    headed = isinstance(longrepr, GuestErrorRepr)
+    if report.failed and isinstance(longrepr, str | TerminalRepr) and not headed:
+        report.longrepr = GuestErrorRepr(longrepr, report.fspath, 0)
 
 
 def _deserialize(
@@ -256,6 +300,9 @@ def replay_collect_errors(config: pytest.Config, collected: Collected, seen: set
         if key in seen:
             continue
         seen.add(key)
+        setattr(report, GUEST_REPORT_ATTR, True)
+        if isinstance(report, pytest.CollectReport):
+            _head_in_guest(report)
         config.hook.pytest_collectreport(report=report)
         count += 1
     return count

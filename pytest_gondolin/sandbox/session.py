@@ -24,12 +24,18 @@ import traceback
 import pytest
 
 from pytest_gondolin.config import Settings
-from pytest_gondolin.errors import ConfigError, GondolinError
+from pytest_gondolin.errors import (
+    AgentError,
+    ConfigError,
+    ExecError,
+    GondolinError,
+    WorkerProtocolError,
+)
 from pytest_gondolin.fixtures import ACTIVE_VM_KEY, GuestKey, get_factory
 from pytest_gondolin.sandbox.guest_worker import GuestWorker
 from pytest_gondolin.sandbox.options import SandboxOptions, sandbox_options
 from pytest_gondolin.sandbox.outcome import Failure
-from pytest_gondolin.sandbox.replay import replay_collect_errors, replay_item
+from pytest_gondolin.sandbox.replay import IN_GUEST, replay_collect_errors, replay_item
 
 __all__ = ["MARKER", "PLUGIN_NAME", "SandboxSession"]
 
@@ -37,6 +43,25 @@ log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "gondolin-sandbox"
 MARKER = "sandboxed"
+
+#: Preparation errors the guest's side caused: its test worker (a start-up or
+#: collection failure of the guest's pytest, a bad line), its agent, a command
+#: run there. The rest (QEMU, the image, the host's pip) happened on the host.
+GUEST_SIDE_ERRORS = (AgentError, WorkerProtocolError, ExecError)
+
+
+def _preparation_failure(exc: Exception) -> Failure:
+    """What every item of a guest key whose worker could not be prepared reports.
+
+    Headed ``in the guest:`` when the guest's side failed; a traceback as the
+    detail for what is not a :class:`GondolinError` (a bug, a broken host).
+    """
+    failure = Failure.from_exception(exc)
+    if not isinstance(exc, GondolinError):
+        return Failure(failure.kind, failure.headline, "".join(traceback.format_exception(exc)))
+    if isinstance(exc, GUEST_SIDE_ERRORS):
+        return Failure(failure.kind, f"{IN_GUEST} {failure.headline}", failure.detail)
+    return failure
 
 
 class SandboxSession:
@@ -108,9 +133,7 @@ class SandboxSession:
         except Exception as exc:  # a bug or a broken host must fail these tests, not the session
             worker.close()
             # Later items would fail the same way: don't pay a boot for each of them.
-            failure = Failure.from_exception(exc)
-            if not isinstance(exc, GondolinError):
-                failure = Failure(failure.kind, failure.headline, traceback.format_exc())
+            failure = _preparation_failure(exc)
             self.broken[key] = failure
             return failure
         self.workers[key] = worker

@@ -93,3 +93,48 @@ def test_bad_accel_choice_is_rejected(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "gondolin", "--gondolin-accel=hvf")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--gondolin-accel: invalid choice: 'hvf'*"])
+
+
+SHOW_REQUIREMENTS = """
+from pytest_gondolin.fixtures import SETTINGS_KEY
+
+def test_show(request):
+    print("REQUIREMENTS", "|".join(request.config.stash[SETTINGS_KEY].requirements))
+"""
+
+
+def test_requirements_take_a_toml_list_a_string_or_names(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(SHOW_REQUIREMENTS)
+    pytester.makepyprojecttoml(
+        '[tool.pytest.ini_options]\ngondolin_requirements = ["attrs", "requests >= 2.32", "six"]\n'
+    )
+    monkeypatch.delenv("GONDOLIN_REQUIREMENTS", raising=False)
+    # -W error: a list given to a "string" ini key is a deprecation warning in pytest 9.
+    args = ["-p", "gondolin", "-s", "-W", "error"]
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*REQUIREMENTS attrs|requests >= 2.32|six"])
+    monkeypatch.setenv("GONDOLIN_REQUIREMENTS", "six==1.16.0 attrs")
+    result = pytester.runpytest_subprocess(*args)
+    result.stdout.fnmatch_lines(["*REQUIREMENTS six==1.16.0|attrs"])
+    result = pytester.runpytest_subprocess(*args, "--gondolin-requirements=idna")
+    result.stdout.fnmatch_lines(["*REQUIREMENTS idna"])
+
+
+def test_requirements_in_an_ini_file_take_lines_or_names(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(SHOW_REQUIREMENTS)
+    pytester.makeini("[pytest]\ngondolin_requirements =\n    six==1.16.0\n    attrs idna\n")
+    result = pytester.runpytest_subprocess("-p", "gondolin", "-s")
+    result.stdout.fnmatch_lines(["*REQUIREMENTS six==1.16.0|attrs|idna"])
+
+
+def test_a_requirements_list_with_a_bad_item_names_it(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    pytester.makepyprojecttoml(
+        '[tool.pytest.ini_options]\ngondolin_requirements = ["attrs", "six=="]\n'
+    )
+    result = pytester.runpytest_subprocess("-p", "gondolin")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*ini gondolin_requirements: 'six==' is not a valid requirement*"])

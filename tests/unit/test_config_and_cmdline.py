@@ -36,6 +36,43 @@ def test_bad_memory_names_value_and_source(value: object) -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, ()),
+        ("", ()),
+        ([], ()),
+        ("six", ("six",)),
+        ("requests==2.32.3 six", ("requests==2.32.3", "six")),  # flag / env
+        ("\n    six==1.16.0\n    attrs\n", ("six==1.16.0", "attrs")),  # ini lines
+        ("a b\nc", ("a", "b", "c")),
+        (["attrs", "six==1.16.0"], ("attrs", "six==1.16.0")),  # TOML list
+        (["attrs six"], ("attrs", "six")),
+        (["requests >= 2.32", "attrs [tests]"], ("requests >= 2.32", "attrs [tests]")),
+        (["foo; python_version < '3.12'"], ("foo; python_version < '3.12'",)),
+        (["# pinned for the guest", "", "  six  "], ("six",)),
+        (("attrs",), ("attrs",)),
+    ],
+)
+def test_requirements_forms(value: object, expected: tuple[str, ...]) -> None:
+    assert cfg.parse_requirements(value, "src") == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "bad"),
+    [
+        ("not a==valid!!", "'a==valid!!'"),
+        (["attrs", "six=="], "'six=='"),
+        (["attrs", 3], "expected requirements as a list of strings"),
+        (42, "expected requirements as a list of strings"),
+    ],
+)
+def test_bad_requirements_name_the_item_and_source(value: object, bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"^ini gondolin_requirements: ") as info:
+        cfg.parse_requirements(value, "ini gondolin_requirements")
+    assert bad in str(info.value)
+
+
+@pytest.mark.parametrize(
     ("value", "ok"), [("3", True), ("0", False), ("65", False), ("x", False), (True, False)]
 )
 def test_numbers(value: object, ok: bool) -> None:

@@ -226,7 +226,12 @@ def test_payload_ships_exactly_the_guest_package(monkeypatch: pytest.MonkeyPatch
 def test_the_unpacked_payload_imports_alone(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Every guest module imports from the payload alone; host modules are absent there."""
+    """Every guest module imports from the payload alone; host modules are absent there.
+
+    Every public name of the package imports there too (the guest's stand-ins
+    for the host-only classes refuse to be used), and so does
+    ``pytest_gondolin.errors``: the guest's error tree.
+    """
     for path, data in _payload_files(monkeypatch).items():
         target = tmp_path / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -238,13 +243,28 @@ import pytest_gondolin
 assert pytest_gondolin.__file__.startswith({str(py)!r}), pytest_gondolin.__file__
 for name in {sorted(GUEST_MODULES)!r} + ["gondolin"]:
     importlib.import_module(name)
-for host_only in ("pytest_gondolin.config", "pytest_gondolin.errors"):
+for host_only in ("pytest_gondolin.config", "pytest_gondolin.vm.machine"):
     try:
         importlib.import_module(host_only)
     except ModuleNotFoundError:
         pass
     else:
         raise AssertionError(host_only + " is importable from the payload")
+# Every public name imports there; the errors are the guest's, shared with the host.
+from pytest_gondolin import *
+from pytest_gondolin.errors import ExecError, GondolinError as Root
+import pytest_gondolin.errors, pytest_gondolin.guest.errors as tree
+assert pytest_gondolin.GUEST_HALF_ONLY and pytest_gondolin.errors is tree
+assert Root is GondolinError is tree.GondolinError and issubclass(ExecError, Root)
+assert Secret(value="v", hosts=["a.test"]).hosts == ("a.test",)
+for use in (lambda: VM(), lambda: VM.launch(), lambda: Checkpoint.load("x"),
+            lambda: ExecResult(0, b"", b""), lambda: Snapshot()):
+    try:
+        use()
+    except tree.HostOnlyError as exc:
+        assert "is host-side" in str(exc) and "not sandboxed" in str(exc), exc
+    else:
+        raise AssertionError("a host-only class was usable in the guest")
 print("ok")
 """
     env = {**os.environ, "PYTHONPATH": str(py), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -258,3 +278,27 @@ print("ok")
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_on_the_host_the_public_names_are_the_host_classes_sharing_the_guest_values() -> None:
+    import pytest_gondolin
+    from pytest_gondolin import errors
+    from pytest_gondolin.guest import errors as guest_errors
+    from pytest_gondolin.guest.secret import Secret
+    from pytest_gondolin.netpolicy.http import secrets
+    from pytest_gondolin.vm import machine
+
+    assert not pytest_gondolin.GUEST_HALF_ONLY
+    assert pytest_gondolin.VM is machine.VM and pytest_gondolin.Checkpoint is machine.Checkpoint
+    assert pytest_gondolin.Secret is secrets.Secret is Secret
+    assert pytest_gondolin.GondolinError is errors.GondolinError is guest_errors.GondolinError
+    assert errors is not guest_errors  # the host's module, re-exporting every public name
+    defined = {
+        name
+        for name, value in vars(guest_errors).items()
+        if not name.startswith("_") and getattr(value, "__module__", None) == guest_errors.__name__
+    }
+    assert "HostOnlyError" in defined and "guest_file_error" in defined
+    assert defined - {"tail_lines"} <= set(errors.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        pytest_gondolin.Nope  # noqa: B018

@@ -1,6 +1,8 @@
 """Secrets: the guest holds placeholders, the host substitutes real values.
 
-A test declares ``secrets={"GITHUB_TOKEN": Secret(value=..., hosts=["api.github.com"])}``.
+A test declares ``secrets={"GITHUB_TOKEN": Secret(value=..., hosts=["api.github.com"])}``
+(:class:`Secret` is a plain value defined in :mod:`pytest_gondolin.guest.secret`,
+so a test module holding one imports in the guest too; re-exported here).
 The guest never sees the value: its environment gets a random placeholder
 
     ``GONDOLIN_SECRET_<NAME>_<32 lower-case hex digits>``
@@ -30,7 +32,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import os
 import re
 import secrets as _random
 import threading
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from typing import Final, overload
 
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
+from pytest_gondolin.guest.secret import Secret
 from pytest_gondolin.netpolicy.http.rules import HostPattern, normalize_host, parse_host_pattern
 from pytest_gondolin.netpolicy.http.secret_forms import SecretForms
 
@@ -75,59 +77,6 @@ def check_secret_name(name: object, *, where: str) -> str:
             "(letters, digits and '_', not starting with a digit, at most 64)"
         )
     return name
-
-
-@dataclass(frozen=True)
-class Secret:
-    """A real credential and the hosts it may be sent to.
-
-    ``value`` must be a non-empty printable string (no CR/LF/NUL: it ends up
-    in HTTP headers); ``hosts`` is a non-empty list of host patterns with
-    the ``allow_hosts`` grammar. The value is kept out of ``repr``.
-    """
-
-    value: str
-    hosts: Sequence[str]
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.value, str) or not self.value:
-            raise ConfigError("Secret.value: expected a non-empty string")
-        if not self.value.isprintable():
-            raise ConfigError(
-                "Secret.value: contains control characters (CR, LF, NUL, ...), "
-                "which cannot be sent in an HTTP header"
-            )
-        if isinstance(self.hosts, str | bytes) or not isinstance(self.hosts, Sequence):
-            raise ConfigError(f"Secret.hosts: expected a list of host names, got {self.hosts!r}")
-        if not self.hosts:
-            raise ConfigError("Secret.hosts: empty; the secret could never be sent anywhere")
-        for i, text in enumerate(self.hosts):
-            parse_host_pattern(text, where=f"Secret.hosts[{i}]")
-        object.__setattr__(self, "hosts", tuple(self.hosts))
-
-    def __repr__(self) -> str:
-        return f"Secret(value=<redacted>, hosts={list(self.hosts)!r})"
-
-    @classmethod
-    def from_env(
-        cls, name: str, hosts: Sequence[str], *, environ: Mapping[str, str] | None = None
-    ) -> Secret:
-        """A secret whose value is the host environment variable ``name``.
-
-        This is what a plain host list in the ``sandboxed`` marker stands for.
-        Raises :class:`ConfigError` if the variable is unset or empty.
-        """
-        env = os.environ if environ is None else environ
-        value = env.get(name)
-        if not value:
-            raise ConfigError(
-                f"secrets[{name!r}]: the host environment variable {name} is not set; "
-                f"set it or pass Secret(value=..., hosts=...)"
-            )
-        try:
-            return cls(value=value, hosts=hosts)
-        except ConfigError as exc:
-            raise ConfigError(f"secrets[{name!r}]: {exc}") from None
 
 
 class SecretLeak(NetworkPolicyError):

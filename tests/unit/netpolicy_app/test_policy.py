@@ -17,7 +17,7 @@ from pytest_gondolin.netpolicy.http.policy import (
     resolve_upstream,
 )
 from pytest_gondolin.netpolicy.http.rules import normalize_host, parse_host_pattern
-from pytest_gondolin.netpolicy.http.secrets import Secret
+from pytest_gondolin.netpolicy.http.secrets import Secret, SecretStore
 
 # (allow_hosts, host, port, scheme, allowed, rule)
 DECISIONS = [
@@ -189,10 +189,19 @@ def test_from_options_reads_marker_style_secret_from_environment() -> None:
 
 
 def test_secret_hosts_are_validated_with_the_option_path() -> None:
+    # A Secret is a plain value (the guest builds them too); the allow_hosts
+    # grammar of its hosts is the policy's, checked when it is put on one.
+    secret = Secret("v", ["ok.com", "bad host"])
     with pytest.raises(
-        ConfigError, match=r"Secret.hosts\[1\]: 'bad host' is not a valid host name"
+        ConfigError, match=r"secrets\['TOKEN'\].hosts\[1\]: 'bad host' is not a valid host name"
     ):
-        Secret("v", ["ok.com", "bad host"])
+        NetworkPolicy(secrets={"TOKEN": secret})
+    with pytest.raises(ConfigError, match=r"secrets\['TOKEN'\].hosts\[1\]: 'bad host'"):
+        NetworkPolicy.from_options(
+            secrets={"TOKEN": ["ok.com", "bad host"]}, environ={"TOKEN": "v"}
+        )
+    with pytest.raises(ConfigError, match=r"secrets\['TOKEN'\].hosts\[1\]: 'bad host'"):
+        SecretStore({"TOKEN": secret})
 
 
 @pytest.mark.parametrize(

@@ -199,7 +199,9 @@ def test_body_json_uses_base64_where_escaping_would_cost_more(body: bytes, kind:
 
 def test_stub_body_is_capped() -> None:
     r = Recorder()
-    r.stub_from_guest("GET", "http://a.test/ok", body=b"x" * MAX_STUB_BODY_BYTES)  # control: at the limit
+    r.stub_from_guest(
+        "GET", "http://a.test/ok", body=b"x" * MAX_STUB_BODY_BYTES
+    )  # control: at the limit
     with pytest.raises(
         ConfigError, match=r"exceeds the limit of 1048576 bytes per stub \(MAX_STUB_BODY_BYTES\)"
     ):

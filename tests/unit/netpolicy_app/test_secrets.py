@@ -54,7 +54,8 @@ def test_secret_repr_hides_value() -> None:
         ({"value": "a\r\nX-Injected: 1", "hosts": ["a.com"]}, "control characters"),
         ({"value": "v", "hosts": []}, "could never be sent"),
         ({"value": "v", "hosts": "a.com"}, "expected a list of host names"),
-        ({"value": "v", "hosts": ["*.*.a.com"]}, r"Secret.hosts\[0\]"),
+        ({"value": "v", "hosts": ["a.com", ""]}, r"Secret.hosts\[1\]: expected a host name"),
+        ({"value": "v", "hosts": [3]}, r"Secret.hosts\[0\]: expected a host name"),
     ],
 )
 def test_secret_validation(kwargs: dict[str, object], message: str) -> None:

@@ -17,6 +17,8 @@ from pytest_gondolin.sandbox.messages import Collected
 from pytest_gondolin.sandbox.outcome import Failure, HostFailure, RunOutcome
 from pytest_gondolin.sandbox.replay import (
     GUEST_REPORT_ATTR,
+    IN_GUEST,
+    GuestErrorRepr,
     replay_collect_errors,
     replay_item,
     warning_category,
@@ -167,4 +169,46 @@ def test_collection_errors_are_reported_once_per_seen_set(pytester: pytest.Pytes
     assert replay_collect_errors(config, collected, set()) == 1  # another session's set
     reports = recorder.getreports("pytest_collectreport")
     assert [(r.nodeid, r.outcome) for r in reports] == [("test_x.py", "failed")] * 2
+    recorder.finish_recording()
+
+
+def _collect_error_with_text(nodeid: str, text: str) -> dict[str, object]:
+    """A collect report whose longrepr is pytest's plain text (as for an ImportError)."""
+    data = collect_error(nodeid)
+    data["longrepr"] = text
+    return check_collect_report(data)
+
+
+@pytest.mark.parametrize("form", ["text", "traceback"])
+def test_a_guest_collection_error_says_it_happened_in_the_guest(
+    pytester: pytest.Pytester, form: str
+) -> None:
+    config = pytester.parseconfig()
+    recorder = pytester.make_hook_recorder(config.pluginmanager)
+    if form == "text":
+        data = _collect_error_with_text(
+            "test_x.py", "ImportError while importing test module '/p/test_x.py'.\nTraceback:\n..."
+        )
+        message = f"{IN_GUEST} ImportError while importing test module '/p/test_x.py'."
+    else:
+        data = check_collect_report(collect_error("test_x.py"))
+        message = f"{IN_GUEST} "
+    replay_collect_errors(config, Collected((), (data,)), set())
+    (report,) = recorder.getreports("pytest_collectreport")
+    assert isinstance(report.longrepr, GuestErrorRepr)
+    assert getattr(report, GUEST_REPORT_ATTR) is True
+    assert report.longreprtext.startswith(IN_GUEST)  # junitxml's text, xdist's serialization
+    assert report.longrepr.reprcrash.message.startswith(message)  # the short summary line
+    recorder.finish_recording()
+
+
+def test_a_guest_test_failure_is_left_as_the_guest_reported_it(pytester: pytest.Pytester) -> None:
+    # Test reports are marked "(in guest)" in the verbose status, not rewritten.
+    item = pytester.getitem("def test_func(): pass")
+    recorder = pytester.make_hook_recorder(item.config.pluginmanager)
+    phases = (("setup", "failed"), ("teardown", "passed"))
+    replay_item(item, RunOutcome(item.nodeid, _reports_for(item, *phases)))
+    setup = recorder.getreports("pytest_runtest_logreport")[0]
+    assert not isinstance(setup.longrepr, GuestErrorRepr)
+    assert IN_GUEST not in setup.longreprtext
     recorder.finish_recording()

@@ -1,0 +1,501 @@
+"""The host's Python environment, carried into the guest at the same absolute paths.
+
+What the host's interpreter can import for the project, the guest can too:
+
+* **Folders.** Every folder of the host's ``sys.path`` that is neither the
+  standard library nor inside the rootdir (the project copy brings those): the
+  site folders (``site.getsitepackages()``, the user site) and plain folders
+  holding distributions (``PYTHONPATH``, ``pip install --target``). The guest
+  worker puts them on its ``sys.path`` in the host's order, running the
+  ``.pth`` files of the site folders (:mod:`pytest_gondolin.guest.hostpath`).
+* **Distributions.** Each distribution found in those folders is carried with
+  its metadata folder (so ``importlib.metadata`` answers as on the host:
+  versions, entry points, files) and the files its RECORD lists inside its
+  folder (not scripts, not bytecode). A binary distribution is carried when the
+  host's extension ABI is the guest's (:data:`GUEST_SOABI`) and its wheel tags
+  ask for no newer glibc than the guest's; otherwise the host's pip fetches a
+  wheel of the same version for the guest, as for ``gondolin_requirements``,
+  and if that fails too the session says once, at the start, which
+  distributions are missing and why (:func:`fallback_requirements`).
+* **Editable installs.** Their ``.pth`` files and import finders live in the
+  site folder and are carried; the source folders they point to are the
+  project copy when inside the rootdir, and are carried like the project tree
+  (git-aware, capped) when outside it (:attr:`HostEnvironment.sources`).
+* **Not carried:** pytest-gondolin itself (:data:`EXCLUDED_DISTRIBUTIONS`).
+
+Each distribution is packed once into a tar in the cache, keyed by the path,
+size, mtime and mode of every file it carries: a later session reads only
+``stat`` results and the cached packs. The whole is capped
+(:data:`DEFAULT_LIMIT`, ``gondolin_host_environment_limit``); past the cap the
+error names the largest distributions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import site
+import stat
+import sys
+import sysconfig
+import tarfile
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from packaging.utils import canonicalize_name
+
+from pytest_gondolin.errors import ConfigError
+from pytest_gondolin.guest.hostpath import PLAIN, SITE
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "EXCLUDED_DISTRIBUTIONS",
+    "GUEST_SOABI",
+    "CarriedDistribution",
+    "HostEnvironment",
+    "MissingDistribution",
+    "PathEntry",
+    "pack_chunks",
+    "scan",
+]
+
+log = logging.getLogger(__name__)
+
+#: The guest image's Python (Debian bookworm: CPython 3.11 on x86_64); a
+#: binary distribution built for another ABI cannot load there.
+GUEST_SOABI: Final = "cpython-311-x86_64-linux-gnu"
+#: glibc of the guest image (Debian bookworm); a manylinux wheel asking for
+#: a newer one cannot load there.
+GUEST_GLIBC: Final = (2, 36)
+#: A usual project venv is 20-150 MiB; past this it is a data folder or a
+#: whole system's site-packages, whose copy would cost seconds per session.
+DEFAULT_LIMIT: Final = 512 * 1024 * 1024
+#: The guest half of pytest-gondolin boots with the guest (``vm/payload.py``);
+#: the host's copy (and, for an editable install, its source checkout) stays out.
+EXCLUDED_DISTRIBUTIONS: Final = frozenset({"pytest-gondolin"})
+#: Packs are written to the guest in pieces of about this size: one piece is
+#: held in guest memory by the agent while written.
+CHUNK_BYTES: Final = 32 * 1024 * 1024
+#: Bumped when the pack layout changes, so old cached packs are not reused.
+_PACK_FORMAT: Final = "1"
+
+
+@dataclass(frozen=True)
+class PathEntry:
+    """One host ``sys.path`` folder the guest gets: a site folder or a plain one."""
+
+    kind: str  # hostpath.SITE or hostpath.PLAIN
+    path: str
+
+
+@dataclass(frozen=True)
+class CarriedDistribution:
+    """A distribution whose files go to the guest at their host paths."""
+
+    name: str
+    version: str
+    #: Absolute host paths of the files carried (metadata folder included).
+    files: tuple[str, ...]
+    size: int
+    #: Content key of the pack: every carried file's path, size, mtime and mode.
+    key: str
+
+
+@dataclass(frozen=True)
+class MissingDistribution:
+    """A host distribution the guest cannot load as it is, and why."""
+
+    name: str
+    version: str
+    reason: str
+
+    @property
+    def pin(self) -> str:
+        return f"{self.name}=={self.version}"
+
+
+@dataclass(frozen=True)
+class HostEnvironment:
+    """What of the host's environment goes to the guest (see the module docstring)."""
+
+    entries: tuple[PathEntry, ...]
+    carried: tuple[CarriedDistribution, ...]
+    missing: tuple[MissingDistribution, ...]
+    #: ``.pth`` files no distribution owns (written by hand or by a tool).
+    loose_files: tuple[str, ...]
+    #: Source folders of editable installs outside the rootdir.
+    sources: tuple[str, ...]
+    #: Distributions carried without files, and why (no RECORD, ...).
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def size(self) -> int:
+        return sum(d.size for d in self.carried)
+
+    def carries(self, name: str) -> bool:
+        key = canonicalize_name(name)
+        return any(canonicalize_name(d.name) == key for d in self.carried)
+
+    def host_path(self) -> str:
+        """The value of ``hostpath.HOST_PATH_ENV`` for the guest worker."""
+        return json.dumps([[e.kind, e.path] for e in self.entries])
+
+
+def _norm(path: str) -> str:
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _stdlib_folders() -> frozenset[str]:
+    paths = sysconfig.get_paths()
+    return frozenset(_norm(paths[k]) for k in ("stdlib", "platstdlib") if k in paths)
+
+
+def _is_stdlib(entry: str, stdlib: frozenset[str]) -> bool:
+    return entry in stdlib or entry.endswith(".zip") or os.path.basename(entry) == "lib-dynload"
+
+
+def host_site_folders() -> frozenset[str]:
+    """The host interpreter's site folders (venv-aware), and the user site when enabled."""
+    folders = set(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        folders.add(site.getusersitepackages())
+    return frozenset(_norm(f) for f in folders)
+
+
+def _pth_lines(folder: str) -> Iterator[tuple[str, str]]:
+    """``(pth file, folder it names)`` for every path line of the ``.pth`` files in ``folder``."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".pth"))
+    except OSError:
+        return
+    for name in names:
+        try:
+            text = Path(folder, name).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line.startswith(("#", "import ", "import\t")):
+                continue
+            yield os.path.join(folder, name), _norm(os.path.join(folder, line))
+
+
+def _glibc_needed(dist: importlib.metadata.Distribution) -> tuple[int, int] | None:
+    """The oldest glibc among the wheel's manylinux tags (None: no such tag)."""
+    wheel = dist.read_text("WHEEL") or ""
+    versions: list[tuple[int, int]] = []
+    for line in wheel.splitlines():
+        if not line.startswith("Tag:"):
+            continue
+        platform = line.rsplit("-", 1)[-1].strip()
+        if platform.startswith("manylinux_"):
+            parts = platform.split("_")
+            if len(parts) >= 3 and parts[1].isdigit() and parts[2].isdigit():
+                versions.append((int(parts[1]), int(parts[2])))
+        elif platform.startswith("manylinux2014"):
+            versions.append((2, 17))
+        elif platform.startswith("manylinux2010"):
+            versions.append((2, 12))
+        elif platform.startswith("manylinux1"):
+            versions.append((2, 5))
+    return min(versions) if versions else None
+
+
+def _why_not_loadable(
+    dist: importlib.metadata.Distribution, files: Sequence[str], host_soabi: str
+) -> str | None:
+    """Why the guest's Python cannot load this distribution's binaries (None: it can)."""
+    binaries = [f for f in files if f.endswith(".so") or ".so." in os.path.basename(f)]
+    if not binaries:
+        return None
+    if host_soabi != GUEST_SOABI:
+        return f"binary for {host_soabi}, the guest's Python is {GUEST_SOABI}"
+    glibc = _glibc_needed(dist)
+    if glibc is not None and glibc > GUEST_GLIBC:
+        return f"needs glibc {glibc[0]}.{glibc[1]}, the guest has {GUEST_GLIBC[0]}.{GUEST_GLIBC[1]}"
+    return None
+
+
+def _metadata_folder(dist: importlib.metadata.Distribution) -> str | None:
+    # PathDistribution keeps its .dist-info/.egg-info folder here; there is no
+    # public accessor, and every installed distribution on sys.path is one.
+    path = getattr(dist, "_path", None)
+    return _norm(str(path)) if path is not None else None
+
+
+def _walk_files(folder: str) -> Iterator[str]:
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            yield os.path.join(dirpath, name)
+
+
+def _regular_stat(path: str) -> os.stat_result | None:
+    try:
+        st = os.stat(path)  # a symlinked file is carried as the file it names
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _distribution_files(
+    dist: importlib.metadata.Distribution, folder: str, meta: str
+) -> tuple[list[str], bool]:
+    """Absolute paths of the files carried for ``dist``, and whether it has a RECORD."""
+    found = dict.fromkeys(_walk_files(meta))
+    listed = dist.files
+    for f in listed or ():
+        if f.suffix == ".pyc" or "__pycache__" in f.parts or ".." in f.parts:
+            continue  # bytecode is rebuilt; ``..`` is a script outside the folder
+        path = _norm(os.path.join(folder, str(f)))
+        if _inside(path, folder):
+            found[path] = None
+    return list(found), listed is not None
+
+
+def _pack_key(files: Iterable[tuple[str, os.stat_result]]) -> str:
+    h = hashlib.sha256(_PACK_FORMAT.encode())
+    for path, st in files:
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_mode}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def scan(
+    rootdir: Path,
+    *,
+    sys_path: Sequence[str] | None = None,
+    site_folders: frozenset[str] | None = None,
+    host_soabi: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> HostEnvironment:
+    """What of the host's environment goes to the guest for a project at ``rootdir``.
+
+    ``sys_path``, ``site_folders`` and ``host_soabi`` default to the running
+    interpreter's. Raises ConfigError, naming the largest distributions, if
+    the carried files come to more than ``limit`` bytes.
+    """
+    root = _norm(str(rootdir))
+    sys_path = list(sys.path if sys_path is None else sys_path)
+    site_folders = host_site_folders() if site_folders is None else site_folders
+    host_soabi = host_soabi or str(sysconfig.get_config_var("SOABI") or "")
+    stdlib = _stdlib_folders()
+
+    candidates: list[str] = []
+    for entry in sys_path:
+        if not entry:
+            continue
+        path = _norm(entry)
+        if path in candidates or _is_stdlib(path, stdlib) or _inside(path, root):
+            continue
+        if os.path.isdir(path):
+            candidates.append(path)
+    pth_targets: dict[str, str] = {}  # folder named by a .pth line -> the .pth file
+    for path in candidates:
+        if path in site_folders:
+            for pth, target in _pth_lines(path):
+                pth_targets.setdefault(target, pth)
+
+    entries: list[PathEntry] = []
+    carried: list[CarriedDistribution] = []
+    missing: list[MissingDistribution] = []
+    notes: list[str] = []
+    owned: set[str] = set()
+    excluded: set[str] = set()  # files of excluded distributions (their .pth included)
+    editable: list[str] = []
+    holders: set[str] = set()  # folders named by .pth files that hold distributions
+    for path in candidates:
+        dists = list(importlib.metadata.distributions(path=[path]))
+        if path in site_folders:
+            entries.append(PathEntry(SITE, path))
+        elif not dists:
+            continue  # no distributions: a source folder (below) or not an environment
+        elif path in pth_targets:
+            holders.add(path)  # the guest's addsitedir puts it back, in the same place
+        else:
+            entries.append(PathEntry(PLAIN, path))
+        for dist in dists:
+            meta = _metadata_folder(dist)
+            name = dist.metadata["Name"] or (os.path.basename(meta or "") or "?")
+            version = dist.version or "0"
+            if meta is None:
+                continue
+            files, has_record = _distribution_files(dist, path, meta)
+            if canonicalize_name(name) in EXCLUDED_DISTRIBUTIONS:
+                excluded.update(files)
+                continue
+            owned.update(files)
+            if not has_record:
+                notes.append(f"{name} {version} has no RECORD: only its metadata is carried")
+            reason = _why_not_loadable(dist, files, host_soabi)
+            if reason is not None:
+                missing.append(MissingDistribution(name, version, reason))
+                continue
+            stats = [(f, st) for f in files if (st := _regular_stat(f)) is not None]
+            carried.append(
+                CarriedDistribution(
+                    name,
+                    version,
+                    tuple(f for f, _ in stats),
+                    sum(st.st_size for _, st in stats),
+                    _pack_key(stats),
+                )
+            )
+            source = _editable_source(dist)
+            if source is not None:
+                editable.append(source)
+    loose = [
+        pth
+        for entry in entries
+        if entry.kind == SITE
+        for pth in (os.path.join(entry.path, n) for n in _listdir(entry.path))
+        if pth.endswith(".pth") and pth not in owned and pth not in excluded
+    ]
+    # Editable sources outside the rootdir: the project folders the
+    # installers recorded, and any folder a carried .pth file names.
+    for target, pth in pth_targets.items():
+        if pth not in excluded and target not in site_folders and target not in holders:
+            editable.append(target)
+    sources = _outermost(s for s in editable if not _inside(s, root) and not _is_stdlib(s, stdlib))
+    env = HostEnvironment(
+        tuple(entries), tuple(carried), tuple(missing), tuple(loose), sources, tuple(notes)
+    )
+    if env.size > limit:
+        biggest = sorted(carried, key=lambda d: d.size, reverse=True)[:5]
+        listing = ", ".join(f"{d.name} ({d.size / 2**20:.1f} MiB)" for d in biggest)
+        raise ConfigError(
+            f"the host's Python environment is {env.size / 2**20:.0f} MiB, over the "
+            f"{limit // 2**20} MiB limit for carrying it into the guest; largest distributions: "
+            f"{listing}. Raise gondolin_host_environment_limit (e.g. '2G') or set "
+            "gondolin_host_environment = off."
+        )
+    return env
+
+
+def _listdir(folder: str) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except OSError:
+        return []
+
+
+def _editable_source(dist: importlib.metadata.Distribution) -> str | None:
+    """The project folder of an editable install (PEP 610 ``direct_url.json``), if any."""
+    text = dist.read_text("direct_url.json")
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    dir_info = data.get("dir_info")
+    url = data.get("url")
+    if not isinstance(dir_info, dict) or not dir_info.get("editable") or not isinstance(url, str):
+        return None
+    if not url.startswith("file://"):
+        return None
+    from urllib.parse import unquote, urlsplit
+
+    path = unquote(urlsplit(url).path)
+    return _norm(path) if os.path.isdir(path) else None
+
+
+def _outermost(folders: Iterable[str]) -> tuple[str, ...]:
+    """``folders`` without duplicates and without those inside another one."""
+    out: list[str] = []
+    for folder in sorted(set(folders), key=len):
+        if not any(_inside(folder, kept) for kept in out):
+            out.append(folder)
+    return tuple(sorted(out))
+
+
+def _tar_files(paths: Iterable[str]) -> bytes:
+    """A tar of ``paths`` (regular files, symlinks resolved) at their absolute paths."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path in paths:
+            try:
+                fh = open(path, "rb")  # noqa: SIM115 - closed below, after addfile
+            except OSError:
+                continue  # gone since the scan: the key changes next session
+            with fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                info = tarfile.TarInfo(path.lstrip("/"))
+                info.size = st.st_size
+                info.mode = stat.S_IMODE(st.st_mode)
+                info.mtime = int(st.st_mtime)
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                tar.addfile(info, fh)
+    return buf.getvalue()
+
+
+_cache_lock = threading.Lock()
+
+
+def _cached_pack(dist: CarriedDistribution, cache: Path) -> bytes:
+    """The tar of ``dist``'s files, from the cache or packed now and cached."""
+    target = cache / f"{dist.key}.tar"
+    with _cache_lock:
+        try:
+            return target.read_bytes()
+        except FileNotFoundError:
+            pass
+        data = _tar_files(dist.files)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{dist.key}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, target)  # atomic: a reader sees a whole pack or none
+        return data
+
+
+def pack_chunks(env: HostEnvironment, cache: Path, *, chunk: int = CHUNK_BYTES) -> list[bytes]:
+    """Tars of everything ``env`` carries, each about ``chunk`` bytes or one distribution.
+
+    Each is a concatenation of per-distribution tars: unpack with
+    ``tar --ignore-zeros``. The ``.pth`` files no distribution owns come first.
+    """
+    chunks: list[bytes] = []
+    current = [_tar_files(env.loose_files)] if env.loose_files else []
+    size = sum(map(len, current))
+    for dist in env.carried:
+        data = _cached_pack(dist, cache)
+        if current and size + len(data) > chunk:
+            chunks.append(b"".join(current))
+            current, size = [], 0
+        current.append(data)
+        size += len(data)
+    if current:
+        chunks.append(b"".join(current))
+    return chunks
+
+
+_reported_lock = threading.Lock()
+_reported: set[tuple[str, ...]] = set()
+
+
+def report_once(lines: Sequence[str]) -> bool:
+    """Log ``lines`` as one warning, once per process for the same lines; True if logged."""
+    key = tuple(lines)
+    if not key:
+        return False
+    with _reported_lock:
+        if key in _reported:
+            return False
+        _reported.add(key)
+    log.warning("%s", "\n".join(key))
+    return True
