@@ -367,10 +367,15 @@ def requirements_dir(
 
     reqs = sorted(set(requirements))
     key = hashlib.sha256("\n".join([*GUEST_PLATFORMS, "cp311", *reqs]).encode()).hexdigest()[:16]
-    root = paths.cache_dir() / "requirements"
-    root.mkdir(parents=True, exist_ok=True)
+    root = paths.cache_root() / "requirements"
     target = root / key
-    with filelock.FileLock(str(root / f"{key}.lock"), timeout=PIP_TIMEOUT):
+    if (target / ".complete").exists():
+        return target  # a read-only cache that already holds them serves them too
+    need = f"the guest requirements {' '.join(reqs)} must be installed there"
+    with paths.writing_cache(need):
+        paths.cache_dir().joinpath("requirements").mkdir(exist_ok=True)
+    lock = paths.lock_path(root / f"{key}.lock")
+    with filelock.FileLock(str(lock), timeout=PIP_TIMEOUT), paths.writing_cache(need):
         if (target / ".complete").exists():
             return target
         if progress:

@@ -309,3 +309,29 @@ def test_pack_keeps_file_modes(project: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(project_files.pack_project(project))) as tar:
         modes = {Path(m.name).name: m.mode for m in tar.getmembers()}
     assert modes["run.sh"] == 0o755 and modes["top.py"] == 0o640
+
+
+def test_cached_requirements_are_served_without_writing_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only cache that already holds a requirement set serves it: no lock, no pip."""
+    monkeypatch.setenv("GONDOLIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(project_files.subprocess, "run", _no_pip)
+    # A first call finds nothing and must install (pip refused here): control.
+    with pytest.raises(AssertionError, match="pip must not run"):
+        project_files.requirements_dir(["six"])
+    folder = next(p for p in (tmp_path / "requirements").iterdir() if p.suffix == ".lock")
+    target = folder.with_suffix("")
+    (target / "six.py").parent.mkdir()
+    (target / ".complete").write_text("six\n")
+    folder.unlink()
+    (tmp_path / "requirements").chmod(0o555)
+    try:
+        assert project_files.requirements_dir(["six"]) == target
+        assert not any(p.suffix == ".lock" for p in (tmp_path / "requirements").iterdir())
+    finally:
+        (tmp_path / "requirements").chmod(0o755)
+
+
+def _no_pip(*args: object, **kwargs: object) -> None:
+    raise AssertionError("pip must not run")
