@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -146,7 +147,8 @@ def test_factory_cassette(vm_factory):
 """
 
 
-def test_vm_factory_cassette(pytester: pytest.Pytester) -> None:
+def _record_factory_cassette(pytester: pytest.Pytester) -> tuple[int, Path]:
+    """Record FACTORY_TEST's one request into factory.yaml; the upstream is gone afterwards."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
@@ -159,6 +161,11 @@ def test_vm_factory_cassette(pytester: pytest.Pytester) -> None:
     finally:
         server.shutdown()
         server.server_close()
+    return port, path
+
+
+def test_vm_factory_cassette(pytester: pytest.Pytester) -> None:
+    port, path = _record_factory_cassette(pytester)
     assert "http://api.test/factory" in path.read_text()
     pytester.makepyfile(FACTORY_TEST.format(port=port, path=path, expect="replayed"))
     pytester.runpytest_subprocess("-p", "gondolin", "--gondolin-record-mode=none").assert_outcomes(
@@ -191,18 +198,7 @@ def test_without_a_vm():
 
 def test_cassette_miss_fails_the_host_side_test_that_made_it(pytester: pytest.Pytester) -> None:
     """vm_factory(cassette=...) in mode none: a miss fails the test that made the request only."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    path = pytester.path / "factory.yaml"
-    try:
-        pytester.makepyfile(FACTORY_TEST.format(port=port, path=path, expect="allowed"))
-        pytester.runpytest_subprocess(
-            "-p", "gondolin", "--gondolin-record-mode=once"
-        ).assert_outcomes(passed=1)
-    finally:
-        server.shutdown()
-        server.server_close()
+    port, path = _record_factory_cassette(pytester)
     pytester.makepyfile(MISS_TESTS.format(port=port, path=path))
     result = pytester.runpytest_subprocess("-p", "gondolin", "--gondolin-record-mode=none", "-v")
     result.assert_outcomes(passed=3, failed=1)
