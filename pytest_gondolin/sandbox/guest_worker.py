@@ -196,9 +196,10 @@ class GuestWorker:
         rootdir = Path(self.config.rootpath)
         settings = self.factory.settings
         say = self.factory.progress
-        say(f"{vm.name}: copying the project tree ({rootdir}) and the host's environment")
         started = time.monotonic()
         env = self._host_environment()
+        what = "the host's Python environment" if env is not None else "pytest"
+        say(f"{vm.name}: copying the project tree ({rootdir}) and {what} into the guest")
         tars = [project_files.pack_project(rootdir)]
         requirements = list(settings.requirements)
         if env is not None:
