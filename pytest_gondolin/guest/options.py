@@ -25,6 +25,12 @@ MARKER_DOC = (
     "cassette=None, block_internal=True, upstream_ca=None): run this test "
     "(fixtures included) inside a fresh QEMU guest restored from a clean snapshot"
 )
+#: pytest-timeout's marker, registered in the guest (where that plugin is not
+#: loaded) so ``--strict-markers`` holds; the host enforces it on the run.
+TIMEOUT_MARKER_DOC = (
+    "timeout(timeout): pytest-timeout's per-test timeout; for a sandboxed test "
+    "the host enforces it on the test's run in the guest"
+)
 
 
 @dataclass(frozen=True)

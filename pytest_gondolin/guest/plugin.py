@@ -1,8 +1,9 @@
 """The plugin as the guest sees it: importable there as the top-level module ``gondolin``.
 
 Registers the same marker and options as the host plugin (so ``-p gondolin``
-in a project's ``addopts`` and ``--strict-markers`` work in the guest too),
-and replaces the host-only fixtures with ones that explain why they are not
+in a project's ``addopts`` and ``--strict-markers`` work in the guest too)
+plus pytest-timeout's ``timeout`` marker, which the host enforces, and
+replaces the host-only fixtures with ones that explain why they are not
 available. Imports only pytest and :mod:`pytest_gondolin.guest`.
 """
 
@@ -19,6 +20,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", options.MARKER_DOC)
+    if not config.pluginmanager.has_plugin("timeout"):
+        # pytest-timeout is a host plugin: the host enforces its marker on the
+        # run (sandbox/timeout_plugin.py); registered so --strict-markers holds.
+        config.addinivalue_line("markers", options.TIMEOUT_MARKER_DOC)
 
 
 def _host_only(name: str) -> object:

@@ -31,6 +31,7 @@ Modules, one concern each:
 ``outcome``            what one run comes to: reports, warnings, verdicts
 ``replay``             outcomes through the host's hooks, the xdist way
 ``queries``            answers to the running test's ``http_traffic`` questions
+``timeout_plugin``     pytest-timeout's timeout as the run's bound, not the host's alarm
 =====================  =================================================================
 
 The names below are the package's public API, imported lazily so that

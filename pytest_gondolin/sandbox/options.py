@@ -3,7 +3,7 @@
 :class:`SandboxOptions` is everything a sandboxed item's run needs from its
 markers and the session's settings (ini < env < CLI, resolved by
 :mod:`pytest_gondolin.config`; the marker wins): the guest it runs in, its
-timeout, its network policy (built here, once per item) and its cassette
+timeout (the smaller of ``sandboxed(timeout=...)`` and pytest-timeout's), its network policy (built here, once per item) and its cassette
 file. A bad argument is a :class:`~pytest_gondolin.errors.ConfigError`
 naming the test, the argument and the value, raised before anything boots.
 """
@@ -11,7 +11,7 @@ naming the test, the argument and the value, raised before anything boots.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -21,6 +21,7 @@ import pytest_gondolin.config as cfg
 from pytest_gondolin.errors import ConfigError
 from pytest_gondolin.fixtures import GuestKey
 from pytest_gondolin.netpolicy.http.cassette_paths import resolve_cassette_option
+from pytest_gondolin.sandbox.timeout_plugin import plugin_timeout
 
 if TYPE_CHECKING:
     from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
@@ -65,11 +66,17 @@ class SandboxOptions:
 def sandbox_options(item: pytest.Item, settings: cfg.Settings) -> SandboxOptions:
     """The options of ``item`` from its ``sandboxed`` markers (the closest wins) and ``settings``.
 
+    pytest-timeout's timeout for the item (:func:`~.timeout_plugin.plugin_timeout`)
+    bounds the run too: the smaller of it and the sandboxed timeout wins.
     Raises ConfigError naming the test, the argument and the bad value.
     """
-    return options_from_marks(
+    options = options_from_marks(
         list(item.iter_markers("sandboxed")), settings, nodeid=item.nodeid, item=item
     )
+    extra = plugin_timeout(item)
+    if extra is None:
+        return options
+    return replace(options, timeout=min(extra, options.timeout or MAX_TIMEOUT))
 
 
 def options_from_marks(

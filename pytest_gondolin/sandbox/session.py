@@ -94,6 +94,22 @@ class SandboxSession:
 
     # -- running ---------------------------------------------------------------------
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_timeout_set_timer(self, item: pytest.Item) -> bool | None:
+        """Arm no pytest-timeout timer around a sandboxed item's host-side protocol.
+
+        It would count the guest worker's start-up and, firing, escape the
+        protocol as an INTERNALERROR; the item's pytest-timeout value bounds
+        its run in the guest instead (:mod:`.timeout_plugin`). ``True`` ends
+        pytest-timeout's ``firstresult`` hook before its own implementation.
+        """
+        return True if item.get_closest_marker(MARKER) is not None else None
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_timeout_cancel_timer(self, item: pytest.Item) -> bool | None:
+        """Nothing to cancel for a sandboxed item (no timer was armed)."""
+        return True if item.get_closest_marker(MARKER) is not None else None
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(
         self, item: pytest.Item, nextitem: pytest.Item | None
