@@ -1,18 +1,25 @@
 """The pytest arguments a test worker starts with, so its session matches the host's.
 
-:func:`worker_args` repeats what changes how reports look or which plugins
-and conftests load; :func:`guest_args` drops what a guest cannot honour
-(plugins installed only on the host).
+:func:`worker_args` repeats what changes how reports look, which items are
+collected (and under which node ids) and which plugins and conftests load;
+:func:`guest_args` drops the ``-p NAME`` plugin loads a guest cannot honour
+(plugins whose module the guest cannot import), and
+:func:`plugin_in_guest` says which those are.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
 
-__all__ = ["guest_args", "worker_args"]
+from pytest_gondolin.sandbox.project_files import EXCLUDED_DIRS
+
+__all__ = ["GuestArgs", "GuestSources", "guest_args", "plugin_in_guest", "worker_args"]
 
 
 def worker_args(config: pytest.Config) -> list[str]:
@@ -20,15 +27,21 @@ def worker_args(config: pytest.Config) -> list[str]:
 
     Names the host's rootdir, inifile (``-c /dev/null`` when there is none,
     so the worker does not find one of its own) and conftest boundary
-    explicitly, and repeats
-    the command-line options that change how reports look or which plugins
-    and conftests load: ``-p``, ``-o``, ``-W``, ``--tb``, ``-l``, verbosity,
-    ``--import-mode``, ``--assert``, ``--noconftest``, ``--strict-markers``.
-    Selection options (``-k``, ``-m``, ``--lf``, ``-x``) and reporting
-    options (``--junitxml``) stay on the host.  The caller appends what to
-    collect (files or node ids).
+    explicitly, and repeats the command-line options that change how
+    reports look, what is collected and how, or which plugins and conftests
+    load: ``-p``, ``-o``, ``-W``, ``--tb``, ``-l``, verbosity,
+    ``--import-mode``, ``--assert``, ``--noconftest``, ``--strict-markers``,
+    the doctest options (``--doctest-modules``, ``--doctest-glob``, ...),
+    ``--ignore`` and ``--ignore-glob``.  Paths (``--confcutdir``,
+    ``--ignore``) are made absolute against the invocation directory, so
+    they name the same files whatever the worker's working directory.
+    Selection options (``-k``, ``-m``, ``--deselect``, ``--lf``, ``-x``) and
+    reporting options (``--junitxml``) stay on the host: it sends the worker
+    the node ids to run.  The caller appends what to collect (files or node
+    ids).
     """
     option = config.option
+    here = config.invocation_params.dir
     args = [f"--rootdir={config.rootpath}", "-c", str(config.inipath or os.devnull)]
     # pytest stops looking for conftest.py files at the inifile's directory,
     # or at the rootdir when there is none; with "-c /dev/null" it would
@@ -37,7 +50,7 @@ def worker_args(config: pytest.Config) -> list[str]:
     if confcutdir is None and config.inipath is None:
         confcutdir = config.rootpath
     if confcutdir is not None:
-        args.append(f"--confcutdir={confcutdir}")
+        args.append(f"--confcutdir={here / confcutdir}")
     for plugin in getattr(option, "plugins", None) or []:
         args += ["-p", plugin]
     for override in getattr(option, "override_ini", None) or []:
@@ -61,20 +74,122 @@ def worker_args(config: pytest.Config) -> list[str]:
         args.append("--noconftest")
     if getattr(option, "strict_markers", False):
         args.append("--strict-markers")
+    args += _collection_args(config)
     return args
 
 
-def guest_args(args: Sequence[str]) -> list[str]:
-    """Drop ``-p NAME`` plugin loads: host plugins (xdist, cov, ...) are not installed in
-    the guest. ``-p no:NAME`` (disabling) is kept; conftest plugins load there anyway."""
+def _collection_args(config: pytest.Config) -> list[str]:
+    """The options that change which items a file yields: doctests and ignored paths.
+
+    Missing attributes mean the plugin that adds the option is disabled
+    (``-p no:doctest``); the worker then does not get the option either.
+    """
+    option = config.option
+    here = config.invocation_params.dir
+    args: list[str] = []
+    # A module marked sandboxed (``pytestmark``) marks its doctests too: the
+    # worker must collect them, under the same node ids, to run them.
+    if getattr(option, "doctestmodules", False):
+        args.append("--doctest-modules")
+    for glob in getattr(option, "doctestglob", None) or []:
+        args.append(f"--doctest-glob={glob}")
+    if getattr(option, "doctest_ignore_import_errors", False):
+        args.append("--doctest-ignore-import-errors")
+    if getattr(option, "doctest_continue_on_failure", False):
+        args.append("--doctest-continue-on-failure")
+    report = getattr(option, "doctestreport", "udiff")
+    if report and report != "udiff":
+        args.append(f"--doctest-report={report}")
+    # pytest resolves --ignore against the working directory: name it absolutely.
+    for path in getattr(option, "ignore", None) or []:
+        args.append(f"--ignore={here / path}")
+    # A relative glob matches anywhere below ("*/" + glob, _pytest.pathlib.fnmatch_ex):
+    # verbatim keeps its meaning.
+    for glob in getattr(option, "ignore_glob", None) or []:
+        args.append(f"--ignore-glob={glob}")
+    return args
+
+
+@dataclass(frozen=True)
+class GuestSources:
+    """Where the guest imports from: the project tree, other folders, distributions."""
+
+    #: The project tree (the rootdir), copied in without its virtualenvs and
+    #: caches (``project_files.EXCLUDED_DIRS``).
+    project: Path
+    #: Absolute folders the guest has whole at the same path (pytest,
+    #: pytest-gondolin, editable sources carried in).
+    folders: tuple[Path, ...]
+    #: Canonical names of the distributions installed in the guest (pytest,
+    #: the configured requirements, the host's environment when carried).
+    distributions: frozenset[str]
+
+
+#: Folders of installed distributions: a plugin found there is in the guest
+#: only if its distribution is, even when a virtualenv sits in the project.
+_INSTALL_DIRS = frozenset({"site-packages", "dist-packages"})
+
+
+def plugin_in_guest(
+    config: pytest.Config,
+    name: str,
+    sources: GuestSources,
+    *,
+    distributions_of: Callable[[str], Collection[str]],
+) -> bool:
+    """Whether ``-p name``, loaded on the host, can load in the guest too.
+
+    Looks at the module the host loaded for ``name``: it loads in the guest
+    when the distribution providing its top-level package
+    (``distributions_of``) is installed there, or when its file lies in one
+    of ``sources.folders`` or in the project tree outside an installation
+    folder or an excluded one.  A name the host did not register is not
+    known to load.
+    """
+    plugin = config.pluginmanager.get_plugin(name)
+    filename = getattr(plugin, "__file__", None)
+    if not isinstance(filename, str):
+        return False
+    top = str(getattr(plugin, "__name__", "")).partition(".")[0]
+    if any(canonicalize_name(d) in sources.distributions for d in distributions_of(top)):
+        return True
+    path = Path(filename).resolve()
+    if any(path.is_relative_to(folder) for folder in sources.folders):
+        return True
+    if not path.is_relative_to(sources.project):
+        return False
+    parts = path.relative_to(sources.project).parts[:-1]
+    return not any(part in _INSTALL_DIRS or part in EXCLUDED_DIRS for part in parts)
+
+
+@dataclass(frozen=True)
+class GuestArgs:
+    """The worker's arguments in the guest, and the plugins left out of them."""
+
+    args: tuple[str, ...]
+    #: ``-p NAME`` loads dropped because the guest cannot import ``NAME``.
+    dropped_plugins: tuple[str, ...] = ()
+
+
+def guest_args(args: Sequence[str], loads_in_guest: Callable[[str], bool]) -> GuestArgs:
+    """Drop the ``-p NAME`` plugin loads for which ``loads_in_guest(NAME)`` is false.
+
+    Host plugins not installed in the guest (xdist, cov, ...) would stop the
+    worker at start-up.  ``-p no:NAME`` (disabling) is always kept; conftest
+    plugins load in the guest anyway.
+    """
     out: list[str] = []
+    dropped: list[str] = []
     skip = False
     for i, arg in enumerate(args):
         if skip:
             skip = False
             continue
-        if arg == "-p" and i + 1 < len(args) and not args[i + 1].startswith("no:"):
-            skip = True
-            continue
+        if arg == "-p" and i + 1 < len(args):
+            name = args[i + 1]
+            if not name.startswith("no:") and not loads_in_guest(name):
+                dropped.append(name)
+                skip = True
+                continue
         out.append(arg)
-    return out
+    return GuestArgs(tuple(out), tuple(dropped))

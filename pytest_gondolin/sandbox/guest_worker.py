@@ -27,6 +27,7 @@ every lane's QEMU died, the session prepares a new worker.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import logging
 import os
 import secrets
@@ -35,7 +36,10 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
+import pytest_gondolin
 import pytest_gondolin.sandbox.host_environment as host_environment
 import pytest_gondolin.sandbox.project_files as project_files
 from pytest_gondolin.errors import ConfigError, GondolinError, VMError
@@ -45,7 +49,12 @@ from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
 from pytest_gondolin.netpolicy.http.cassette_values import CassetteError
 from pytest_gondolin.network_setup import apply_network
 from pytest_gondolin.paths import cache_dir
-from pytest_gondolin.sandbox.arguments import guest_args, worker_args
+from pytest_gondolin.sandbox.arguments import (
+    GuestSources,
+    guest_args,
+    plugin_in_guest,
+    worker_args,
+)
 from pytest_gondolin.sandbox.client import WorkerClient
 from pytest_gondolin.sandbox.messages import Collected
 from pytest_gondolin.sandbox.options import SandboxOptions
@@ -121,6 +130,11 @@ def _cassette_verdict(player: CassettePlayer) -> HostFailure | None:
     except CassetteError as exc:
         return HostFailure("cassette", f"cassette: {exc}")
     return None
+
+
+def _distributions_of(package: str) -> list[str]:
+    """The installed distributions that provide the top-level ``package`` (on the host)."""
+    return list(importlib.metadata.packages_distributions().get(package, ()))
 
 
 class GuestWorker:
@@ -293,16 +307,40 @@ class GuestWorker:
         }
 
     def _worker_argv(self) -> list[str]:
-        return [
-            "python3",
-            "-s",
-            "-m",
-            HOSTPATH_MODULE,
-            *guest_args(worker_args(self.config)),
-            "-p",
-            "gondolin",
-            *self.paths,
+        sources = self._guest_sources()
+        args = guest_args(
+            worker_args(self.config),
+            lambda name: plugin_in_guest(
+                self.config, name, sources, distributions_of=_distributions_of
+            ),
+        )
+        if args.dropped_plugins:
+            host_environment.report_once(
+                [
+                    "pytest-gondolin: plugins not importable in the guest, not loaded there: "
+                    + ", ".join(f"-p {name}" for name in args.dropped_plugins)
+                ]
+            )
+        return ["python3", "-s", "-m", HOSTPATH_MODULE, *args.args, "-p", "gondolin", *self.paths]
+
+    def _guest_sources(self) -> GuestSources:
+        """What the guest imports from, after :meth:`_copy_project`."""
+        folders = [
+            # Always in the guest: pytest (carried or packed) and this package.
+            Path(pytest.__file__).resolve().parent,
+            Path(pytest.__file__).resolve().parent.parent / "_pytest",
+            Path(pytest_gondolin.__file__).resolve().parent,
         ]
+        names = {canonicalize_name(n) for n in project_files.SHIPPED_DISTRIBUTIONS}
+        # Validated as PEP 508 when the settings were built (config.py).
+        names |= {
+            canonicalize_name(Requirement(r).name) for r in self.factory.settings.requirements
+        }
+        env = self.environment if self.factory.settings.host_environment else None
+        if env is not None:
+            folders += [Path(source).resolve() for source in env.sources]
+            names |= {canonicalize_name(d.name) for d in env.carried}
+        return GuestSources(Path(self.config.rootpath).resolve(), tuple(folders), frozenset(names))
 
     def _clone(self, lane: _Lane, vmconfig: VMConfig) -> _Lane:
         """A second VM started from ``lane``'s worker snapshot: no boot, no second collection."""
