@@ -81,16 +81,26 @@ class SandboxSession:
 
     # -- collection ----------------------------------------------------------------
 
+    # trylast: after conftests and plugins, which may add the marker in this
+    # very hook (a root conftest marking a whole suite ``sandboxed``).
+    @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         """Validate every sandboxed item's markers now, so a bad argument is named before
         anything boots (the item then errors with that message)."""
         for item in items:
-            if item.get_closest_marker(MARKER) is None:
-                continue
+            if item.get_closest_marker(MARKER) is not None:
+                self._options_for(item)
+
+    def _options_for(self, item: pytest.Item) -> SandboxOptions | str:
+        """The item's options, built once (or why its marker is invalid)."""
+        options = self.options.get(item.nodeid)
+        if options is None:
             try:
-                self.options[item.nodeid] = sandbox_options(item, self.settings)
+                options = sandbox_options(item, self.settings)
             except ConfigError as exc:
-                self.options[item.nodeid] = str(exc)
+                options = str(exc)
+            self.options[item.nodeid] = options
+        return options
 
     # -- running ---------------------------------------------------------------------
 
@@ -122,7 +132,8 @@ class SandboxSession:
 
     def run_item(self, item: pytest.Item) -> None:
         """Run ``item`` in its guest worker and replay the outcome; failures become reports."""
-        options = self.options.get(item.nodeid, "sandboxed options missing")
+        # Built at collection; a marker added later (a plugin's runtest hook) is read now.
+        options = self._options_for(item)
         if isinstance(options, str):
             replay_item(item, Failure("error", options))
             return
