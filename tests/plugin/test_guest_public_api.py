@@ -16,8 +16,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from pytest_gondolin import paths
-from tests.plugin.test_sandboxed import _inner_env_changes, run_gondolin
+from tests.plugin.test_sandboxed import run_gondolin
 
 pytestmark = pytest.mark.integration
 
@@ -80,17 +79,6 @@ if os.uname().nodename == "gondolin":
 def test_never_runs():
     pass
 """
-
-
-@pytest.fixture
-def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    """A pytester whose subprocess runs share the real image and snapshot cache."""
-    for name, value in _inner_env_changes(paths.cache_dir()).items():
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-    return pytester
 
 
 def test_public_names_in_the_guest_and_guest_collection_errors(inner: pytest.Pytester) -> None:
