@@ -8,6 +8,8 @@ Two sans-IO layers, and the two modules that join them into a running peer:
   secrets, upstream, recorder, cassettes), sans-IO apart from the
   upstream client it calls;
 * :mod:`.relay` -- joins the stack's flows to the HTTP layer's proxies;
+* :mod:`.streams` -- raw TCP streams: ``tcp=`` services, ``VM.forward``
+  ingress and WebSocket sessions after their 101;
 * :mod:`.driver` -- :class:`NetworkDriver`, the one owner of sockets,
   threads and timeouts, bounded by :class:`~.limits.DriverLimits`.
 """

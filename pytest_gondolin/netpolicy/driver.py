@@ -75,6 +75,7 @@ from pytest_gondolin.netpolicy.relay import FlowRelay, ProxiedFlow
 from pytest_gondolin.netpolicy.stack.link import LinkError
 from pytest_gondolin.netpolicy.stack.network import DEFAULT_MTU, NetworkStack
 from pytest_gondolin.netpolicy.stack.peer import PeerLink
+from pytest_gondolin.netpolicy.streams import StreamRelay, bind_forward
 
 __all__ = ["CLOSE_TIMEOUT", "RESET_TIMEOUT", "NetworkDriver"]
 
@@ -129,7 +130,6 @@ class NetworkDriver:
         )
         self._counters: Counter[str] = Counter()
         self._stack = NetworkStack(mtu=mtu)
-        self._relay = self._new_relay()
         self._in_flight = 0
         self._results: queue.SimpleQueue[tuple[ProxiedFlow, Mediated]] = queue.SimpleQueue()
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
@@ -158,6 +158,7 @@ class NetworkDriver:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ, "listen")
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._relay = self._new_relay()
         self._pool = ThreadPoolExecutor(
             max_workers=self.limits.upstream_workers,
             thread_name_prefix=f"gondolin-upstream-{name}",
@@ -232,21 +233,58 @@ class NetworkDriver:
         """
         if self._closed:
             return
+        self._on_loop(self._reset_state, "the reset")
+
+    def forward(self, guest_port: int, host_port: int = 0) -> int:
+        """Listen on ``127.0.0.1:host_port`` (0: any free port) and return the port.
+
+        Each connection to it is opened into the guest's ``guest_port``
+        through the stack and relayed as a raw stream (:mod:`.streams`);
+        forwards end on :meth:`reset` and :meth:`close`. Raises
+        :class:`ConfigError` for a bad port or past ``max_forwards``, and
+        :class:`NetworkPolicyError` if the port cannot be bound.
+        """
+        if self._closed:
+            raise NetworkPolicyError(f"{self.name}: the network is closed")
+        if len(self._streams.forwards) >= self.limits.max_forwards:
+            raise ConfigError(
+                f"forward: {self.name} already forwards {self.limits.max_forwards} ports "
+                "(DriverLimits.max_forwards)"
+            )
+        sock = bind_forward(guest_port, host_port)
+        bound: int = sock.getsockname()[1]
+        try:
+            self._on_loop(lambda: self._streams.listen(sock, guest_port), "the forward")
+            if self._closed:  # closed meanwhile: the loop may never have taken the socket
+                raise NetworkPolicyError(f"{self.name}: the network closed during forward()")
+        except BaseException:
+            sock.close()
+            raise
+        log.debug("%s: forwarding 127.0.0.1:%d -> guest:%d", self.name, bound, guest_port)
+        return bound
+
+    def _on_loop(self, fn: _Command, what: str) -> None:
+        """Run ``fn`` on the loop thread and wait (at most :data:`RESET_TIMEOUT`)."""
         if threading.current_thread() is self._thread:
-            self._reset_state()
+            fn()
             return
         done = threading.Event()
+        failure: list[BaseException] = []
 
-        def reset() -> None:
+        def run() -> None:
             try:
-                self._reset_state()
+                fn()
+            except Exception as exc:
+                failure.append(exc)
             finally:
                 done.set()
 
-        self._commands.put(reset)
+        self._commands.put(run)
         self._wake()
         if not (done.wait(RESET_TIMEOUT if self._thread.is_alive() else 0) or self._closed):
-            raise NetworkPolicyError(f"{self.name}: the network loop did not apply the reset")
+            raise NetworkPolicyError(f"{self.name}: the network loop did not apply {what}")
+        if failure:
+            raise failure[0]
 
     @property
     def counters(self) -> dict[str, int]:
@@ -273,6 +311,9 @@ class NetworkDriver:
             if self._thread.is_alive():
                 log.warning("%s: network loop did not stop within %.0f s", self.name, CLOSE_TIMEOUT)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._discard_results()  # fetches still running discard their own (see _work)
+        with contextlib.suppress(Exception):
+            self._streams.close("vm-closed")
         with contextlib.suppress(Exception):
             self._selector.close()
         if self._peer is not None:
@@ -313,7 +354,13 @@ class NetworkDriver:
 
     def _poll_timeout(self, now: float) -> float:
         deadlines = [
-            d for d in (self._stack.next_timer, self._relay.next_deadline) if d is not None
+            d
+            for d in (
+                self._stack.next_timer,
+                self._relay.next_deadline,
+                self._streams.next_deadline,
+            )
+            if d is not None
         ]
         if not deadlines:
             return _MAX_POLL
@@ -334,6 +381,8 @@ class NetworkDriver:
             elif key.data == "peer":
                 readable_peer |= bool(mask & selectors.EVENT_READ)
                 writable_peer |= bool(mask & selectors.EVENT_WRITE)
+            elif callable(key.data):  # a raw TCP stream's socket or a forward (streams.py)
+                key.data(mask)
         self._run_commands()
         if readable_peer:
             self._read_peer()
@@ -341,6 +390,7 @@ class NetworkDriver:
         now = time.monotonic()
         self._stack.on_timer(now)
         self._relay.on_timer(now)
+        self._streams.on_timer(now)
         self._relay.process_events()
         self._dispatch_jobs()
         self._queue_tx()
@@ -435,6 +485,14 @@ class NetworkDriver:
     # ------------------------------------------------------------------ requests
 
     def _new_relay(self) -> FlowRelay:
+        self._streams = StreamRelay(
+            self._stack,
+            self._selector,
+            context=lambda: self._context,
+            limits=self.limits,
+            counters=self._counters,
+            name=self.name,
+        )
         return FlowRelay(
             self._stack,
             ca=self.ca,
@@ -444,6 +502,7 @@ class NetworkDriver:
             send_chunk=self.limits.send_chunk,
             body_budget=self.limits.max_request_body_bytes,
             name=self.name,
+            streams=self._streams,
         )
 
     def _dispatch_jobs(self) -> None:
@@ -477,6 +536,20 @@ class NetworkDriver:
         finally:
             self._results.put((flow, outcome))
             self._wake()
+            if self._closed:
+                # Put, then check: close() drains after setting _closed, so
+                # either it or this sees the result; no upgraded socket stays open.
+                self._discard_results()
+
+    def _discard_results(self) -> None:
+        """Drop results nobody will deliver, closing WebSocket connections they hold."""
+        while True:
+            try:
+                _flow, outcome = self._results.get_nowait()
+            except queue.Empty:
+                return
+            if outcome.upgraded is not None:
+                outcome.upgraded.close()
 
     def _collect_results(self) -> None:
         while True:
@@ -497,6 +570,7 @@ class NetworkDriver:
                 stale = self._peer.discard_stale()
             except LinkError as exc:
                 self._drop_peer(exc.reason)
+        self._streams.close("vm-reset")  # streams and forwards end with the guest's past
         self._stack = NetworkStack(mtu=self.mtu)  # new flows, new resolver, zero counters
         self._relay = self._new_relay()  # no flow, no waiting job
         self._counters.clear()  # in place: the peer link shares it

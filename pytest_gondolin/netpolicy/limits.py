@@ -33,6 +33,13 @@ class DriverLimits:
     across flows, from their first byte until answered (each is buffered
     whole, up to 64 MiB); past it a request is refused with 503. Without
     it, every one of the stack's 256 flows could hold a 64 MiB body.
+
+    Raw TCP streams (``tcp=`` services and ``VM.forward``, :mod:`.streams`):
+    ``stream_buffer`` bytes wait at most each way per stream (past it the
+    other side is not read: its TCP window closes); a stream silent for
+    ``stream_idle_timeout`` s or past ``stream_max_bytes`` both ways is
+    reset; ``max_ingress_connections`` forwarded connections at once (more
+    are closed at once) and ``max_forwards`` forwarded ports per VM.
     """
 
     upstream_workers: int = 4
@@ -43,6 +50,17 @@ class DriverLimits:
     max_read_per_wake: int = 4 * 1024 * 1024
     send_chunk: int = 256 * 1024
     max_request_body_bytes: int = 128 * 1024 * 1024
+    #: 256 KiB: one TCP send buffer, enough to keep a local relay busy.
+    stream_buffer: int = 256 * 1024
+    #: Five minutes: longer than any keep-alive a test's client waits out,
+    #: short enough that a forgotten stream frees its slot within a test run.
+    stream_idle_timeout: float = 300.0
+    #: 4 GiB both ways per stream: a database restore fits, a runaway loop stops.
+    stream_max_bytes: int = 4 * 1024**3
+    #: Forwarded connections at once: a test drives a handful, a flood stops here.
+    max_ingress_connections: int = 64
+    #: Forwarded ports per VM.
+    max_forwards: int = 64
 
     def __post_init__(self) -> None:
         for name in (
@@ -53,8 +71,14 @@ class DriverLimits:
             "max_read_per_wake",
             "send_chunk",
             "max_request_body_bytes",
+            "stream_buffer",
+            "stream_max_bytes",
+            "max_ingress_connections",
+            "max_forwards",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"DriverLimits.{name} must be positive")
+        if self.stream_idle_timeout <= 0:
+            raise ConfigError("DriverLimits.stream_idle_timeout must be positive")
         if self.upstream_timeout <= 0:
             raise ConfigError("DriverLimits.upstream_timeout must be positive")

@@ -55,6 +55,7 @@ from pytest_gondolin.netpolicy.stack.flows import (
     NewFlow,
 )
 from pytest_gondolin.netpolicy.stack.network import NetworkStack
+from pytest_gondolin.netpolicy.streams import StreamRelay
 
 __all__ = ["ANSWER_BACKLOG", "FlowRelay", "ProxiedFlow"]
 
@@ -93,7 +94,10 @@ class FlowRelay:
     mediation settings current now (read once per request); ``on_room``
     is called when a flow's output drained, so held upstream jobs may start;
     ``counters`` is shared with the driver; ``body_budget`` bounds the
-    request-body bytes all flows hold at once; ``name`` prefixes log lines.
+    request-body bytes all flows hold at once; ``name`` prefixes log lines;
+    ``streams`` takes the flows that are raw TCP streams (a ``tcp=`` service
+    the guest dials, a ``VM.forward`` connection the host dialled) and
+    their events, before any proxy sees them.
     """
 
     def __init__(
@@ -107,9 +111,11 @@ class FlowRelay:
         send_chunk: int,
         body_budget: int,
         name: str,
+        streams: StreamRelay | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stack = stack
+        self._streams = streams
         self._ca = ca
         self._context = context
         self._on_room = on_room
@@ -157,10 +163,13 @@ class FlowRelay:
                 return
             for event in events:
                 if isinstance(event, NewFlow):
-                    self._new_flow(event)
+                    if self._streams is None or not self._streams.claim(event):
+                        self._new_flow(event)
                     continue
                 flow = self._flows.get(event.flow_id)
                 if flow is None:
+                    if self._streams is not None:
+                        self._streams.on_event(event)
                     continue
                 if isinstance(event, FlowClosed):
                     self._forget(flow)
@@ -321,9 +330,30 @@ class FlowRelay:
         self._after_proxy(flow)
 
     def _deliver(self, flow: ProxiedFlow, outcome: Mediated) -> None:
+        upgraded = outcome.upgraded
         if not self._alive(flow):
+            if upgraded is not None:
+                upgraded.close()
             return  # the guest gave up, or it was rewound (reset): nothing to count
         self._counters[f"decision.{outcome.exchange.decision}"] += 1
         flow.proxy.respond(outcome.response)
+        if upgraded is not None:
+            if flow.proxy.switched and self._streams is not None:
+                # The 101 is framed: from here the flow is an opaque stream.
+                head, early = flow.proxy.hand_over()
+                del self._flows[flow.id]
+                flow.proxy.close()
+                self._streams.adopt(
+                    flow.id,
+                    upgraded,
+                    name=outcome.exchange.host,
+                    port=outcome.exchange.port,
+                    head=head,
+                    from_guest=early,
+                    guest_eof=flow.guest_eof,
+                    recorder=self._context().recorder,
+                )
+                return
+            upgraded.close()
         # Answering reopens the interceptor: read what the guest sent meanwhile.
         self._pump_input(flow)

@@ -336,6 +336,21 @@ class VM:
         """``{NAME: placeholder}`` for the current policy's secrets (empty without secrets)."""
         return secret_env(self.network)
 
+    @require(Runstate.RUNNING)
+    def forward(self, guest_port: int, host_port: int = 0) -> int:
+        """Listen on the host's ``127.0.0.1:host_port`` (0: a free port); return the port.
+
+        Each connection to it is opened into the guest's ``guest_port``
+        (the host dials the guest through its network stack) and relayed as
+        a raw stream, recorded in ``vm.http.tcp_flows``. The port closes with
+        the VM and on every restore (the guest's past servers are gone).
+        Raises ConfigError for a bad port, NetworkPolicyError if it cannot be
+        bound, VMError if the VM has no network of its own.
+        """
+        if self.network is None:
+            raise VMError(f"{self.name} has no network driver (VMConfig.network is off)")
+        return self.network.forward(guest_port, host_port)
+
     # -- guest operations ----------------------------------------------------
 
     def _require_channel(self) -> AgentChannel:

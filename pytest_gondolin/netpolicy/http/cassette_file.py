@@ -34,7 +34,8 @@ truncated): :meth:`Cassette.from_yaml` uses YAML's safe loader only, bounds
 the size (:data:`MAX_CASSETTE_BYTES`) and the interaction count
 (:data:`MAX_INTERACTIONS`), and validates every field (RFC 9110 tokens for
 methods and header names, no CR/LF/NUL in header values and reason
-phrases, statuses 200..599, absolute http(s) URIs). Anything else raises
+phrases, statuses 200..599 or 101 (a WebSocket handshake, replayed as a
+refusal), absolute http(s) URIs). Anything else raises
 :class:`CassetteError`, never another exception. :meth:`Cassette.save`
 replaces the file atomically.
 """
@@ -228,8 +229,14 @@ def _response_in(value: object, where: str) -> CassetteResponse:
         message = status.get("message") or ""
         status = status.get("code")
     # 1xx cannot be replayed as a final response (RFC 9110 §15.2).
-    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
-        raise CassetteError(f"{where}.status.code: {status!r:.80} is not a status in 200..599")
+    if (
+        not isinstance(status, int)
+        or isinstance(status, bool)
+        or not (200 <= status <= 599 or status == 101)
+    ):
+        raise CassetteError(
+            f"{where}.status.code: {status!r:.80} is not a status in 200..599 (or 101)"
+        )
     reason = _scalar_text(message, _where(where, "status", "message"))
     if not _FIELD_VALUE_RE.fullmatch(reason):
         raise CassetteError(f"{where}.status.message: has CR, LF, NUL or non-Latin-1 text")

@@ -33,7 +33,7 @@ decided before (:mod:`.sniff`); the values passed in and out are in
     (:class:`BodyBudget`, shared by the flows
     of one guest)
     ``CONNECT`` (no tunnels, RFC 9110 §9.3.6)     405     ``connect``
-    ``Upgrade: websocket`` (not mediated)         403     ``websocket``
+    ``Upgrade: websocket`` over TLS (``wss://``)  403     ``websocket``
     destination mismatch (see below)              421     ``misdirected``
     ============================================  ======  =================
 
@@ -94,6 +94,7 @@ from pytest_gondolin.netpolicy.http.rules import (
     normalize_host,
     split_host_port,
 )
+from pytest_gondolin.netpolicy.http.websocket import is_websocket
 
 __all__ = [
     "BodyBudget",
@@ -216,6 +217,7 @@ class HttpInterceptor:
         self._pending: HttpRequest | None = None
         self._pending_bytes = 0  # received while a response is owed
         self._closed = False
+        self._switched = False  # a 101 went out: the flow speaks WebSocket now
 
     # ------------------------------------------------------------------ properties
 
@@ -231,8 +233,19 @@ class HttpInterceptor:
 
     @property
     def wants_data(self) -> bool:
-        """False while a response is owed or the flow is closed (apply backpressure)."""
-        return self._pending is None and not self._closed
+        """False while a response is owed, the flow is closed or switched (apply backpressure)."""
+        return self._pending is None and not self._closed and not self._switched
+
+    @property
+    def switched(self) -> bool:
+        """A ``101 Switching Protocols`` went out: what follows is not HTTP (see :meth:`respond`)."""
+        return self._switched
+
+    def switched_input(self) -> bytes:
+        """Guest bytes read past the upgrade request (the first WebSocket frames). Once."""
+        data, _closed = self._conn.trailing_data
+        self._conn = h11.Connection(h11.SERVER)  # the old one still holds them: drop it
+        return bytes(data)
 
     def data_to_send(self) -> bytearray:
         """Bytes to write to the guest since the last call (the caller's to keep: no copy)."""
@@ -337,8 +350,10 @@ class HttpInterceptor:
                 400, "both Content-Length and Transfer-Encoding (request smuggling)", "smuggling"
             )
         upgrade = [_decode(v).lower() for n, v in head.headers if n == b"upgrade"]
-        if any("websocket" in v for v in upgrade):
-            raise _Refusal(403, "WebSocket upgrades are not mediated", "websocket")
+        if self.scheme == "https" and any("websocket" in v for v in upgrade):
+            raise _Refusal(
+                403, "WebSocket over TLS (wss://) is not mediated; ws:// is", "websocket"
+            )
         self._resolve_destination(head)  # validate early: refuse before the body arrives
         length = [v for n, v in head.headers if n == b"content-length"]
         if length and int(length[0]) > self._max_body:
@@ -446,6 +461,8 @@ class HttpInterceptor:
         request = self._pending
         if request is None:
             raise NetworkPolicyError("respond() without a pending request")
+        if response.status == 101 and is_websocket(request.headers):
+            return self._switch(request, response)
         if not isinstance(response.status, int) or not 200 <= response.status <= 599:
             raise NetworkPolicyError(f"cannot send status {response.status!r} as a final response")
         try:
@@ -459,6 +476,23 @@ class HttpInterceptor:
         self._send_message(head, body)
         log.debug("responded %d to %s %s", response.status, request.method, request.url)
         return self._next_cycle()
+
+    def _switch(self, request: HttpRequest, response: HttpResponse) -> list[HttpEvent]:
+        """Send the 101 (RFC 9110 §15.2.2): the flow is WebSocket from here on."""
+        headers = strip_hop_by_hop(response.headers)
+        upgrade = response.header("upgrade") or "websocket"
+        headers += [("Upgrade", upgrade), ("Connection", "Upgrade")]
+        try:
+            raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+            self._send(h11.InformationalResponse(status_code=101, headers=raw))
+        except (UnicodeEncodeError, h11.LocalProtocolError) as exc:
+            raise NetworkPolicyError(f"cannot frame the 101 response: {exc}") from exc
+        self._pending = None
+        self._head = None
+        self._release()
+        self._switched = True
+        log.debug("switched to WebSocket: %s", request.url)
+        return []
 
     def _frame(
         self, method: str, response: HttpResponse, *, close: bool

@@ -87,6 +87,13 @@ from pytest_gondolin.netpolicy.http.policy import Decision, NetworkPolicy, resol
 from pytest_gondolin.netpolicy.http.recorder import Exchange, ExchangeDecision, Recorder
 from pytest_gondolin.netpolicy.http.secrets import SecretLeak, SecretStore
 from pytest_gondolin.netpolicy.http.upstream import DEFAULT_UPSTREAM_TIMEOUT, fetch_upstream
+from pytest_gondolin.netpolicy.http.websocket import (
+    SECRET_REFUSAL,
+    Upgraded,
+    is_websocket,
+    open_websocket,
+    secret_host_refusal,
+)
 
 __all__ = [
     "SLICING_REQUEST_FIELDS",
@@ -187,6 +194,8 @@ class Mediated:
 
     response: HttpResponse
     exchange: Exchange
+    #: A WebSocket handshake the server accepted: its connection, for the stream relay.
+    upgraded: Upgraded | None = None
 
 
 @dataclass(frozen=True)
@@ -386,10 +395,42 @@ def plan_request(
             # A coded or partial response would hide an echoed value from redaction.
             headers = secret_request_headers(headers)
         outgoing = dataclasses.replace(request, headers=tuple(headers))
+    websocket = is_websocket(request.headers)
+    bound = (
+        context.secrets.names_for(request.host)
+        if websocket and context.secrets is not None
+        else ()
+    )
+    if websocket and (carries_secret or bound):
+        refusal = SECRET_REFUSAL if carries_secret else secret_host_refusal(bound, request.host)
+        return _finish(
+            request,
+            denial_response(refusal, "websocket"),
+            "denied",
+            with_rule(refusal, "websocket"),
+            started=started,
+            context=context,
+            clock=clock,
+        )
     player = context.cassette
     if player is not None:
         # After policy and secrets: a denied request stays denied, replayed or not.
         replay = player.lookup(request)
+        if replay is not None and websocket:
+            message = (
+                f"cassette {player.path.name} holds only the handshake of this WebSocket "
+                "(a cassette cannot replay a session); record it again "
+                "(--gondolin-record-mode=all) to reach the server"
+            )
+            return _finish(
+                request,
+                denial_response(message, "cassette"),
+                "denied",
+                with_rule(message, "cassette"),
+                started=started,
+                context=context,
+                clock=clock,
+            )
         if replay is not None:
             reason = f"replayed from cassette {player.path.name}"
             try:  # a cassette written before this screening may hold a coded value
@@ -461,6 +502,8 @@ def run_upstream(
             context=context,
             clock=clock,
         )
+    if is_websocket(request.headers):
+        return _run_websocket(job, addr, port, timeout=timeout, clock=clock)
     try:
         response = fetch_upstream(
             job.outgoing,
@@ -513,6 +556,37 @@ def run_upstream(
         context=context,
         clock=clock,
     )
+
+
+def _run_websocket(
+    job: UpstreamJob, addr: str, port: int, *, timeout: float, clock: Callable[[], float]
+) -> Mediated:
+    """The handshake upstream; a 101 comes back with its connection (see :mod:`.websocket`)."""
+    request, context = job.request, job.context
+    allowed_reason = with_rule(job.decision.reason, job.decision.rule)
+    upgraded = None
+    try:
+        response, upgraded = open_websocket(job.outgoing, addr, port, timeout=timeout)
+        reason = allowed_reason
+        if upgraded is None:  # declined: an ordinary answer, screened like any other
+            response = screen_response(response, context.secrets, carries_secret=False)
+    except NetworkPolicyError as exc:
+        message = str(exc)
+        status = 504 if "timed out" in message else 502
+        response = error_response(status, message, kind="upstream")
+        reason = f"{allowed_reason}; upstream failed: {message}"
+    except (ContentCodingError, PartialContentError) as exc:
+        response, refused = _refuse(exc)
+        reason = f"{allowed_reason}; {refused}"
+    if context.cassette is not None and context.cassette.should_record(request):
+        try:  # the handshake only: a session cannot be replayed
+            context.cassette.record(request, dataclasses.replace(response, body=b""))
+        except CassetteError as exc:
+            log.warning("%s", exc)
+    outcome = _finish(
+        request, response, "allowed", reason, started=job.started, context=context, clock=clock
+    )
+    return dataclasses.replace(outcome, upgraded=upgraded)
 
 
 def internal_error(job: UpstreamJob, exc: BaseException) -> Mediated:

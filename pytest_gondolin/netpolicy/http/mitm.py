@@ -153,6 +153,21 @@ class FlowProxy:
         return len(self._wire_out) + len(self._plain_out)
 
     @property
+    def switched(self) -> bool:
+        """A plain-HTTP flow answered ``101``: hand it over as a stream (:meth:`hand_over`)."""
+        return self._tls is None and self._http is not None and self._http.switched
+
+    def hand_over(self) -> tuple[bytes, bytes]:
+        """(bytes for the guest, guest bytes already read) of a :attr:`switched` flow; once.
+
+        The first are the 101 response, the second the first WebSocket
+        frames the guest sent with its request. The proxy is spent after.
+        """
+        assert self._http is not None and self.switched
+        out, self._wire_out = bytes(self._wire_out), bytearray()
+        return out, self._http.switched_input()
+
+    @property
     def finished(self) -> bool:
         """The flow should be closed (FIN) now: verdict ``close`` and nothing left to send."""
         return self.verdict == "close" and not self._wire_out and not self._plain_out

@@ -49,6 +49,7 @@ from pytest_gondolin.netpolicy.http.rules import (
     split_host_port,
 )
 from pytest_gondolin.netpolicy.http.secrets import Secret, check_secret_name
+from pytest_gondolin.netpolicy.http.tcp_services import TcpService, parse_tcp_services
 
 __all__ = [
     "Decision",
@@ -63,7 +64,8 @@ log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-#: Schemes the host mediates. Anything else (raw TCP, WebSocket, ...) is denied.
+#: Schemes the host mediates (WebSocket upgrades ride on ``http``; raw TCP
+#: reaches only ``tcp=`` services, :mod:`.tcp_services`). Anything else is denied.
 MEDIATED_SCHEMES: Final = frozenset({"http", "https"})
 
 # Internal address ranges, with a short name used in denial reasons.
@@ -220,7 +222,9 @@ class NetworkPolicy:
     none: deny all), ``block_internal``, ``resolve`` (``{"host:port":
     "addr:port"}``; the port of the value defaults to the key's),
     ``upstream_ca`` (an extra PEM CA file trusted for upstreams, besides the
-    system store) and ``secrets`` (name -> :class:`Secret`).
+    system store), ``secrets`` (name -> :class:`Secret`) and ``tcp``
+    (``{"name:port": "addr:port"}``: named raw-TCP services,
+    :mod:`.tcp_services`).
 
     Raises :class:`ConfigError` naming the option and the bad value.
     """
@@ -230,7 +234,9 @@ class NetworkPolicy:
     resolve: Mapping[str, str] = field(default_factory=dict)
     upstream_ca: str | os.PathLike[str] | None = None
     secrets: Mapping[str, Secret] = field(default_factory=dict)
+    tcp: Mapping[str, str] = field(default_factory=dict)
 
+    _tcp: dict[tuple[str, int], TcpService] = field(init=False, repr=False, compare=False)
     _patterns: tuple[HostPattern, ...] = field(init=False, repr=False, compare=False)
     _resolve: dict[tuple[str, int], _ResolveEntry] = field(init=False, repr=False, compare=False)
 
@@ -281,6 +287,8 @@ class NetworkPolicy:
             for i, text in enumerate(secret.hosts):
                 parse_host_pattern(text, where=f"secrets[{name!r}].hosts[{i}]")
         object.__setattr__(self, "secrets", dict(self.secrets))
+        object.__setattr__(self, "_tcp", parse_tcp_services(self.tcp))
+        object.__setattr__(self, "tcp", dict(self.tcp))
 
     def __hash__(self) -> int:
         # The mappings are private copies, so hashing their items is stable.
@@ -291,6 +299,7 @@ class NetworkPolicy:
                 tuple(sorted(self.resolve.items())),
                 self.upstream_ca,
                 tuple(sorted(self.secrets.items(), key=lambda item: item[0])),
+                tuple(sorted(self.tcp.items())),
             )
         )
 
@@ -303,6 +312,7 @@ class NetworkPolicy:
         resolve: Mapping[str, str] | None = None,
         upstream_ca: str | os.PathLike[str] | None = None,
         secrets: Mapping[str, Secret | Sequence[str]] | None = None,
+        tcp: Mapping[str, str] | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> NetworkPolicy:
         """Build a policy from marker / ``vm_factory`` options.
@@ -323,6 +333,7 @@ class NetworkPolicy:
             resolve=dict(resolve or {}),
             upstream_ca=upstream_ca,
             secrets=converted,
+            tcp={} if tcp is None else tcp,
         )
 
     @property
@@ -334,6 +345,10 @@ class NetworkPolicy:
         """The explicit upstream ``resolve`` maps normalised ``host:port`` to, if any."""
         entry = self._resolve.get((host, port))
         return None if entry is None else (entry.target_host, entry.target_port)
+
+    def tcp_service(self, name: str | None, port: int) -> TcpService | None:
+        """The ``tcp`` entry for the name the guest looked up and the port it dialled."""
+        return None if name is None else self._tcp.get((name, port))
 
     def decide(self, host: str, port: int, scheme: str) -> Decision:
         """Decide whether the guest may reach ``scheme://host:port``.

@@ -59,6 +59,7 @@ from pytest_gondolin.guest.recording import UrlFilter as UrlFilter
 from pytest_gondolin.guest.recording import body_json
 from pytest_gondolin.guest.recording import exchange_from_dict as exchange_from_dict
 from pytest_gondolin.netpolicy.http.rules import DEFAULT_PORTS, format_authority, normalize_host
+from pytest_gondolin.netpolicy.http.tcp_record import TcpFlow, TcpFlowLog
 
 __all__ = [
     "DEFAULT_BODY_BUDGET",
@@ -237,6 +238,8 @@ class Recorder:
         self._redactor = redactor
         self._dropped = 0
         self._bodies_off = False  # the body budget was spent: no bodies until clear()
+        #: Raw TCP streams (tcp= services, VM.forward): :mod:`.tcp_record`.
+        self.tcp_log = TcpFlowLog()
 
     # ------------------------------------------------------------------ writing
 
@@ -402,7 +405,8 @@ class Recorder:
         return None
 
     def clear(self, *, stubs: bool = False) -> None:
-        """Forget recorded exchanges (and the stubs too with ``stubs=True``)."""
+        """Forget recorded exchanges and streams (and the stubs too with ``stubs=True``)."""
+        self.tcp_log.clear()
         with self._lock:
             self._exchanges.clear()
             self._held = 0
@@ -419,6 +423,11 @@ class Recorder:
         """A copy of every recorded exchange, oldest first."""
         with self._lock:
             return [ex for ex, _ in self._exchanges]
+
+    @property
+    def tcp_flows(self) -> list[TcpFlow]:
+        """A copy of the raw TCP stream records (:class:`.TcpFlow`), oldest first."""
+        return self.tcp_log.flows
 
     @property
     def stubs(self) -> list[Stub]:
@@ -478,6 +487,7 @@ class Recorder:
         doc = {
             "exchanges": [ex.to_dict() for ex in exchanges],
             "dropped": dropped,
+            "tcp_flows": [flow.to_dict() for flow in self.tcp_flows],
             "stubs": [
                 {
                     "method": s.method,

@@ -153,6 +153,15 @@ class SecretStore:
         """The secret names, in declaration order."""
         return tuple(e.name for e in self._entries)
 
+    def names_for(self, host: str) -> tuple[str, ...]:
+        """The secrets whose hosts include ``host`` on any port, in declaration order.
+
+        Port-blind on purpose: one server may answer on several ports.
+        """
+        return tuple(
+            e.name for e in self._entries if any(p.matches(host, p.port) for p in e.patterns)
+        )
+
     def placeholder(self, name: str) -> str:
         """The placeholder standing for secret ``name`` (``KeyError`` if unknown)."""
         for entry in self._entries:

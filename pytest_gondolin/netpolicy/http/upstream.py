@@ -35,7 +35,13 @@ from pytest_gondolin.netpolicy.http.messages import (
     strip_hop_by_hop,
 )
 
-__all__ = ["DEFAULT_UPSTREAM_TIMEOUT", "UpstreamError", "client_context", "fetch_upstream"]
+__all__ = [
+    "DEFAULT_UPSTREAM_TIMEOUT",
+    "UpstreamError",
+    "client_context",
+    "fetch_upstream",
+    "read_response",
+]
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +173,7 @@ def fetch_upstream(
                 for part in (out, body, end):
                     sock.sendall(part)
             log.debug("upstream %s:%s <- %s %s", addr, port, request.method, request.url)
-            return _read_response(conn, sock, remaining, max_body_bytes, fail)
+            return read_response(conn, sock, remaining, max_body_bytes, fail)
         except ssl.SSLCertVerificationError as exc:
             raise fail(f"TLS certificate verification failed: {exc.verify_message}") from exc
         except (OSError, ssl.SSLError) as exc:  # TimeoutError is an OSError
@@ -177,14 +183,20 @@ def fetch_upstream(
     raise AssertionError("unreachable")  # pragma: no cover - the with block returns or raises
 
 
-def _read_response(
+def read_response(
     conn: h11.Connection,
     sock: socket.socket,
     remaining: Callable[[], float],
     max_body_bytes: int,
     fail: Callable[[str], UpstreamError],
+    *,
+    head: h11.Response | None = None,
 ) -> HttpResponse:
-    head: h11.Response | None = None
+    """Read the rest of a response from ``sock`` (``head``: its head, if already read).
+
+    The body is bounded by ``max_body_bytes``, every read by ``remaining()``.
+    Raises what ``fail`` builds for a bound or a truncated response.
+    """
     body = bytearray()
     while True:
         event = conn.next_event()

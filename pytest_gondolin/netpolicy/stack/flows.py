@@ -21,6 +21,11 @@ decide (TLS SNI, HTTP Host) simply accepts at once. A SYN left undecided
 for ``accept_timeout`` seconds is refused; duplicate SYNs the guest sends
 meanwhile are absorbed.
 
+The host may also dial the guest (``connect``, for ``VM.forward``): that
+flow is the caller's from the start (no ``NewFlow``), waits in SYN-SENT
+(:mod:`.tcp_active`) and reports ``FlowWritable`` once the guest accepted,
+or ``FlowClosed`` (``REFUSED`` / ``TIMEOUT``).
+
 Limits: at most ``max_flows`` live flows (a SYN beyond that is answered
 with RST) and all flows' buffers together at most ``buffer_budget`` bytes.
 """
@@ -37,6 +42,7 @@ from ipaddress import IPv4Address
 from pytest_gondolin.errors import ConfigError
 from pytest_gondolin.netpolicy.stack.segments import TcpSegment, reset_for
 from pytest_gondolin.netpolicy.stack.tcp import CloseReason, TcpConnection
+from pytest_gondolin.netpolicy.stack.tcp_active import ActiveOpen, DialAnswer, DialledConnection
 from pytest_gondolin.netpolicy.stack.tcp_config import BufferBudget, TcpConfig
 
 __all__ = [
@@ -68,6 +74,8 @@ DEFAULT_BUFFER_BUDGET = 32 * 1024 * 1024
 #: that dials upstream before accepting; far below the ~2 minutes the
 #: guest itself keeps retrying its SYN.
 DEFAULT_ACCEPT_TIMEOUT = 30.0
+#: Local ports the host dials the guest from (IANA's dynamic range, RFC 6335).
+_DIAL_PORTS = range(49152, 65536)
 
 
 def _random_isn() -> int:
@@ -160,6 +168,7 @@ class _Flow:
     syn: TcpSegment | None  # the held SYN, until accept()
     accept_deadline: float | None
     conn: TcpConnection | None = None
+    dial: ActiveOpen | None = None  # the host's SYN, until the guest answers
     data_notified: bool = False
     eof_notified: bool = False
     closed_notified: bool = False
@@ -213,6 +222,7 @@ class FlowTable:
         self._flows: dict[int, _Flow] = {}
         self._by_key: dict[_FlowKey, _Flow] = {}
         self._next_flow_id = 1
+        self._next_dial_port = _DIAL_PORTS.start
         self._events: list[Event] = []
         self._now = 0.0
 
@@ -228,6 +238,8 @@ class FlowTable:
         flow = self._by_key.get(key)
         if flow is None:
             self._segment_without_flow(key, seg, now)
+        elif flow.dial is not None:
+            self._segment_for_dial(flow, flow.dial, seg, now)
         elif flow.conn is None:
             self._segment_for_pending(flow, seg)
         else:
@@ -238,7 +250,10 @@ class FlowTable:
         """Run every timer due at ``now`` (retransmissions, probes, accept timeouts)."""
         self._now = max(self._now, now)
         for flow in list(self._flows.values()):
-            if flow.conn is None:
+            if flow.dial is not None:
+                if now >= flow.dial.deadline:
+                    self._redial(flow, flow.dial, now)
+            elif flow.conn is None:
                 if flow.accept_deadline is not None and now >= flow.accept_deadline:
                     self._refuse_pending(flow, CloseReason.ACCEPT_TIMEOUT)
             elif not flow.conn.closed:
@@ -252,7 +267,13 @@ class FlowTable:
         deadlines = [
             d
             for flow in self._flows.values()
-            if (d := flow.conn.next_timer if flow.conn is not None else flow.accept_deadline)
+            if (
+                d := flow.conn.next_timer
+                if flow.conn is not None
+                else flow.dial.deadline
+                if flow.dial is not None
+                else flow.accept_deadline
+            )
             is not None
         ]
         return min(deadlines) if deadlines else None
@@ -268,6 +289,42 @@ class FlowTable:
         return self._budget.used
 
     # -- flow interface -------------------------------------------------------
+
+    def connect(self, src_ip: IPv4Address, guest_port: int) -> int | None:
+        """Dial the guest's ``guest_port`` from ``src_ip`` (the host's SYN goes out).
+
+        Returns the new flow's id, or ``None`` when the flow cap is reached
+        or no local port is free. The flow gets no ``NewFlow``: it is the
+        caller's from the start. Then ``FlowWritable`` once the guest
+        accepted, or ``FlowClosed`` (``REFUSED``: nothing listens;
+        ``TIMEOUT``: no answer) if it never does.
+        """
+        if len(self._by_key) >= self.max_flows:
+            self._counters["drop.tcp-flow-limit"] += 1
+            return None
+        for _ in range(len(_DIAL_PORTS)):
+            port = self._next_dial_port
+            self._next_dial_port = port + 1 if port + 1 in _DIAL_PORTS else _DIAL_PORTS.start
+            key = (guest_port, src_ip, port)
+            if key not in self._by_key:
+                break
+        else:
+            return None
+        flow_id = self._next_flow_id
+        self._next_flow_id += 1
+        dial = ActiveOpen.start(
+            local_port=port,
+            guest_port=guest_port,
+            iss=self._isn(),
+            config=self.tcp_config,
+            now=self._now,
+        )
+        flow = _Flow(flow_id, key, None, None, None, dial=dial)
+        self._flows[flow_id] = flow
+        self._by_key[key] = flow
+        self._counters["tcp.dials"] += 1
+        self._send(src_ip, dial.syn())
+        return flow_id
 
     def accept(self, flow_id: int) -> None:
         """Complete the handshake of a pending flow (the SYN-ACK goes out)."""
@@ -368,7 +425,7 @@ class FlowTable:
             dst_ip=dst_ip,
             dst_port=dst_port,
             dns_name=flow.dns_name,
-            state="PENDING" if conn is None else conn.state.value,
+            state=("SYN-SENT" if flow.dial else "PENDING") if conn is None else conn.state.value,
             readable=0 if conn is None else conn.readable,
             unacked=0 if conn is None else conn.unacked_bytes,
         )
@@ -405,6 +462,31 @@ class FlowTable:
             "new flow %d: guest:%d -> %s:%d (%s)", flow_id, key[0], key[1], key[2], dns_name
         )
         self._events.append(NewFlow(flow_id, key[1], key[2], dns_name, key[0]))
+
+    def _segment_for_dial(self, flow: _Flow, dial: ActiveOpen, seg: TcpSegment, now: float) -> None:
+        answer = dial.answer(seg)
+        if answer is DialAnswer.REFUSED:
+            self._close_pending(flow, CloseReason.REFUSED)
+        elif answer is DialAnswer.ESTABLISHED:
+            conn = DialledConnection.from_syn_ack(
+                seg, dial, now=now, budget=self._budget, counters=self._counters
+            )
+            flow.conn, flow.dial = conn, None
+            self._emit_tcp(flow, conn.flush(now))
+            self._events.append(FlowWritable(flow.id))  # "connected": the owner may send
+            self._after(flow)
+        elif seg.has_ack and not seg.rst:
+            self._reply_rst(flow.key[1], seg)  # §3.10.7.3: an unacceptable ACK gets RST
+        else:
+            self._drop("tcp-dial-unexpected", seg.describe())
+
+    def _redial(self, flow: _Flow, dial: ActiveOpen, now: float) -> None:
+        syn = dial.on_timer(now)
+        if syn is None:
+            self._close_pending(flow, CloseReason.TIMEOUT)
+        else:
+            self._counters["tcp.retransmits"] += 1
+            self._send(flow.key[1], syn)
 
     def _segment_for_pending(self, flow: _Flow, seg: TcpSegment) -> None:
         syn = flow.syn

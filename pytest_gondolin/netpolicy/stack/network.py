@@ -113,6 +113,8 @@ DEFAULT_MTU = 65520
 #: Frames waiting for outgoing_frames(). Only a stalled driver gets near
 #: this; past it frames are dropped (TCP retransmits).
 DEFAULT_MAX_TX_QUEUE_BYTES = 64 * 1024 * 1024
+#: IPv4 packets held while the guest's MAC is unknown (a few SYNs).
+_MAX_AWAITING_MAC = 16
 
 
 # --------------------------------------------------------------------------
@@ -189,6 +191,7 @@ class NetworkStack:
         self._guest_mac = guest_mac
         self.max_tx_queue_bytes = max_tx_queue_bytes
         self._tx: list[bytes] = []
+        self._awaiting_mac: list[bytes] = []  # IPv4 packets held until the guest's MAC is known
         self._tx_bytes = 0
         self._ip_id = 0
 
@@ -236,6 +239,10 @@ class NetworkStack:
         return self._table.next_timer
 
     # -- flow interface (see :class:`~.flows.FlowTable`) ----------------------
+
+    def connect(self, guest_port: int) -> int | None:
+        """Dial the guest's ``guest_port`` from the gateway (see :meth:`.FlowTable.connect`)."""
+        return self._table.connect(self.gateway_ip, guest_port)
 
     def accept(self, flow_id: int) -> None:
         """Complete the handshake of a pending flow (the SYN-ACK goes out)."""
@@ -317,6 +324,14 @@ class NetworkStack:
 
     def _handle_arp(self, eth: EthernetFrame) -> None:
         arp = parse_arp(eth.payload)
+        if (
+            arp.op == ARP_REPLY
+            and self._awaiting_mac
+            and arp.sender_ip == self.guest_ip
+            and arp.sender_mac == eth.src
+        ):
+            self._learn_guest_mac(eth.src)  # the answer to _ask_guest_mac
+            return
         if arp.op != ARP_REQUEST:
             self._drop("arp-not-request")
             return
@@ -418,6 +433,25 @@ class NetworkStack:
         if not self._fixed_guest_mac and mac != self._guest_mac:
             logger.debug("guest MAC is %s", format_mac(mac))
             self._guest_mac = mac
+        if self._guest_mac is not None:
+            waiting, self._awaiting_mac = self._awaiting_mac, []
+            for packet in waiting:
+                self._queue_frame(self._guest_mac, ETHERTYPE_IPV4, packet)
+
+    def _ask_guest_mac(self, packet: bytes) -> None:
+        """Hold ``packet`` and ask the guest its MAC (RFC 826): the host speaks first.
+
+        Only the host's own dial (``connect``, after a restore the guest has
+        sent nothing yet) needs it; at most :data:`_MAX_AWAITING_MAC` packets
+        wait, the rest are dropped (TCP resends them).
+        """
+        if len(self._awaiting_mac) >= _MAX_AWAITING_MAC:
+            self._drop("tx-no-guest-mac")
+            return
+        self._awaiting_mac.append(packet)
+        request = ArpPacket(ARP_REQUEST, self.gateway_mac, self.gateway_ip, bytes(6), self.guest_ip)
+        self._counters["arp.requests"] += 1
+        self._queue_frame(b"\xff" * 6, ETHERTYPE_ARP, request.build())
 
     def _send_segment(self, src: IPv4Address, seg: TcpSegment) -> None:
         if logger.isEnabledFor(logging.DEBUG):
@@ -428,7 +462,7 @@ class NetworkStack:
         self._ip_id = (self._ip_id + 1) & 0xFFFF
         packet = IPv4Packet(src, self.guest_ip, protocol, payload, identification=self._ip_id)
         if self._guest_mac is None:
-            self._drop("tx-no-guest-mac")
+            self._ask_guest_mac(packet.build())
             return
         self._queue_frame(self._guest_mac, ETHERTYPE_IPV4, packet.build())
 

@@ -100,6 +100,7 @@ class CloseReason(enum.Enum):
     REJECTED = "rejected"  # the owner rejected the SYN (stack level)
     ACCEPT_TIMEOUT = "accept-timeout"  # the owner never decided (stack level)
     STACK_LIMIT = "stack-limit"  # over the stack's flow cap (stack level)
+    REFUSED = "refused-by-guest"  # the guest answered the host's SYN with RST (tcp_active)
 
 
 # States in which we may still put data (or a FIN) on the wire, and in

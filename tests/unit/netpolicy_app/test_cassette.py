@@ -283,8 +283,8 @@ def test_a_vcrpy_cassette_loads_and_replays(tmp_path: Path) -> None:
         ),
         (
             "interactions:\n- request: {method: GET, uri: 'https://a.com/'}\n"
-            "  response: {status: {code: 101}}\n",
-            r"status.code: 101 is not a status in 200..599",
+            "  response: {status: {code: 102}}\n",
+            r"status.code: 102 is not a status in 200..599",
         ),
         (
             "interactions:\n- request: {method: GET, uri: 'https://a.com/', body: [1]}\n"

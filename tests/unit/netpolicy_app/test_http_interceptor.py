@@ -221,13 +221,7 @@ REFUSALS = [
         "connect",
         "CONNECT tunnels",
     ),
-    (
-        b"GET /chat HTTP/1.1\r\nHost: a.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        403,
-        "websocket",
-        "WebSocket",
-    ),
+    # Upgrade: websocket over plain HTTP is mediated now (test_websocket.py); wss:// is refused.
     (
         b"POST / HTTP/1.1\r\nHost: a.example\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         400,
