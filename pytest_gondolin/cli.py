@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from pytest_gondolin import __version__, paths
@@ -33,6 +34,7 @@ examples:
   gondolin shell --allow-host pypi.org an interactive shell that may reach pypi.org
   gondolin ps                          VMs kept by pytest --gondolin-keep-vm
   gondolin attach 8e3f6b9c             a shell in one of them
+  gondolin cache export cache.tar      images and warm snapshots in one file (CI caches)
 """
 
 
@@ -154,6 +156,39 @@ def _cmd_image_prune(args: argparse.Namespace) -> int:
     for path in removed:
         print(f"removed {path}")
     print(f"{len(removed)} removed")
+    return 0
+
+
+def _cmd_cache_export(args: argparse.Namespace) -> int:
+    from pytest_gondolin.image.archive import export_cache, host_facts
+
+    started = time.monotonic()
+    done = export_cache(args.file, progress=_progress, facts=host_facts(args.accel))
+    for line in done.skipped:
+        _progress(f"left out {line}")
+    print(
+        f"{done.path}: {done.files} files, {_mib(done.bytes)} ({time.monotonic() - started:.1f} s)"
+    )
+    return 0
+
+
+def _cmd_cache_import(args: argparse.Namespace) -> int:
+    from pytest_gondolin.image.archive import host_facts
+    from pytest_gondolin.image.archive_import import import_cache
+
+    started = time.monotonic()
+    try:
+        here = host_facts(args.accel)
+    except GondolinError as exc:  # no QEMU: images still come in, snapshots cannot be used
+        _progress(f"snapshots will be skipped: {exc}")
+        here = None
+    done = import_cache(args.file, progress=_progress, here=here)
+    for line in done.skipped:
+        print(line)
+    print(
+        f"{len(done.installed)} imported, {len(done.present)} already in the cache, "
+        f"{len(done.skipped)} skipped ({time.monotonic() - started:.1f} s)"
+    )
     return 0
 
 
@@ -465,6 +500,37 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also remove every warm snapshot and cached boot payload (rebuilt on next use)",
     )
+
+    cache = sub.add_parser(
+        "cache",
+        help="move the cache between machines as one archive",
+        description="Move images, warm snapshots and the guests' CA between machines.",
+    )
+    csub = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
+    for name, func, summary, description in (
+        (
+            "export",
+            _cmd_cache_export,
+            "write the cached images, CA and warm snapshots to one archive FILE",
+            "FILE.tar.gz / .tgz / .tar.xz are compressed, anything else is a plain tar.\n"
+            "The archive holds the CA key the guests trust: keep it as private as the cache.",
+        ),
+        (
+            "import",
+            _cmd_cache_import,
+            "check an archive FILE and add what it holds to the cache",
+            "Sizes and SHA-256 of every file are checked before anything is added; snapshots\n"
+            "of another QEMU version, machine type or accelerator are skipped with a message.",
+        ),
+    ):
+        p = command(csub, name, func, summary, description)
+        p.add_argument("file", type=Path, metavar="FILE", help="the archive")
+        p.add_argument(
+            "--accel",
+            default=_env_default("accel", "auto"),
+            choices=("auto", "kvm", "tcg"),
+            help="the accelerator snapshots are for (default: $GONDOLIN_ACCEL or auto)",
+        )
 
     for name, func, summary, description in (
         (

@@ -42,6 +42,13 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(Diagnostics(config), DIAGNOSTICS)
 
 
+@pytest.hookimpl(wrapper=True, optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> Generator[None, int, int]:
+    from pytest_gondolin.workers import cap_auto_workers
+
+    return cap_auto_workers(config, (yield))
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     from pytest_gondolin.vm.reaper import reap_orphans
 

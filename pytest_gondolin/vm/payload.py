@@ -106,17 +106,18 @@ def build_payload(extra_files: dict[str, bytes] | None = None) -> bytes:
 
 
 def combined_initrd(base: Path, payload: bytes, cache: Path) -> Path:
-    """Return a file holding ``base`` followed by ``payload``, cached by content hash."""
-    digest = hashlib.sha256(
-        base.name.encode()
-        + str(base.stat().st_size).encode()
-        + str(base.resolve()).encode()
-        + payload
-    ).hexdigest()[:20]
+    """Return a file holding ``base`` followed by ``payload``, cached by content hash.
+
+    The name depends on the bytes alone, never on where ``base`` lies: it is
+    part of the warm-snapshot key, which must survive a cache moved to
+    another folder (``gondolin cache export`` / ``import``).
+    """
+    content = base.read_bytes() + payload  # ~3 MiB: hashing it costs a few ms
+    digest = hashlib.sha256(content).hexdigest()[:20]
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / f"initrd-{digest}.img"
     if not target.exists():
         tmp = cache / f".initrd-{digest}.{os.getpid()}.tmp"
-        tmp.write_bytes(base.read_bytes() + payload)
+        tmp.write_bytes(content)
         tmp.rename(target)
     return target
