@@ -2,9 +2,11 @@
 
 Runs the guest test worker as::
 
-    python3 -s -m pytest_gondolin.guest.hostpath [worker args ...]
+    PYTHON -s -m pytest_gondolin.guest.hostpath [worker args ...]
 
-with :data:`HOST_PATH_ENV` naming the host's folders (copied to the same
+where PYTHON is the host's own ``sys.executable`` carried into the guest
+(``sandbox/host_python.py``), or the image's ``python3`` when it cannot run
+there, with :data:`HOST_PATH_ENV` naming the host's folders (copied to the same
 absolute paths by the host). Before anything imports pytest, each folder is
 put on ``sys.path`` the way the host's interpreter put it there: a site
 folder through :func:`site.addsitedir`, so its ``.pth`` files run (editable
@@ -69,12 +71,19 @@ def install(entries: Sequence[tuple[str, str]]) -> None:
 
     Site folders go through :func:`site.addsitedir`, which appends the folder
     and then what its ``.pth`` files name (existing folders only) and runs
-    their ``import`` lines, exactly as the host's ``site`` module did.
+    their ``import`` lines, exactly as the host's ``site`` module did. A
+    folder already on ``sys.path`` is left where it is: when the worker runs
+    as the host's own interpreter (``sandbox/host_python.py``), ``site`` set
+    up the host's site folders at start-up, ``.pth`` files included, and
+    running those again would install their import hooks twice.
     """
     at = _first_site_index(sys.path)
     head, tail = sys.path[:at], sys.path[at:]
+    present = set(sys.path)
     sys.path[:] = head
     for kind, folder in entries:
+        if folder in present:
+            continue
         if kind == SITE:
             site.addsitedir(folder)
         elif folder not in sys.path:

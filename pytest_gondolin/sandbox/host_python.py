@@ -1,0 +1,443 @@
+"""The host's own Python interpreter, carried into the guest at the same paths when it can run there.
+
+A sandboxed test must run under the Python that started pytest, not the
+image's (Debian 12: CPython 3.11.2). :func:`choose` decides, from the host's
+interpreter (:class:`HostLayout`) and what the guest offers
+(:class:`GuestFacts`, asked once per image with :data:`FACTS_SCRIPT` and
+cached), one of:
+
+* **carry it** (:class:`HostInterpreter`): the ``sys.base_prefix`` tree the
+  interpreter needs (the binary, ``libpython`` when shared, the standard
+  library with ``lib-dynload``; not ``site-packages`` (the environment goes
+  through :mod:`.host_environment`), ``test/``, bytecode of other
+  interpreters or optimisation levels, IDLE,
+  tkinter, turtledemo, ensurepip or the static ``libpython.a``), plus a
+  venv's ``pyvenv.cfg`` and ``bin/python*`` links, all at their host paths,
+  so the worker runs as the host's ``sys.executable`` with the host's
+  ``sys.prefix``. Checked first: every ELF object (binary, ``libpython``,
+  extension modules) is built for the guest's machine, needs no newer glibc
+  than the guest's, and finds each ``DT_NEEDED`` library in the guest or
+  carried from the host (:mod:`.elf_checks`). An extension module that fails
+  a check is left out and named once; the binary or ``libpython`` failing
+  refuses the whole interpreter.
+* **the image's Python** (``interpreter=None``), when carrying is refused
+  and the image's Python has the host's major.minor: today's path, silently;
+* **a refusal** (``message``) naming both versions and why, when it has not:
+  the session fails its sandboxed tests with that message instead of running
+  them under another Python (a SyntaxError at best).
+
+The carried files are packed once into tars in the cache
+(:mod:`.interpreter_pack`), keyed by :attr:`HostInterpreter.key`: every carried
+path with its size, mtime and mode (:func:`interpreter_key`), so a cached
+guest layer can be keyed by it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import re
+import stat
+import sys
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from pytest_gondolin.sandbox.elf_checks import (
+    MACHINES,
+    ElfNeeds,
+    ElfReadError,
+    is_elf,
+    read_elf,
+    why_not_runnable,
+)
+from pytest_gondolin.sandbox.guest_facts import GuestFacts, image_facts
+from pytest_gondolin.sandbox.host_environment import report_once
+from pytest_gondolin.vm.identity import VMConfig
+
+__all__ = [
+    "Choice",
+    "HostInterpreter",
+    "HostLayout",
+    "choose",
+    "decide",
+    "interpreter_key",
+]
+
+log = logging.getLogger(__name__)
+
+#: Folders of the standard library that tests do not import and that weigh
+#: (tests alone are ~60% of it), and the GUI parts whose libraries (Tk, X)
+#: a guest does not have.
+SKIPPED_DIRS: Final = frozenset(
+    {
+        "test",
+        "tests",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "ensurepip",
+        "site-packages",
+    }
+)
+#: Files left out wherever they are: the static library (``config-*``,
+#: ~50 MB) and the Tk extension module (tkinter is left out).
+_SKIPPED_FILE = re.compile(r"libpython.*\.a|_tkinter\..*so")
+#: Links followed from ``sys.executable`` to the binary (the kernel's limit is 40).
+MAX_LINKS: Final = 40
+#: Libraries carried from the host for one interpreter, transitively.
+MAX_CARRIED_LIBRARIES: Final = 64
+#: Bumped when the carried layout or the pack format changes.
+_FORMAT: Final = "1"
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """Where the host's interpreter lives (:meth:`current` is the running one)."""
+
+    executable: str
+    prefix: str
+    base_prefix: str
+    #: ``platform.python_version()``.
+    version: str
+    implementation: str
+    #: ``sys.implementation.cache_tag`` (``cpython-311``): the bytecode carried with the stdlib.
+    cache_tag: str
+    #: The extension ABI (``sysconfig``'s ``SOABI``: ``cpython-311-x86_64-linux-gnu``).
+    soabi: str
+    #: Folders of the standard library: ``stdlib`` and ``lib-dynload`` (when outside it).
+    stdlib: tuple[str, ...]
+    #: The shared ``libpython`` the binary needs (None: statically linked).
+    libpython: str | None
+
+    @classmethod
+    def current(cls) -> HostLayout:
+        stdlib = os.path.normpath(sysconfig.get_paths()["stdlib"])
+        folders = [stdlib]
+        for entry in sys.path:
+            entry = os.path.normpath(entry) if entry else ""
+            if os.path.basename(entry) == "lib-dynload" and not entry.startswith(stdlib + "/"):
+                folders.append(entry)
+        libpython = None
+        if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+            name = sysconfig.get_config_var("INSTSONAME") or sysconfig.get_config_var("LDLIBRARY")
+            libdir = sysconfig.get_config_var("LIBDIR")
+            if name and libdir:
+                libpython = os.path.join(str(libdir), str(name))
+        return cls(
+            executable=sys.executable,
+            prefix=sys.prefix,
+            base_prefix=sys.base_prefix,
+            version=platform.python_version(),
+            implementation=sys.implementation.name,
+            cache_tag=str(sys.implementation.cache_tag),
+            soabi=str(sysconfig.get_config_var("SOABI") or ""),
+            stdlib=tuple(folders),
+            libpython=libpython,
+        )
+
+    @property
+    def major_minor(self) -> str:
+        return ".".join(self.version.split(".")[:2])
+
+
+@dataclass(frozen=True)
+class CarriedFile:
+    """One file or link the guest gets at ``path``."""
+
+    path: str
+    #: The host file read for it (differs from ``path`` for a library carried under its soname).
+    source: str
+    #: A symbolic link's target (None: a regular file).
+    link: str | None
+    size: int
+    mtime_ns: int
+    mode: int
+
+
+@dataclass(frozen=True)
+class HostInterpreter:
+    """The host's interpreter as carried into the guest (see the module docstring)."""
+
+    executable: str
+    prefix: str
+    version: str
+    #: The base interpreter's files (and host libraries carried for it): the
+    #: cached layer, keyed by :attr:`key`.
+    files: tuple[CarriedFile, ...]
+    #: The venv's own files (``pyvenv.cfg``, ``bin/python*`` links), a few
+    #: hundred bytes copied each session with the project, so one layer
+    #: serves every venv made from the same interpreter.
+    venv: tuple[CarriedFile, ...] = field(default=())
+    #: Extension modules left out, and why.
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def key(self) -> str:
+        return interpreter_key(self)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in (*self.files, *self.venv))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which Python runs the guest worker (see the module docstring)."""
+
+    #: The host's interpreter, carried; None: the image's ``python3``.
+    interpreter: HostInterpreter | None
+    #: Why the host's interpreter is not carried (None: it is).
+    reason: str | None = None
+    #: Set when neither can run the tests: the message the session fails them with.
+    refusal: str | None = None
+    #: The Python that runs the worker: its version (``3.11.7``) and extension
+    #: ABI (``cpython-311-x86_64-linux-gnu``), which binary wheels carried or
+    #: fetched for the guest must match ("" when refused).
+    version: str = ""
+    soabi: str = ""
+
+
+def interpreter_key(interpreter: HostInterpreter | None) -> str:
+    """The content key of the carried layer ("" for the image's Python): paths, sizes, mtimes, modes.
+
+    Over the base interpreter's files only: venvs made from one interpreter share it.
+    """
+    if interpreter is None:
+        return ""
+    h = hashlib.sha256(f"host-python {_FORMAT}\n".encode())
+    for f in interpreter.files:
+        h.update(f"{f.path}\0{f.source}\0{f.link}\0{f.size}\0{f.mtime_ns}\0{f.mode}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _carried(path: str, source: str | None = None) -> CarriedFile | None:
+    source = source or path
+    try:
+        st = os.lstat(source) if source == path else os.stat(source)
+    except OSError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(source)
+        except OSError:  # replaced since the lstat
+            return None
+        return CarriedFile(path, source, target, 0, st.st_mtime_ns, 0o777)
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return CarriedFile(path, source, None, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+
+
+def _link_chain(executable: str) -> list[str]:
+    """``executable`` and every link on the way to the binary (absolute paths, in order)."""
+    chain: list[str] = []
+    path = os.path.abspath(executable)
+    for _ in range(MAX_LINKS):
+        chain.append(path)
+        if not os.path.islink(path):
+            return chain
+        path = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+    raise OSError(f"{executable}: more than {MAX_LINKS} symbolic links")
+
+
+def _walk(folder: str, cache_tag: str) -> Iterator[str]:
+    # The stdlib's bytecode comes along (``__pycache__/*.<cache_tag>.pyc``, ~15 MB):
+    # without it the worker (PYTHONDONTWRITEBYTECODE) compiles every module it
+    # imports, each start, under TCG: ``-c pass`` 2.3 s instead of 0.3 s,
+    # importing json/unittest/argparse/inspect 14 s instead of 2.5 s (measured).
+    bytecode = f".{cache_tag}.pyc"
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS)
+        in_cache = os.path.basename(dirpath) == "__pycache__"
+        for name in sorted(filenames):
+            if in_cache and not name.endswith(bytecode):
+                continue
+            if not _SKIPPED_FILE.fullmatch(name):
+                yield os.path.join(dirpath, name)
+
+
+def _interpreter_files(layout: HostLayout) -> dict[str, CarriedFile]:
+    """Every file the interpreter needs, by guest path (no checks yet)."""
+    paths = _link_chain(layout.executable)
+    if layout.prefix != layout.base_prefix:
+        venv = layout.prefix
+        paths.append(os.path.join(venv, "pyvenv.cfg"))
+        bindir = os.path.join(venv, "bin")
+        try:
+            paths += [
+                os.path.join(bindir, n)
+                for n in sorted(os.listdir(bindir))
+                if n.startswith("python")
+            ]
+        except OSError:
+            pass
+    if layout.libpython is not None:
+        paths.append(layout.libpython)
+    for folder in layout.stdlib:
+        paths += _walk(folder, layout.cache_tag)
+    files: dict[str, CarriedFile] = {}
+    for path in paths:
+        carried = _carried(path)
+        if carried is not None and path not in files:
+            files[path] = carried
+    return files
+
+
+class _Linker:
+    """Resolves ``DT_NEEDED`` names against the guest, the carried files and the host's libraries."""
+
+    def __init__(self, facts: GuestFacts, files: dict[str, CarriedFile]) -> None:
+        self.facts = facts
+        self.files = files
+        self.machine = MACHINES[facts.machine]
+        # Sonames the carried tree provides (libpython), by file name.
+        self.provided = {os.path.basename(p) for p in files if ".so" in os.path.basename(p)}
+        self.libraries: dict[str, CarriedFile] = {}  # carried from the host, by guest path
+        self.failed: dict[str, str] = {}  # soname -> why it cannot be carried
+
+    def why_not(self, path: str) -> str | None:
+        """Why ``path`` cannot run in the guest, carrying the host libraries it lacks; None: it can."""
+        try:
+            needs = read_elf(path)
+        except ElfReadError as exc:
+            return str(exc)
+        return self._check(path, needs, depth=0)
+
+    def _have(self) -> frozenset[str]:
+        carried = {os.path.basename(p) for p in self.libraries}
+        return self.facts.libraries | self.provided | carried
+
+    def _check(self, path: str, needs: ElfNeeds, depth: int) -> str | None:
+        for name in needs.needed:
+            if name in self._have():
+                continue
+            why = self.failed.get(name) or self._carry(name, needs.runpath, depth)
+            if why is not None:
+                self.failed[name] = why
+                return f"{path} needs {name}: {why}"
+        return why_not_runnable(
+            path, needs, machine=self.machine, glibc=self.facts.glibc, libraries=self._have()
+        )
+
+    def _carry(self, name: str, runpath: tuple[str, ...], depth: int) -> str | None:
+        """Carry host library ``name`` where the guest's linker finds it; None on success."""
+        if depth > 8 or len(self.libraries) >= MAX_CARRIED_LIBRARIES:
+            return "too many libraries to carry"
+        for folder in (*runpath, *self.facts.default_dirs()):
+            host = os.path.join(folder, name)
+            if not os.path.isfile(host):
+                continue
+            source = os.path.realpath(host)
+            carried = _carried(host, source)
+            if carried is None:
+                continue
+            self.libraries[host] = carried  # before the check: a cycle ends here
+            try:
+                why = self._check(source, read_elf(source), depth + 1)
+            except ElfReadError as exc:
+                why = str(exc)
+            if why is None:
+                return None
+            del self.libraries[host]
+            return f"the guest lacks it and the host's copy cannot go there ({why})"
+        return "the guest lacks it and the host has none"
+
+
+def choose(layout: HostLayout, facts: GuestFacts) -> Choice:
+    """Carry ``layout``'s interpreter, fall back to the image's Python, or refuse (module docstring)."""
+    interpreter, reason = _plan(layout, facts)
+    if interpreter is not None:
+        return Choice(interpreter, version=layout.version, soabi=layout.soabi)
+    assert reason is not None
+    guest = facts.python
+    if guest and guest.split(".")[:2] == layout.version.split(".")[:2]:
+        major, minor = guest.split(".")[:2]
+        return Choice(
+            None, reason, version=guest, soabi=f"cpython-{major}{minor}-{facts.multiarch}"
+        )
+    return Choice(
+        None,
+        reason,
+        refusal=(
+            f"the guest cannot run the host's Python {layout.version} ({layout.executable}): "
+            f"{reason}; and the image's Python is "
+            + (guest if guest else "missing")
+            + f", not {layout.major_minor}: sandboxed tests would run under another Python. "
+            "Run pytest with a Python the guest can run (same machine, glibc no newer than "
+            f"{facts.glibc[0]}.{facts.glibc[1]}) or use an image whose Python is {layout.major_minor}."
+        ),
+    )
+
+
+def _plan(layout: HostLayout, facts: GuestFacts) -> tuple[HostInterpreter | None, str | None]:
+    if layout.implementation != "cpython":
+        return None, f"it is {layout.implementation}, only CPython is carried"
+    if os.path.normpath(layout.base_prefix) in ("/", "/usr"):
+        return None, (
+            f"it is installed in {layout.base_prefix}, where the guest's own Python lives"
+        )
+    try:
+        files = _interpreter_files(layout)
+        binary = _link_chain(layout.executable)[-1]
+    except OSError as exc:
+        return None, f"its files cannot be read ({exc})"
+    linker = _Linker(facts, files)
+    core = [binary] + ([layout.libpython] if layout.libpython else [])
+    for path in core:
+        if path not in files:
+            return None, f"{path} is missing"
+        why = linker.why_not(path)
+        if why is not None:
+            return None, why
+    notes: list[str] = []
+    for path in [p for p, f in files.items() if f.link is None and p not in core]:
+        if ".so" in os.path.basename(path) and is_elf(path):
+            why = linker.why_not(path)
+            if why is not None:
+                del files[path]
+                notes.append(f"{os.path.basename(path)} left out: {why}")
+    carried = {**files, **linker.libraries}
+    venv = os.path.normpath(layout.prefix) + "/"
+    in_venv = sorted(
+        p
+        for p in carried
+        if layout.prefix != layout.base_prefix
+        and p.startswith(venv)
+        and not p.startswith(os.path.normpath(layout.base_prefix) + "/")
+    )
+    interpreter = HostInterpreter(
+        executable=layout.executable,
+        prefix=layout.prefix,
+        version=layout.version,
+        files=tuple(carried[p] for p in sorted(carried) if p not in in_venv),
+        venv=tuple(carried[p] for p in in_venv),
+        notes=tuple(notes),
+    )
+    return interpreter, None
+
+
+def decide(
+    config: VMConfig, cache: Path, *, progress: Callable[[str], None] | None = None
+) -> Choice:
+    """Which Python runs the guest worker for ``config``'s image (module docstring).
+
+    The image's facts are asked once per image (:func:`.guest_facts.image_facts`);
+    the host's files are checked each session (0.15-0.35 s for ~1,400 files here).
+    Extension modules left out are named once, as a warning.
+    """
+    facts = image_facts(config, cache, progress=progress)
+    choice = choose(HostLayout.current(), facts)
+    if choice.interpreter is not None and choice.interpreter.notes:
+        report_once(
+            ["pytest-gondolin: parts of the host's Python are not carried into the guest:"]
+            + [f"  {note}" for note in choice.interpreter.notes]
+        )
+    elif choice.reason is not None and choice.refusal is None:
+        log.info(
+            "the guest runs the image's Python: the host's cannot run there (%s)", choice.reason
+        )
+    return choice
