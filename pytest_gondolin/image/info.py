@@ -6,6 +6,8 @@ command and the pytest report header use it. A warm snapshot
 belongs to the image whose ``rootfs.qcow2`` is its qcow2 backing file, so
 the snapshots of an image are found by reading each snapshot's qcow2
 header — not by recomputing state keys, which would build a boot payload.
+Layered snapshots (``<state key>+<stack digest>.qcow2``, ``vm/layers.py``)
+have the same backing file, so they are found, listed and pruned with them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from pytest_gondolin.errors import ConfigError, ImageError
 from pytest_gondolin.image.recipe import Recipe, load_recipe
 from pytest_gondolin.image.store import Image, images_root, open_image
-from pytest_gondolin.vm.snapshot_paths import snapshots_dir
+from pytest_gondolin.vm.snapshot_paths import LAYER_SEPARATOR, snapshots_dir
 
 #: qcow2 header (QEMU docs/interop/qcow2.txt): magic, version, backing file offset and size.
 _QCOW2_HEADER = struct.Struct(">4sIQI")
@@ -112,7 +114,15 @@ class ImageStatus:
             "manifest": self.image.manifest if self.image else None,
             "files": self.files(),
             "size_bytes": sum(self.files().values()),
-            "warm_snapshots": [{"path": str(p), "size_bytes": p.stat().st_size} for p in snaps],
+            "warm_snapshots": [
+                {
+                    "path": str(p),
+                    "size_bytes": p.stat().st_size,
+                    # with system packages or the host environment on top
+                    "layered": LAYER_SEPARATOR in p.name,
+                }
+                for p in snaps
+            ],
         }
 
 

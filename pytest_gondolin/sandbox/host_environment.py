@@ -24,14 +24,18 @@ What the host's interpreter can import for the project, the guest can too:
 * **Not carried:** pytest-gondolin itself (:data:`EXCLUDED_DISTRIBUTIONS`).
 
 Each distribution is packed once into a tar in the cache, keyed by the path,
-size, mtime and mode of every file it carries: a later session reads only
-``stat`` results and the cached packs. The whole is capped
+size, mtime and mode of every file it carries. :func:`layer_items` turns
+them into the pieces of the guest's ``host-environment`` layer
+(``vm/layers.py``), cached as a ready snapshot under the keys of all pieces:
+a later session with nothing changed reads only ``stat`` results and copies
+nothing into the guest. The whole is capped
 (:data:`DEFAULT_LIMIT`, ``gondolin_host_environment_limit``); past the cap the
 error names the largest distributions.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import io
@@ -53,6 +57,7 @@ from packaging.utils import canonicalize_name
 
 from pytest_gondolin.errors import ConfigError
 from pytest_gondolin.guest.hostpath import PLAIN, SITE
+from pytest_gondolin.vm.layers import TarItem
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -62,7 +67,7 @@ __all__ = [
     "HostEnvironment",
     "MissingDistribution",
     "PathEntry",
-    "pack_chunks",
+    "layer_items",
     "scan",
 ]
 
@@ -80,9 +85,6 @@ DEFAULT_LIMIT: Final = 512 * 1024 * 1024
 #: The guest half of pytest-gondolin boots with the guest (``vm/payload.py``);
 #: the host's copy (and, for an editable install, its source checkout) stays out.
 EXCLUDED_DISTRIBUTIONS: Final = frozenset({"pytest-gondolin"})
-#: Packs are written to the guest in pieces of about this size: one piece is
-#: held in guest memory by the agent while written.
-CHUNK_BYTES: Final = 32 * 1024 * 1024
 #: Bumped when the pack layout changes, so old cached packs are not reused.
 _PACK_FORMAT: Final = "1"
 
@@ -463,25 +465,21 @@ def _cached_pack(dist: CarriedDistribution, cache: Path) -> bytes:
         return data
 
 
-def pack_chunks(env: HostEnvironment, cache: Path, *, chunk: int = CHUNK_BYTES) -> list[bytes]:
-    """Tars of everything ``env`` carries, each about ``chunk`` bytes or one distribution.
+def layer_items(env: HostEnvironment, cache: Path) -> list[TarItem]:
+    """What ``env`` carries as tar items for a layer (``vm/layers.py``), each with its content key.
 
-    Each is a concatenation of per-distribution tars: unpack with
-    ``tar --ignore-zeros``. The ``.pth`` files no distribution owns come first.
+    The ``.pth`` files no distribution owns first (keyed by their path, size,
+    mtime and mode), then one item per distribution (:attr:`CarriedDistribution.key`,
+    packed once into ``cache``): a changed distribution changes one key.
     """
-    chunks: list[bytes] = []
-    current = [_tar_files(env.loose_files)] if env.loose_files else []
-    size = sum(map(len, current))
+    items: list[TarItem] = []
+    loose = list(env.loose_files)
+    if loose:
+        stats = [(f, st) for f in loose if (st := _regular_stat(f)) is not None]
+        items.append(TarItem(f"pth:{_pack_key(stats)}", lambda: _tar_files(loose)))
     for dist in env.carried:
-        data = _cached_pack(dist, cache)
-        if current and size + len(data) > chunk:
-            chunks.append(b"".join(current))
-            current, size = [], 0
-        current.append(data)
-        size += len(data)
-    if current:
-        chunks.append(b"".join(current))
-    return chunks
+        items.append(TarItem(f"dist:{dist.key}", functools.partial(_cached_pack, dist, cache)))
+    return items
 
 
 _reported_lock = threading.Lock()

@@ -11,7 +11,8 @@ command line, so any change invalidates it. Writers hold a file lock and
 rename into place; a cached file that fails to load is deleted and rebuilt.
 In a cache that cannot be written, a snapshot in it is still used; without
 one the VM boots cold and nothing is saved (the lock is then held in the
-runtime folder, :func:`~pytest_gondolin.paths.lock_path`).
+runtime folder, :func:`~pytest_gondolin.paths.lock_path`). Snapshots with
+layers on top of this ready state are :mod:`pytest_gondolin.vm.layers`'.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def launch_clean(
         try:
             vm.save_internal(CLEAN_TAG)
             if saving:
-                _export(vm, cached)
+                export_snapshot(vm, cached)
         except BaseException:
             vm.close()
             raise
@@ -96,7 +97,13 @@ def _writable(folder: Path) -> bool:
     return paths.can_write(folder)
 
 
-def _export(vm: VM, target: Path) -> None:
+def export_snapshot(vm: VM, target: Path) -> None:
+    """Copy ``vm``'s overlay (holding its internal snapshots) to ``target``, atomically.
+
+    Written under a temporary name and renamed into place; on any failure,
+    Ctrl-C included, the temporary file is removed. An OSError is logged
+    (the snapshot is only not cached); anything else propagates.
+    """
     if vm.rundir is None:
         return
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -106,6 +113,6 @@ def _export(vm: VM, target: Path) -> None:
         tmp.rename(target)
     except OSError as exc:
         log.warning("could not cache the ready snapshot at %s: %s", target, exc)
-        tmp.unlink(missing_ok=True)
     finally:
+        tmp.unlink(missing_ok=True)
         vm.resume()

@@ -134,13 +134,13 @@ def test_packs_are_cached_by_content(layout: tuple[Path, Path], tmp_path: Path) 
     root, site = layout
     _dist(site, "pure", "1.0", {"pure/__init__.py": "A = 1\n"})
     cache = tmp_path / "cache"
-    first = he.pack_chunks(_scan(root, site), cache)
-    assert he.pack_chunks(_scan(root, site), cache) == first
+    first = [item.pack() for item in he.layer_items(_scan(root, site), cache)]
+    assert [item.pack() for item in he.layer_items(_scan(root, site), cache)] == first
     assert len(list(cache.glob("*.tar"))) == 1
     (site / "pure" / "__init__.py").write_text("A = 22\n")
-    changed = he.pack_chunks(_scan(root, site), cache)
+    changed = [item.pack() for item in he.layer_items(_scan(root, site), cache)]
     assert len(list(cache.glob("*.tar"))) == 2
-    with tarfile.open(fileobj=io.BytesIO(changed[0])) as tar:
+    with tarfile.open(fileobj=io.BytesIO(changed[-1])) as tar:
         member = tar.extractfile(str(site / "pure/__init__.py").lstrip("/"))
         assert member is not None and member.read() == b"A = 22\n"
 

@@ -1,0 +1,262 @@
+"""Layered ready snapshots: the base image's ready state plus cached changes on top.
+
+A :class:`Layer` is a content key and a function that changes a running
+guest (installs Debian packages, unpacks the host's Python environment).
+:func:`launch_layered` returns a running VM whose internal snapshot
+``CLEAN_TAG`` holds the base ready state with every layer applied, in
+order. Each prefix of the stack is cached as its own ready snapshot
+(``<state key>+<stack digest>.qcow2``, :mod:`~pytest_gondolin.vm.snapshot_paths`),
+so a later run starts from the longest cached prefix and applies only the
+layers after it; with everything cached, no layer runs at all.
+
+Guarantees, as for the base snapshot (:mod:`~pytest_gondolin.vm.warm`):
+
+* a builder holds the file lock of every prefix of its stack (shortest
+  first), so concurrent builders (xdist workers, parallel jobs) build each
+  prefix once;
+* a file is written to a temporary name and renamed into place: a crash or
+  Ctrl-C leaves no half-written snapshot (the temporary file is removed);
+* a cached file that fails to load is deleted and rebuilt;
+* in a cache that cannot be written, cached files are used and nothing is
+  saved;
+* a layer that fails (its function raises) leaves nothing in the cache and
+  the VM is closed; the error propagates unchanged.
+
+At most :data:`MAX_STACKS_PER_BASE` layered files are kept per base state
+key; the least recently used go first (a changed host environment makes a
+new one each time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import filelock
+
+import pytest_gondolin.paths as paths
+from pytest_gondolin.errors import VMError
+from pytest_gondolin.vm.identity import VMConfig, state_key
+from pytest_gondolin.vm.machine import VM
+from pytest_gondolin.vm.snapshot_paths import (
+    layered_snapshot_lock,
+    layered_snapshot_path,
+    layered_snapshots_of,
+    snapshots_dir,
+)
+from pytest_gondolin.vm.warm import CLEAN_TAG, WARM_LOCK_TIMEOUT, export_snapshot, launch_clean
+
+__all__ = [
+    "LAYER_LOCK_TIMEOUT",
+    "MAX_STACKS_PER_BASE",
+    "Layer",
+    "TarItem",
+    "launch_layered",
+    "stack_digest",
+    "tar_layer",
+]
+
+log = logging.getLogger(__name__)
+
+#: Installing Debian packages under TCG takes ~1 min for a few; a builder
+#: holding the lock far longer than this is hung.
+LAYER_LOCK_TIMEOUT: Final = WARM_LOCK_TIMEOUT + 1800.0
+#: Layered snapshots kept per base state key (each is ~80 MiB plus its layers).
+MAX_STACKS_PER_BASE: Final = 8
+#: Tar items are written to the guest in pieces of about this size: one piece
+#: is held in guest memory by the agent while it is written.
+CHUNK_BYTES: Final = 32 * 1024 * 1024
+#: Unpacking a piece in the guest (TCG, a loaded host).
+UNPACK_TIMEOUT: Final = 300.0
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A change to a running guest, named by the content it brings (``key``)."""
+
+    #: Short human name, in progress lines ("system-packages", "host-environment").
+    name: str
+    #: Content key: equal keys must mean equal changes to the guest.
+    key: str
+    apply: Callable[[VM], None] = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class TarItem:
+    """One piece of a tar layer: its content key and how to get the tar bytes (members at absolute paths)."""
+
+    key: str
+    pack: Callable[[], bytes] = field(compare=False, repr=False)
+
+
+def stack_digest(base: str, layers: Sequence[Layer]) -> str:
+    """The digest naming ``layers`` applied, in order, over base state key ``base``."""
+    parts = [base, *([layer.name, layer.key] for layer in layers)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+def tar_layer(name: str, items: Sequence[TarItem]) -> Layer:
+    """A layer that unpacks ``items`` (tars) at ``/`` in the guest, keyed by their keys."""
+    key = hashlib.sha256("\n".join(item.key for item in items).encode()).hexdigest()[:24]
+
+    def apply(vm: VM) -> None:
+        pending: list[bytes] = []
+        size = 0
+        count = 0
+        for item in items:
+            data = item.pack()
+            if pending and size + len(data) > CHUNK_BYTES:
+                _unpack(vm, b"".join(pending), count)
+                count += 1
+                pending, size = [], 0
+            pending.append(data)
+            size += len(data)
+        if pending:
+            _unpack(vm, b"".join(pending), count)
+
+    return Layer(name, key, apply)
+
+
+def _unpack(vm: VM, data: bytes, index: int) -> None:
+    # /var/tmp is a tmpfs of half the guest's memory: a piece (~CHUNK_BYTES)
+    # fits, and once removed it leaves nothing in the disk or the snapshot.
+    # --ignore-zeros: a piece is several tars joined.
+    target = f"/var/tmp/gondolin-layer-{index}.tar"
+    vm.write_file(target, data)
+    vm.exec(
+        f"tar --ignore-zeros -xf {target} -C / && rm {target}",
+        check=True,
+        timeout=UNPACK_TIMEOUT,
+    )
+
+
+def launch_layered(
+    config: VMConfig,
+    layers: Sequence[Layer],
+    *,
+    name: str,
+    progress: Callable[[str], None] | None = None,
+    use_cache: bool = True,
+) -> VM:
+    """A running VM whose internal snapshot ``CLEAN_TAG`` is the ready state with ``layers`` applied.
+
+    Without layers this is :func:`~pytest_gondolin.vm.warm.launch_clean`.
+    Raises what a layer's function raises (the VM is then closed and
+    nothing is cached), or VMError/VMLaunchError when QEMU fails.
+    """
+    if not layers:
+        return launch_clean(config, name=name, progress=progress, use_cache=use_cache)
+    say = progress or (lambda msg: log.info("%s", msg))
+    base = state_key(config)
+    digests = [stack_digest(base, layers[: i + 1]) for i in range(len(layers))]
+    files = [layered_snapshot_path(base, d) for d in digests]
+    saving = use_cache and _writable(snapshots_dir())
+    with contextlib.ExitStack() as held:
+        # Every prefix's lock, shortest first (the same order in every
+        # process): stacks that share a prefix build it once.
+        for digest in digests:
+            lock = filelock.FileLock(str(paths.lock_path(layered_snapshot_lock(base, digest))))
+            held.enter_context(lock.acquire(timeout=LAYER_LOCK_TIMEOUT))
+        vm, start = _longest_cached(config, files, name, use_cache, saving, say)
+        if vm is None:
+            vm = launch_clean(config, name=name, progress=say, use_cache=use_cache)
+        try:
+            for layer, target in zip(layers[start:], files[start:], strict=True):
+                _build(vm, layer, target, saving=saving, use_cache=use_cache, say=say)
+        except BaseException:
+            vm.close()
+            raise
+    if saving and start < len(layers):
+        _evict(base, keep=files[-1])
+    return vm
+
+
+def _longest_cached(
+    config: VMConfig,
+    files: Sequence[Path],
+    name: str,
+    use_cache: bool,
+    saving: bool,
+    say: Callable[[str], None],
+) -> tuple[VM | None, int]:
+    """A VM started from the longest cached prefix and how many layers it holds (0: none)."""
+    if not use_cache:
+        return None, 0
+    for count in range(len(files), 0, -1):
+        cached = files[count - 1]
+        if not cached.exists():
+            continue
+        started = time.monotonic()
+        try:
+            vm = VM.launch(config, name=name, loadvm_disk=cached, loadvm_tag=CLEAN_TAG)
+        except FileNotFoundError:
+            continue  # evicted by another process since exists()
+        except VMError as exc:
+            log.warning("cached layered snapshot %s did not load (%s); rebuilding it", cached, exc)
+            if saving:
+                cached.unlink(missing_ok=True)
+            continue
+        if saving:
+            try:
+                os.utime(cached)  # least recently used goes first (_evict)
+            except OSError:
+                pass
+        say(
+            f"{name} restored from the cached ready snapshot with {count} layer(s) "
+            f"in {time.monotonic() - started:.2f} s"
+        )
+        return vm, count
+    return None, 0
+
+
+def _build(
+    vm: VM, layer: Layer, target: Path, *, saving: bool, use_cache: bool, say: Callable[[str], None]
+) -> None:
+    """Apply ``layer`` to ``vm``, save it as ``CLEAN_TAG`` and cache it at ``target``."""
+    started = time.monotonic()
+    say(f"{vm.name}: building layer {layer.name} ({layer.key[:12]})")
+    layer.apply(vm)
+    # Written back and out of the page cache: the snapshot is smaller and a
+    # restore replays no writeback.
+    vm.exec(["sh", "-c", "sync && echo 3 > /proc/sys/vm/drop_caches"], check=True)
+    vm.save_internal(CLEAN_TAG)  # replaces the previous state of that tag
+    if saving:
+        export_snapshot(vm, target)
+        kept = "cached for later runs"
+    elif use_cache:
+        kept = f"not cached: {snapshots_dir()} cannot be written"
+    else:
+        kept = "not cached"
+    say(f"{vm.name}: layer {layer.name} built in {time.monotonic() - started:.1f} s ({kept})")
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return paths.can_write(folder)
+
+
+def _evict(base: str, *, keep: Path) -> None:
+    """Remove the least recently used layered snapshots of ``base`` past :data:`MAX_STACKS_PER_BASE`."""
+    found: list[tuple[float, Path]] = []
+    for path in layered_snapshots_of(base):
+        try:
+            found.append((path.stat().st_mtime, path))
+        except OSError:
+            continue
+    found.sort(reverse=True)
+    for _, path in found[MAX_STACKS_PER_BASE:]:
+        if path == keep:
+            continue
+        log.info("removing least recently used layered snapshot %s", path)
+        path.unlink(missing_ok=True)

@@ -1,0 +1,128 @@
+"""The host's environment reaches the guest as a cached layer (issue 12, item 2), on by default.
+
+The inner sessions run under a venv made here (``python -m venv
+--without-pip``) whose site-packages is a symlink to another folder, with
+the outer environment reached through a ``.pth`` line (pytest and the
+plugin's dependencies), an installed distribution ``demo``, a distribution
+whose dist-info has no RECORD, and a ``.pth`` whose import line fails —
+bad input from the issue, each of which must leave the run going.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import pytest_gondolin
+from pytest_gondolin import paths
+from tests.plugin.test_sandboxed import INNER_TIMEOUT, _inner_env_changes
+
+BUILDING = "building layer host-environment"
+
+_TESTS = """
+import importlib.metadata as md
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.sandboxed
+def test_the_environment_is_the_hosts():
+    import demo
+
+    assert demo.VALUE == Path("expected.txt").read_text().strip()
+    assert md.version("demo") == "1.0"
+    assert md.version("norecord") == "0.1"  # its metadata, though it has no RECORD
+"""
+
+
+def _install(site: Path, name: str, version: str, files: dict[str, str], *, record: bool) -> None:
+    for rel, text in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    if record:
+        listed = [*files, f"{info.name}/METADATA", f"{info.name}/RECORD"]
+        (info / "RECORD").write_text("".join(f"{rel},,\n" for rel in listed))
+
+
+@pytest.fixture
+def project(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[pytest.Pytester, Path, Path]:
+    """The inner project, its venv's python and the venv's (real) site folder."""
+    for name, value in _inner_env_changes(paths.cache_dir()).items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PYTHONPATH", str(Path(pytest_gondolin.__file__).parent.parent))
+    base = tmp_path_factory.mktemp("envlayer")
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    link = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    site = base / "real-site-packages"
+    link.rename(site)
+    link.symlink_to(site, target_is_directory=True)
+    (site / "outer_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (site / "broken.pth").write_text("import no_such_module_gondolin_test\n")
+    _install(site, "demo", "1.0", {"demo/__init__.py": "VALUE = 'one'\n"}, record=True)
+    _install(site, "norecord", "0.1", {"norecord.py": "X = 1\n"}, record=False)
+    pytester.makepyfile(test_env=textwrap.dedent(_TESTS))
+    (pytester.path / "expected.txt").write_text("one\n")
+    return pytester, venv / "bin" / "python", site
+
+
+def _run(pytester: pytest.Pytester, python: Path) -> pytest.RunResult:
+    return pytester.run(
+        str(python), "-m", "pytest", "-p", "no:cacheprovider", "-v", timeout=INNER_TIMEOUT
+    )
+
+
+def test_the_layer_is_reused_and_rebuilt_when_a_distribution_changes(
+    project: tuple[pytest.Pytester, Path, Path],
+) -> None:
+    pytester, python, site = project
+    first = _run(pytester, python)  # no option: the environment is carried by default
+    first.assert_outcomes(passed=1)
+    assert BUILDING in first.stdout.str()
+
+    second = _run(pytester, python)
+    second.assert_outcomes(passed=1)
+    out = second.stdout.str()
+    assert BUILDING not in out, out
+    assert re.search(r"restored from the cached ready snapshot with \d layer\(s\)", out), out
+
+    (site / "demo" / "__init__.py").write_text("VALUE = 'two'\n")
+    (pytester.path / "expected.txt").write_text("two\n")
+    third = _run(pytester, python)
+    third.assert_outcomes(passed=1)
+    assert BUILDING in third.stdout.str()
+
+
+def test_turned_off_the_guest_lacks_the_environment(
+    project: tuple[pytest.Pytester, Path, Path],
+) -> None:
+    """Negative control: the same test fails without the carry-over."""
+    pytester, python, _ = project
+    result = pytester.run(
+        str(python),
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "--gondolin-host-environment=off",
+        timeout=INNER_TIMEOUT,
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*No module named 'demo'*"])
