@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
 from pytest_gondolin.errors import WorkerProtocolError
+from pytest_gondolin.sandbox.coverage import MAX_COVERAGE_VALUES_PER_RUN, CoverageMessage
 from pytest_gondolin.sandbox.json_checks import JSONObject, truncation_mark
 from pytest_gondolin.sandbox.messages import (
     DoneMessage,
@@ -101,6 +102,8 @@ class RunOutcome:
     failure: Failure | None = None
     duration: float = 0.0
     host_failure: HostFailure | None = None
+    #: The run's coverage, measured in the guest (pytest-cov active on the host).
+    coverage: tuple[CoverageMessage, ...] = ()
 
 
 # --------------------------------------------------------------------------
@@ -148,6 +151,8 @@ class RunTally:
         self.kept = 0
         self.dropped_warnings = 0
         self.dropped_errors = 0
+        self.coverage: list[CoverageMessage] = []
+        self.coverage_values = 0
 
     def add(self, msg: WorkerMessage) -> None:
         """Account for *msg*; raise ``WorkerProtocolError`` if it breaks the protocol or the bounds."""
@@ -181,8 +186,22 @@ class RunTally:
                 raise WorkerProtocolError(
                     f"done for {msg.nodeid!r:.200} while running {self.nodeid!r}"
                 )
+        elif isinstance(msg, CoverageMessage):
+            self._add_coverage(msg)
         elif not isinstance(msg, QueryMessage):
             raise WorkerProtocolError(f"unexpected {type(msg).__name__} during a run")
+
+    def _add_coverage(self, msg: CoverageMessage) -> None:
+        if msg.nodeid != self.nodeid:
+            raise WorkerProtocolError(
+                f"coverage for {msg.nodeid!r:.200} while running {self.nodeid!r}"
+            )
+        self.coverage_values += msg.values
+        if self.coverage_values > MAX_COVERAGE_VALUES_PER_RUN:
+            raise WorkerProtocolError(
+                f"more than {MAX_COVERAGE_VALUES_PER_RUN} coverage numbers in one run"
+            )
+        self.coverage.append(msg)
 
     def _afford(self, text: str) -> bool:
         cost = _MESSAGE_COPIES * sys.getsizeof(text) + _MESSAGE_OVERHEAD
@@ -216,4 +235,5 @@ class RunTally:
             warnings=tuple(warnings),
             failure=failure,
             duration=duration,
+            coverage=tuple(self.coverage),
         )

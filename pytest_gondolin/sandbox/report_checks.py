@@ -15,7 +15,9 @@ pytest's own consumers rely on:
   ``(str, str)`` pairs, keywords are names;
 * attributes pytest does not define are dropped: a plugin-added ``node``
   (which junitxml and ``-v`` read as an xdist worker node) or any other
-  extra never reaches the host's reporters.
+  extra never reaches the host's reporters -- except the few the host's
+  plugins read, each validated (pytest-rerunfailures' ``rerun``, an
+  attempt number).
 
 Everything a report keeps is charged to a :class:`~.json_checks.Keep`
 budget (one text at most ``MAX_KEPT_TEXT`` characters, one report about
@@ -305,6 +307,12 @@ def _check_longrepr_for(outcome: str, longrepr: Any, wasxfail: bool, where: str)
         raise bad_message(f"{where}.longrepr", "a skip needs a (path, lineno, reason) longrepr")
 
 
+#: Report attributes of plugins the host's reporters read, copied when valid:
+#: pytest-rerunfailures' attempt number (its summary sorts by it).
+_ALLOWED_EXTRAS: Final = ("rerun",)
+#: Highest attempt number accepted (pytest-rerunfailures counts from 0).
+MAX_RERUN_ATTEMPT: Final = 10_000
+
 _TEST_REPORT_KEYS: Final = frozenset(
     {
         "$report_type",
@@ -322,6 +330,7 @@ _TEST_REPORT_KEYS: Final = frozenset(
         "stop",
         "user_properties",
         "wasxfail",
+        *_ALLOWED_EXTRAS,
     }
 )
 _COLLECT_REPORT_KEYS: Final = frozenset(
@@ -372,6 +381,8 @@ def check_test_report(value: object, where: str = "report", keep: Keep | None = 
             out[key] = expect_number(data[key], f"{where}.{key}", hi)
     if "wasxfail" in data:
         out["wasxfail"] = keep.text(data["wasxfail"], f"{where}.wasxfail")
+    if "rerun" in data:
+        out["rerun"] = expect_int(data["rerun"], f"{where}.rerun", 0, MAX_RERUN_ATTEMPT)
     if subtest:
         ctx = expect_keys(
             data.get("_subtest.context"), frozenset({"msg", "kwargs"}), f"{where}.context"
