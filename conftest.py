@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 pytest_plugins = ["pytester"]
 
 # pytester gives inner runs a fresh $HOME; without this they would each build
@@ -13,6 +15,23 @@ if os.environ.get("PYTEST_GONDOLIN_WORKER") != "1":
     from pytest_gondolin import paths
 
     os.environ.setdefault("GONDOLIN_CACHE_DIR", str(paths.cache_dir()))
+
+#: Plugins installed for the tests that enable them (``-p randomly``, ``-p asyncio``) are
+#: off in inner pytest runs: pytest-randomly would shuffle and reseed them, pytest-asyncio
+#: warns at configure (fatal under ``-W error``). tests/plugin/test_sandboxed.py's inner
+#: runs set the same value.
+INNER_ADDOPTS = "-p no:randomly -p no:asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _inner_runs_without_optional_plugins(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inner pytester runs get INNER_ADDOPTS (pytester itself clears ``PYTEST_ADDOPTS``)."""
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester")
+        monkeypatch.setenv("PYTEST_ADDOPTS", INNER_ADDOPTS)
+
 
 # Hypothesis budget: every property test sets its own max_examples; the "ci"
 # profile (chosen when $CI is set, or by GONDOLIN_HYPOTHESIS_PROFILE) makes

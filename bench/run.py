@@ -242,14 +242,19 @@ def main() -> int:
         "--quick", action="store_true", help="few repetitions, to check the script works"
     )
     parser.add_argument(
-        "--only", choices=("vm", "fixture", "sandboxed", "network"), action="append"
+        "--only",
+        choices=("vm", "fixture", "sandboxed", "network", "https", "cache", "layers", "scaling"),
+        action="append",
     )
     args = parser.parse_args()
     n = 5 if args.quick else 20
     accel = choose_accel(os.environ.get("GONDOLIN_ACCEL", "auto")).name
     config = VMConfig(image=ensure_image(), accel=accel)
     rows: list[Row] = []
-    only = set(args.only or ("vm", "fixture", "sandboxed", "network"))
+    only = set(
+        args.only
+        or ("vm", "fixture", "sandboxed", "network", "https", "cache", "layers", "scaling")
+    )
     if "vm" in only:
         rows += vm_section(config, n)
     if "fixture" in only:
@@ -260,6 +265,22 @@ def main() -> int:
         from network import network_section
 
         rows += network_section(config, n)
+    if "https" in only:
+        from tls_throughput import https_section
+
+        rows += https_section(config, 3 if args.quick else 5)
+    if "cache" in only:
+        from cache import cache_section
+
+        rows += cache_section(config, n)
+    if "layers" in only:
+        from layers import layers_section
+
+        rows += layers_section(config)
+    if "scaling" in only:
+        from scaling import scaling_section
+
+        rows += scaling_section(n)
     table = render(rows, accel)
     print(table)
     if args.write_readme:

@@ -134,6 +134,36 @@ def _requirement_error(text: str) -> str | None:
     return None
 
 
+#: Debian policy §5.6.7: lower case letters, digits, ``+ - .``; at least two
+#: characters, starting with a letter or digit.
+_DEBIAN_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+
+
+def parse_system_packages(value: object, source: str) -> tuple[str, ...]:
+    """Debian package names from ``"less,git"``, ``"less git"``, lines or a list; sorted, unique.
+
+    Raises :class:`ConfigError` naming ``source`` and the first name that is
+    not a Debian package name (an option such as ``-o...`` never reaches apt).
+    """
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        raise ConfigError(
+            f"{source}: expected Debian package names as a list or a string, got {value!r}"
+        )
+    names: set[str] = set()
+    for item in items:
+        for word in item.replace(",", " ").split():
+            if not _DEBIAN_PACKAGE_RE.match(word):
+                raise ConfigError(f"{source}: {word!r} is not a Debian package name")
+            names.add(word)
+    return tuple(sorted(names))
+
+
 _SWITCH = {
     "on": True,
     "true": True,
@@ -186,9 +216,11 @@ class Settings:
     artifacts: str | None
     requirements: tuple[str, ...] = ()
     #: Carry the host's Python environment into the guest (sandbox/host_environment.py).
-    host_environment: bool = False
+    host_environment: bool = True
     #: Bytes of host environment carried at most.
     host_environment_limit: int = 512 * 2**20
+    #: Extra Debian packages in a cached layer over the image (image/system_packages.py), sorted.
+    system_packages: tuple[str, ...] = ()
 
 
 def load_settings(config: pytest.Config) -> Settings:
@@ -215,6 +247,7 @@ def load_settings(config: pytest.Config) -> Settings:
         host_environment = parse_switch(host_env, src, "host environment")
         env_limit, src = raw_value(config, "host_environment_limit")
         host_environment_limit = parse_size(env_limit, src, "host environment limit")
+        system_packages = parse_system_packages(*raw_value(config, "system_packages"))
     except ConfigError as exc:
         raise pytest.UsageError(f"pytest-gondolin: {exc}") from exc
     return Settings(
@@ -230,4 +263,5 @@ def load_settings(config: pytest.Config) -> Settings:
         requirements=requirements,
         host_environment=host_environment,
         host_environment_limit=host_environment_limit,
+        system_packages=system_packages,
     )

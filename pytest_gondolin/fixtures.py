@@ -9,6 +9,9 @@ background while the next test runs in another.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -30,9 +33,10 @@ from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
 from pytest_gondolin.network_setup import apply_network
 from pytest_gondolin.vm.accel import AccelChoice, choose_accel
 from pytest_gondolin.vm.identity import VMConfig
+from pytest_gondolin.vm.layers import Layer, launch_layered
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.pool import RestorePool
-from pytest_gondolin.vm.warm import CLEAN_TAG, launch_clean
+from pytest_gondolin.vm.warm import CLEAN_TAG
 
 if TYPE_CHECKING:
     from pytest_gondolin.netpolicy.http.secrets import Secret
@@ -118,6 +122,8 @@ class VMFactory:
         self._accel: AccelChoice | None = None
         self._pools: dict[GuestKey, RestorePool[VM]] = {}
         self._players: list[CassettePlayer] = []
+        #: Layer key -> why building it failed: every later VM fails with it at once.
+        self._layer_errors: dict[str, GondolinError] = {}
         self.count = 0
 
     # -- option handling ---------------------------------------------------
@@ -161,6 +167,33 @@ class VMFactory:
             die_with_parent=not self.settings.keep_vm,
         )
 
+    def base_layers(self, key: GuestKey) -> list[Layer]:
+        """The layers every VM for ``key`` gets over the image: the system packages, if any."""
+        if not self.settings.system_packages:
+            return []
+        # Here: the layer builder pulls in the network stack, needed only with packages.
+        from pytest_gondolin.image.system_packages import system_packages_layer
+
+        layer = system_packages_layer(self.image(key.image), self.settings.system_packages)
+        self._raise_if_failed(layer)
+        return [dataclasses.replace(layer, apply=functools.partial(self._apply_once, layer))]
+
+    def _raise_if_failed(self, layer: Layer) -> None:
+        with self._lock:
+            failed = self._layer_errors.get(layer.key)
+        if failed is not None:
+            raise copy.copy(failed)  # the same message, without the first traceback
+
+    def _apply_once(self, layer: Layer, vm: VM) -> None:
+        """Apply ``layer``; if it fails, remember why, so the session tries it only once."""
+        self._raise_if_failed(layer)
+        try:
+            layer.apply(vm)
+        except GondolinError as exc:
+            with self._lock:
+                self._layer_errors[layer.key] = exc
+            raise
+
     # -- building VMs ----------------------------------------------------------
 
     def __call__(
@@ -175,6 +208,7 @@ class VMFactory:
         upstream_ca: str | os.PathLike[str] | None = None,
         secrets: Mapping[str, Secret | Sequence[str]] | None = None,
         cassette: str | os.PathLike[str] | None = None,
+        tcp: Mapping[str, str] | None = None,
         **unknown: Any,
     ) -> VM:
         """Boot a new VM with these options. It is closed at session end (or by ``vm.close()``).
@@ -183,7 +217,8 @@ class VMFactory:
         on the host: ``allow_hosts`` (default none: deny all egress),
         ``block_internal``, ``resolve``, ``upstream_ca`` and ``secrets``
         (``NAME -> Secret``, or a host list meaning the host's env var
-        ``NAME``; the guest's ``exec`` environment gets placeholders).
+        ``NAME``; the guest's ``exec`` environment gets placeholders) and
+        ``tcp`` (``{"name:port": "addr:port"}``: raw TCP services).
         ``cassette`` (a YAML path, relative to the working directory) replays
         and records allowed requests per ``--gondolin-record-mode``; it is
         saved when the VM closes.
@@ -199,6 +234,7 @@ class VMFactory:
                 resolve=resolve,
                 upstream_ca=upstream_ca,
                 secrets=secrets,
+                tcp=tcp,
             )
         except ConfigError as exc:
             raise ConfigError(f"vm_factory: {exc}") from None
@@ -244,7 +280,11 @@ class VMFactory:
             f"booting {name} ({config.accel}, {key.memory_mib} MiB, image {config.image.name}-{config.image.build_id})"
         )
         started = time.monotonic()
-        vm = VM.launch(config, name=name)
+        layers = self.base_layers(key)
+        if layers:  # the packages' layer is cached as a ready snapshot: start from it
+            vm = launch_layered(config, layers, name=name, progress=self.progress)
+        else:
+            vm = VM.launch(config, name=name)
         self.progress(f"{name} ready in {time.monotonic() - started:.1f} s")
         with self._lock:
             self._vms.append(vm)
@@ -270,8 +310,9 @@ class VMFactory:
             pool = self._pools.get(key)
             if pool is None:
                 config = self.vm_config(key)
+                layers = self.base_layers(key)
                 pool = RestorePool[VM](
-                    lambda: self._launch_clean(config),
+                    lambda: self._launch_clean(config, layers),
                     _restore,
                     size=VM_POOL_SIZE,
                     name="vm",
@@ -282,11 +323,11 @@ class VMFactory:
                 self._pools[key] = pool
             return pool
 
-    def _launch_clean(self, config: VMConfig) -> VM:
+    def _launch_clean(self, config: VMConfig, layers: Sequence[Layer]) -> VM:
         with self._lock:
             self.count += 1
             name = f"vm{self.count}"
-        return launch_clean(config, name=name, progress=self.progress)
+        return launch_layered(config, layers, name=name, progress=self.progress)
 
     def _forget(self, vm: VM) -> None:
         with self._lock:

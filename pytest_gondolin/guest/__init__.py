@@ -16,6 +16,8 @@ side imports from here, never the other way round
 * ``plugin`` -- the plugin as the guest sees it (top-level ``gondolin`` there)
 * ``options`` -- option and marker declarations (shared with the host)
 * ``hostquery`` -- questions a running test asks the host
+* ``live`` -- a run's output sent to the host as it happens (``-s``, ``--setup-show``)
+* ``coverage`` -- each run measured for pytest-cov on the host (``coverage`` imported lazily)
 * ``traffic`` / ``recording`` -- ``http_traffic`` and the exchange queries
 * ``errors`` -- the exception classes (the host's ``pytest_gondolin.errors``
   re-exports them)

@@ -31,6 +31,12 @@ TIMEOUT_MARKER_DOC = (
     "timeout(timeout): pytest-timeout's per-test timeout; for a sandboxed test "
     "the host enforces it on the test's run in the guest"
 )
+#: pytest-rerunfailures' marker, registered in the guest for the same reason:
+#: the host decides about reruns of a sandboxed test.
+FLAKY_MARKER_DOC = (
+    "flaky(reruns=0, reruns_delay=0, condition=True, only_rerun=None, rerun_except=None): "
+    "pytest-rerunfailures' marker; for a sandboxed test the host applies it"
+)
 
 
 @dataclass(frozen=True)
@@ -90,14 +96,21 @@ OPTIONS = (
     Option(
         "host_environment",
         "carry the host's Python environment (installed distributions, editable installs) "
-        "into the guest: on or off (off by default until the carried environment is cached "
-        "in the guest too; today it adds seconds to each session's start under TCG)",
-        "off",
+        "into the guest: on or off (cached in a layered ready snapshot: a second run with "
+        "nothing changed copies none of it)",
+        "on",
     ),
     Option(
         "host_environment_limit",
         "largest host Python environment carried into the guest, e.g. 512M or 2G",
         "512M",
+    ),
+    Option(
+        "system_packages",
+        "extra Debian packages for every guest, installed once into a cached layer over the "
+        "image: separated by commas or spaces (ini: also a TOML list), e.g. 'less,git'",
+        None,
+        ini_type="linelist",
     ),
     Option(
         "artifacts",

@@ -2,7 +2,8 @@
 
 Registers the same marker and options as the host plugin (so ``-p gondolin``
 in a project's ``addopts`` and ``--strict-markers`` work in the guest too)
-plus pytest-timeout's ``timeout`` marker, which the host enforces, and
+plus the markers of the plugins the host applies around a run
+(pytest-timeout's ``timeout``, pytest-rerunfailures' ``flaky``), and
 replaces the host-only fixtures with ones that explain why they are not
 available. Imports only pytest and :mod:`pytest_gondolin.guest`.
 """
@@ -24,6 +25,9 @@ def pytest_configure(config: pytest.Config) -> None:
         # pytest-timeout is a host plugin: the host enforces its marker on the
         # run (sandbox/timeout_plugin.py); registered so --strict-markers holds.
         config.addinivalue_line("markers", options.TIMEOUT_MARKER_DOC)
+    if not config.pluginmanager.has_plugin("rerunfailures"):
+        # Likewise pytest-rerunfailures: the host reruns a sandboxed test.
+        config.addinivalue_line("markers", options.FLAKY_MARKER_DOC)
 
 
 def _host_only(name: str) -> object:

@@ -38,6 +38,8 @@ worker → host, on the fd that was fd 1 at start-up, each line at most
     {"t": "done", "nodeid": str}                                the run command is finished
     {"t": "pong", "nonce": str}                                 answer to ping, same nonce
     {"t": "query", "kind": str, "args": object}                 mid-run question (see hostquery)
+    {"t": "coverage", "nodeid": str, ...}                       the run's coverage (see guest.coverage)
+    {"t": "output", "stream": "stdout"|"stderr", "data": str}   live output of the run (see guest.live)
 
 ``report`` is the dict made by ``pytest_report_to_serializable``; the
 ``errors`` of ``collected`` are the collect reports that failed.
@@ -52,7 +54,13 @@ Guarantees the host relies on
 * Each ``run`` uses ``nextitem=None``: every fixture the item uses, session
   scope included, is set up and torn down within that run, because on the
   real VM every run starts from the same clean snapshot.
-* ``random`` is seeded with the command's seed before each run.
+* ``random`` is seeded with the command's seed before each run (then
+  pytest-randomly, when the host loaded it, reseeds each phase from the
+  seed the host passed it: ``--randomly-seed``).
+* With ``--capture=no`` (``-s``) or ``tee-sys``, what a run writes to fds 1
+  and 2 is sent as ``output`` messages while it runs, and so are
+  ``--setup-show``'s lines (:mod:`pytest_gondolin.guest.live`); the guest's
+  own terminal reporter writes to stderr.  ``--pdb`` / ``--trace`` are off.
 * SIGUSR1 dumps every thread's stack to stderr (``faulthandler``); the host
   sends it before giving up on a run that timed out.
 * The environment variable ``PYTEST_GONDOLIN_WORKER`` is ``"1"`` in the worker,
@@ -69,6 +77,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Generator, Sequence
@@ -76,7 +85,8 @@ from typing import IO, Any, Final
 
 import pytest
 
-from pytest_gondolin.guest import hostquery
+from pytest_gondolin.guest import hostquery, live
+from pytest_gondolin.guest.coverage import GuestCoverage
 
 #: Largest line the worker may send; the host rejects anything longer as a
 #: protocol violation.  It bounds what one hostile line costs the host while
@@ -116,9 +126,16 @@ _EXTRA_ARGS: Final = (
     ":pytest.PytestAssertRewriteWarning",
 )
 
+#: Keys pytest itself serializes with a leading underscore. The private
+#: attributes plugins put on reports (hypothesis' ``_hypothesis_stats``) stay
+#: in the guest: the host refuses private names (sandbox/report_checks.py).
+_PYTEST_PRIVATE_KEYS: Final = frozenset({"_report_type", "_subtest.context"})
+
 #: Message type names (the ``"t"`` member).
 COMMAND_TYPES: Final = frozenset({"run", "ping", "quit", "answer"})
-MESSAGE_TYPES: Final = frozenset({"collected", "report", "warning", "error", "done", "pong"})
+MESSAGE_TYPES: Final = frozenset(
+    {"collected", "report", "warning", "error", "done", "pong", "coverage", "output"}
+)
 
 
 def to_jsonable(obj: object, depth: int = 0) -> Any:
@@ -180,6 +197,8 @@ class HostPipe:
     def __init__(self, in_fd: int, out_fd: int, *, max_out: int = MAX_WORKER_LINE) -> None:
         self._in: IO[bytes] = open(in_fd, "rb", buffering=64 * 1024)  # noqa: SIM115 - lives as long as the worker
         self._out_fd = out_fd
+        # Live output (guest/live.py) is sent from a pump thread: one line at a time.
+        self._send_lock = threading.Lock()
         self._max_out = max_out
         self.closed = False
 
@@ -215,12 +234,13 @@ class HostPipe:
                 }
             )
         view = memoryview(line)
-        try:
-            while view:
-                written = os.write(self._out_fd, view)
-                view = view[written:]
-        except OSError:
-            self.closed = True
+        with self._send_lock:
+            try:
+                while view:
+                    written = os.write(self._out_fd, view)
+                    view = view[written:]
+            except OSError:
+                self.closed = True
 
     def recv(self) -> dict[str, Any] | None:
         """Read the next command; ``None`` at end of input or once closed.
@@ -305,6 +325,11 @@ class WorkerPlugin:
         self._config: pytest.Config | None = None
         self._collect_errors: list[dict[str, Any]] = []
         self._running: str | None = None
+        #: Set when pytest-cov measures the host's session (guest/coverage.py).
+        self._coverage = GuestCoverage.from_environment()
+        #: Set with -s (guest/live.py); the real sys.stdout until the session starts.
+        self._live: live.LiveOutput | None = None
+        self._real_stdout: IO[str] | None = None
 
     @pytest.hookimpl(wrapper=True)
     def pytest_cmdline_main(self, config: pytest.Config) -> Generator[None, object, object]:
@@ -319,14 +344,46 @@ class WorkerPlugin:
         for name in ("distload", "looponfail"):
             if hasattr(option, name):
                 setattr(option, name, False)
+        # No debugger either (an ini's addopts may hold --pdb): its stdin is
+        # /dev/null, and pdb quitting at EOF would end the worker's session.
+        # The host says so up front (sandbox/replay.py: debugger_notice).
+        for name in ("usepdb", "trace"):
+            if hasattr(option, name):
+                setattr(option, name, False)
         return (yield)
 
+    @pytest.hookimpl(tryfirst=True)
     def pytest_configure(self, config: pytest.Config) -> None:
         self._config = config
+        if config.getoption("capture", "fd") in live.STREAMED_CAPTURE:
+            # -s: a run's fds 1 and 2 go to the host live (guest/live.py); the
+            # terminal reporter, made after this hook, writes to stderr instead.
+            self._live = live.LiveOutput(self._channel.send)
+            self._real_stdout, sys.stdout = sys.stdout, live.terminal_file()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionstart(self) -> None:
+        if self._real_stdout is not None:
+            sys.stdout, self._real_stdout = self._real_stdout, None
+
+    def _showing(self) -> contextlib.ExitStack:
+        """What the run shows live on the host: its fds 1 and 2 (``-s``), ``--setup-show``."""
+        stack = contextlib.ExitStack()
+        if self._live is not None:
+            stack.enter_context(self._live.running())
+        if self._config is not None and self._config.getoption("setupshow", False):
+            stack.enter_context(
+                live.terminal_to_host(
+                    self._config, self._channel.send, streaming=self._live is not None
+                )
+            )
+        return stack
 
     def _serialize(self, report: pytest.CollectReport | pytest.TestReport) -> dict[str, Any]:
         assert self._config is not None
         data = self._config.hook.pytest_report_to_serializable(config=self._config, report=report)
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k in _PYTEST_PRIVATE_KEYS or k[:1] != "_"}
         jsonable: dict[str, Any] = to_jsonable(data)
         return jsonable
 
@@ -388,6 +445,11 @@ class WorkerPlugin:
                 message = command.get("message") or f"unexpected {command['t']!r} between runs"
                 self._channel.send({"t": "error", "message": message})
 
+    def _measuring(self, item: pytest.Item) -> contextlib.AbstractContextManager[None]:
+        if self._coverage is None:
+            return contextlib.nullcontext()
+        return self._coverage.measuring(item, self._channel.send)
+
     def _run(self, items: dict[str, pytest.Item], nodeid: str, seed: int) -> None:
         item = items.get(nodeid)
         if item is None:
@@ -397,7 +459,7 @@ class WorkerPlugin:
         random.seed(seed)
         self._running = nodeid
         try:
-            with hostquery.active(self._channel):
+            with hostquery.active(self._channel), self._measuring(item), self._showing():
                 # The hook (not runtestprotocol directly) so that the wrappers
                 # around it take part: warnings capture, unraisable-exception
                 # and thread-exception checks, faulthandler_timeout.

@@ -23,6 +23,8 @@ Modules, one concern each:
 ``guest_worker``       a prepared guest worker; its VMs (lanes) take turns
 ``project_files``      what is copied into the guest: the project tree, pytest
 ``arguments``          the worker's pytest arguments, mirroring the host session
+``guest_plugins``      the host's plugins and output options (-s, --setup-show) for the worker
+``live_output``        a running test's live output on the host's terminal, made safe
 ``client``             ``WorkerClient``: the host side of the worker protocol
 ``transports``         byte pipes to a worker: local subprocess, guest process
 ``messages``           the worker's lines as validated messages (sans-IO)
@@ -32,6 +34,12 @@ Modules, one concern each:
 ``replay``             outcomes through the host's hooks, the xdist way
 ``queries``            answers to the running test's ``http_traffic`` questions
 ``timeout_plugin``     pytest-timeout's timeout as the run's bound, not the host's alarm
+``rerun_plugin``       pytest-rerunfailures' reruns, each attempt from a fresh restore
+``coverage``           pytest-cov: the guest's measurement checked and merged on the host
+``host_python``        which Python runs the worker: the host's own, carried in, or the image's
+``elf_checks``         what an ELF object needs: machine, glibc, shared libraries
+``guest_facts``        what an image offers a carried interpreter (asked once, cached)
+``interpreter_pack``   the carried interpreter as cached tars, a guest layer's items
 =====================  =================================================================
 
 The names below are the package's public API, imported lazily so that

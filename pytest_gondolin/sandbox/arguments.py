@@ -17,6 +17,12 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name
 
+from pytest_gondolin.sandbox.guest_plugins import (
+    PLUGIN_OPTION_PREFIXES,
+    guest_plugin_loads,
+    output_args,
+    plugin_option_args,
+)
 from pytest_gondolin.sandbox.project_files import EXCLUDED_DIRS
 
 __all__ = ["GuestArgs", "GuestSources", "guest_args", "plugin_in_guest", "worker_args"]
@@ -29,10 +35,13 @@ def worker_args(config: pytest.Config) -> list[str]:
     so the worker does not find one of its own) and conftest boundary
     explicitly, and repeats the command-line options that change how
     reports look, what is collected and how, or which plugins and conftests
-    load: ``-p``, ``-o``, ``-W``, ``--tb``, ``-l``, verbosity,
+    load: ``-p`` (and ``-p NAME`` for each plugin the host autoloaded, but
+    not the plugins the host applies around a run:
+    :func:`~.guest_plugins.guest_plugin_loads`), ``-o``, ``-W``, ``--tb``, ``-l``, verbosity,
     ``--import-mode``, ``--assert``, ``--noconftest``, ``--strict-markers``,
     the doctest options (``--doctest-modules``, ``--doctest-glob``, ...),
-    ``--ignore`` and ``--ignore-glob``.  Paths (``--confcutdir``,
+    ``--ignore`` and ``--ignore-glob``, pytest-randomly's seed, ``--capture``
+    and ``--setup-show`` (:mod:`.guest_plugins`).  Paths (``--confcutdir``,
     ``--ignore``) are made absolute against the invocation directory, so
     they name the same files whatever the worker's working directory.
     Selection options (``-k``, ``-m``, ``--deselect``, ``--lf``, ``-x``) and
@@ -51,7 +60,8 @@ def worker_args(config: pytest.Config) -> list[str]:
         confcutdir = config.rootpath
     if confcutdir is not None:
         args.append(f"--confcutdir={here / confcutdir}")
-    for plugin in getattr(option, "plugins", None) or []:
+    # Autoload is off in the worker: -p for what the host loaded, autoloaded too.
+    for plugin in guest_plugin_loads(config):
         args += ["-p", plugin]
     for override in getattr(option, "override_ini", None) or []:
         args += ["-o", override]
@@ -75,6 +85,7 @@ def worker_args(config: pytest.Config) -> list[str]:
     if getattr(option, "strict_markers", False):
         args.append("--strict-markers")
     args += _collection_args(config)
+    args += plugin_option_args(config) + output_args(config)
     return args
 
 
@@ -176,7 +187,8 @@ def guest_args(args: Sequence[str], loads_in_guest: Callable[[str], bool]) -> Gu
 
     Host plugins not installed in the guest (xdist, cov, ...) would stop the
     worker at start-up.  ``-p no:NAME`` (disabling) is always kept; conftest
-    plugins load in the guest anyway.
+    plugins load in the guest anyway. The options of a dropped plugin
+    (``guest_plugins.PLUGIN_OPTION_PREFIXES``) go with it.
     """
     out: list[str] = []
     dropped: list[str] = []
@@ -192,4 +204,8 @@ def guest_args(args: Sequence[str], loads_in_guest: Callable[[str], bool]) -> Gu
                 skip = True
                 continue
         out.append(arg)
+    # A dropped plugin's options would be unknown to the worker.
+    prefixes = tuple(p for name in dropped for p in PLUGIN_OPTION_PREFIXES.get(name, ()))
+    if prefixes:
+        out = [arg for arg in out if not arg.startswith(prefixes)]
     return GuestArgs(tuple(out), tuple(dropped))

@@ -69,10 +69,17 @@ from pytest_gondolin.errors import AgentError, GondolinError, WorkerProtocolErro
 from pytest_gondolin.guest.worker import MAX_COMMAND_LINE, MAX_WORKER_LINE, encode_line
 from pytest_gondolin.logtail import tail_lines
 from pytest_gondolin.sandbox.json_checks import JSONObject
+from pytest_gondolin.sandbox.live_output import (
+    LIVE_TRUNCATED,
+    MAX_LIVE_CHARS_PER_RUN,
+    safe_terminal_text,
+    show_live_output,
+)
 from pytest_gondolin.sandbox.messages import (
     Collected,
     DoneMessage,
     ErrorMessage,
+    OutputMessage,
     PongMessage,
     QueryMessage,
     WorkerMessage,
@@ -183,6 +190,10 @@ class WorkerClient:
         #: Answers the worker's mid-run queries: ``(kind, args) -> JSON data``; raise
         #: a GondolinError to send an error answer.
         self.on_query: Callable[[str, JSONObject], Any] | None = None
+        #: Shows a run's live output ``(stream, text)``: text already bounded and
+        #: made safe for a terminal.
+        self.on_output: Callable[[str, str], None] = show_live_output
+        self._live_left = MAX_LIVE_CHARS_PER_RUN
 
     @property
     def state(self) -> WorkerState:
@@ -341,6 +352,7 @@ class WorkerClient:
         deadline = started + timeout
         tally = RunTally(nodeid)
         self._received = 0
+        self._live_left = MAX_LIVE_CHARS_PER_RUN
 
         def outcome(failure: Failure | None) -> RunOutcome:
             return tally.outcome(failure, time.monotonic() - started)
@@ -364,7 +376,10 @@ class WorkerClient:
                     return crashed()
                 if self._received > MAX_BYTES_PER_RUN:
                     raise WorkerProtocolError(f"more than {MAX_BYTES_PER_RUN} bytes in one run")
-                tally.add(msg)
+                if isinstance(msg, OutputMessage):
+                    self._show(msg)
+                else:
+                    tally.add(msg)
                 if isinstance(msg, QueryMessage):
                     self._answer(msg)
                 elif isinstance(msg, DoneMessage):
@@ -377,6 +392,16 @@ class WorkerClient:
             return crashed()
         except WorkerProtocolError as exc:
             raise self._broken(WorkerProtocolError(f"while running {nodeid}: {exc}")) from exc
+
+    def _show(self, msg: OutputMessage) -> None:
+        """Show live output within the run's budget; past it, one note, then nothing."""
+        if self._live_left <= 0:
+            return
+        text = msg.data[: self._live_left]
+        self._live_left -= len(msg.data)
+        if self._live_left <= 0:
+            text += LIVE_TRUNCATED
+        self.on_output(msg.stream, safe_terminal_text(text))
 
     def _answer(self, query: QueryMessage) -> None:
         """Answer a mid-run query with ``on_query`` (no handler or a failure: an error answer)."""

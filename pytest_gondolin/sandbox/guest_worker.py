@@ -3,9 +3,11 @@
 Per guest key (image, memory, CPUs) the session prepares one
 :class:`GuestWorker`:
 
-1. a VM from the cached ready snapshot (or a cold boot, see ``vm/warm.py``);
-2. the project tree (:mod:`.project_files`) and the host's Python
-   environment (:mod:`.host_environment`) copied in, at their host paths;
+1. a VM from the cached ready snapshot with its layers (``vm/layers.py``):
+   the system packages, then the host's Python environment
+   (:mod:`.host_environment`, or pytest) and the requirements, each layer
+   keyed by its content, so an unchanged environment is not copied again;
+2. the project tree (:mod:`.project_files`) copied in, at its host path;
 3. the test worker started there (:mod:`pytest_gondolin.guest.worker`); it
    collects the files holding sandboxed items and waits for commands;
 4. an internal snapshot :data:`WORKER_TAG` saved *after* collection, so no
@@ -40,7 +42,10 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import pytest_gondolin
+import pytest_gondolin.sandbox.coverage as coverage
 import pytest_gondolin.sandbox.host_environment as host_environment
+import pytest_gondolin.sandbox.host_python as host_python
+import pytest_gondolin.sandbox.interpreter_pack as interpreter_pack
 import pytest_gondolin.sandbox.project_files as project_files
 from pytest_gondolin.errors import ConfigError, GondolinError, VMError
 from pytest_gondolin.fixtures import GuestKey, VMFactory
@@ -63,9 +68,9 @@ from pytest_gondolin.sandbox.queries import answer_query
 from pytest_gondolin.sandbox.transports import VMTransport
 from pytest_gondolin.vm.commands import GUEST_ENV
 from pytest_gondolin.vm.identity import VMConfig
+from pytest_gondolin.vm.layers import Layer, TarItem, launch_layered, tar_layer
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.pool import RestorePool
-from pytest_gondolin.vm.warm import launch_clean
 
 __all__ = ["DEFAULT_RUN_TIMEOUT", "PREFETCH_LANES", "WORKER_TAG", "GuestWorker"]
 
@@ -151,6 +156,10 @@ class GuestWorker:
         self.collected: Collected | None = None
         self._lanes: RestorePool[_Lane] | None = None
         self.environment: host_environment.HostEnvironment | None = None
+        #: The host's interpreter carried into the guest (None: the image's python3).
+        self.interpreter: host_python.HostInterpreter | None = None
+        #: Which Python runs the worker, its version and ABI (set by prepare).
+        self.python: host_python.Choice | None = None
 
     # -- preparing -------------------------------------------------------------
 
@@ -164,7 +173,13 @@ class GuestWorker:
         vmconfig = self.factory.vm_config(self.key)
         self.factory.count += 1
         name = f"sandbox{self.factory.count}"
-        vm = launch_clean(vmconfig, name=name, progress=self.factory.progress)
+        self.interpreter = self._interpreter(vmconfig)
+        layers = [
+            *self.factory.base_layers(self.key),
+            *self._interpreter_layers(),
+            self._environment_layer(),
+        ]
+        vm = launch_layered(vmconfig, layers, name=name, progress=self.factory.progress)
         self.factory.adopt(vm)
         self.vm = vm
         self._copy_project(vm)
@@ -205,35 +220,77 @@ class GuestWorker:
         )
         return collected
 
-    def _copy_project(self, vm: VM) -> None:
-        """The project tree, the host's environment (or pytest) and the requirements, in the guest."""
-        rootdir = Path(self.config.rootpath)
+    def _environment_items(self) -> list[TarItem]:
+        """What the guest imports besides the project: the host's environment (or pytest), requirements.
+
+        Tar items with content keys: the layer they make is cached as a ready
+        snapshot (``vm/layers.py``), so a session whose items are unchanged
+        copies none of them.
+        """
         settings = self.factory.settings
+        env = self._host_environment()
+        items: list[TarItem] = []
+        requirements = list(settings.requirements)
+        if env is not None:
+            items += host_environment.layer_items(env, cache_dir() / "host-environment")
+            requirements += self._fallback_requirements(env)
+        if env is None or not env.carries("pytest"):
+            shipped = project_files.dependency_closure(project_files.SHIPPED_DISTRIBUTIONS)
+            key = ",".join(
+                f"{d.metadata['Name']}=={d.version}@{d.locate_file('')}" for d in shipped
+            )
+            items.append(TarItem(f"shipped:{key}", project_files.pack_distributions))
+        if requirements:
+            folder = project_files.requirements_dir(requirements, progress=self.factory.progress)
+            items.append(
+                TarItem(
+                    f"requirements:{folder.name}",
+                    lambda: project_files.pack_folder(folder, project_files.GUEST_REQUIREMENTS),
+                )
+            )
+        return items
+
+    def _interpreter(self, vmconfig: VMConfig) -> host_python.HostInterpreter | None:
+        """The host's Python when the guest can run it; ConfigError when no Python there matches."""
+        choice = host_python.decide(
+            vmconfig, cache_dir() / "host-python", progress=self.factory.progress
+        )
+        if choice.refusal is not None:
+            host_environment.report_once([f"pytest-gondolin: {choice.refusal}"])
+            raise ConfigError(choice.refusal)
+        self.python = choice
+        return choice.interpreter
+
+    def _interpreter_layers(self) -> list[Layer]:
+        """The host's interpreter as a layer of its own (it changes less often than the environment)."""
+        if self.interpreter is None:
+            return []
+        items = interpreter_pack.layer_items(self.interpreter, cache_dir() / "host-python")
+        return [tar_layer("host-python", items)]
+
+    def _environment_layer(self) -> Layer:
+        return tar_layer("host-environment", self._environment_items())
+
+    def _copy_project(self, vm: VM) -> None:
+        """The project tree and editable sources outside it, in the guest (the rest is a layer)."""
+        rootdir = Path(self.config.rootpath)
         say = self.factory.progress
         started = time.monotonic()
         env = self._host_environment()
-        what = "the host's Python environment" if env is not None else "pytest"
-        say(f"{vm.name}: copying the project tree ({rootdir}) and {what} into the guest")
+        say(f"{vm.name}: copying the project tree ({rootdir}) into the guest")
         tars = [project_files.pack_project(rootdir)]
-        requirements = list(settings.requirements)
         if env is not None:
-            tars += host_environment.pack_chunks(env, cache_dir() / "host-environment")
             tars += [project_files.pack_project(Path(source)) for source in env.sources]
-            requirements += self._fallback_requirements(env)
-        if env is None or not env.carries("pytest"):
-            tars.append(project_files.pack_distributions())
-        if requirements:
-            folder = project_files.requirements_dir(requirements, progress=say)
-            tars.append(project_files.pack_folder(folder, project_files.GUEST_REQUIREMENTS))
+        if self.interpreter is not None and self.interpreter.venv:
+            tars.append(interpreter_pack.pack_venv(self.interpreter))  # the layer has the rest
         packed = time.monotonic()
-        # On the root disk, not /tmp: the guest's tmpfs is a fraction of its memory.
+        # /var/tmp: a tmpfs of half the guest's memory (the project is capped far below).
         names = [f"/var/tmp/gondolin-{i}.tar" for i in range(len(tars))]
         for name, data in zip(names, tars, strict=True):
             vm.write_file(name, data)
         written = time.monotonic()
-        # --ignore-zeros: the environment's tars are per-distribution tars joined.
         vm.exec(
-            " && ".join(f"tar --ignore-zeros -xf {n} -C / && rm {n}" for n in names),
+            " && ".join(f"tar -xf {n} -C / && rm {n}" for n in names),
             check=True,
             timeout=UNPACK_TIMEOUT,
         )
@@ -304,6 +361,8 @@ class GuestWorker:
             "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
             "GONDOLIN_GUEST": "1",
             **extra,
+            # pytest-cov's settings when it measures this session (sandbox/coverage.py).
+            **coverage.worker_env(self.config),
         }
 
     def _worker_argv(self) -> list[str]:
@@ -321,7 +380,8 @@ class GuestWorker:
                     + ", ".join(f"-p {name}" for name in args.dropped_plugins)
                 ]
             )
-        return ["python3", "-s", "-m", HOSTPATH_MODULE, *args.args, "-p", "gondolin", *self.paths]
+        python = self.interpreter.executable if self.interpreter is not None else "python3"
+        return [python, "-s", "-m", HOSTPATH_MODULE, *args.args, "-p", "gondolin", *self.paths]
 
     def _guest_sources(self) -> GuestSources:
         """What the guest imports from, after :meth:`_copy_project`."""

@@ -34,6 +34,7 @@ from typing import Any, Final, TypeAlias
 
 from pytest_gondolin.errors import WorkerProtocolError
 from pytest_gondolin.guest.worker import MAX_JSON_DEPTH, MAX_WORKER_LINE
+from pytest_gondolin.sandbox.coverage import CoverageMessage, parse_coverage
 from pytest_gondolin.sandbox.json_checks import (
     JSONObject,
     Keep,
@@ -51,9 +52,11 @@ from pytest_gondolin.sandbox.report_checks import (
 __all__ = [
     "MAX_COLLECTED_ITEMS",
     "MAX_JSON_VALUES",
+    "MAX_OUTPUT_CHARS",
     "Collected",
     "DoneMessage",
     "ErrorMessage",
+    "OutputMessage",
     "PongMessage",
     "QueryMessage",
     "ReportMessage",
@@ -73,6 +76,10 @@ MAX_JSON_VALUES: Final = 200_000
 _CATEGORY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,31}")
 _MAX_FILENAME_CHARS: Final = 4096
 _MAX_NONCE_CHARS: Final = 256
+#: Longest ``data`` of one ``output`` message: the worker sends at most
+#: ``guest.live.CHUNK`` (64 KiB) decoded, plus a truncation note.
+MAX_OUTPUT_CHARS: Final = 65 * 1024
+OUTPUT_STREAMS: Final = frozenset({"stdout", "stderr"})
 
 
 # --------------------------------------------------------------------------
@@ -139,6 +146,18 @@ class QueryMessage:
 
 
 @dataclass(frozen=True)
+class OutputMessage:
+    """What the running test wrote, sent live (``-s``, ``--setup-show``; guest/live.py).
+
+    ``data`` is at most :data:`MAX_OUTPUT_CHARS` characters, as the guest
+    sent it: showing it safely is the client's business.
+    """
+
+    stream: str  # "stdout" or "stderr"
+    data: str
+
+
+@dataclass(frozen=True)
 class PongMessage:
     """Answer to a ping."""
 
@@ -153,6 +172,8 @@ WorkerMessage: TypeAlias = (
     | DoneMessage
     | PongMessage
     | QueryMessage
+    | CoverageMessage
+    | OutputMessage
 )
 
 
@@ -316,6 +337,13 @@ def _parse_query(msg: JSONObject) -> QueryMessage:
     return QueryMessage(kind, args)
 
 
+def _parse_output(msg: JSONObject) -> OutputMessage:
+    stream = expect_str(msg.get("stream"), "output.stream", 16)
+    if stream not in OUTPUT_STREAMS:
+        raise bad_message("output.stream", f"expected stdout or stderr, got {stream!r}")
+    return OutputMessage(stream, expect_str(msg.get("data"), "output.data", MAX_OUTPUT_CHARS))
+
+
 def _parse_pong(msg: JSONObject) -> PongMessage:
     return PongMessage(expect_str(msg.get("nonce"), "pong.nonce", _MAX_NONCE_CHARS))
 
@@ -328,6 +356,8 @@ _PARSERS: Final[Mapping[str, Callable[[JSONObject], WorkerMessage]]] = {
     "done": _parse_done,
     "pong": _parse_pong,
     "query": _parse_query,
+    "coverage": parse_coverage,
+    "output": _parse_output,
 }
 
 

@@ -39,10 +39,18 @@ HOST_KEYWORDS: Final = (
     "upstream_ca",
     "cassette",
     "timeout",
+    "tcp",
 )
 KEYWORDS: Final = GUEST_KEYWORDS + HOST_KEYWORDS
 #: The keywords that make up the network policy (``NetworkPolicy.from_options``).
-POLICY_KEYWORDS: Final = ("allow_hosts", "resolve", "secrets", "block_internal", "upstream_ca")
+POLICY_KEYWORDS: Final = (
+    "allow_hosts",
+    "resolve",
+    "secrets",
+    "block_internal",
+    "upstream_ca",
+    "tcp",
+)
 #: Longest per-test timeout a marker may ask for (a week).
 MAX_TIMEOUT: Final = 7 * 24 * 3600.0
 

@@ -24,8 +24,8 @@ import copy
 import logging
 import time
 import warnings
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Final, Literal
 
 import pytest
 from _pytest._code.code import ReprFileLocation, TerminalRepr
@@ -41,6 +41,7 @@ __all__ = [
     "IN_GUEST",
     "GuestErrorRepr",
     "WorkerFailureRepr",
+    "debugger_notice",
     "replay_collect_errors",
     "replay_item",
     "warning_category",
@@ -217,7 +218,60 @@ def _apply_host_failure(reports: Sequence[pytest.TestReport], verdict: HostFailu
 GUEST_REPORT_ATTR = "gondolin_guest"
 
 
-def replay_item(item: pytest.Item, outcome: RunOutcome | Failure) -> None:
+#: A start-up longer than this (a worker prepared for this item, not just a
+#: restore) is named in a section of the item's setup report.
+STARTUP_SECTION_AFTER: Final = 1.0
+#: The section that says where the first sandboxed test's time went.
+STARTUP_SECTION: Final = "gondolin: start-up"
+
+
+def _add_startup(reports: Sequence[pytest.TestReport], startup: float) -> None:
+    """Count the host's start-up time for this item in its setup report (``--durations``),
+    and say so in a section of its call report (shown by ``-rA`` and with a failure)."""
+    plain = {r.when: r for r in reports if type(r) is pytest.TestReport}
+    setup = plain.get("setup")
+    if setup is None or startup <= 0:
+        return
+    setup.duration += startup
+    if startup >= STARTUP_SECTION_AFTER:
+        plain.get("call", setup).sections.append(
+            (
+                STARTUP_SECTION,
+                f"{startup:.2f} s of this setup were the guest worker's start-up on the host "
+                "(VM boot or restore, project copy, the guest's pytest start-up and collection), "
+                "paid by the first sandboxed test of its guest",
+            )
+        )
+
+
+def debugger_notice(config: pytest.Config, sandboxed: int) -> str | None:
+    """What to say up front when ``--pdb`` / ``--trace`` meet ``sandboxed`` sandboxed items."""
+    option = config.option
+    flags = [
+        flag
+        for flag, on in (
+            ("--pdb", getattr(option, "usepdb", False)),
+            ("--trace", getattr(option, "trace", False)),
+        )
+        if on
+    ]
+    if not sandboxed or not flags:
+        return None
+    return (
+        f"{' and '.join(flags)} does not enter sandboxed tests ({sandboxed} here): they run in "
+        "a VM whose terminal is not proxied to this one, so their failures are reported as "
+        "usual, without a debugger. To debug one, run it without @pytest.mark.sandboxed, "
+        "or print what you need with -s (shown live)."
+    )
+
+
+def replay_item(
+    item: pytest.Item,
+    outcome: RunOutcome | Failure,
+    *,
+    startup: float = 0.0,
+    adjust: Callable[[Sequence[pytest.TestReport]], None] | None = None,
+) -> None:
     """Report *outcome* for *item* through the host's hooks, as if it ran here.
 
     Calls ``pytest_runtest_logstart``, then ``pytest_runtest_logreport`` for
@@ -229,6 +283,10 @@ def replay_item(item: pytest.Item, outcome: RunOutcome | Failure) -> None:
     session as usual, so ``-x``/``--maxfail`` stop the host's loop.  A bare
     :class:`Failure` means the item never ran.  Never raises for bad report
     data: an unreadable report turns into a failure of kind ``"error"``.
+    ``startup`` (seconds the host spent preparing the guest worker for this
+    item) is added to the setup report's duration, so ``--durations``
+    shows where the first sandboxed test's time went. ``adjust`` sees every
+    report before it is logged (pytest-rerunfailures' marks on an attempt).
     """
     if isinstance(outcome, Failure):
         outcome = RunOutcome(nodeid=item.nodeid, failure=outcome, duration=outcome.duration)
@@ -260,6 +318,9 @@ def replay_item(item: pytest.Item, outcome: RunOutcome | Failure) -> None:
         extra = _fill_in(item, reports, failure)
         if not extra:
             late = failure
+    _add_startup([*reports, *extra], startup)
+    if adjust is not None:
+        adjust([*reports, *extra])
     ihook = item.ihook
     ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     for report in (*reports, *extra):

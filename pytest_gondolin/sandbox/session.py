@@ -19,7 +19,10 @@ replays the outcome (:mod:`.replay`); other items are left to pytest.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
+from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -32,10 +35,19 @@ from pytest_gondolin.errors import (
     WorkerProtocolError,
 )
 from pytest_gondolin.fixtures import ACTIVE_VM_KEY, GuestKey, get_factory
+from pytest_gondolin.image.recipe import load_recipe
+from pytest_gondolin.sandbox.coverage import HostCoverage
 from pytest_gondolin.sandbox.guest_worker import GuestWorker
 from pytest_gondolin.sandbox.options import SandboxOptions, sandbox_options
-from pytest_gondolin.sandbox.outcome import Failure
-from pytest_gondolin.sandbox.replay import IN_GUEST, replay_collect_errors, replay_item
+from pytest_gondolin.sandbox.outcome import Failure, RunOutcome
+from pytest_gondolin.sandbox.replay import (
+    IN_GUEST,
+    WorkerFailureRepr,
+    debugger_notice,
+    replay_collect_errors,
+    replay_item,
+)
+from pytest_gondolin.sandbox.rerun_plugin import Reruns, mark_attempt, plugin_reruns
 
 __all__ = ["MARKER", "PLUGIN_NAME", "SandboxSession"]
 
@@ -78,6 +90,11 @@ class SandboxSession:
         self.broken: dict[GuestKey, Failure] = {}
         #: Collection errors of the guest workers already reported (see replay_collect_errors).
         self.seen_collect_errors: set[str] = set()
+        #: Image names checked at collection, and why each is bad (None: it is fine).
+        self.image_errors: dict[str, str | None] = {}
+        #: pytest-cov's measurement, extended to the guest (None: not measured; read once).
+        self.coverage: HostCoverage | None = None
+        self._coverage_read = False
 
     # -- collection ----------------------------------------------------------------
 
@@ -85,11 +102,64 @@ class SandboxSession:
     # very hook (a root conftest marking a whole suite ``sandboxed``).
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        """Validate every sandboxed item's markers now, so a bad argument is named before
-        anything boots (the item then errors with that message)."""
+        """Validate every sandboxed item's markers and image now, so a bad argument is named
+        before anything boots: as a collection error, once per reason (:meth:`_collect_errors`)."""
+        sandboxed = 0
         for item in items:
             if item.get_closest_marker(MARKER) is not None:
                 self._options_for(item)
+                sandboxed += 1
+        self._collect_errors(items)
+        notice = debugger_notice(self.config, sandboxed)
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if notice is not None and reporter is not None:
+            reporter.write_line(f"pytest-gondolin: {notice}", yellow=True, bold=True)
+
+    def _collect_errors(self, items: list[pytest.Item]) -> None:
+        """Take the items with a bad ``sandboxed`` marker or image out of ``items`` and
+        report each reason once, as a collection error (pytest then stops before running
+        anything, unless ``--continue-on-collection-errors``)."""
+        bad: dict[str, list[pytest.Item]] = {}
+        for item in items:
+            options = self.options.get(item.nodeid)
+            if isinstance(options, SandboxOptions):
+                reason = self._image_error(options.guest.image)
+            else:
+                reason = options
+            if reason is not None:
+                bad.setdefault(reason, []).append(item)
+        if not bad:
+            return
+        failing = {id(item) for group in bad.values() for item in group}
+        items[:] = [item for item in items if id(item) not in failing]
+        for reason, group in bad.items():
+            first = group[0]
+            # The short summary line is "ERROR <nodeid> - <headline>", cut to the
+            # terminal's width: no node id twice, the list of choices below.
+            headline = reason.removeprefix(f"{first.nodeid}: ").partition("; ")[0]
+            detail = reason if headline != reason else ""
+            if len(group) > 1:
+                names = ", ".join(item.nodeid for item in group[:10])
+                more = f" and {len(group) - 10} more" if len(group) > 10 else ""
+                detail += f"\n{len(group)} sandboxed tests use it: {names}{more}"
+            longrepr = WorkerFailureRepr(
+                str(first.path), (first.location[1] or 0) + 1, headline, detail.strip()
+            )
+            report = pytest.CollectReport(first.nodeid, "failed", longrepr, [])
+            self.config.hook.pytest_collectreport(report=report)
+
+    def _image_error(self, image: str) -> str | None:
+        """Why ``image`` names no image (a built-in recipe, a recipe folder or a prebuilt
+        image's folder), or ``None``; checked once per name, nothing is built."""
+        if image not in self.image_errors:
+            error: str | None = None
+            if not (Path(image) / "manifest.json").is_file():
+                try:
+                    load_recipe(image)
+                except GondolinError as exc:
+                    error = str(exc)
+            self.image_errors[image] = error
+        return self.image_errors[image]
 
     def _options_for(self, item: pytest.Item) -> SandboxOptions | str:
         """The item's options, built once (or why its marker is invalid)."""
@@ -137,15 +207,55 @@ class SandboxSession:
         if isinstance(options, str):
             replay_item(item, Failure("error", options))
             return
-        worker = self._worker_for(item.session, options.guest)
-        if isinstance(worker, Failure):
-            replay_item(item, worker)
+        try:
+            reruns = plugin_reruns(item)
+        except ConfigError as exc:
+            replay_item(item, Failure("error", str(exc)))
             return
+        attempt = 0
+        while self._run_attempt(item, options, reruns, attempt):
+            # pytest-rerunfailures' rerun: a new run, from a fresh restore.
+            attempt += 1
+            assert reruns is not None
+            time.sleep(reruns.delay_before(attempt))
+
+    def _run_attempt(
+        self, item: pytest.Item, options: SandboxOptions, reruns: Reruns | None, attempt: int
+    ) -> bool:
+        """Run ``item`` once and replay the outcome; ``True`` when pytest-rerunfailures
+        would rerun it (its reports of this attempt were marked ``rerun``)."""
+        rerun = False
+
+        def mark(reports: Sequence[pytest.TestReport]) -> None:
+            nonlocal rerun
+            if reruns is not None:
+                rerun = mark_attempt(item, reports, attempt, reruns)
+
+        started = time.monotonic()
+        worker = self._worker_for(item.session, options.guest)
+        # The worker's preparation, when this item is the first of its guest (--durations).
+        startup = time.monotonic() - started
+        if isinstance(worker, Failure):
+            replay_item(item, worker, adjust=mark)
+            return rerun
         outcome = worker.run(item.nodeid, options)
+        if isinstance(outcome, RunOutcome) and outcome.coverage:
+            coverage = self._host_coverage()
+            if coverage is not None:
+                coverage.merge(item, outcome.coverage)
         if worker.vm is not None:
             # What diagnostics saves as the failure's artifacts (like the vm fixture's VM).
             item.stash[ACTIVE_VM_KEY] = worker.vm
-        replay_item(item, outcome)
+        replay_item(item, outcome, startup=startup, adjust=mark)
+        return rerun
+
+    def _host_coverage(self) -> HostCoverage | None:
+        """pytest-cov's measurement of this process, read on first use (its
+        controller starts at session start under xdist)."""
+        if not self._coverage_read:
+            self._coverage_read = True
+            self.coverage = HostCoverage.of(self.config)
+        return self.coverage
 
     def _worker_for(self, session: pytest.Session, key: GuestKey) -> GuestWorker | Failure:
         """The prepared worker for ``key``: the live one, a new one, or why there is none."""

@@ -89,8 +89,16 @@ def test_ignore_reaches_the_guest(inner: pytest.Pytester) -> None:
     assert verbose_statuses(result)["test_ok.py::test_in_guest"] == ["PASSED"]
 
 
-def test_override_ini_and_plugins_reach_the_guest(inner: pytest.Pytester) -> None:
+def test_override_ini_and_plugins_reach_the_guest(
+    inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``-o python_functions`` names the guest's tests too; ``-p`` loads what the guest has."""
+    # A plugin in a virtualenv inside the project: the copy leaves it out, so the
+    # guest cannot import it.
+    venv_plugin = inner.path / ".venv" / "venv_plugin.py"
+    venv_plugin.parent.mkdir()
+    venv_plugin.write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(venv_plugin.parent))
     inner.makepyfile(
         project_plugin="""
         import os
@@ -121,7 +129,9 @@ def test_override_ini_and_plugins_reach_the_guest(inner: pytest.Pytester) -> Non
         "-p",
         "project_plugin",
         "-p",
-        "xdist",  # on the host only: dropped in the guest, and said so once
+        "venv_plugin",  # on the host only: dropped in the guest, and said so once
+        "-p",
+        "xdist",  # applied on the host only (never distributes in the guest): not said
         "-o",
         "log_cli=true",
         "--log-cli-level=WARNING",
@@ -132,7 +142,9 @@ def test_override_ini_and_plugins_reach_the_guest(inner: pytest.Pytester) -> Non
     assert statuses["test_checks.py::check_in_guest"] == ["PASSED"]
     assert statuses["test_checks.py::check_on_host"] == ["PASSED"]
     output = result.stdout.str()
-    assert output.count("plugins not importable in the guest, not loaded there: -p xdist\n") == 1
+    notes = [line for line in output.splitlines() if "not importable in the guest" in line]
+    assert len(notes) == 1, output
+    assert "-p venv_plugin" in notes[0] and "xdist" not in notes[0]
     assert "project_plugin" not in output.split("not loaded there:")[1].splitlines()[0]
 
 

@@ -110,3 +110,89 @@ def test_timeout_option_excludes_guest_start_up(inner: pytest.Pytester) -> None:
     result = run_with_timeout_plugin(inner, "--timeout=1")
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
     result.assert_outcomes(passed=2)
+
+
+# --------------------------------------------------------------------------
+# plugins the host autoloaded load in the guest (sandbox/guest_plugins.py)
+# --------------------------------------------------------------------------
+
+#: The test project's ini: the host's environment carried into the guest (where
+#: the plugins come from), pytest-asyncio configured as a user would.
+PLUGINS_INI = """
+[pytest]
+gondolin_host_environment = true
+asyncio_mode = strict
+asyncio_default_fixture_loop_scope = function
+"""
+
+ASYNC_AND_MOCK = """
+import asyncio
+import os
+
+import pytest
+
+@pytest.mark.sandboxed
+@pytest.mark.asyncio
+async def test_async_in_guest():
+    await asyncio.sleep(0.01)
+    assert os.environ["GONDOLIN_GUEST"] == "1"
+
+@pytest.mark.asyncio
+async def test_async_on_host():
+    await asyncio.sleep(0.01)
+    assert "GONDOLIN_GUEST" not in os.environ
+
+@pytest.mark.sandboxed
+def test_mocker_in_guest(mocker):
+    mocker.patch("os.getcwd", return_value="/mocked")
+    assert os.getcwd() == "/mocked"
+
+from hypothesis import given, settings, strategies as st
+
+@pytest.mark.sandboxed
+@settings(max_examples=25, deadline=None)
+@given(st.integers())
+def test_hypothesis_in_guest(n):
+    assert isinstance(n, int) and os.environ["GONDOLIN_GUEST"] == "1"
+"""
+
+
+def run_inner(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "gondolin", "-v", *args, timeout=INNER_TIMEOUT)
+
+
+@pytest.fixture
+def plugin_project(inner_autoload: pytest.Pytester) -> pytest.Pytester:
+    inner_autoload.makeini(PLUGINS_INI)
+    inner_autoload.makepyfile(test_plugins=ASYNC_AND_MOCK)
+    return inner_autoload
+
+
+@pytest.fixture
+def inner_autoload(inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """``inner`` with plugins autoloaded on the host (the guest worker never autoloads)."""
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+    return inner
+
+
+def test_autoloaded_plugins_load_in_the_guest(plugin_project: pytest.Pytester) -> None:
+    # pytest-asyncio and pytest-mock, autoloaded on the host, run the sandboxed
+    # tests in the guest as on the host.
+    result = run_inner(plugin_project, "-rA")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*test_async_in_guest PASSED (in guest)*"])
+    result.stdout.fnmatch_lines(["*test_mocker_in_guest PASSED (in guest)*"])
+    result.stdout.fnmatch_lines(["*test_hypothesis_in_guest PASSED (in guest)*"])
+
+
+def test_a_plugin_off_on_the_host_stays_off_in_the_guest(plugin_project: pytest.Pytester) -> None:
+    # Negative control: with pytest-asyncio off on the host, the async test fails in the
+    # guest exactly as the host-side one does (pytest has no native async support).
+    result = run_inner(
+        plugin_project, "-p", "no:asyncio", "-W", "ignore::pytest.PytestConfigWarning"
+    )
+    result.assert_outcomes(passed=2, failed=2)
+    out = result.stdout.str()
+    assert re.search(r"test_async_in_guest FAILED \(in guest\)", out), out
+    assert out.count("async def functions are not natively supported") >= 2, out

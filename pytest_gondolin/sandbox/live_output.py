@@ -1,0 +1,56 @@
+"""A sandboxed test's live output (``-s``, ``--setup-show``) on the host's terminal.
+
+The guest sends what a running test writes (``guest/live.py``); the client
+(:mod:`.client`) bounds it per run and shows it here. Guest text is hostile:
+control characters are made visible before it reaches a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Final
+
+__all__ = [
+    "LIVE_TRUNCATED",
+    "MAX_LIVE_CHARS_PER_RUN",
+    "safe_terminal_text",
+    "show_live_output",
+]
+
+log = logging.getLogger(__name__)
+
+#: Most characters of live output (``-s``, ``--setup-show``) one run shows on
+#: the host; the rest is dropped with one note. The worker has its own,
+#: equal bound (guest/live.py); this one holds whatever the guest does.
+MAX_LIVE_CHARS_PER_RUN: Final = 8 * 1024 * 1024
+LIVE_TRUNCATED: Final = "\n[... live output of the guest truncated by pytest-gondolin ...]\n"
+#: C0 and C1 control characters but tab, newline and carriage return: a guest
+#: must not drive the host's terminal (escape sequences set titles, the
+#: clipboard, ...). Shown as "^X" / "\x9b" instead.
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _visible(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"^{chr(code + 64)}" if code < 0x20 else ("^?" if code == 0x7F else f"\\x{code:02x}")
+
+
+def safe_terminal_text(text: str) -> str:
+    """``text`` with every control character but tab, newline and CR made visible."""
+    return _CONTROL.sub(_visible, text)
+
+
+def show_live_output(stream: str, text: str) -> None:
+    """Write a sandboxed test's live output to the host's stdout or stderr, now.
+
+    The host's capture is suspended between a test's phases, when sandboxed
+    tests run, so this is the terminal -- as for a host-side test under ``-s``.
+    """
+    target = sys.stderr if stream == "stderr" else sys.stdout
+    try:
+        target.write(text)
+        target.flush()
+    except (OSError, ValueError) as exc:  # a closed or broken terminal loses only the output
+        log.debug("live output not shown: %s", exc)
