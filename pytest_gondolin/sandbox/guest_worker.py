@@ -67,6 +67,7 @@ from pytest_gondolin.sandbox.outcome import Failure, HostFailure, RunOutcome
 from pytest_gondolin.sandbox.queries import answer_query
 from pytest_gondolin.sandbox.transports import VMTransport
 from pytest_gondolin.vm.commands import GUEST_ENV
+from pytest_gondolin.vm.disk_backed import back_with_disk
 from pytest_gondolin.vm.identity import VMConfig
 from pytest_gondolin.vm.layers import Layer, TarItem, launch_layered, tar_layer
 from pytest_gondolin.vm.machine import VM
@@ -235,13 +236,23 @@ class GuestWorker:
             items += host_environment.layer_items(env, cache_dir() / "host-environment")
             requirements += self._fallback_requirements(env)
         if env is None or not env.carries("pytest"):
-            shipped = project_files.dependency_closure(project_files.SHIPPED_DISTRIBUTIONS)
+            shipped = project_files.dependency_closure(
+                project_files.SHIPPED_DISTRIBUTIONS, self._python_version()
+            )
             key = ",".join(
                 f"{d.metadata['Name']}=={d.version}@{d.locate_file('')}" for d in shipped
             )
-            items.append(TarItem(f"shipped:{key}", project_files.pack_distributions))
+            version = self._python_version()
+            items.append(
+                TarItem(
+                    f"shipped:{version}:{key}",
+                    lambda: project_files.pack_distributions(python_version=version),
+                )
+            )
         if requirements:
-            folder = project_files.requirements_dir(requirements, progress=self.factory.progress)
+            folder = project_files.requirements_dir(
+                requirements, progress=self.factory.progress, python_version=self._python_version()
+            )
             items.append(
                 TarItem(
                     f"requirements:{folder.name}",
@@ -285,6 +296,7 @@ class GuestWorker:
             tars.append(interpreter_pack.pack_venv(self.interpreter))  # the layer has the rest
         packed = time.monotonic()
         # /var/tmp: a tmpfs of half the guest's memory (the project is capped far below).
+        back_with_disk(vm, tars)  # a project under /tmp or /root goes to the guest's disk
         names = [f"/var/tmp/gondolin-{i}.tar" for i in range(len(tars))]
         for name, data in zip(names, tars, strict=True):
             vm.write_file(name, data)
@@ -312,9 +324,15 @@ class GuestWorker:
             return None
         if self.environment is None:
             self.environment = host_environment.scan(
-                Path(self.config.rootpath), limit=settings.host_environment_limit
+                Path(self.config.rootpath),
+                guest_soabi=self.python.soabi if self.python else host_environment.GUEST_SOABI,
+                limit=settings.host_environment_limit,
             )
         return self.environment
+
+    def _python_version(self) -> str:
+        """The version of the Python that runs the worker in the guest (``3.11.2``)."""
+        return self.python.version if self.python else project_files.IMAGE_PYTHON
 
     def _fallback_requirements(self, env: host_environment.HostEnvironment) -> list[str]:
         """Wheels for the distributions the guest cannot load as the host has them.
@@ -328,7 +346,9 @@ class GuestWorker:
         if pins:
             try:
                 project_files.requirements_dir(
-                    [*self.factory.settings.requirements, *pins], progress=self.factory.progress
+                    [*self.factory.settings.requirements, *pins],
+                    progress=self.factory.progress,
+                    python_version=self._python_version(),
                 )
             except ConfigError as exc:
                 notes += [f"{m.name} {m.version}: {m.reason}" for m in env.missing]

@@ -11,7 +11,8 @@ What the host's interpreter can import for the project, the guest can too:
 * **Distributions.** Each distribution found in those folders is carried with
   its metadata folder (so ``importlib.metadata`` answers as on the host:
   versions, entry points, files) and the files its RECORD lists inside its
-  folder (not scripts, not bytecode). A binary distribution is carried when the
+  folder (not scripts; bytecode only of the host's own cache tag, which the
+  worker's interpreter loads as is). A binary distribution is carried when the
   host's extension ABI is the guest's (:data:`GUEST_SOABI`) and its wheel tags
   ask for no newer glibc than the guest's; otherwise the host's pip fetches a
   wheel of the same version for the guest, as for ``gondolin_requirements``,
@@ -215,14 +216,17 @@ def _glibc_needed(dist: importlib.metadata.Distribution) -> tuple[int, int] | No
 
 
 def _why_not_loadable(
-    dist: importlib.metadata.Distribution, files: Sequence[str], host_soabi: str
+    dist: importlib.metadata.Distribution,
+    files: Sequence[str],
+    host_soabi: str,
+    guest_soabi: str = GUEST_SOABI,
 ) -> str | None:
     """Why the guest's Python cannot load this distribution's binaries (None: it can)."""
     binaries = [f for f in files if f.endswith(".so") or ".so." in os.path.basename(f)]
     if not binaries:
         return None
-    if host_soabi != GUEST_SOABI:
-        return f"binary for {host_soabi}, the guest's Python is {GUEST_SOABI}"
+    if host_soabi != guest_soabi:
+        return f"binary for {host_soabi}, the guest's Python is {guest_soabi}"
     glibc = _glibc_needed(dist)
     if glibc is not None and glibc > GUEST_GLIBC:
         return f"needs glibc {glibc[0]}.{glibc[1]}, the guest has {GUEST_GLIBC[0]}.{GUEST_GLIBC[1]}"
@@ -251,6 +255,13 @@ def _regular_stat(path: str) -> os.stat_result | None:
     return st if stat.S_ISREG(st.st_mode) else None
 
 
+#: Bytecode the worker's interpreter loads as is (the host's own, or the
+#: image's of the same minor version: one magic number): carried, so the
+#: guest does not compile the environment again in every session (seconds
+#: under TCG). Other tags and optimisation levels are left out.
+_BYTECODE: Final = f".{sys.implementation.cache_tag}.pyc"
+
+
 def _distribution_files(
     dist: importlib.metadata.Distribution, folder: str, meta: str
 ) -> tuple[list[str], bool]:
@@ -258,8 +269,10 @@ def _distribution_files(
     found = dict.fromkeys(_walk_files(meta))
     listed = dist.files
     for f in listed or ():
-        if f.suffix == ".pyc" or "__pycache__" in f.parts or ".." in f.parts:
-            continue  # bytecode is rebuilt; ``..`` is a script outside the folder
+        if ".." in f.parts:
+            continue  # a script outside the folder
+        if (f.suffix == ".pyc" or "__pycache__" in f.parts) and not f.name.endswith(_BYTECODE):
+            continue  # bytecode of another interpreter or optimisation level
         path = _norm(os.path.join(folder, str(f)))
         if _inside(path, folder):
             found[path] = None
@@ -279,12 +292,14 @@ def scan(
     sys_path: Sequence[str] | None = None,
     site_folders: frozenset[str] | None = None,
     host_soabi: str | None = None,
+    guest_soabi: str = GUEST_SOABI,
     limit: int = DEFAULT_LIMIT,
 ) -> HostEnvironment:
     """What of the host's environment goes to the guest for a project at ``rootdir``.
 
     ``sys_path``, ``site_folders`` and ``host_soabi`` default to the running
-    interpreter's. Raises ConfigError, naming the largest distributions, if
+    interpreter's; ``guest_soabi`` is the extension ABI of the Python that
+    runs the worker in the guest (the image's, or the host's own when carried). Raises ConfigError, naming the largest distributions, if
     the carried files come to more than ``limit`` bytes.
     """
     root = _norm(str(rootdir))
@@ -339,7 +354,7 @@ def scan(
             owned.update(files)
             if not has_record:
                 notes.append(f"{name} {version} has no RECORD: only its metadata is carried")
-            reason = _why_not_loadable(dist, files, host_soabi)
+            reason = _why_not_loadable(dist, files, host_soabi, guest_soabi)
             if reason is not None:
                 missing.append(MissingDistribution(name, version, reason))
                 continue

@@ -282,17 +282,30 @@ def _tar(members: Iterable[tuple[Path, str]]) -> bytes:
     return buf.getvalue()
 
 
-def dependency_closure(names: Iterable[str]) -> list[importlib.metadata.Distribution]:
+#: The image's own Python (Debian bookworm), which runs the worker unless the
+#: host's interpreter is carried (:mod:`.host_python`).
+IMAGE_PYTHON = "3.11.2"
+
+
+def _minor(version: str) -> str:
+    """``3.11`` of ``3.11.2``."""
+    return ".".join(version.split(".")[:2])
+
+
+def dependency_closure(
+    names: Iterable[str], python_version: str = IMAGE_PYTHON
+) -> list[importlib.metadata.Distribution]:
     """``names`` and everything they require (no extras), as installed on the host.
 
-    Environment markers are evaluated for the guest: Linux, CPython 3.11.
+    Environment markers are evaluated for the guest: Linux, the CPython
+    ``python_version`` (``3.11.2``) that runs the worker there.
     """
     from packaging.requirements import InvalidRequirement, Requirement
     from packaging.utils import canonicalize_name
 
     guest_env = {
-        "python_version": "3.11",
-        "python_full_version": "3.11.2",
+        "python_version": _minor(python_version),
+        "python_full_version": python_version,
         "sys_platform": "linux",
         "platform_system": "Linux",
         "os_name": "posix",
@@ -325,10 +338,12 @@ def dependency_closure(names: Iterable[str]) -> list[importlib.metadata.Distribu
     return [seen[k] for k in sorted(seen)]
 
 
-def pack_distributions(names: Iterable[str] = SHIPPED_DISTRIBUTIONS) -> bytes:
+def pack_distributions(
+    names: Iterable[str] = SHIPPED_DISTRIBUTIONS, python_version: str = IMAGE_PYTHON
+) -> bytes:
     """A tar of the host's installed files of ``names`` and their dependencies under GUEST_SITE."""
     members: list[tuple[Path, str]] = []
-    for dist in dependency_closure(names):
+    for dist in dependency_closure(names, python_version):
         for f in dist.files or ():
             if f.suffix == ".pyc" or ".." in f.parts or f.parts[0].endswith(".data"):
                 continue
@@ -341,7 +356,7 @@ def pack_distributions(names: Iterable[str] = SHIPPED_DISTRIBUTIONS) -> bytes:
 #: Where requirements installed for the guest live (after GUEST_SITE on sys.path,
 #: so the worker's pytest stays the host's).
 GUEST_REQUIREMENTS = "/opt/gondolin/requirements"
-#: Platform tags of the guest (Debian bookworm x86_64, CPython 3.11, glibc 2.36).
+#: Platform tags of the guest (Debian bookworm x86_64, glibc 2.36).
 GUEST_PLATFORMS = (
     "manylinux_2_36_x86_64",
     "manylinux2014_x86_64",
@@ -353,9 +368,14 @@ PIP_TIMEOUT = 1800
 
 
 def requirements_dir(
-    requirements: Iterable[str], progress: Callable[[str], None] | None = None
+    requirements: Iterable[str],
+    progress: Callable[[str], None] | None = None,
+    python_version: str = IMAGE_PYTHON,
 ) -> Path:
     """Install ``requirements`` for the guest's Python into a cached folder and return it.
+
+    ``python_version`` is the CPython that runs the worker in the guest (the
+    host's own when carried): wheels are chosen for its major.minor.
 
     The host's pip resolves wheels for the guest's platform (``--only-binary``:
     the guest has no compiler and no network), once per requirement set; later
@@ -366,7 +386,9 @@ def requirements_dir(
     import pytest_gondolin.paths as paths
 
     reqs = sorted(set(requirements))
-    key = hashlib.sha256("\n".join([*GUEST_PLATFORMS, "cp311", *reqs]).encode()).hexdigest()[:16]
+    minor = _minor(python_version)
+    tag = "cp" + minor.replace(".", "")
+    key = hashlib.sha256("\n".join([*GUEST_PLATFORMS, tag, *reqs]).encode()).hexdigest()[:16]
     root = paths.cache_root() / "requirements"
     target = root / key
     if (target / ".complete").exists():
@@ -394,7 +416,7 @@ def requirements_dir(
             str(tmp),
             "--only-binary=:all:",
             "--python-version",
-            "3.11",
+            minor,
             "--implementation",
             "cp",
             *(f"--platform={p}" for p in GUEST_PLATFORMS),
@@ -412,7 +434,7 @@ def requirements_dir(
         if res.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ConfigError(
-                f"pip could not install the guest requirements {reqs} (wheels for CPython 3.11 on "
+                f"pip could not install the guest requirements {reqs} (wheels for CPython {minor} on "
                 f"manylinux x86_64 are needed):\n{(res.stdout + res.stderr)[-3000:]}"
             )
         (tmp / ".complete").write_text("\n".join(reqs) + "\n")

@@ -44,6 +44,7 @@ import filelock
 
 import pytest_gondolin.paths as paths
 from pytest_gondolin.errors import VMError
+from pytest_gondolin.vm.disk_backed import back_with_disk
 from pytest_gondolin.vm.identity import VMConfig, state_key
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.snapshot_paths import (
@@ -130,6 +131,7 @@ def _unpack(vm: VM, data: bytes, index: int) -> None:
     # fits, and once removed it leaves nothing in the disk or the snapshot.
     # --ignore-zeros: a piece is several tars joined.
     target = f"/var/tmp/gondolin-layer-{index}.tar"
+    back_with_disk(vm, [data])  # trees under the guest's tmpfs go to its disk
     vm.write_file(target, data)
     vm.exec(
         f"tar --ignore-zeros -xf {target} -C / && rm {target}",

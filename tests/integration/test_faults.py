@@ -28,6 +28,7 @@ from pathlib import Path
 import filelock
 import pytest
 
+from conftest import INNER_ADDOPTS
 from pytest_gondolin import paths
 from pytest_gondolin.errors import ExecTimeout, VMCrashed
 from pytest_gondolin.fixtures import VMFactory
@@ -46,6 +47,7 @@ PYTEST = (sys.executable, "-m", "pytest", "-p", "gondolin", "-p", "no:cacheprovi
 def _inner_env(cache: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS",)}
     env.update(GONDOLIN_CACHE_DIR=str(cache), COLUMNS="120", PY_COLORS="0", PYTHONUNBUFFERED="1")
+    env["PYTEST_ADDOPTS"] = INNER_ADDOPTS  # no shuffling: the tests' order is the scenario
     env.pop("PYTEST_DISABLE_PLUGIN_AUTOLOAD", None)
     return env
 

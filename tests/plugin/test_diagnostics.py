@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import INNER_ADDOPTS
 from pytest_gondolin import paths
 from pytest_gondolin.image.info import image_status
 
@@ -249,6 +250,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory, gondolin_cache: Path) -> It
         for k, v in os.environ.items()
         if k not in ("PYTEST_ADDOPTS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTEST_XDIST_WORKER")
     }
+    env["PYTEST_ADDOPTS"] = INNER_ADDOPTS
     env.update(
         GONDOLIN_CACHE_DIR=str(gondolin_cache),
         XDG_RUNTIME_DIR=str(runtime),

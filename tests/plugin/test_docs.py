@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import INNER_ADDOPTS
 from pytest_gondolin import paths
 
 pytest_plugins = ("pytester",)
@@ -138,7 +139,7 @@ def test_page_samples_pass(
     page: str, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, gondolin_cache: Path
 ) -> None:
     monkeypatch.setenv("GONDOLIN_CACHE_DIR", str(gondolin_cache))
-    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
+    monkeypatch.setenv("PYTEST_ADDOPTS", INNER_ADDOPTS)
     monkeypatch.delenv("CI", raising=False)  # the docs describe the local default record mode
     monkeypatch.setenv("COLUMNS", "200")
     page_samples = samples(DOCS / page)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import INNER_ADDOPTS
 from pytest_gondolin import paths
 
 pytestmark = [pytest.mark.soak, pytest.mark.integration]
@@ -113,6 +114,7 @@ def test_hundreds_of_sandboxed_tests_leak_nothing(pytester: pytest.Pytester) -> 
     samples_file = pytester.path / "samples.json"
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
     env.update(GONDOLIN_CACHE_DIR=str(paths.cache_dir()), SOAK_SAMPLES=str(samples_file))
+    env["PYTEST_ADDOPTS"] = INNER_ADDOPTS
     result = subprocess.run(
         [*INNER_PYTEST, "test_soak_inner.py"],
         cwd=pytester.path,

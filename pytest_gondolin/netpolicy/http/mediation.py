@@ -397,9 +397,7 @@ def plan_request(
         outgoing = dataclasses.replace(request, headers=tuple(headers))
     websocket = is_websocket(request.headers)
     bound = (
-        context.secrets.names_for(request.host)
-        if websocket and context.secrets is not None
-        else ()
+        context.secrets.names_for(request.host) if websocket and context.secrets is not None else ()
     )
     if websocket and (carries_secret or bound):
         refusal = SECRET_REFUSAL if carries_secret else secret_host_refusal(bound, request.host)

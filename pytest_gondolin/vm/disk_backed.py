@@ -1,0 +1,87 @@
+"""Host trees carried into the guest under its tmpfs folders live on the guest's disk.
+
+The guest mounts tmpfs on ``/tmp``, ``/root``, ``/var/tmp``, ``/var/cache``
+and ``/var/log`` (:data:`pytest_gondolin.guest.sysinit.MOUNTS`, half the
+guest's memory each at most). A host path under one of them — a project in
+``/tmp/work``, a pyenv interpreter in ``/root/.pyenv``, a venv in
+``/tmp/venv`` — would otherwise be unpacked into guest RAM: tens of MiB of
+a 256 MiB guest, an out-of-memory kill of the test worker at collection,
+and a bigger snapshot for every restore.
+
+:func:`back_with_disk` reads which top-level folders a tar fills under such
+a mount (``/tmp/work``, ``/root/.pyenv``) and, before it is unpacked, bind
+mounts a folder of the guest's disk (:data:`DISK_ROOT`) over each one not
+yet backed. The mount is kernel state, so a snapshot saved afterwards
+(a cached layer, the worker snapshot) keeps it; it is idempotent, so the
+project copy of every session can call it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shlex
+import tarfile
+from collections.abc import Iterable
+from typing import Final
+
+from pytest_gondolin.errors import VMError
+from pytest_gondolin.guest.sysinit import MOUNTS
+from pytest_gondolin.vm.machine import VM
+
+__all__ = ["DISK_ROOT", "TMPFS_FOLDERS", "back_with_disk", "folders_to_back"]
+
+#: Where on the guest's root disk the backed folders live.
+DISK_ROOT: Final = "/var/lib/gondolin/disk"
+#: The guest's tmpfs mount points a carried tree may fall under (``/dev/shm`` is
+#: never a home for one).
+TMPFS_FOLDERS: Final = tuple(
+    target for fstype, target, _mode, _flags in MOUNTS if fstype == "tmpfs" and target != "/dev/shm"
+)
+#: Bind mounts a few commands can make in one exec; a tar naming more
+#: top-level folders than this under tmpfs is a hostile or broken input.
+MAX_FOLDERS: Final = 256
+#: Mounting is instant; the bound covers a guest under heavy load.
+BIND_TIMEOUT: Final = 60.0
+
+
+def folders_to_back(tars: Iterable[bytes]) -> list[str]:
+    """The folders ``<tmpfs mount>/<first component>`` that members of ``tars`` fill (sorted).
+
+    ``tars`` are uncompressed tars (several may be joined) whose member names
+    are relative to ``/``. A member directly in a mount's root (a file
+    ``tmp/x``) needs no folder of its own and is left in the tmpfs.
+    """
+    found: set[str] = set()
+    for data in tars:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:", ignore_zeros=True) as tar:
+            for member in tar:
+                parts = [p for p in member.name.split("/") if p not in ("", ".")]
+                for mount in TMPFS_FOLDERS:
+                    depth = mount.count("/")
+                    prefix = mount.strip("/").split("/")
+                    if (parts[:depth] == prefix and len(parts) > depth + 1) or (
+                        parts[:depth] == prefix and len(parts) == depth + 1 and member.isdir()
+                    ):
+                        found.add(f"{mount}/{parts[depth]}")
+    if len(found) > MAX_FOLDERS:
+        raise VMError(f"{len(found)} top-level folders under the guest's tmpfs (max {MAX_FOLDERS})")
+    return sorted(found)
+
+
+def back_with_disk(vm: VM, tars: Iterable[bytes]) -> list[str]:
+    """Bind a disk folder over each folder ``tars`` will fill under a tmpfs; return them."""
+    folders = folders_to_back(tars)
+    if not folders:
+        return []
+    steps = []
+    for folder in folders:
+        disk = f"{DISK_ROOT}/{hashlib.sha256(folder.encode()).hexdigest()[:16]}"
+        q, d = shlex.quote(folder), shlex.quote(disk)
+        # /proc/self/mountinfo's fifth field is the mount point: skip a bound one.
+        steps.append(
+            f"if ! awk '{{print $5}}' /proc/self/mountinfo | grep -qxF {q}; then "
+            f"mkdir -p {d} {q} && mount --bind {d} {q}; fi"
+        )
+    vm.exec(" && ".join(steps), check=True, timeout=BIND_TIMEOUT)
+    return folders
