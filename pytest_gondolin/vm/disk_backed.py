@@ -78,10 +78,12 @@ def back_with_disk(vm: VM, tars: Iterable[bytes]) -> list[str]:
     for folder in folders:
         disk = f"{DISK_ROOT}/{hashlib.sha256(folder.encode()).hexdigest()[:16]}"
         q, d = shlex.quote(folder), shlex.quote(disk)
-        # /proc/self/mountinfo's fifth field is the mount point: skip a bound one.
+        # /proc/self/mountinfo's fifth field is the mount point: skip a bound
+        # one. What the folder already holds in the tmpfs is copied first, so
+        # the bind mount never hides a file.
         steps.append(
             f"if ! awk '{{print $5}}' /proc/self/mountinfo | grep -qxF {q}; then "
-            f"mkdir -p {d} {q} && mount --bind {d} {q}; fi"
+            f"mkdir -p {d} {q} && cp -a {q}/. {d}/ && mount --bind {d} {q}; fi"
         )
     vm.exec(" && ".join(steps), check=True, timeout=BIND_TIMEOUT)
     return folders

@@ -104,9 +104,16 @@ def stack_digest(base: str, layers: Sequence[Layer]) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
+#: How a tar layer is unpacked, part of its key: a layer unpacked another way
+#: (before trees under the guest's tmpfs went to its disk) is never reused.
+TAR_LAYER_FORMAT: Final = "tar-layer 2 (tmpfs trees on disk)"
+
+
 def tar_layer(name: str, items: Sequence[TarItem]) -> Layer:
     """A layer that unpacks ``items`` (tars) at ``/`` in the guest, keyed by their keys."""
-    key = hashlib.sha256("\n".join(item.key for item in items).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        "\n".join([TAR_LAYER_FORMAT, *(item.key for item in items)]).encode()
+    ).hexdigest()[:24]
 
     def apply(vm: VM) -> None:
         pending: list[bytes] = []
