@@ -389,7 +389,12 @@ def test_sigkilled_sandboxed_runs_leave_nothing_that_blocks_the_next(
     assert "2 passed" in third.stdout
     assert "restored from the cached ready snapshot" in third.stdout + third.stderr
     assert time.monotonic() - started < warm.WARM_LOCK_TIMEOUT / 4
-    owners = {int(d.name.split("-")[0]) for d in paths.runtime_dir().iterdir() if "-" in d.name}
+    # VM folders are "<owner pid>-<id>"; the runtime folder also holds others ("cache-locks").
+    owners = {
+        int(d.name.split("-")[0])
+        for d in paths.runtime_dir().iterdir()
+        if d.name.split("-")[0].isdigit()
+    }
     assert first.pid not in owners and second.pid not in owners, "a killed run's folder survived"
 
 
