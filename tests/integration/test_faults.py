@@ -32,7 +32,7 @@ from conftest import INNER_ADDOPTS
 from pytest_gondolin import paths
 from pytest_gondolin.errors import ExecTimeout, VMCrashed
 from pytest_gondolin.fixtures import VMFactory
-from pytest_gondolin.vm import warm
+from pytest_gondolin.vm import reaper, warm
 from pytest_gondolin.vm.identity import state_key
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.qemu import SANDBOX
@@ -389,12 +389,7 @@ def test_sigkilled_sandboxed_runs_leave_nothing_that_blocks_the_next(
     assert "2 passed" in third.stdout
     assert "restored from the cached ready snapshot" in third.stdout + third.stderr
     assert time.monotonic() - started < warm.WARM_LOCK_TIMEOUT / 4
-    # VM folders are "<owner pid>-<id>"; the runtime folder also holds others ("cache-locks").
-    owners = {
-        int(d.name.split("-")[0])
-        for d in paths.runtime_dir().iterdir()
-        if d.name.split("-")[0].isdigit()
-    }
+    owners = {int(d.name.split("-", 1)[0]) for d in reaper.vm_folders()}
     assert first.pid not in owners and second.pid not in owners, "a killed run's folder survived"
 
 
