@@ -43,6 +43,7 @@ _SIMILAR_SHOWN: Final = 20
 ExchangeDecision = Literal["allowed", "denied", "stubbed", "replayed"]
 _DECISIONS: Final = frozenset({"allowed", "denied", "stubbed", "replayed"})
 _FLAGS: Final = frozenset({"request_body_truncated", "response_body_truncated", "bodies_dropped"})
+_HTTP_VERSIONS: Final = ("", "1.0", "1.1", "2")
 
 Headers = tuple[tuple[str, str], ...]
 UrlFilter = str | re.Pattern[str] | None
@@ -108,6 +109,10 @@ class Exchange:
     test when the exchange happened: both bodies were left out (empty, with
     ``*_truncated`` set for each that was not empty); everything else was
     recorded as usual.
+
+    ``http_version`` is the HTTP version the guest spoke: ``"1.1"`` or
+    ``"1.0"`` (as the request line said), ``"2"`` for an HTTP/2 stream, or
+    ``""`` for a connection refused before any request was read.
     """
 
     method: str
@@ -129,6 +134,7 @@ class Exchange:
     started: float = 0.0
     duration: float = 0.0
     bodies_dropped: bool = False
+    http_version: str = ""
 
     def __post_init__(self) -> None:
         if self.decision not in _DECISIONS:
@@ -232,6 +238,8 @@ def exchange_from_dict(data: Mapping[str, Any]) -> Exchange:
             value = tuple((str(k), str(v)) for k, v in value)
         elif f.name in _FLAGS and not isinstance(value, bool):
             raise ValueError(f"exchange field {f.name!r} must be true or false")
+        elif f.name == "http_version" and value not in _HTTP_VERSIONS:
+            raise ValueError(f"exchange field 'http_version' must be one of {_HTTP_VERSIONS}")
         kwargs[f.name] = value
     return Exchange(**kwargs)
 

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Final
 
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
+from pytest_gondolin.netpolicy.dns_policy import policy_resolver
 from pytest_gondolin.netpolicy.http.ca import CertificateAuthority, default_ca
 from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
 from pytest_gondolin.netpolicy.http.mediation import (
@@ -129,7 +130,7 @@ class NetworkDriver:
             recorder=recorder if recorder is not None else Recorder(redactor=secrets),
         )
         self._counters: Counter[str] = Counter()
-        self._stack = NetworkStack(mtu=mtu)
+        self._stack = NetworkStack(mtu=mtu, resolver=policy_resolver(lambda: self._context))
         self._in_flight = 0
         self._results: queue.SimpleQueue[tuple[ProxiedFlow, Mediated]] = queue.SimpleQueue()
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
@@ -571,7 +572,8 @@ class NetworkDriver:
             except LinkError as exc:
                 self._drop_peer(exc.reason)
         self._streams.close("vm-reset")  # streams and forwards end with the guest's past
-        self._stack = NetworkStack(mtu=self.mtu)  # new flows, new resolver, zero counters
+        # New flows, a new resolver (answering the names the policy knows), zero counters.
+        self._stack = NetworkStack(mtu=self.mtu, resolver=policy_resolver(lambda: self._context))
         self._relay = self._new_relay()  # no flow, no waiting job
         self._counters.clear()  # in place: the peer link shares it
         context = self._context

@@ -55,6 +55,7 @@ from pytest_gondolin.netpolicy.stack.flows import (
     NewFlow,
 )
 from pytest_gondolin.netpolicy.stack.network import NetworkStack
+from pytest_gondolin.netpolicy.stream_tls import GuestTls
 from pytest_gondolin.netpolicy.streams import StreamRelay
 
 __all__ = ["ANSWER_BACKLOG", "FlowRelay", "ProxiedFlow"]
@@ -208,7 +209,7 @@ class FlowRelay:
             self._pump_input(flow)
         else:
             self._pump_output(flow)
-            if flow.proxy.output_bytes < ANSWER_BACKLOG:
+            if flow.proxy.answer_backlog < ANSWER_BACKLOG:
                 self._pump_input(flow)  # answers held back by the backlog may go now
             self._on_room()
 
@@ -279,7 +280,7 @@ class FlowRelay:
         proxy = flow.proxy
         while self._alive(flow):
             self._record(proxy.take_records())
-            if proxy.output_bytes >= ANSWER_BACKLOG:
+            if proxy.answer_backlog >= ANSWER_BACKLOG:
                 break  # the next request waits: FlowWritable brings us back
             requests = proxy.take_requests()
             if not requests:
@@ -293,7 +294,7 @@ class FlowRelay:
                 else:
                     context.recorder.record(outcome.exchange)
                     self._counters[f"decision.{outcome.exchange.decision}"] += 1
-                    proxy.respond(outcome.response)
+                    proxy.respond(outcome.response, to=outcome.request)
         if not self._alive(flow):
             return
         if proxy.verdict == "abort":
@@ -336,11 +337,11 @@ class FlowRelay:
                 upgraded.close()
             return  # the guest gave up, or it was rewound (reset): nothing to count
         self._counters[f"decision.{outcome.exchange.decision}"] += 1
-        flow.proxy.respond(outcome.response)
+        flow.proxy.respond(outcome.response, to=outcome.request)
         if upgraded is not None:
             if flow.proxy.switched and self._streams is not None:
                 # The 101 is framed: from here the flow is an opaque stream.
-                head, early = flow.proxy.hand_over()
+                head, early, session = flow.proxy.hand_over()
                 del self._flows[flow.id]
                 flow.proxy.close()
                 self._streams.adopt(
@@ -352,6 +353,7 @@ class FlowRelay:
                     from_guest=early,
                     guest_eof=flow.guest_eof,
                     recorder=self._context().recorder,
+                    guest_tls=None if session is None else GuestTls(*session),
                 )
                 return
             upgraded.close()

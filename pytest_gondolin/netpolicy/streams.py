@@ -30,6 +30,11 @@ stream's trouble costs that stream only:
   beyond that is closed at once) and ``max_forwards`` listening ports;
 * every stream is recorded in the recorder current when it opened, as a
   :class:`~.http.tcp_record.TcpFlow`, and its record updated when it ends.
+
+A ``wss://`` session is TLS on both sides: the guest's side goes through
+the session the MITM terminated (:class:`~.stream_tls.GuestTls`), the
+host's socket is the verified ``ssl.SSLSocket`` of the handshake. The
+bounds above then count plaintext, and so do the recorded bytes.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import itertools
 import logging
 import selectors
 import socket
+import ssl
 import struct
 import time
 from collections import Counter
@@ -62,6 +68,7 @@ from pytest_gondolin.netpolicy.stack.flows import (
 )
 from pytest_gondolin.netpolicy.stack.network import NetworkStack
 from pytest_gondolin.netpolicy.stack.tcp import CloseReason
+from pytest_gondolin.netpolicy.stream_tls import GuestTls, GuestTlsError
 
 __all__ = ["LISTEN_BACKLOG", "StreamRelay", "bind_forward"]
 
@@ -85,6 +92,14 @@ _FLOW_ENDINGS: Final = {
 }
 
 _Phase = Literal["connecting", "open", "draining"]
+#: What a non-blocking socket raises when it cannot move bytes now (for a
+#: TLS socket also while a record is incomplete).
+_WOULD_BLOCK: Final = (
+    BlockingIOError,
+    InterruptedError,
+    ssl.SSLWantReadError,
+    ssl.SSLWantWriteError,
+)
 _Flow = FlowData | FlowEOF | FlowWritable | FlowClosed
 
 
@@ -107,6 +122,7 @@ class _Stream:
     from_guest: int = 0  # payload bytes taken from the guest
     sent_to_guest: int = 0  # payload bytes handed to the guest's flow
     mask: int = 0  # the selector events registered
+    guest_tls: GuestTls | None = None  # wss://: the guest's TLS session (plaintext in the buffers)
 
 
 class StreamRelay:
@@ -204,24 +220,35 @@ class StreamRelay:
         from_guest: bytes,
         guest_eof: bool,
         recorder: Recorder,
+        guest_tls: GuestTls | None = None,
     ) -> None:
         """Relay a guest flow whose WebSocket handshake the server accepted.
 
         ``head`` is the framed 101 for the guest (sent first, not counted in
         ``bytes_to_guest``), then the server's ``upgraded.early`` bytes;
-        ``from_guest`` are frames the guest sent with its request.
+        ``from_guest`` are frames the guest sent with its request. For
+        ``wss://``, ``guest_tls`` carries the guest's session on and
+        ``head`` is already encrypted.
         """
         sock = upgraded.sock
         sock.setblocking(False)
         stream = self._new_stream(flow_id, sock, "websocket", name, port, upgraded.target, recorder)
         stream.phase = "open"
-        stream.to_guest += head + upgraded.early
-        stream.sent_to_guest = -len(head)
+        stream.guest_tls = guest_tls
+        if guest_tls is not None:
+            guest_tls.wire[:0] = head
+        else:
+            stream.to_guest += head
+            stream.sent_to_guest = -len(head)
+        stream.to_guest += upgraded.early
         stream.to_host += from_guest
         stream.from_guest = len(from_guest)
         stream.guest_eof = guest_eof
         self._counters["streams.websocket"] += 1
-        self._pump(stream)
+        try:
+            self._pump(stream)
+        except GuestTlsError as exc:  # the guest's first records already broke its session
+            self._guest_tls_failed(stream, exc)
 
     def listen(self, sock: socket.socket, guest_port: int) -> None:
         """Serve ``sock`` (bound, listening, non-blocking) as a forward to ``guest_port``."""
@@ -299,12 +326,10 @@ class StreamRelay:
             elif isinstance(event, FlowWritable) and stream.phase == "connecting":
                 stream.phase = "open"  # ingress: the guest accepted our SYN
             self._pump(stream)
+        except GuestTlsError as exc:
+            self._guest_tls_failed(stream, exc)
         except Exception:
-            self._counters["streams.errors"] += 1
-            log.exception(
-                "%s: error on stream of flow %d; resetting it", self._name, stream.flow_id
-            )
-            self._abort(stream, "error")
+            self._failed(stream)
 
     def _on_ready(self, stream: _Stream, mask: int) -> None:
         if self._streams.get(stream.flow_id) is not stream:
@@ -315,12 +340,23 @@ class StreamRelay:
                 self._connected(stream)
                 return
             self._pump(stream)  # reads the socket too when it has room
+        except GuestTlsError as exc:
+            self._guest_tls_failed(stream, exc)
         except Exception:
-            self._counters["streams.errors"] += 1
-            log.exception(
-                "%s: error on stream of flow %d; resetting it", self._name, stream.flow_id
-            )
-            self._abort(stream, "error")
+            self._failed(stream)
+
+    def _failed(self, stream: _Stream) -> None:
+        """A bug while handling ``stream``: it costs that stream, logged with its traceback."""
+        self._counters["streams.errors"] += 1
+        log.exception("%s: error on stream of flow %d; resetting it", self._name, stream.flow_id)
+        self._abort(stream, "error")
+
+    def _guest_tls_failed(self, stream: _Stream, exc: GuestTlsError) -> None:
+        """The guest broke its ``wss://`` TLS session: reset the stream (its alert goes first)."""
+        if stream.guest_tls is not None:
+            self._send_guest(stream.flow_id, stream.guest_tls.wire, self._limits.send_chunk)
+        log.debug("%s: stream of flow %d: %s", self._name, stream.flow_id, exc)
+        self._abort(stream, "guest-tls-error")
 
     def _connected(self, stream: _Stream) -> None:
         err = stream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -351,11 +387,7 @@ class StreamRelay:
                 break
             moved = 0
             if stream.phase == "open":
-                room = buffer - len(stream.to_host)
-                data = self._stack.flow_read(flow_id, room) if room > 0 else b""
-                stream.to_host += data
-                stream.from_guest += len(data)
-                moved += len(data)
+                moved += self._read_guest(stream, buffer - len(stream.to_host))
             moved += self._write_host(stream)
             if stream.phase == "open":
                 moved += self._read_host(stream)
@@ -367,13 +399,34 @@ class StreamRelay:
         if self._streams.get(flow_id) is stream:
             self._update_interest(stream)
 
+    def _read_guest(self, stream: _Stream, room: int) -> int:
+        """Take up to ``room`` guest bytes (for ``wss://``, decrypt them) into ``to_host``."""
+        data = self._stack.flow_read(stream.flow_id, room) if room > 0 else b""
+        moved = len(data)
+        tls = stream.guest_tls
+        if tls is not None and (data or stream.guest_eof) and not tls.guest_closed:
+            # All readable plaintext at once: none waits in the session unseen.
+            data = tls.decrypt(data, eof=stream.guest_eof and not moved)
+            if tls.guest_closed:
+                stream.guest_eof = True  # close_notify: nothing more comes from the guest
+                moved += 1
+        elif tls is not None:
+            data = b""  # after close_notify: nothing to relay
+        stream.to_host += data
+        stream.from_guest += len(data)
+        return moved
+
     def _read_host(self, stream: _Stream) -> int:
         room = self._limits.stream_buffer - len(stream.to_guest)
         if room <= 0 or stream.host_eof:
             return 0
         try:
             data = stream.sock.recv(room)
-        except (BlockingIOError, InterruptedError):
+            if data and isinstance(stream.sock, ssl.SSLSocket) and stream.sock.pending():
+                # Plaintext OpenSSL decrypted but we did not take would wake no
+                # selector: take it now (at most one record, 16 KiB).
+                data += stream.sock.recv(stream.sock.pending())
+        except _WOULD_BLOCK:
             return 0
         except OSError as exc:
             self._host_failed(stream, exc)
@@ -385,36 +438,62 @@ class StreamRelay:
         return len(data)
 
     def _write_host(self, stream: _Stream) -> int:
-        if not stream.to_host:
-            return 0
-        try:
-            sent = stream.sock.send(stream.to_host)
-        except (BlockingIOError, InterruptedError):
-            return 0
-        except OSError as exc:
-            self._host_failed(stream, exc)
-            return 0
-        del stream.to_host[:sent]
-        return sent
+        total = 0
+        while stream.to_host:  # a TLS socket takes one record per send
+            try:
+                sent = stream.sock.send(stream.to_host)
+            except _WOULD_BLOCK:
+                break
+            except OSError as exc:
+                self._host_failed(stream, exc)
+                break
+            del stream.to_host[:sent]
+            total += sent
+            if not sent:
+                break
+        return total
 
     def _write_guest(self, stream: _Stream) -> int:
-        total = 0
         chunk = self._limits.send_chunk
-        while stream.to_guest:
-            n = self._stack.flow_send(stream.flow_id, bytes(stream.to_guest[:chunk]))
-            del stream.to_guest[:n]
+        tls = stream.guest_tls
+        if tls is None:
+            total = self._send_guest(stream.flow_id, stream.to_guest, chunk)
+            stream.sent_to_guest += total
+            return total
+        # Encrypt only as fast as the stack takes ciphertext (bounded wire buffer).
+        total = 0
+        while True:
+            total += self._send_guest(stream.flow_id, tls.wire, chunk)
+            if tls.wire or not stream.to_guest:
+                break
+            plain = bytes(memoryview(stream.to_guest)[:chunk])
+            del stream.to_guest[: len(plain)]
+            tls.encrypt(plain)
+            stream.sent_to_guest += len(plain)
+        return total
+
+    def _send_guest(self, flow_id: int, buffer: bytearray, chunk: int) -> int:
+        """Hand ``buffer``'s bytes to the guest's flow while the stack takes them; bytes taken."""
+        total = 0
+        while buffer:
+            n = self._stack.flow_send(flow_id, bytes(memoryview(buffer)[:chunk]))
+            del buffer[:n]
             total += n
             if n < chunk:
                 break
-        stream.sent_to_guest += total
         return total
 
     def _finish_halves(self, stream: _Stream) -> bool:
         """Relay each side's EOF once its bytes are through; False once the stream ended."""
         flow_id = stream.flow_id
+        tls = stream.guest_tls
         if stream.host_eof and not stream.to_guest and not stream.fin_sent:
-            stream.fin_sent = True
-            self._stack.flow_close(flow_id)
+            if tls is not None:
+                tls.close()  # close_notify before the FIN
+                self._send_guest(flow_id, tls.wire, self._limits.send_chunk)
+            if tls is None or not tls.wire:
+                stream.fin_sent = True
+                self._stack.flow_close(flow_id)
         guest_done = stream.phase == "draining" or (
             stream.guest_eof
             and (info := self._stack.flow_info(flow_id)) is not None
@@ -422,8 +501,7 @@ class StreamRelay:
         )
         if guest_done and not stream.to_host and not stream.host_shut:
             stream.host_shut = True
-            with contextlib.suppress(OSError):
-                stream.sock.shutdown(socket.SHUT_WR)
+            _shut_write(stream.sock)
         if stream.phase == "draining" and not stream.to_host:
             self._end(stream, "closed")
             return False
@@ -520,6 +598,18 @@ def bind_forward(guest_port: object, host_port: object) -> socket.socket:
             f"forward: cannot listen on 127.0.0.1:{host_port} for guest port {guest_port}: {exc}"
         ) from exc
     return sock
+
+
+def _shut_write(sock: socket.socket) -> None:
+    """Half-close ``sock``: FIN, or for TLS ``close_notify`` (reading goes on either way)."""
+    if isinstance(sock, ssl.SSLSocket):
+        # shutdown() would drop the TLS layer under our feet; unwrap() sends
+        # close_notify and, non-blocking, does not wait for the server's.
+        with contextlib.suppress(OSError, ValueError):  # SSLWantReadError is an OSError
+            sock.unwrap()
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
 
 
 def _close(sock: socket.socket, *, abortive: bool) -> None:

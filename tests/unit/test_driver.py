@@ -493,6 +493,7 @@ def raw_flow_host(driver: NetworkDriver, guest: FakeGuest, address: IPv4Address)
 
 def test_reset_starts_dns_afresh_with_its_own_cap(driver: NetworkDriver, guest: FakeGuest) -> None:
     """A restore gives the next test the whole name cap, and no name of the test before."""
+    driver.configure(NetworkPolicy(allow_hosts=["*.test"]))  # the policy stays over the reset
     names = [f"n{i}.before.test" for i in range(DEFAULT_MAX_NAMES)]
     got = resolve_all(guest, [*names, "over.before.test"])
     # Negative control: before the reset the cap is hit, and an address
@@ -515,6 +516,7 @@ def test_reset_starts_dns_afresh_with_its_own_cap(driver: NetworkDriver, guest: 
 
 
 def test_dns_and_ping(driver: NetworkDriver, guest: FakeGuest) -> None:
+    driver.configure(NetworkPolicy(allow_hosts=["example.com"]))
     query = (
         b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
         + b"\x07example\x03com\x00"
@@ -534,6 +536,17 @@ def test_dns_and_ping(driver: NetworkDriver, guest: FakeGuest) -> None:
     answer = parse_udp(udp[0].payload, udp[0].src, udp[0].dst).payload
     assert answer[:2] == b"\x12\x34" and answer[-4:] == bytes([198, 18, 0, 1])
     assert parse_icmp_echo(icmp[0].payload).payload == b"ping"
+    assert driver.recorder.requests == []
+
+
+def test_dns_refuses_and_records_a_name_the_policy_does_not_know(
+    driver: NetworkDriver, guest: FakeGuest
+) -> None:
+    got = resolve_all(guest, ["denied.example"])  # the default policy: deny all
+    assert got["denied.example"] == Rcode.NXDOMAIN
+    (record,) = driver.recorder.requests
+    assert (record.host, record.decision, record.scheme) == ("denied.example", "denied", "dns")
+    assert "[rule: dns]" in record.reason and "allow_hosts is empty" in record.reason
 
 
 def test_close_is_idempotent_and_removes_the_socket(

@@ -16,9 +16,12 @@ stack through :mod:`pytest_gondolin.netpolicy.relay`. One module per concern:
 :mod:`.ca`               the CA and leaf certificates for TLS interception
 :mod:`.messages`         request and response values and their limits
 :mod:`.interceptor`      one flow's HTTP/1.1 requests, parsed and refused
+:mod:`.h2_server`        one flow's HTTP/2 streams (ALPN ``h2``), bounded
+:mod:`.h2_requests`      HTTP/2 header blocks to and from requests, responses
 :mod:`.mitm`             one flow: sniff, TLS, interceptor
 :mod:`.content_coding`   decoding coded bodies so secrets can be redacted
 :mod:`.upstream`         the client that talks to the real server
+:mod:`.upstream_h2`      the same over HTTP/2, for HTTP/2 requests (trailers)
 :mod:`.mediation`        the pipeline from a request to its answer
 :mod:`.recorder`         every exchange, for ``vm.http`` and ``http_traffic``
 :mod:`.cassette`         record and replay (player and record modes)

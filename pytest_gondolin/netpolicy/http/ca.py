@@ -134,7 +134,9 @@ class CertificateAuthority:
             raise NetworkPolicyError("CA certificate has no SubjectKeyIdentifier") from None
         self._lock = threading.Lock()
         self._leaves: OrderedDict[str, LeafCertificate] = OrderedDict()
-        self._contexts: OrderedDict[str, tuple[LeafCertificate, ssl.SSLContext]] = OrderedDict()
+        self._contexts: OrderedDict[
+            tuple[str, tuple[str, ...]], tuple[LeafCertificate, ssl.SSLContext]
+        ] = OrderedDict()
 
     # ------------------------------------------------------------------ construction
 
@@ -330,23 +332,26 @@ class CertificateAuthority:
         log.debug("issued leaf certificate for %s", name)
         return LeafCertificate(server_name=name, cert=cert, key=key)
 
-    def ssl_context_for(self, server_name: str) -> ssl.SSLContext:
+    def ssl_context_for(
+        self, server_name: str, *, alpn: tuple[str, ...] = ("http/1.1",)
+    ) -> ssl.SSLContext:
         """A server-side context presenting a leaf for ``server_name``.
 
-        TLS 1.2+, ALPN offers only ``http/1.1`` (the interceptor speaks
-        HTTP/1.x). Cached per name alongside its leaf. Raises
+        TLS 1.2+; ALPN selects the first of ``alpn`` the client offers (the
+        MITM passes ``("h2", "http/1.1")``: :mod:`.mitm`; the default suits
+        an HTTP/1.1-only test server). Cached per name alongside its leaf. Raises
         :class:`NetworkPolicyError` for an invalid name.
         """
         name = normalize_host(server_name)
         with self._lock:
-            cached = self._contexts.get(name)
+            cached = self._contexts.get((name, alpn))
             if cached is not None and _fresh(cached[0]):
-                self._contexts.move_to_end(name)
+                self._contexts.move_to_end((name, alpn))
                 return cached[1]
         leaf = self.issue(name)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_alpn_protocols(["http/1.1"])
+        context.set_alpn_protocols(list(alpn))  # the server's order wins
         try:
             with tempfile.TemporaryDirectory(prefix="gondolin-leaf-") as tmp:
                 chain = os.path.join(tmp, "chain.pem")
@@ -357,7 +362,7 @@ class CertificateAuthority:
         except (OSError, ssl.SSLError) as exc:
             raise NetworkPolicyError(f"cannot build a TLS context for {name!r}: {exc}") from exc
         with self._lock:
-            self._contexts[name] = (leaf, context)
+            self._contexts[(name, alpn)] = (leaf, context)
             while len(self._contexts) > LEAF_CACHE_SIZE:
                 self._contexts.popitem(last=False)
         return context

@@ -33,7 +33,6 @@ decided before (:mod:`.sniff`); the values passed in and out are in
     (:class:`BodyBudget`, shared by the flows
     of one guest)
     ``CONNECT`` (no tunnels, RFC 9110 §9.3.6)     405     ``connect``
-    ``Upgrade: websocket`` over TLS (``wss://``)  403     ``websocket``
     destination mismatch (see below)              421     ``misdirected``
     ============================================  ======  =================
 
@@ -349,11 +348,6 @@ class HttpInterceptor:
             raise _Refusal(
                 400, "both Content-Length and Transfer-Encoding (request smuggling)", "smuggling"
             )
-        upgrade = [_decode(v).lower() for n, v in head.headers if n == b"upgrade"]
-        if self.scheme == "https" and any("websocket" in v for v in upgrade):
-            raise _Refusal(
-                403, "WebSocket over TLS (wss://) is not mediated; ws:// is", "websocket"
-            )
         self._resolve_destination(head)  # validate early: refuse before the body arrives
         length = [v for n, v in head.headers if n == b"content-length"]
         if length and int(length[0]) > self._max_body:
@@ -599,5 +593,6 @@ class HttpInterceptor:
                 reason=f"{reason} [rule: {rule}]",
                 started=self._started if head is not None else now,
                 duration=max(0.0, now - self._started) if head is not None else 0.0,
+                http_version=_decode(head.http_version) if head is not None else "",
             )
         )

@@ -87,6 +87,7 @@ from pytest_gondolin.netpolicy.http.policy import Decision, NetworkPolicy, resol
 from pytest_gondolin.netpolicy.http.recorder import Exchange, ExchangeDecision, Recorder
 from pytest_gondolin.netpolicy.http.secrets import SecretLeak, SecretStore
 from pytest_gondolin.netpolicy.http.upstream import DEFAULT_UPSTREAM_TIMEOUT, fetch_upstream
+from pytest_gondolin.netpolicy.http.upstream_h2 import fetch_upstream_h2
 from pytest_gondolin.netpolicy.http.websocket import (
     SECRET_REFUSAL,
     Upgraded,
@@ -196,6 +197,9 @@ class Mediated:
     exchange: Exchange
     #: A WebSocket handshake the server accepted: its connection, for the stream relay.
     upgraded: Upgraded | None = None
+    #: The guest request this answers (the very object): an HTTP/2 flow answers
+    #: its streams in any order and finds the stream by it (:mod:`.h2_server`).
+    request: HttpRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -230,15 +234,23 @@ def secret_request_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str
     return accept_identity(_without(headers, SLICING_REQUEST_FIELDS))
 
 
-def _redact(response: HttpResponse, secrets: SecretStore | None) -> HttpResponse:
-    if secrets is None or not secrets.names:
-        return response
-    headers = []
-    for name, value in response.headers:
+def _redact_fields(
+    fields: Iterable[tuple[str, str]], secrets: SecretStore
+) -> list[tuple[str, str]]:
+    out = []
+    for name, value in fields:
         clean = secrets.redact(name)
         if clean != name and not _TOKEN.fullmatch(clean):
             continue  # a value in a field name, whose redacted form is no field name
-        headers.append((clean, secrets.redact(value)))
+        out.append((clean, secrets.redact(value)))
+    return out
+
+
+def _redact(response: HttpResponse, secrets: SecretStore | None) -> HttpResponse:
+    if secrets is None or not secrets.names:
+        return response
+    headers = _redact_fields(response.headers, secrets)
+    trailers = tuple(_redact_fields(response.trailers, secrets))  # HTTP/2 upstreams (gRPC)
     body = secrets.redact(response.body)
     if body != response.body:  # the framing adds Content-Length back
         return dataclasses.replace(
@@ -246,9 +258,14 @@ def _redact(response: HttpResponse, secrets: SecretStore | None) -> HttpResponse
             headers=_without(headers, _BODY_DERIVED),
             body=body,
             reason=secrets.redact(response.reason),
+            trailers=trailers,
         )
     return dataclasses.replace(
-        response, headers=tuple(headers), body=body, reason=secrets.redact(response.reason)
+        response,
+        headers=tuple(headers),
+        body=body,
+        reason=secrets.redact(response.reason),
+        trailers=trailers,
     )
 
 
@@ -332,7 +349,28 @@ def _finish(
         duration=max(0.0, clock() - started),
     )
     log.debug("%s %s -> %d (%s)", request.method, request.url, response.status, decision)
-    return Mediated(response, exchange)
+    return Mediated(response, exchange, request=request)
+
+
+def _deny(
+    request: HttpRequest,
+    message: str,
+    rule: str | None,
+    *,
+    started: float,
+    context: MediationContext,
+    clock: Callable[[], float],
+) -> Mediated:
+    """A refusal: the guest's 403 names ``message`` and ``rule``; recorded as "denied"."""
+    return _finish(
+        request,
+        denial_response(message, rule),
+        "denied",
+        with_rule(message, rule),
+        started=started,
+        context=context,
+        clock=clock,
+    )
 
 
 def plan_request(
@@ -363,14 +401,8 @@ def plan_request(
         )
     decision = context.policy.decide(request.host, request.port, request.scheme)
     if not decision.allowed:
-        return _finish(
-            request,
-            denial_response(decision.reason, decision.rule),
-            "denied",
-            with_rule(decision.reason, decision.rule),
-            started=started,
-            context=context,
-            clock=clock,
+        return _deny(
+            request, decision.reason, decision.rule, started=started, context=context, clock=clock
         )
     outgoing = request
     carries_secret = False
@@ -381,15 +413,7 @@ def plan_request(
             )
         except NetworkPolicyError as exc:
             rule = "secrets" if isinstance(exc, SecretLeak) else "secrets-encoding"
-            return _finish(
-                request,
-                denial_response(str(exc), rule),
-                "denied",
-                with_rule(str(exc), rule),
-                started=started,
-                context=context,
-                clock=clock,
-            )
+            return _deny(request, str(exc), rule, started=started, context=context, clock=clock)
         carries_secret = headers != list(request.headers)
         if carries_secret:
             # A coded or partial response would hide an echoed value from redaction.
@@ -401,15 +425,7 @@ def plan_request(
     )
     if websocket and (carries_secret or bound):
         refusal = SECRET_REFUSAL if carries_secret else secret_host_refusal(bound, request.host)
-        return _finish(
-            request,
-            denial_response(refusal, "websocket"),
-            "denied",
-            with_rule(refusal, "websocket"),
-            started=started,
-            context=context,
-            clock=clock,
-        )
+        return _deny(request, refusal, "websocket", started=started, context=context, clock=clock)
     player = context.cassette
     if player is not None:
         # After policy and secrets: a denied request stays denied, replayed or not.
@@ -420,14 +436,8 @@ def plan_request(
                 "(a cassette cannot replay a session); record it again "
                 "(--gondolin-record-mode=all) to reach the server"
             )
-            return _finish(
-                request,
-                denial_response(message, "cassette"),
-                "denied",
-                with_rule(message, "cassette"),
-                started=started,
-                context=context,
-                clock=clock,
+            return _deny(
+                request, message, "cassette", started=started, context=context, clock=clock
             )
         if replay is not None:
             reason = f"replayed from cassette {player.path.name}"
@@ -447,14 +457,8 @@ def plan_request(
             )
         if not player.should_record(request):
             message = player.unmatched(request)
-            return _finish(
-                request,
-                denial_response(message, "cassette"),
-                "denied",
-                with_rule(message, "cassette"),
-                started=started,
-                context=context,
-                clock=clock,
+            return _deny(
+                request, message, "cassette", started=started, context=context, clock=clock
             )
     return UpstreamJob(request, outgoing, started, decision, context, carries_secret)
 
@@ -482,11 +486,10 @@ def run_upstream(
     except NetworkPolicyError as exc:
         message = str(exc)
         if "block_internal" in message:  # resolve_upstream's internal-address refusal
-            return _finish(
+            return _deny(
                 request,
-                denial_response(message, "block_internal"),
-                "denied",
-                with_rule(message, "block_internal"),
+                message,
+                "block_internal",
                 started=job.started,
                 context=context,
                 clock=clock,
@@ -502,8 +505,10 @@ def run_upstream(
         )
     if is_websocket(request.headers):
         return _run_websocket(job, addr, port, timeout=timeout, clock=clock)
+    # An HTTP/2 stream goes upstream in HTTP/2 when the upstream offers it (trailers).
+    fetch = fetch_upstream_h2 if request.http_version == "2" else fetch_upstream
     try:
-        response = fetch_upstream(
+        response = fetch(
             job.outgoing,
             addr,
             port,
@@ -564,7 +569,14 @@ def _run_websocket(
     allowed_reason = with_rule(job.decision.reason, job.decision.rule)
     upgraded = None
     try:
-        response, upgraded = open_websocket(job.outgoing, addr, port, timeout=timeout)
+        response, upgraded = open_websocket(
+            job.outgoing,
+            addr,
+            port,
+            timeout=timeout,
+            tls=request.scheme == "https",
+            ca_file=context.policy.upstream_ca,
+        )
         reason = allowed_reason
         if upgraded is None:  # declined: an ordinary answer, screened like any other
             response = screen_response(response, context.secrets, carries_secret=False)
@@ -600,4 +612,5 @@ def internal_error(job: UpstreamJob, exc: BaseException) -> Mediated:
             started=job.started,
             duration=max(0.0, time.time() - job.started),
         ),
+        request=job.request,
     )

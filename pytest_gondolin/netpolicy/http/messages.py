@@ -92,15 +92,21 @@ class HttpRequest:
 
 @dataclass(frozen=True)
 class HttpResponse:
-    """A response to give the guest (from upstream, a stub or a denial)."""
+    """A response to give the guest (from upstream, a stub or a denial).
+
+    ``trailers`` (RFC 9110 §6.5) come only from an HTTP/2 upstream and reach
+    only an HTTP/2 guest stream (:mod:`.h2_server`); HTTP/1.1 drops them.
+    """
 
     status: int
     headers: Headers = ()
     body: bytes = b""
     reason: str = ""
+    trailers: Headers = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "headers", tuple(self.headers))
+        object.__setattr__(self, "trailers", tuple(self.trailers))
 
     def header(self, name: str) -> str | None:
         """The first header called ``name`` (case-insensitive), or ``None``."""
@@ -174,4 +180,5 @@ def make_exchange(
         reason=reason,
         started=started,
         duration=duration,
+        http_version=request.http_version,
     )

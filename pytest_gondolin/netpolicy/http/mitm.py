@@ -16,14 +16,21 @@ The first bytes decide what the flow is (:func:`~.sniff.sniff`, at most
 * a TLS ClientHello: TLS is terminated here (``ssl.MemoryBIO`` pairs and
   the CA's leaf for the SNI, or for the destination address when the
   client sent none), so even a denied request gets a readable 403, and an
-  interceptor reads the plaintext;
+  interceptor reads the plaintext: an :class:`~.h2_server.H2Interceptor`
+  when the client offered ``h2`` in ALPN (each stream a request, answered
+  in any order: :meth:`FlowProxy.respond` names the request), else an
+  HTTP/1.x one. Plain-text HTTP/2 (h2c, prior knowledge) is not HTTP/1.x
+  and is refused like any other protocol;
 * anything else: the flow is reset and recorded as a denied connection
   (there is no raw TCP egress at all).
 
 Backpressure: :attr:`FlowProxy.read_limit` is 0 while the interceptor owes
 a response (``wants_data`` is false), so the driver stops reading and the
 guest's TCP window closes; output is encrypted lazily, only as fast as the
-driver can hand it to the stack.
+driver can hand it to the stack. An HTTP/2 flow is read while fewer than
+:data:`H2_OUTPUT_HIGH` bytes wait for the guest (a PING or SETTINGS flood
+from a guest that does not read its answers stops there), and its response
+bodies are framed lazily too, within the guest's flow-control windows.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Final, Literal
 
 from pytest_gondolin.errors import NetworkPolicyError
 from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
+from pytest_gondolin.netpolicy.http.h2_server import H2Interceptor
 from pytest_gondolin.netpolicy.http.interceptor import (
     BodyBudget,
     HttpInterceptor,
@@ -44,11 +52,18 @@ from pytest_gondolin.netpolicy.http.interceptor import (
     RequestRefused,
 )
 from pytest_gondolin.netpolicy.http.mediation import error_response, with_rule
-from pytest_gondolin.netpolicy.http.messages import HttpResponse
+from pytest_gondolin.netpolicy.http.messages import HttpRequest, HttpResponse
 from pytest_gondolin.netpolicy.http.recorder import Exchange
 from pytest_gondolin.netpolicy.http.sniff import SNIFF_LIMIT, sniff
 
-__all__ = ["GUEST_READ_CHUNK", "SNIFF_TIMEOUT", "FlowProxy", "Verdict"]
+__all__ = [
+    "GUEST_READ_CHUNK",
+    "H2_OUTPUT_HIGH",
+    "SNIFF_TIMEOUT",
+    "FlowProxy",
+    "TlsSession",
+    "Verdict",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +77,17 @@ SNIFF_TIMEOUT: Final = 30.0
 GUEST_READ_CHUNK: Final = 64 * 1024
 #: Plaintext encrypted per step for a TLS flow (several 16 KiB records).
 _TLS_WRITE_CHUNK: Final = 64 * 1024
+#: The start of the HTTP/2 client preface (RFC 9113 §3.4): h2c with prior knowledge.
+_H2C_PREFACE: Final = b"PRI * HTTP/2.0"
+#: What the guest may speak over TLS, preferred first (RFC 7301: the server picks).
+_ALPN: Final = ("h2", "http/1.1")
+#: Bytes waiting for the guest above which an HTTP/2 flow is not read: one
+#: TCP send buffer, as for HTTP/1.1 answers (relay.ANSWER_BACKLOG).
+H2_OUTPUT_HIGH: Final = 256 * 1024
 
 Verdict = Literal["close", "abort"]
+#: A guest TLS session handed over with a switched flow: object, incoming and outgoing BIO.
+TlsSession = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
 _Phase = Literal["sniff", "handshake", "http", "done"]
 
 
@@ -103,7 +127,7 @@ class FlowProxy:
         self._tls_in = ssl.MemoryBIO()
         self._tls_out = ssl.MemoryBIO()
         self._server_name: str | None = None
-        self._http: HttpInterceptor | None = None
+        self._http: HttpInterceptor | H2Interceptor | None = None
         self._plain_out = bytearray()  # TLS only: plaintext not yet encrypted
         self._wire_out = bytearray()  # bytes ready for the guest
         self._eof = False  # the guest closed its side (no more bytes will come)
@@ -140,6 +164,9 @@ class FlowProxy:
         if self._phase == "handshake":
             return GUEST_READ_CHUNK
         assert self._http is not None
+        if isinstance(self._http, H2Interceptor):
+            waiting = len(self._wire_out) + len(self._plain_out)
+            return GUEST_READ_CHUNK if self._http.wants_data and waiting < H2_OUTPUT_HIGH else 0
         return GUEST_READ_CHUNK if self._http.wants_data else 0
 
     @property
@@ -149,23 +176,56 @@ class FlowProxy:
 
     @property
     def output_bytes(self) -> int:
-        """Bytes still to deliver to the guest (plaintext not yet encrypted included)."""
-        return len(self._wire_out) + len(self._plain_out)
+        """Bytes still to deliver to the guest (plaintext not yet encrypted, HTTP/2 bodies not framed)."""
+        framed = len(self._wire_out) + len(self._plain_out)
+        if isinstance(self._http, H2Interceptor):
+            return framed + self._http.pending_bytes
+        return framed
 
     @property
     def switched(self) -> bool:
-        """A plain-HTTP flow answered ``101``: hand it over as a stream (:meth:`hand_over`)."""
-        return self._tls is None and self._http is not None and self._http.switched
+        """The flow answered ``101``: hand it over as a stream (:meth:`hand_over`)."""
+        return isinstance(self._http, HttpInterceptor) and self._http.switched
 
-    def hand_over(self) -> tuple[bytes, bytes]:
-        """(bytes for the guest, guest bytes already read) of a :attr:`switched` flow; once.
+    def hand_over(self) -> tuple[bytes, bytes, TlsSession | None]:
+        """(bytes for the guest, guest plaintext already read, TLS session) of a :attr:`switched` flow.
 
-        The first are the 101 response, the second the first WebSocket
-        frames the guest sent with its request. The proxy is spent after.
+        Once. The first are the 101 response (encrypted, for a TLS flow);
+        the second the first WebSocket frames the guest sent with its
+        request; the third, for a TLS flow (``wss://``), the guest's session
+        (object, incoming and outgoing BIO), which the stream carries on
+        (:class:`~pytest_gondolin.netpolicy.stream_tls.GuestTls`). The proxy
+        is spent after. Raises ``ssl.SSLError`` if the 101 cannot be encrypted.
         """
-        assert self._http is not None and self.switched
+        assert isinstance(self._http, HttpInterceptor) and self.switched
+        session = None
+        if self._tls is not None:
+            while self._plain_out:
+                written = self._tls.write(bytes(memoryview(self._plain_out)[:_TLS_WRITE_CHUNK]))
+                del self._plain_out[:written]
+            self._drain_tls_out()
+            session = (self._tls, self._tls_in, self._tls_out)
         out, self._wire_out = bytes(self._wire_out), bytearray()
-        return out, self._http.switched_input()
+        return out, self._http.switched_input(), session
+
+    @property
+    def answer_backlog(self) -> int:
+        """Answer bytes framed for the guest and not yet taken by the stack.
+
+        What a flow's next request waits on (``relay.ANSWER_BACKLOG``). The
+        same as :attr:`output_bytes` for HTTP/1.x; for HTTP/2 it leaves out
+        bodies waiting for the guest's flow-control windows, so one stream
+        the guest reads slowly does not hold back the others' requests
+        (their number is bounded by the stream limits of :mod:`.h2_server`).
+        """
+        return len(self._wire_out) + len(self._plain_out)
+
+    @property
+    def protocol(self) -> str:
+        """What the guest speaks once classified: ``"http/1.1"`` or ``"h2"``; ``""`` before."""
+        if isinstance(self._http, H2Interceptor):
+            return "h2"
+        return "" if self._http is None else "http/1.1"
 
     @property
     def finished(self) -> bool:
@@ -175,7 +235,7 @@ class FlowProxy:
     # ------------------------------------------------------------------ driver interface
 
     def take_requests(self) -> list[RequestReceived]:
-        """Complete requests to mediate (at most one: the interceptor waits for its response)."""
+        """Complete requests to mediate (HTTP/1.x: at most one, answered before the next)."""
         out, self._requests = self._requests, []
         return out
 
@@ -214,12 +274,18 @@ class FlowProxy:
             scheme="https" if self._phase == "handshake" else "",
         )
 
-    def respond(self, response: HttpResponse) -> None:
-        """Answer the pending request; frames it and resumes reading pipelined requests.
+    def respond(self, response: HttpResponse, *, to: HttpRequest | None = None) -> None:
+        """Answer a request: HTTP/1.x's pending one, or ``to`` (the request object) on HTTP/2.
 
-        A response the interceptor cannot frame is replaced by a 502.
+        Frames it and resumes reading pipelined requests. A response the
+        interceptor cannot frame is replaced by a 502. An HTTP/2 answer
+        without ``to``, or to a stream the guest reset, is dropped.
         """
         http = self._http
+        if isinstance(http, H2Interceptor):
+            if to is not None and self.verdict is None:
+                self._respond_h2(http, to, response)
+            return
         if http is None or http.awaiting_response is None or self.verdict is not None:
             return
         try:
@@ -238,8 +304,21 @@ class FlowProxy:
             self._eof_pending = False
             self._feed_http(b"")
 
+    def _respond_h2(self, http: H2Interceptor, to: HttpRequest, response: HttpResponse) -> None:
+        try:
+            events = http.respond(to, response)
+        except NetworkPolicyError as exc:
+            log.debug("cannot frame the h2 response (%s); answering 502", exc)
+            events = http.respond(to, error_response(502, str(exc), kind="bad-response"))
+        self._collect(events)
+        self._after_http()
+
     def pending_output(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` of the next bytes for the guest (not consumed yet)."""
+        http = self._http
+        if isinstance(http, H2Interceptor) and len(self._plain_out) < max_bytes:
+            http.produce(max_bytes - len(self._plain_out))  # frame bodies only as room allows
+            self._after_http()
         if self._tls is not None:
             # Encrypt lazily, only what the stack can take soon (bounded ciphertext).
             while self._plain_out and len(self._wire_out) < max_bytes:
@@ -311,8 +390,11 @@ class FlowProxy:
                     )
             return
         if result.kind == "other":
+            what = result.reason
+            if self._sniff.startswith(_H2C_PREFACE):
+                what = "plain-text HTTP/2 (h2c); HTTP/2 is mediated over TLS (https://) only"
             self._deny_connection(
-                f"only HTTP/1.x and TLS are mediated; this flow is {result.reason}", "not-http"
+                f"only HTTP/1.x and TLS are mediated; this flow is {what}", "not-http"
             )
             return
         first = bytes(self._sniff)
@@ -336,7 +418,7 @@ class FlowProxy:
         name = hello.server_name or str(self.dst_ip)
         self._server_name = name
         try:
-            context = self._ca.ssl_context_for(name)
+            context = self._ca.ssl_context_for(name, alpn=_ALPN)
         except NetworkPolicyError as exc:
             self._deny_connection(
                 f"cannot present a certificate for {name!r}: {exc}", "tls", scheme="https"
@@ -390,14 +472,26 @@ class FlowProxy:
             self._drain_tls_out()
             self._phase = "http"
             self._deadline = None
-            self._http = HttpInterceptor(
-                "https",
-                authority=self._server_name or str(self.dst_ip),
-                port=self.dst_port,
-                budget=self._body_budget,
-                clock=self._clock,
+            authority = self._server_name or str(self.dst_ip)
+            if tls.selected_alpn_protocol() == "h2":
+                self._http = H2Interceptor(
+                    authority=authority,
+                    port=self.dst_port,
+                    budget=self._body_budget,
+                    clock=self._clock,
+                )
+                self._after_http()  # the server's SETTINGS go first (RFC 9113 §3.4)
+            else:
+                self._http = HttpInterceptor(
+                    "https",
+                    authority=authority,
+                    port=self.dst_port,
+                    budget=self._body_budget,
+                    clock=self._clock,
+                )
+            log.debug(
+                "TLS with the guest established for %s (%s)", self._server_name, self.protocol
             )
-            log.debug("TLS with the guest established for %s", self._server_name)
         self._read_tls_plaintext()
 
     def _read_tls_plaintext(self) -> None:

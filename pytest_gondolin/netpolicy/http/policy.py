@@ -350,6 +350,24 @@ class NetworkPolicy:
         """The ``tcp`` entry for the name the guest looked up and the port it dialled."""
         return None if name is None else self._tcp.get((name, port))
 
+    def knows_name(self, name: str) -> bool:
+        """Whether some request or stream to ``name`` could be allowed, on any port.
+
+        The synthetic DNS answers only these names (NXDOMAIN otherwise): a
+        ``resolve`` or ``tcp`` entry's host, or a name an ``allow_hosts``
+        pattern matches (``*``: every name) unless ``block_internal``
+        refuses it (``localhost`` names). Never raises.
+        """
+        try:
+            host = normalize_host(name)
+        except NetworkPolicyError:
+            return False
+        if any(h == host for h, _ in self._resolve) or any(n == host for n, _ in self._tcp):
+            return True
+        if is_ip_literal(host) or (self.block_internal and _is_localhost_name(host)):
+            return False
+        return any(p.matches(host, p.port) for p in self._patterns)
+
     def decide(self, host: str, port: int, scheme: str) -> Decision:
         """Decide whether the guest may reach ``scheme://host:port``.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
 from pytest_gondolin.netpolicy.http.rules import (
@@ -26,7 +27,7 @@ from pytest_gondolin.netpolicy.http.rules import (
     split_host_port,
 )
 
-__all__ = ["TcpService", "parse_tcp_services"]
+__all__ = ["TcpService", "merge_tcp_services", "parse_tcp_services"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +108,33 @@ def parse_tcp_services(services: object) -> dict[tuple[str, int], TcpService]:
             raise ConfigError(f"tcp[{key!r}]: duplicates tcp[{earlier.key!r}]")
         entries[entry.name, entry.port] = entry
     return entries
+
+
+def _name_and_port(key: object) -> tuple[str, int] | None:
+    """The normalised ``(name, port)`` of a ``tcp`` key, or ``None`` if it does not parse."""
+    if not isinstance(key, str):
+        return None
+    try:
+        raw_name, port = split_host_port(key.strip())
+        return (normalize_host(raw_name), port) if port is not None else None
+    except NetworkPolicyError:
+        return None
+
+
+def merge_tcp_services(base: Mapping[str, str], override: object) -> Any:
+    """The session's ``base`` services (ini/env) under a marker's or ``vm_factory``'s ``override``.
+
+    Both apply; for the same name and port (after normalisation) the
+    override's entry wins. An ``override`` of ``None`` is ``base`` alone; one
+    that is not a mapping is returned as is, and keys that do not parse are
+    kept, so :func:`parse_tcp_services` reports them naming the entry
+    (hence ``Any``: the result is validated there, not here).
+    """
+    if override is None:
+        return dict(base)
+    if not base or not isinstance(override, Mapping):
+        return override
+    taken = {_name_and_port(key) for key in override}
+    merged = {key: value for key, value in base.items() if _name_and_port(key) not in taken}
+    merged.update(override)
+    return merged

@@ -14,14 +14,12 @@ Call it only with an address obtained from
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
 from typing import Final
 
 import h11
@@ -37,6 +35,7 @@ from pytest_gondolin.netpolicy.http.messages import (
 
 __all__ = [
     "DEFAULT_UPSTREAM_TIMEOUT",
+    "Deadline",
     "UpstreamError",
     "client_context",
     "fetch_upstream",
@@ -96,6 +95,68 @@ def client_context(ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLCont
         raise NetworkPolicyError(f"cannot load upstream CA file {path!r}: {exc}") from exc
 
 
+class Deadline:
+    """One upstream exchange's time bound, its errors and its connection set-up.
+
+    Shared by every client here (:func:`fetch_upstream`, the WebSocket
+    handshake): :meth:`fail` builds the :class:`UpstreamError` naming the
+    upstream, :meth:`remaining` raises it once ``timeout`` has passed,
+    :meth:`connect` and :meth:`start_tls` are bounded by what is left.
+    """
+
+    def __init__(
+        self, timeout: float, *, addr: str, port: int, server_hostname: str | None
+    ) -> None:
+        self.timeout = timeout
+        self.addr = addr
+        self.port = port
+        self.server_hostname = server_hostname
+        self._end = time.monotonic() + timeout
+
+    def fail(self, message: str) -> UpstreamError:
+        """The error to raise for ``message``, naming this upstream."""
+        return UpstreamError(
+            message, addr=self.addr, port=self.port, server_hostname=self.server_hostname
+        )
+
+    def remaining(self) -> float:
+        """Seconds left (> 0); raises :meth:`fail` ("timed out") once none are."""
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise self.fail(f"timed out after {self.timeout}s")
+        return left
+
+    def connect(self) -> socket.socket:
+        """A blocking TCP connection to the upstream; :class:`UpstreamError` if it fails."""
+        try:
+            return socket.create_connection((self.addr, self.port), timeout=self.remaining())
+        except OSError as exc:
+            raise self.fail(f"cannot connect: {exc}") from exc
+
+    def start_tls(
+        self, sock: socket.socket, ca_file: str | os.PathLike[str] | None
+    ) -> ssl.SSLSocket:
+        """``sock`` after a verified TLS handshake (system CAs plus ``ca_file``).
+
+        The certificate is checked for ``server_hostname`` (default: the
+        address), which is also the SNI. On failure ``sock`` is closed and
+        :class:`UpstreamError` raised.
+        """
+        try:
+            context = client_context(ca_file)
+            sock.settimeout(self.remaining())
+            return context.wrap_socket(sock, server_hostname=self.server_hostname or self.addr)
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise self.fail(
+                    f"TLS certificate verification failed: {exc.verify_message}"
+                ) from exc
+            if isinstance(exc, OSError):  # ssl.SSLError and timeouts too
+                raise self.fail(f"{type(exc).__name__}: {exc}") from exc
+            raise
+
+
 def _request_head(request: HttpRequest) -> h11.Request:
     headers = strip_hop_by_hop(request.headers)
     if not any(n.lower() == "host" for n, _ in headers):
@@ -132,71 +193,50 @@ def fetch_upstream(
     Hop-by-hop request headers are dropped and the body re-framed with
     ``Content-Length``. Raises :class:`UpstreamError` for any failure.
     """
-    deadline = time.monotonic() + timeout
-
-    def fail(message: str) -> UpstreamError:
-        return UpstreamError(message, addr=addr, port=port, server_hostname=server_hostname)
-
-    def remaining() -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise fail(f"timed out after {timeout}s")
-        return left
-
+    deadline = Deadline(timeout, addr=addr, port=port, server_hostname=server_hostname)
     try:
         head = _request_head(request)
     except (UnicodeEncodeError, h11.LocalProtocolError) as exc:
-        raise fail(f"cannot encode the request: {exc}") from exc
+        raise deadline.fail(f"cannot encode the request: {exc}") from exc
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
-    try:
-        raw = socket.create_connection((addr, port), timeout=remaining())
-    except OSError as exc:
-        raise fail(f"cannot connect: {exc}") from exc
-    with contextlib.ExitStack() as stack:
-        sock: socket.socket = stack.enter_context(raw)
+    sock = deadline.connect()
+    if tls:
+        sock = deadline.start_tls(sock, ca_file)
+    with sock:
         try:
-            if tls:
-                context = client_context(ca_file)
-                sock.settimeout(remaining())
-                sock = stack.enter_context(
-                    context.wrap_socket(sock, server_hostname=server_hostname or addr)
-                )
             out = conn.send(head) or b""
             body = b""
             if request.body:  # h11 hands a Content-Length body back as is: no copy
                 body = conn.send(h11.Data(data=request.body)) or b""
             end = conn.send(h11.EndOfMessage()) or b""
-            sock.settimeout(remaining())
+            sock.settimeout(deadline.remaining())
             if len(body) <= _COALESCE_BYTES:
                 sock.sendall(out + body + end)
             else:  # a large body is not copied once more just to join it to the head
                 for part in (out, body, end):
                     sock.sendall(part)
             log.debug("upstream %s:%s <- %s %s", addr, port, request.method, request.url)
-            return read_response(conn, sock, remaining, max_body_bytes, fail)
-        except ssl.SSLCertVerificationError as exc:
-            raise fail(f"TLS certificate verification failed: {exc.verify_message}") from exc
+            return read_response(conn, sock, deadline, max_body_bytes)
         except (OSError, ssl.SSLError) as exc:  # TimeoutError is an OSError
-            raise fail(f"{type(exc).__name__}: {exc}") from exc
+            raise deadline.fail(f"{type(exc).__name__}: {exc}") from exc
         except h11.ProtocolError as exc:
-            raise fail(f"malformed HTTP response: {exc}") from exc
-    raise AssertionError("unreachable")  # pragma: no cover - the with block returns or raises
+            raise deadline.fail(f"malformed HTTP response: {exc}") from exc
 
 
 def read_response(
     conn: h11.Connection,
     sock: socket.socket,
-    remaining: Callable[[], float],
+    deadline: Deadline,
     max_body_bytes: int,
-    fail: Callable[[str], UpstreamError],
     *,
     head: h11.Response | None = None,
 ) -> HttpResponse:
     """Read the rest of a response from ``sock`` (``head``: its head, if already read).
 
-    The body is bounded by ``max_body_bytes``, every read by ``remaining()``.
-    Raises what ``fail`` builds for a bound or a truncated response.
+    The body is bounded by ``max_body_bytes``, every read by ``deadline``.
+    Raises :class:`UpstreamError` for a bound or a truncated response.
     """
+    remaining, fail = deadline.remaining, deadline.fail
     body = bytearray()
     while True:
         event = conn.next_event()

@@ -7,12 +7,12 @@ server answers ``101 Switching Protocols``, keeps the connection and hands
 it back as :class:`Upgraded`, with any bytes the server sent right after
 the 101. The driver then relays the session as an opaque stream
 (:mod:`pytest_gondolin.netpolicy.streams`), bounded by the stream limits.
+For ``wss://`` both sides stay TLS: the guest's session is the one the
+MITM terminated (:class:`~pytest_gondolin.netpolicy.stream_tls.GuestTls`
+carries it on), the upstream's a verified TLS connection.
 
 What is not done, and why:
 
-* ``wss://`` (WebSocket over the intercepted TLS) is refused by the
-  interceptor: the session would need the guest's TLS object in the
-  stream relay;
 * a handshake that carries a secret is refused (:data:`SECRET_REFUSAL`):
   after the 101 the host cannot redact frames, so a server echoing the
   ``Authorization`` header would hand the guest the real value; so is any
@@ -27,8 +27,8 @@ What is not done, and why:
 from __future__ import annotations
 
 import logging
+import os
 import socket
-import time
 from dataclasses import dataclass
 from typing import Final
 
@@ -41,7 +41,7 @@ from pytest_gondolin.netpolicy.http.messages import (
     HttpResponse,
     strip_hop_by_hop,
 )
-from pytest_gondolin.netpolicy.http.upstream import UpstreamError, read_response
+from pytest_gondolin.netpolicy.http.upstream import Deadline, read_response
 
 __all__ = [
     "SECRET_REFUSAL",
@@ -96,7 +96,7 @@ class Upgraded:
     read (frames for the guest, in order).
     """
 
-    sock: socket.socket
+    sock: socket.socket  # an ssl.SSLSocket for wss://
     early: bytes
     target: str  # "addr:port" the host connected to
 
@@ -125,48 +125,44 @@ def open_websocket(
     port: int,
     *,
     timeout: float,
+    tls: bool = False,
+    ca_file: str | os.PathLike[str] | None = None,
     max_header_bytes: int = MAX_HEADER_BYTES,
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> tuple[HttpResponse, Upgraded | None]:
     """Send the handshake ``request`` to ``addr:port``; the response, and the connection if 101.
 
-    Any other answer (a 4xx, a redirect) is read whole and returned with
-    ``None``; the connection is closed. The handshake is bounded by
-    ``timeout``. Raises :class:`UpstreamError` for any failure.
+    With ``tls`` (``wss://``) the connection is TLS, verified as HTTPS
+    requests are (:meth:`~.upstream.Deadline.start_tls`: system CAs plus
+    ``ca_file``, for ``request.host``), and the :class:`Upgraded` socket is
+    that TLS socket. Any other answer (a 4xx, a redirect) is read whole and
+    returned with ``None``; the connection is closed. The handshake is
+    bounded by ``timeout``. Raises :class:`UpstreamError` for any failure.
     """
-    deadline = time.monotonic() + timeout
-
-    def fail(message: str) -> UpstreamError:
-        return UpstreamError(message, addr=addr, port=port, server_hostname=None)
-
-    def remaining() -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise fail(f"timed out after {timeout}s")
-        return left
-
+    deadline = Deadline(
+        timeout, addr=addr, port=port, server_hostname=request.host if tls else None
+    )
     try:
         head = _handshake_head(request)
     except (UnicodeEncodeError, h11.LocalProtocolError) as exc:
-        raise fail(f"cannot encode the WebSocket handshake: {exc!r}") from exc
+        raise deadline.fail(f"cannot encode the WebSocket handshake: {exc!r}") from exc
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
-    try:
-        sock = socket.create_connection((addr, port), timeout=remaining())
-    except OSError as exc:
-        raise fail(f"cannot connect: {exc}") from exc
+    sock = deadline.connect()
+    if tls:
+        sock = deadline.start_tls(sock, ca_file)
     keep = False
     try:
         sock.sendall((conn.send(head) or b"") + (conn.send(h11.EndOfMessage()) or b""))
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                sock.settimeout(remaining())
+                sock.settimeout(deadline.remaining())
                 conn.receive_data(sock.recv(_RECV_SIZE))
                 continue
             if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
                 switched_to = [v for n, v in event.headers if n == b"upgrade"]
                 if [v.strip().lower() for v in switched_to] != [b"websocket"]:
-                    raise fail(
+                    raise deadline.fail(
                         "the server switched to "
                         f"{b', '.join(switched_to).decode('latin-1')[:100]!r}, "
                         "not websocket (only WebSocket sessions are relayed)"
@@ -182,16 +178,16 @@ def open_websocket(
                     reason=event.reason.decode("latin-1"),
                 )
                 keep = True
-                log.debug("upstream %s:%s switched to WebSocket", addr, port)
+                log.debug("upstream %s:%s switched to WebSocket (tls=%s)", addr, port, tls)
                 return response, Upgraded(sock, bytes(early), f"{addr}:{port}")
             if isinstance(event, h11.InformationalResponse):
                 continue  # 100 Continue and friends
             if isinstance(event, h11.Response):
                 # Declined: read the rest of the answer as an ordinary response.
-                return read_response(conn, sock, remaining, max_body_bytes, fail, head=event), None
-            raise fail("connection closed before the handshake's answer")
-    except (OSError, h11.ProtocolError) as exc:
-        raise fail(f"WebSocket handshake failed: {type(exc).__name__}: {exc}") from exc
+                return read_response(conn, sock, deadline, max_body_bytes, head=event), None
+            raise deadline.fail("connection closed before the handshake's answer")
+    except (OSError, h11.ProtocolError) as exc:  # ssl.SSLError is an OSError
+        raise deadline.fail(f"WebSocket handshake failed: {type(exc).__name__}: {exc}") from exc
     finally:
         if not keep:
             sock.close()

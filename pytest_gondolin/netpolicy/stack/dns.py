@@ -3,11 +3,13 @@
 The guest's resolver points at the gateway; every query it sends arrives
 here as a UDP payload. :class:`SyntheticResolver` answers ``A`` queries
 with a made-up address that stands for the *name*, so a later TCP flow to
-that address can be mapped back to the name the guest asked for. Whether
-the guest may actually reach that name is decided when it connects (the
-policy sees the name then), not here: every well-formed name gets an
-answer, which keeps resolution behaviour identical for allowed and denied
-hosts and keeps the policy in one place.
+that address can be mapped back to the name the guest asked for. Which
+names get an answer is the caller's ``admit`` predicate (the driver asks
+the policy whether it knows the name at all: ``NetworkPolicy.knows_name``
+and the stubs); the others get NXDOMAIN, and each refused ``A`` query is
+reported to ``on_refused`` (the driver records it). Whether the guest may
+reach an answered name on a given port and scheme is still decided when
+it connects, with the name the address stands for.
 
 Parsing (RFC 1035 §4) is deliberately narrow, because every byte comes
 from the guest:
@@ -31,6 +33,7 @@ import enum
 import logging
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -366,7 +369,11 @@ class SyntheticResolver:
     names; ``name_for`` maps every handed-out address back to its name; at
     most ``max_names`` names are ever mapped. ``AAAA`` and every other
     type get NOERROR with no answers (IPv6 is not offered to the guest);
-    names that are not plain host names get NXDOMAIN.
+    names that are not plain host names get NXDOMAIN, and so do names
+    ``admit`` refuses (lower-case, without the final dot; default: every
+    name), whatever the type, with ``on_refused(name)`` called for each
+    such ``A`` query. Neither callback may raise; if one does, the query
+    is answered SERVFAIL.
     """
 
     def __init__(
@@ -375,6 +382,8 @@ class SyntheticResolver:
         *,
         max_names: int = DEFAULT_MAX_NAMES,
         ttl: int = DEFAULT_TTL,
+        admit: Callable[[str], bool] | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         try:
             network = IPv4Network(pool)
@@ -393,6 +402,8 @@ class SyntheticResolver:
         self.pool = network
         self.max_names = min(max_names, last - first + 1)
         self.ttl = ttl
+        self._admit = admit
+        self._on_refused = on_refused
         self._next = first
         self._by_name: dict[str, IPv4Address] = {}
         self._by_address: dict[IPv4Address, str] = {}
@@ -461,6 +472,21 @@ class SyntheticResolver:
         if not _is_hostname(query.labels) or _looks_like_ipv4(name):
             self._counters["nxdomain"] += 1
             logger.debug("DNS %s type %d: NXDOMAIN (not a host name)", name, query.qtype)
+            return build_response(query, Rcode.NXDOMAIN, ttl=self.ttl)
+        key = name.lower().rstrip(".")
+        try:
+            admitted = self._admit is None or self._admit(key)
+            if not admitted and query.qtype == QTYPE_A and self._on_refused is not None:
+                self._on_refused(key)
+        except Exception:
+            logger.exception("DNS %s: the name policy failed; answering SERVFAIL", name)
+            self._counters["servfail"] += 1
+            return build_response(query, Rcode.SERVFAIL, ttl=self.ttl)
+        if not admitted:
+            self._counters["nxdomain-policy"] += 1
+            logger.debug(
+                "DNS %s type %d: NXDOMAIN (a name the policy does not know)", name, query.qtype
+            )
             return build_response(query, Rcode.NXDOMAIN, ttl=self.ttl)
         if query.qtype != QTYPE_A:
             # NODATA: the name exists, but only with an A record.

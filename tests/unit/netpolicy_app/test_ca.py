@@ -98,7 +98,13 @@ def test_real_handshake_with_sni_and_alpn(ca: CertificateAuthority) -> None:
         ca.ssl_context_for("api.example.test"), client_context(ca.ca_pem), "api.example.test"
     )
     assert sni == "api.example.test"
-    assert alpn == "http/1.1"  # the client offered h2 too; we only speak HTTP/1.1
+    assert alpn == "http/1.1"  # the client offered h2 too; this context speaks HTTP/1.1 only
+    alpn, _ = handshake(
+        ca.ssl_context_for("api.example.test", alpn=("h2", "http/1.1")),
+        client_context(ca.ca_pem),
+        "api.example.test",
+    )
+    assert alpn == "h2"  # the MITM's context (mitm.py) selects h2 when offered
 
 
 def test_real_handshake_for_ip_literal_without_sni(ca: CertificateAuthority) -> None:

@@ -65,7 +65,7 @@ def test_exchange_has_exactly_the_public_fields() -> None:
         "request_headers", "request_body", "status", "response_headers", "response_body",
         "decision", "reason",
         "request_body_truncated", "response_body_truncated", "started", "duration",
-        "bodies_dropped",
+        "bodies_dropped", "http_version",
     ]  # fmt: skip
 
 

@@ -5,6 +5,7 @@ The upstream is a real ``websockets`` server on 127.0.0.1.
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.sync.server import ServerConnection, serve
 
+from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
 from pytest_gondolin.netpolicy.http.cassette import open_cassette
 from pytest_gondolin.netpolicy.http.interceptor import HttpInterceptor, RequestReceived
 from pytest_gondolin.netpolicy.http.mediation import (
@@ -75,11 +77,93 @@ def test_a_declined_upgrade_is_an_ordinary_exchange() -> None:
     assert icpt.wants_data  # keep-alive: the next request may come
 
 
-def test_wss_is_refused_naming_the_rule() -> None:
+def test_a_wss_handshake_is_an_ordinary_request_and_switches() -> None:
+    icpt = HttpInterceptor("https", authority="ws.test", port=443)
+    (event,) = icpt.receive_data(HANDSHAKE + b"\x81\x80abcd")
+    assert isinstance(event, RequestReceived) and event.request.url == "https://ws.test/chat"
+    assert icpt.respond(HttpResponse(101, (), b"")) == [] and icpt.switched
+    assert icpt.switched_input() == b"\x81\x80abcd"
+
+
+@pytest.fixture(scope="module")
+def wss_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """A TLS WebSocket echo server for ``ws.test`` on 127.0.0.1, and its CA file."""
+    ca = CertificateAuthority.create("wss test CA")
+    ca_file = tmp_path_factory.mktemp("wss") / "ca.pem"
+    ca_file.write_bytes(ca.ca_pem)
+
+    def handler(ws: ServerConnection) -> None:
+        for message in ws:
+            ws.send(message)
+
+    server = serve(handler, "127.0.0.1", 0, ssl=ca.ssl_context_for("ws.test"))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.socket.getsockname()[1], ca_file
+    server.shutdown()
+    thread.join(5)
+
+
+def _wss_context(port: int, ca_file: Path | None, cassette: object = None) -> MediationContext:
+    policy = NetworkPolicy(
+        allow_hosts=["ws.test"],
+        resolve={"ws.test:443": f"127.0.0.1:{port}"},
+        upstream_ca=None if ca_file is None else str(ca_file),
+    )
+    return MediationContext(policy, None, Recorder(), cassette)  # type: ignore[arg-type]
+
+
+def _wss_request() -> RequestReceived:
     icpt = HttpInterceptor("https", authority="ws.test", port=443)
     (event,) = icpt.receive_data(HANDSHAKE)
-    assert not isinstance(event, RequestReceived)
-    assert "wss://" in event.exchange.reason and "[rule: websocket]" in event.exchange.reason
+    assert isinstance(event, RequestReceived)
+    return event
+
+
+def _wss_run(port: int, ca_file: Path | None, cassette: object = None) -> Mediated:
+    event = _wss_request()
+    job = plan_request(event.request, event.started, _wss_context(port, ca_file, cassette))
+    assert isinstance(job, UpstreamJob)
+    return run_upstream(job, timeout=10)
+
+
+def test_a_cassette_records_a_wss_handshake_and_replays_it_as_a_refusal(
+    tmp_path: Path, wss_server: tuple[int, Path]
+) -> None:
+    port, ca_file = wss_server
+    path = tmp_path / "wss.yaml"
+    recording = open_cassette(path, "all")
+    outcome = _wss_run(port, ca_file, recording)
+    assert outcome.upgraded is not None
+    outcome.upgraded.close()
+    assert recording.save() and "uri: https://ws.test/chat" in path.read_text()
+    event = _wss_request()
+    refused = plan_request(
+        event.request, event.started, _wss_context(port, ca_file, open_cassette(path, "none"))
+    )
+    assert isinstance(refused, Mediated) and refused.response.status == 403
+    assert "holds only the handshake of this WebSocket" in refused.exchange.reason
+
+
+def test_a_wss_handshake_goes_upstream_over_verified_tls(wss_server: tuple[int, Path]) -> None:
+    port, ca_file = wss_server
+    outcome = _wss_run(port, ca_file)
+    assert outcome.exchange.status == 101 and outcome.upgraded is not None
+    assert outcome.exchange.url == "https://ws.test/chat"
+    try:
+        sock = outcome.upgraded.sock
+        assert isinstance(sock, ssl.SSLSocket) and sock.server_hostname == "ws.test"
+        sock.sendall(b"\x81\x82abcd" + bytes(x ^ y for x, y in zip(b"hi", b"ab", strict=True)))
+        assert sock.recv(100) == b"\x81\x02hi"  # the server's unmasked echo, decrypted
+    finally:
+        outcome.upgraded.close()
+
+
+def test_a_wss_upstream_the_trust_does_not_cover_is_refused(wss_server: tuple[int, Path]) -> None:
+    # Negative control: without upstream_ca the test CA is not trusted.
+    outcome = _wss_run(wss_server[0], None)
+    assert outcome.upgraded is None and outcome.response.status == 502
+    assert "certificate verification failed" in outcome.exchange.reason
 
 
 def _context(port: int, cassette: object = None) -> MediationContext:
