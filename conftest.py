@@ -1,8 +1,10 @@
-"""Root conftest: pytester for plugin-level tests, and one cache for every inner run."""
+"""Root conftest: pytester for plugin-level tests, one cache for every inner run, and the
+``inner`` fixture (a pytester whose runs share it) every test folder uses."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -16,11 +18,53 @@ if os.environ.get("PYTEST_GONDOLIN_WORKER") != "1":
 
     os.environ.setdefault("GONDOLIN_CACHE_DIR", str(paths.cache_dir()))
 
-#: Plugins installed for the tests that enable them (``-p randomly``, ``-p asyncio``) are
+#: Plugins installed for the tests that enable them (``-p randomly``, ``-p asyncio``, ...) are
 #: off in inner pytest runs: pytest-randomly would shuffle and reseed them, pytest-asyncio
-#: warns at configure (fatal under ``-W error``). tests/plugin/test_sandboxed.py's inner
-#: runs set the same value.
-INNER_ADDOPTS = "-p no:randomly -p no:asyncio"
+#: warns at configure (fatal under ``-W error``), and the plugin table's (pytest-benchmark,
+#: pytest-httpx, pytest-recording: tests/plugin/test_plugin_table.py) would load in every
+#: inner run's guest and slow its start-up.
+INNER_ADDOPTS = "-p no:randomly -p no:asyncio -p no:benchmark -p no:pytest_httpx -p no:recording"
+#: Fixed terminal width for inner runs, so summary-line truncation does not
+#: depend on the outer environment's ``COLUMNS``.
+INNER_COLUMNS = "120"
+
+
+def inner_env_changes(cache: Path) -> dict[str, str | None]:
+    """Environment for an inner run: the shared VM cache, plugins autoloaded, fixed width
+    (``None``: unset the variable)."""
+    return {
+        "GONDOLIN_CACHE_DIR": str(cache),
+        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": None,  # xdist must load for ``-n``
+        "PYTEST_ADDOPTS": INNER_ADDOPTS,  # the optional plugins are enabled where tested
+        "COLUMNS": INNER_COLUMNS,
+        "PY_COLORS": "0",
+        # With $CI set pytest prints whole multi-line messages in the short
+        # summary (and gondolin's record mode defaults to "none"): keep the
+        # inner runs' output the same on a laptop and in CI.
+        "CI": None,
+        "BUILD_NUMBER": None,
+    }
+
+
+@pytest.fixture(scope="session")
+def gondolin_cache() -> Path:
+    """The outer session's cache (resolved before pytester points HOME at a temp dir)."""
+    from pytest_gondolin import paths
+
+    return paths.cache_dir()
+
+
+@pytest.fixture
+def inner(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, gondolin_cache: Path
+) -> pytest.Pytester:
+    """A pytester whose subprocess runs share the real image and snapshot cache."""
+    for name, value in inner_env_changes(gondolin_cache).items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    return pytester
 
 
 @pytest.fixture(autouse=True)

@@ -192,13 +192,22 @@ def lock_path(path: Path) -> Path:
     ``path`` itself when it can be opened for writing (its folder can be
     written, or the file exists and can be); otherwise a file in this
     user's private runtime folder keyed by ``path``, so the processes of
-    this user reading a read-only cache still take turns.
+    this user reading a read-only cache still take turns.  A missing folder
+    is created first when it can be: were it not, a process coming before
+    the folder exists would lock in the runtime folder and one coming after
+    in the cache -- two locks for one resource.
     """
     if os.path.exists(path):
         if os.access(path, os.W_OK):
             return path
-    elif can_write(path.parent):
-        return path
+    else:
+        if not os.path.isdir(path.parent):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a read-only cache, a file in the way: the runtime folder
+                log.debug("no folder for the lock %s: %s", path, exc)
+        if can_write(path.parent):
+            return path
     digest = hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()[:24]
     folder = runtime_dir() / "cache-locks"
     folder.mkdir(mode=0o700, exist_ok=True)

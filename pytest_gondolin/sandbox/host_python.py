@@ -34,7 +34,9 @@ guest layer can be keyed by it too.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -47,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from pytest_gondolin.sandbox import elf_checks
 from pytest_gondolin.sandbox.elf_checks import (
     MACHINES,
     ElfNeeds,
@@ -425,12 +428,20 @@ def decide(
 ) -> Choice:
     """Which Python runs the guest worker for ``config``'s image (module docstring).
 
-    The image's facts are asked once per image (:func:`.guest_facts.image_facts`);
-    the host's files are checked each session (0.15-0.35 s for ~1,400 files here).
+    The image's facts are asked once per image (:func:`.guest_facts.image_facts`).
+    The host's files are checked (0.3-0.4 s: their ELF checks) when the
+    interpreter's folders changed since the last session on this image, else
+    the choice comes from ``cache`` (:func:`_cached_choice`, ~0.03 s).
     Extension modules left out are named once, as a warning.
     """
     facts = image_facts(config, cache, progress=progress)
-    choice = choose(HostLayout.current(), facts)
+    layout = HostLayout.current()
+    entry = cache / f"choice-{_digest(repr((_FORMAT, layout, facts)))}.json"
+    stamp = _folder_stamp(layout)
+    choice = _cached_choice(entry, stamp)
+    if choice is None:
+        choice = choose(layout, facts)
+        _save_choice(entry, stamp, choice, layout)
     if choice.interpreter is not None and choice.interpreter.notes:
         report_once(
             ["pytest-gondolin: parts of the host's Python are not carried into the guest:"]
@@ -441,3 +452,78 @@ def decide(
             "the guest runs the image's Python: the host's cannot run there (%s)", choice.reason
         )
     return choice
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _folder_stamp(layout: HostLayout) -> str:
+    """The mtimes of the interpreter's folders (and its link chain, ``libpython``, venv).
+
+    A file added, removed or replaced (pip, an upgrade: a rename) changes its
+    folder's mtime; a file rewritten in place does not, and is not noticed.
+    This module and the ELF checks are in it too: new checks, a new choice.
+    """
+    parts: list[str] = []
+    paths = [__file__, elf_checks.__file__, *_link_chain(layout.executable)]
+    paths += [layout.libpython or "", layout.prefix]
+    paths += [os.path.join(layout.prefix, "bin"), os.path.join(layout.prefix, "pyvenv.cfg")]
+    for folder in layout.stdlib:
+        for dirpath, dirnames, _ in os.walk(folder):
+            dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS)
+            paths.append(dirpath)
+    for path in paths:
+        try:
+            st = os.lstat(path)
+            parts.append(f"{path}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_size}")
+        except OSError:
+            parts.append(f"{path}\0-")
+    return _digest("\n".join(parts))
+
+
+def _cached_choice(entry: Path, stamp: str) -> Choice | None:
+    """The choice saved in ``entry`` if the folders still have ``stamp`` and the
+    files carried from outside them (host libraries) are unchanged; else None."""
+    try:
+        saved = json.loads(entry.read_text(encoding="utf-8"))
+        if saved.get("stamp") != stamp:
+            return None
+        data = saved["choice"]
+        interpreter = None
+        if data["interpreter"] is not None:
+            raw = data["interpreter"]
+            files = tuple(CarriedFile(**f) for f in raw["files"])
+            for f in files:
+                if f.source not in raw["inside"] and _carried(f.path, f.source) != f:
+                    return None
+            interpreter = HostInterpreter(
+                raw["executable"],
+                raw["prefix"],
+                raw["version"],
+                files,
+                tuple(CarriedFile(**f) for f in raw["venv"]),
+                tuple(raw["notes"]),
+            )
+        return Choice(interpreter, data["reason"], data["refusal"], data["version"], data["soabi"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.debug("no cached interpreter choice in %s: %s", entry, exc)
+        return None
+
+
+def _save_choice(entry: Path, stamp: str, choice: Choice, layout: HostLayout) -> None:
+    """Save ``choice`` for :func:`_cached_choice`; a read-only cache keeps nothing."""
+    data = dataclasses.asdict(choice)
+    interpreter = choice.interpreter
+    if interpreter is not None:
+        stdlib = tuple(os.path.normpath(f) + "/" for f in layout.stdlib)
+        data["interpreter"]["inside"] = [
+            f.source for f in interpreter.files if f.source.startswith(stdlib)
+        ]
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"stamp": stamp, "choice": data}), encoding="utf-8")
+        os.replace(tmp, entry)
+    except OSError as exc:
+        log.debug("interpreter choice not cached in %s: %s", entry, exc)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
 from pytest_gondolin.errors import WorkerProtocolError
+from pytest_gondolin.guest.debugger import CHUNK as PDB_CHUNK
 from pytest_gondolin.guest.worker import MAX_JSON_DEPTH, MAX_WORKER_LINE
 from pytest_gondolin.sandbox.coverage import CoverageMessage, parse_coverage
 from pytest_gondolin.sandbox.json_checks import (
@@ -57,6 +58,9 @@ __all__ = [
     "DoneMessage",
     "ErrorMessage",
     "OutputMessage",
+    "PdbEnd",
+    "PdbOutput",
+    "PdbRead",
     "PongMessage",
     "QueryMessage",
     "ReportMessage",
@@ -158,6 +162,29 @@ class OutputMessage:
 
 
 @dataclass(frozen=True)
+class PdbOutput:
+    """What pdb, in the guest, writes to the host's terminal (``--pdb``; guest/debugger.py).
+
+    ``data`` is at most the guest's chunk (16 KiB) of characters, as sent:
+    showing it safely is the host's business.
+    """
+
+    data: str
+
+
+@dataclass(frozen=True)
+class PdbRead:
+    """pdb, in the guest, waits for a line from the host's terminal."""
+
+
+@dataclass(frozen=True)
+class PdbEnd:
+    """pdb's post-mortem in the guest is over; ``quit``: the user quit it."""
+
+    quit: bool
+
+
+@dataclass(frozen=True)
 class PongMessage:
     """Answer to a ping."""
 
@@ -174,6 +201,9 @@ WorkerMessage: TypeAlias = (
     | QueryMessage
     | CoverageMessage
     | OutputMessage
+    | PdbOutput
+    | PdbRead
+    | PdbEnd
 )
 
 
@@ -344,6 +374,21 @@ def _parse_output(msg: JSONObject) -> OutputMessage:
     return OutputMessage(stream, expect_str(msg.get("data"), "output.data", MAX_OUTPUT_CHARS))
 
 
+def _parse_pdb_output(msg: JSONObject) -> PdbOutput:
+    return PdbOutput(expect_str(msg.get("data"), "pdb_output.data", PDB_CHUNK))
+
+
+def _parse_pdb_read(msg: JSONObject) -> PdbRead:
+    return PdbRead()
+
+
+def _parse_pdb_end(msg: JSONObject) -> PdbEnd:
+    quit = msg.get("quit")
+    if not isinstance(quit, bool):
+        raise bad_message("pdb_end.quit", f"expected a boolean, got {type(quit).__name__}")
+    return PdbEnd(quit)
+
+
 def _parse_pong(msg: JSONObject) -> PongMessage:
     return PongMessage(expect_str(msg.get("nonce"), "pong.nonce", _MAX_NONCE_CHARS))
 
@@ -358,6 +403,9 @@ _PARSERS: Final[Mapping[str, Callable[[JSONObject], WorkerMessage]]] = {
     "query": _parse_query,
     "coverage": parse_coverage,
     "output": _parse_output,
+    "pdb_output": _parse_pdb_output,
+    "pdb_read": _parse_pdb_read,
+    "pdb_end": _parse_pdb_end,
 }
 
 

@@ -32,6 +32,7 @@ from _pytest._code.code import ReprFileLocation, TerminalRepr
 from _pytest._io import TerminalWriter
 
 from pytest_gondolin.errors import WorkerProtocolError
+from pytest_gondolin.sandbox.debugger import debugger_notice
 from pytest_gondolin.sandbox.json_checks import JSONObject
 from pytest_gondolin.sandbox.messages import Collected, WarningRecord
 from pytest_gondolin.sandbox.outcome import Failure, HostFailure, RunOutcome
@@ -242,27 +243,6 @@ def _add_startup(reports: Sequence[pytest.TestReport], startup: float) -> None:
                 "paid by the first sandboxed test of its guest",
             )
         )
-
-
-def debugger_notice(config: pytest.Config, sandboxed: int) -> str | None:
-    """What to say up front when ``--pdb`` / ``--trace`` meet ``sandboxed`` sandboxed items."""
-    option = config.option
-    flags = [
-        flag
-        for flag, on in (
-            ("--pdb", getattr(option, "usepdb", False)),
-            ("--trace", getattr(option, "trace", False)),
-        )
-        if on
-    ]
-    if not sandboxed or not flags:
-        return None
-    return (
-        f"{' and '.join(flags)} does not enter sandboxed tests ({sandboxed} here): they run in "
-        "a VM whose terminal is not proxied to this one, so their failures are reported as "
-        "usual, without a debugger. To debug one, run it without @pytest.mark.sandboxed, "
-        "or print what you need with -s (shown live)."
-    )
 
 
 def replay_item(

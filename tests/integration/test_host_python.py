@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gondolin import paths
 from pytest_gondolin.fixtures import VMFactory
 from pytest_gondolin.sandbox.guest_facts import image_facts
-from tests.plugin.test_sandboxed import INNER_TIMEOUT, _inner_env_changes
+from tests.plugin.test_sandboxed import INNER_TIMEOUT
 
 pytestmark = pytest.mark.integration
 
@@ -59,25 +58,6 @@ def test_the_image_python_differs():
         pytest.skip("the image's Python is the host's release: no negative control here")
     assert image != platform.python_version()
 """
-
-
-@pytest.fixture(scope="session")
-def gondolin_cache() -> Path:
-    """The outer session's cache (resolved before pytester points HOME at a temp dir)."""
-    return paths.cache_dir()
-
-
-@pytest.fixture
-def inner(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, gondolin_cache: Path
-) -> pytest.Pytester:
-    """A pytester whose subprocess runs share the real image and snapshot cache."""
-    for name, value in _inner_env_changes(gondolin_cache).items():
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-    return pytester
 
 
 def test_a_sandboxed_test_runs_under_the_hosts_python(inner: pytest.Pytester) -> None:

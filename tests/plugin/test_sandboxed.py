@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gondolin import paths
+from conftest import inner_env_changes as _inner_env_changes  # also imported from here
 
 pytest_plugins = ("pytester",)
 
@@ -45,49 +45,10 @@ pytestmark = pytest.mark.integration
 #: under TCG take ~25 s on a busy 2-core host; 600 s leaves room for a cold
 #: snapshot rebuild without letting a hung run block the suite forever.
 INNER_TIMEOUT = 600.0
-#: Fixed terminal width for inner runs, so summary-line truncation does not
-#: depend on the outer environment's ``COLUMNS``.
-INNER_COLUMNS = "120"
-
 #: The statuses pytest prints in ``-v`` progress lines.
 _VERBOSE_LINE = re.compile(
     r"^(?P<nodeid>\S+::\S+) (?P<status>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b"
 )
-
-
-def _inner_env_changes(cache: Path) -> dict[str, str | None]:
-    """Environment for an inner run: the shared VM cache, plugins autoloaded, fixed width."""
-    return {
-        "GONDOLIN_CACHE_DIR": str(cache),
-        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": None,  # xdist must load for ``-n``
-        "PYTEST_ADDOPTS": "-p no:randomly -p no:asyncio",  # enabled explicitly where tested
-        "COLUMNS": INNER_COLUMNS,
-        "PY_COLORS": "0",
-        # With $CI set pytest prints whole multi-line messages in the short
-        # summary (and gondolin's record mode defaults to "none"): keep the
-        # inner runs' output the same on a laptop and in CI.
-        "CI": None,
-        "BUILD_NUMBER": None,
-    }
-
-
-@pytest.fixture(scope="session")
-def gondolin_cache() -> Path:
-    """The outer session's cache (resolved before pytester points HOME at a temp dir)."""
-    return paths.cache_dir()
-
-
-@pytest.fixture
-def inner(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, gondolin_cache: Path
-) -> pytest.Pytester:
-    """A pytester whose subprocess runs share the real image and snapshot cache."""
-    for name, value in _inner_env_changes(gondolin_cache).items():
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-    return pytester
 
 
 def run_gondolin(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:

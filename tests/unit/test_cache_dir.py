@@ -152,6 +152,20 @@ def test_locks_move_to_the_runtime_folder_when_the_cache_cannot_hold_them(env: P
     assert paths.lock_path(env / "ro" / "other.lock") != moved
 
 
+def test_a_lock_in_a_cache_folder_not_made_yet_makes_the_folder(env: Path) -> None:
+    """Every process locks the same file for a resource, before and after its folder exists."""
+    lock = env / "cache" / "images" / ".locks" / "k.lock"
+    assert not lock.parent.exists()
+    first = paths.lock_path(lock)  # as the first process, before anything made the folder
+    assert first == lock and lock.parent.is_dir()
+    assert paths.lock_path(lock) == first  # as every later one
+    # Negative control: where the folder cannot be made, the runtime folder, every time.
+    (env / "blocked").write_text("")
+    moved = paths.lock_path(env / "blocked" / "sub" / "k.lock")
+    assert moved.parent == paths.runtime_dir() / "cache-locks"
+    assert paths.lock_path(env / "blocked" / "sub" / "k.lock") == moved
+
+
 def test_a_cache_others_may_write_in_is_reported_once(
     env: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
