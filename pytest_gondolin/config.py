@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import pytest
 
 from pytest_gondolin.errors import ConfigError
+from pytest_gondolin.guest.options import ISOLATION_MODES as ISOLATION_MODES
 from pytest_gondolin.guest.options import MARKER_DOC as MARKER_DOC
 from pytest_gondolin.guest.options import OPTIONS as OPTIONS
 from pytest_gondolin.guest.options import RECORD_MODES as RECORD_MODES
@@ -164,6 +165,49 @@ def parse_system_packages(value: object, source: str) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def parse_tcp(value: object, source: str) -> tuple[tuple[str, str], ...]:
+    """``tcp`` services from ``name:port=addr:port`` entries, in order.
+
+    Entries are list items (an ini key's lines, a TOML list) or text split
+    at commas and new lines; blank ones and ``#`` comments are skipped.
+    Each is validated as the ``tcp=`` option's entries are
+    (:func:`~pytest_gondolin.netpolicy.http.tcp_services.parse_tcp_services`);
+    raises :class:`ConfigError` naming ``source`` and the bad entry.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        raise ConfigError(
+            f"{source}: expected tcp services as 'name:port=addr:port' entries, got {value!r}"
+        )
+    # Imported here: a session without tcp services never loads the network code.
+    from pytest_gondolin.netpolicy.http.tcp_services import parse_tcp_services
+
+    entries: dict[str, str] = {}
+    for item in items:
+        for raw in item.replace("\n", ",").split(","):
+            entry = raw.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            key, sep, target = entry.partition("=")
+            if not sep or "=" in target or not key.strip() or not target.strip():
+                raise ConfigError(
+                    f"{source}: tcp entry {entry!r} must look like "
+                    "'name:port=addr:port' (e.g. 'db.test:5432=127.0.0.1:5432')"
+                )
+            key, target = key.strip(), target.strip()
+            try:
+                parse_tcp_services({**entries, key: target})
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: tcp entry {entry!r}: {exc}") from None
+            entries[key] = target
+    return tuple(entries.items())
+
+
 _SWITCH = {
     "on": True,
     "true": True,
@@ -221,6 +265,13 @@ class Settings:
     host_environment_limit: int = 512 * 2**20
     #: Extra Debian packages in a cached layer over the image (image/system_packages.py), sorted.
     system_packages: tuple[str, ...] = ()
+    #: Named raw-TCP services from ini/env/CLI (``name:port``, ``addr:port``), under every
+    #: sandboxed test's and vm_factory VM's own ``tcp=`` (netpolicy/http/tcp_services.py).
+    tcp: tuple[tuple[str, str], ...] = ()
+    #: How sandboxed tests are kept apart: "vm" or "process" (docs/isolation.md).
+    isolation: str = "vm"
+    #: With process isolation, the VM is restored after this many tests without a restore.
+    isolation_restore_every: int = 100
 
 
 def load_settings(config: pytest.Config) -> Settings:
@@ -248,6 +299,13 @@ def load_settings(config: pytest.Config) -> Settings:
         env_limit, src = raw_value(config, "host_environment_limit")
         host_environment_limit = parse_size(env_limit, src, "host environment limit")
         system_packages = parse_system_packages(*raw_value(config, "system_packages"))
+        tcp = parse_tcp(*raw_value(config, "tcp"))
+        iso_raw, src = raw_value(config, "isolation")
+        isolation = parse_choice(iso_raw, src, ISOLATION_MODES, "isolation")
+        every_raw, src = raw_value(config, "isolation_restore_every")
+        restore_every = parse_number(
+            every_raw, src, kind=int, low=1, high=10**9, what="isolation restore every"
+        )
     except ConfigError as exc:
         raise pytest.UsageError(f"pytest-gondolin: {exc}") from exc
     return Settings(
@@ -264,4 +322,7 @@ def load_settings(config: pytest.Config) -> Settings:
         host_environment=host_environment,
         host_environment_limit=host_environment_limit,
         system_packages=system_packages,
+        tcp=tcp,
+        isolation=isolation,
+        isolation_restore_every=restore_every,
     )

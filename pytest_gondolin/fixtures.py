@@ -30,6 +30,7 @@ from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
 from pytest_gondolin.netpolicy.http.cassette_paths import resolve_cassette_option
 from pytest_gondolin.netpolicy.http.cassette_values import CassetteError
 from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+from pytest_gondolin.netpolicy.http.tcp_services import merge_tcp_services
 from pytest_gondolin.network_setup import apply_network
 from pytest_gondolin.vm.accel import AccelChoice, choose_accel
 from pytest_gondolin.vm.identity import VMConfig
@@ -58,6 +59,9 @@ class GuestKey:
     image: str
     memory_mib: int
     cpus: int
+    #: Debian packages over the image: the session's (``gondolin_system_packages``)
+    #: and those a marker or ``vm_factory`` added, sorted.
+    system_packages: tuple[str, ...] = ()
 
     @classmethod
     def from_options(
@@ -67,9 +71,11 @@ class GuestKey:
         memory: Any = None,
         cpus: Any = None,
         image: Any = None,
+        system_packages: Any = None,
         source: str = "vm_factory",
     ) -> GuestKey:
-        """The session's defaults with ``memory``/``cpus``/``image`` given by ``source`` on top.
+        """The session's defaults with ``memory``/``cpus``/``image`` given by ``source`` on top,
+        and ``system_packages`` added to the session's.
 
         Raises ConfigError naming ``source``, the argument and the bad value.
         """
@@ -87,7 +93,9 @@ class GuestKey:
         )
         if image is not None and not isinstance(image, str):
             raise ConfigError(f"{source}(image=...): must be a string, got {image!r}")
-        return cls(image or settings.image, memory_mib, ncpus)
+        added = cfg.parse_system_packages(system_packages, f"{source}(system_packages=...)")
+        packages = tuple(sorted({*settings.system_packages, *added}))
+        return cls(image or settings.image, memory_mib, ncpus, packages)
 
 
 def _restore(vm: VM) -> None:
@@ -150,10 +158,16 @@ class VMFactory:
         memory: Any = None,
         cpus: Any = None,
         image: str | None = None,
+        system_packages: Any = None,
         source: str = "vm_factory",
     ) -> GuestKey:
         return GuestKey.from_options(
-            self.settings, memory=memory, cpus=cpus, image=image, source=source
+            self.settings,
+            memory=memory,
+            cpus=cpus,
+            image=image,
+            system_packages=system_packages,
+            source=source,
         )
 
     def vm_config(self, key: GuestKey) -> VMConfig:
@@ -168,13 +182,15 @@ class VMFactory:
         )
 
     def base_layers(self, key: GuestKey) -> list[Layer]:
-        """The layers every VM for ``key`` gets over the image: the system packages, if any."""
-        if not self.settings.system_packages:
+        """The layers every VM for ``key`` gets over the image: the system packages, if any
+        (the session's and the key's own)."""
+        packages = tuple(sorted({*self.settings.system_packages, *key.system_packages}))
+        if not packages:
             return []
         # Here: the layer builder pulls in the network stack, needed only with packages.
         from pytest_gondolin.image.system_packages import system_packages_layer
 
-        layer = system_packages_layer(self.image(key.image), self.settings.system_packages)
+        layer = system_packages_layer(self.image(key.image), packages)
         self._raise_if_failed(layer)
         return [dataclasses.replace(layer, apply=functools.partial(self._apply_once, layer))]
 
@@ -209,6 +225,7 @@ class VMFactory:
         secrets: Mapping[str, Secret | Sequence[str]] | None = None,
         cassette: str | os.PathLike[str] | None = None,
         tcp: Mapping[str, str] | None = None,
+        system_packages: str | Sequence[str] | None = None,
         **unknown: Any,
     ) -> VM:
         """Boot a new VM with these options. It is closed at session end (or by ``vm.close()``).
@@ -221,12 +238,14 @@ class VMFactory:
         ``tcp`` (``{"name:port": "addr:port"}``: raw TCP services).
         ``cassette`` (a YAML path, relative to the working directory) replays
         and records allowed requests per ``--gondolin-record-mode``; it is
-        saved when the VM closes.
+        saved when the VM closes. ``system_packages`` (Debian package names)
+        are installed over the image besides the session's
+        ``gondolin_system_packages``, in a layer cached per package set.
         Raises ConfigError for a bad option before anything boots.
         """
         if unknown:
             raise ConfigError(f"vm_factory: unknown option(s): {', '.join(sorted(unknown))}")
-        key = self.guest_key(memory=memory, cpus=cpus, image=image)
+        key = self.guest_key(memory=memory, cpus=cpus, image=image, system_packages=system_packages)
         try:
             policy = NetworkPolicy.from_options(
                 allow_hosts=allow_hosts,
@@ -234,7 +253,7 @@ class VMFactory:
                 resolve=resolve,
                 upstream_ca=upstream_ca,
                 secrets=secrets,
-                tcp=tcp,
+                tcp=merge_tcp_services(dict(self.settings.tcp), tcp),
             )
         except ConfigError as exc:
             raise ConfigError(f"vm_factory: {exc}") from None

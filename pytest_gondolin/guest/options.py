@@ -19,10 +19,13 @@ import pytest
 
 #: Cassette record modes, in the order the option's help lists them.
 RECORD_MODES = ("none", "once", "new_episodes", "all")
+#: How sandboxed tests are kept apart (docs/isolation.md).
+ISOLATION_MODES = ("vm", "process")
 
 MARKER_DOC = (
     "sandboxed(*, allow_hosts=(), resolve={}, secrets={}, timeout=None, memory=None, image=None, "
-    "cassette=None, block_internal=True, upstream_ca=None): run this test "
+    "cassette=None, block_internal=True, upstream_ca=None, isolation=None, system_packages=()): "
+    "run this test "
     "(fixtures included) inside a fresh QEMU guest restored from a clean snapshot"
 )
 #: pytest-timeout's marker, registered in the guest (where that plugin is not
@@ -109,6 +112,29 @@ OPTIONS = (
         "system_packages",
         "extra Debian packages for every guest, installed once into a cached layer over the "
         "image: separated by commas or spaces (ini: also a TOML list), e.g. 'less,git'",
+        None,
+        ini_type="linelist",
+    ),
+    Option(
+        "isolation",
+        "how sandboxed tests are kept apart: vm (each test in a VM restored from the "
+        "snapshot) or process (each test forked in fresh namespaces inside a warm guest; "
+        "the VM is restored only after a crash, a timeout, a kernel-level change, and every "
+        "gondolin_isolation_restore_every tests)",
+        "vm",
+        ISOLATION_MODES,
+    ),
+    Option(
+        "isolation_restore_every",
+        "with isolation=process, restore the VM after this many tests in a row without one",
+        "100",
+    ),
+    Option(
+        "tcp",
+        "named raw-TCP services for sandboxed tests and vm_factory VMs, as "
+        "name:port=addr:port entries separated by commas (ini: one per line), e.g. "
+        "'db.test:5432=127.0.0.1:5432'; a marker's or vm_factory's tcp= adds to them and "
+        "wins for the same name:port",
         None,
         ini_type="linelist",
     ),

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["GUEST_KEYWORDS", "HOST_KEYWORDS", "KEYWORDS", "SandboxOptions", "sandbox_options"]
 
 #: Marker keywords that change the guest itself (a separate prepared worker each).
-GUEST_KEYWORDS: Final = ("memory", "cpus", "image")
+GUEST_KEYWORDS: Final = ("memory", "cpus", "image", "system_packages")
 #: Marker keywords the host applies around each run (no guest change).
 HOST_KEYWORDS: Final = (
     "allow_hosts",
@@ -40,6 +40,7 @@ HOST_KEYWORDS: Final = (
     "cassette",
     "timeout",
     "tcp",
+    "isolation",
 )
 KEYWORDS: Final = GUEST_KEYWORDS + HOST_KEYWORDS
 #: The keywords that make up the network policy (``NetworkPolicy.from_options``).
@@ -69,6 +70,8 @@ class SandboxOptions:
     timeout: float | None = None
     policy: NetworkPolicy | None = None
     cassette: Path | None = None
+    #: How the test is kept apart from the others: "vm" or "process" (docs/isolation.md).
+    isolation: str = "vm"
 
 
 def sandbox_options(item: pytest.Item, settings: cfg.Settings) -> SandboxOptions:
@@ -119,6 +122,7 @@ def options_from_marks(
         memory=merged.get("memory"),
         cpus=merged.get("cpus"),
         image=merged.get("image"),
+        system_packages=merged.get("system_packages"),
         source=where,
     )
     timeout = settings.timeout
@@ -134,17 +138,34 @@ def options_from_marks(
     return SandboxOptions(
         guest=guest,
         timeout=timeout,
-        policy=_policy({k: merged[k] for k in POLICY_KEYWORDS if k in merged}, where),
+        policy=_policy(
+            {k: merged[k] for k in POLICY_KEYWORDS if k in merged}, where, tcp=settings.tcp
+        ),
         cassette=resolve_cassette_option(merged.get("cassette"), where=where, item=item),
+        isolation=cfg.parse_choice(
+            settings.isolation if merged.get("isolation") is None else merged["isolation"],
+            f"{where}(isolation=...)",
+            cfg.ISOLATION_MODES,
+            "isolation",
+        ),
     )
 
 
-def _policy(options: dict[str, Any], where: str) -> NetworkPolicy | None:
-    """The policy ``options`` ask for; ``None`` (deny all) when they ask for nothing."""
-    if not options:
+def _policy(
+    options: dict[str, Any], where: str, *, tcp: tuple[tuple[str, str], ...] = ()
+) -> NetworkPolicy | None:
+    """The policy ``options`` ask for; ``None`` (deny all) when they ask for nothing.
+
+    ``tcp`` are the session's services (``gondolin_tcp``), under the marker's own.
+    """
+    if not options and not tcp:
         return None
     # Imported here: a session without network options never loads the policy code.
     from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
+    from pytest_gondolin.netpolicy.http.tcp_services import merge_tcp_services
+
+    if tcp:
+        options = {**options, "tcp": merge_tcp_services(dict(tcp), options.get("tcp"))}
 
     try:
         return NetworkPolicy.from_options(**options)

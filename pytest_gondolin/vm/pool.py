@@ -172,14 +172,22 @@ class RestorePool(Generic[M]):
                 raise VMError(f"{self.name} pool is closed")
             self._members.append(_Member[M](_State.READY, vm))
 
-    def give_back(self, vm: M) -> None:
-        """``vm``'s test is over: restore it (in the background when another VM can serve)."""
+    def give_back(self, vm: M, *, clean: bool = False) -> None:
+        """``vm``'s test is over: restore it (in the background when another VM can serve).
+
+        ``clean=True``: the test left ``vm`` as clean as a restore would (a
+        process-isolated test, ``sandbox/isolation.py``); it is ready again
+        at once, without a restore.
+        """
         with self._lock:
             member = self._find(vm)
             if member is None or member.state is not _State.IN_USE:
                 return
             if self._closed or not vm.alive:
                 return  # dropped by the next take()
+            if clean:
+                member.state = _State.READY
+                return
             if self.size > 1:
                 member.state = _State.RESTORING
                 # A test that kept its VM a while is likely followed by tests that

@@ -1,0 +1,124 @@
+"""The host's side of ``process`` isolation: when a lane's VM must be restored after all.
+
+With ``isolation="process"`` the guest worker forks each test into fresh
+namespaces (:mod:`pytest_gondolin.guest.isolation`) and the lane (a VM
+holding the collected worker, :mod:`.guest_worker`) goes back to its pool
+without a restore. :class:`LaneLedger` owns the rules that fall back to one
+(docs/isolation.md, "Fallback"):
+
+* after a ``process`` run that ended abnormally: a crash, a timeout, a test
+  process that died or could not be set up (the worker's ``error``);
+* after the worker asked for one (the ``gondolin-restore`` query): the test
+  changed what namespaces cannot hold (kernel parameters, modules, mounts,
+  network links, the clock);
+* after ``restore_every`` ``process`` runs in a row on one lane;
+* before a ``vm`` run on a lane that ran ``process`` tests since its last
+  restore (``vm`` mode promises a VM restored from the snapshot).
+
+Between two ``process`` runs on the same VM the host resets the network
+(flows, DNS, recorder) itself, as a restore would (:meth:`LaneLedger.reuse_reset`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Final
+
+from pytest_gondolin.errors import GondolinError
+from pytest_gondolin.guest.isolation import ISOLATION_ENV, RESTORE_QUERY
+from pytest_gondolin.vm.guest_network import reset_network
+from pytest_gondolin.vm.machine import VM
+
+__all__ = ["ISOLATION_ENV", "MAX_REASON_CHARS", "LaneLedger", "run_env"]
+
+log = logging.getLogger(__name__)
+
+#: The worker's restore reason is quoted in the log at most this long (it is guest data).
+MAX_REASON_CHARS: Final = 300
+
+QueryHandler = Callable[[str, dict[str, Any]], Any]
+
+
+def run_env(isolation: str, secret_env: dict[str, str]) -> dict[str, str]:
+    """The environment a run command carries: the secrets' placeholders, the isolation mode."""
+    if isolation != "process":
+        return secret_env
+    return {**secret_env, ISOLATION_ENV: "process"}
+
+
+class LaneLedger:
+    """Per lane: ``process`` runs since its VM was last restored, and whether one is due.
+
+    Lanes are any hashable objects (compared by identity). Called from the
+    thread that runs tests, except :meth:`restored`, which the pool may call
+    from its restore thread (a dict assignment: atomic under the GIL).
+    """
+
+    def __init__(self, restore_every: int) -> None:
+        if restore_every < 1:
+            raise ValueError(f"restore_every must be at least 1, got {restore_every}")
+        self.restore_every = restore_every
+        self._runs: dict[int, int] = {}
+        self._asked: dict[int, str] = {}
+        #: How many restores each rule caused (for the bench and the log).
+        self.fallbacks: dict[str, int] = {}
+
+    def restored(self, lane: object) -> None:
+        """``lane``'s VM was just restored from the snapshot."""
+        self._runs[id(lane)] = 0
+
+    def since_restore(self, lane: object) -> int:
+        """``process`` runs on ``lane`` since its last restore."""
+        return self._runs.get(id(lane), 0)
+
+    def answering(self, lane: object, inner: QueryHandler | None) -> QueryHandler:
+        """A query handler for ``lane``'s run: takes the worker's restore request, passes the rest on."""
+
+        def handle(kind: str, args: dict[str, Any]) -> Any:
+            if kind == RESTORE_QUERY:
+                reason = args.get("reason")
+                text = str(reason)[:MAX_REASON_CHARS] if reason else "asked"
+                # Guest data, bound for a log line: printable characters only.
+                self._asked[id(lane)] = "".join(c if c.isprintable() else "?" for c in text)
+                return None
+            if inner is None:
+                raise GondolinError(f"the host answers no {kind!r} queries")
+            return inner(kind, args)
+
+        return handle
+
+    def after_run(self, lane: object, isolation: str, *, failed: bool) -> str | None:
+        """Count the run; return why ``lane`` must be restored now (``None``: it is clean)."""
+        asked = self._asked.pop(id(lane), None)
+        if isolation != "process":
+            return "vm isolation"
+        runs = self._runs.get(id(lane), 0) + 1
+        self._runs[id(lane)] = runs
+        rule, reason = None, None
+        if failed:
+            rule, reason = "failed", "the run failed (crash, timeout or a dead test process)"
+        elif asked is not None:
+            rule, reason = "kernel state", f"the test changed kernel state: {asked}"
+        elif runs >= self.restore_every:
+            rule, reason = "every", f"{runs} process-isolated runs since the last restore"
+        if rule is not None:
+            self.fallbacks[rule] = self.fallbacks.get(rule, 0) + 1
+            log.info("restoring the VM after a process-isolated run: %s", reason)
+        return reason
+
+    @staticmethod
+    def reuse_reset(vm: VM) -> None:
+        """Forget the previous test's network (flows, DNS names, recorder) on a VM not restored.
+
+        The guest is paused across the reset, as a restore does (the previous
+        test's processes are all gone: their namespace died with them).
+        Raises SnapshotError if the network cannot reset.
+        """
+        if vm.network is None:
+            return
+        vm.pause()
+        try:
+            vm.http = reset_network(vm.network, f"{vm.name}: between process-isolated tests")
+        finally:
+            vm.resume()
