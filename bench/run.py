@@ -243,7 +243,18 @@ def main() -> int:
     )
     parser.add_argument(
         "--only",
-        choices=("vm", "fixture", "sandboxed", "network", "https", "cache", "layers", "scaling"),
+        choices=(
+            "vm",
+            "fixture",
+            "sandboxed",
+            "network",
+            "https",
+            "cache",
+            "layers",
+            "scaling",
+            "isolation",
+            "rerun",
+        ),
         action="append",
     )
     args = parser.parse_args()
@@ -253,7 +264,18 @@ def main() -> int:
     rows: list[Row] = []
     only = set(
         args.only
-        or ("vm", "fixture", "sandboxed", "network", "https", "cache", "layers", "scaling")
+        or (
+            "vm",
+            "fixture",
+            "sandboxed",
+            "network",
+            "https",
+            "cache",
+            "layers",
+            "scaling",
+            "isolation",
+            "rerun",
+        )
     )
     if "vm" in only:
         rows += vm_section(config, n)
@@ -281,6 +303,14 @@ def main() -> int:
         from scaling import scaling_section
 
         rows += scaling_section(n)
+    if "rerun" in only:
+        from rerun import rerun_section
+
+        rows += rerun_section(2 if args.quick else 3)
+    if "isolation" in only:
+        from isolation import isolation_section
+
+        rows += isolation_section(n, 50 if args.quick else 500)
     table = render(rows, accel)
     print(table)
     if args.write_readme:

@@ -26,6 +26,8 @@ bytes::
     {"t": "ping", "nonce": str}                 liveness check (reply: pong)
     {"t": "answer", "ok": bool, "data"|"error"} the reply to a query (only during a run)
     {"t": "quit"}                                end the session (EOF means the same)
+    {"t": "go", "argv": [str], "cwd": str,
+     "env": {str: str}}                          start the session (only in waiting mode, below)
 
 worker → host, on the fd that was fd 1 at start-up, each line at most
 ``MAX_WORKER_LINE`` bytes::
@@ -40,9 +42,23 @@ worker → host, on the fd that was fd 1 at start-up, each line at most
     {"t": "query", "kind": str, "args": object}                 mid-run question (see hostquery)
     {"t": "coverage", "nodeid": str, ...}                       the run's coverage (see guest.coverage)
     {"t": "output", "stream": "stdout"|"stderr", "data": str}   live output of the run (see guest.live)
+    {"t": "pdb_output" | "pdb_read" | "pdb_end", ...}           --pdb on the host's terminal (see guest.debugger)
 
 ``report`` is the dict made by ``pytest_report_to_serializable``; the
 ``errors`` of ``collected`` are the collect reports that failed.
+
+Waiting mode (:data:`WAIT_ENV` set to ``"1"``): the worker imports pytest,
+its built-in plugins and the host's plugin modules
+(:data:`~pytest_gondolin.guest.startup.PRELOAD_ENV`), sends
+``{"t": "waiting"}`` and reads one ``go`` command; only then does it change
+to ``cwd``, merge ``env`` into its environment, put back on ``sys.path`` the
+folders of the host's ``.pth`` files that exist only now (the project's
+editable sources, copied after start-up), forget what the import system
+cached about folders, and start the session with ``argv`` (its command line
+arguments) as above, pytest's "already imported" warning silenced for the
+``-p`` names imported ahead.  The host snapshots a VM whose worker waits
+there and reuses it across runs (``sandbox/worker_cache.py``): nothing of
+the project is read before the go.
 
 Guarantees the host relies on
 -----------------------------
@@ -60,9 +76,15 @@ Guarantees the host relies on
 * With ``--capture=no`` (``-s``) or ``tee-sys``, what a run writes to fds 1
   and 2 is sent as ``output`` messages while it runs, and so are
   ``--setup-show``'s lines (:mod:`pytest_gondolin.guest.live`); the guest's
-  own terminal reporter writes to stderr.  ``--pdb`` / ``--trace`` are off.
+  own terminal reporter writes to stderr.  The worker's own ``--pdb`` / ``--trace``
+  are off; when a run's environment asks for it, a failure gets pdb's
+  post-mortem on the host's terminal instead (:mod:`pytest_gondolin.guest.debugger`).
 * SIGUSR1 dumps every thread's stack to stderr (``faulthandler``); the host
   sends it before giving up on a run that timed out.
+* A run whose environment sets ``PYTEST_GONDOLIN_ISOLATION=process`` runs in
+  a fork of the worker in fresh namespaces (:mod:`pytest_gondolin.guest.isolation`);
+  the worker sends an ``error`` if that process died, and a
+  ``gondolin-restore`` query before ``done`` if the test changed kernel state.
 * The environment variable ``PYTEST_GONDOLIN_WORKER`` is ``"1"`` in the worker,
   so plugins loaded in both places can tell the far side from the host.
 """
@@ -85,7 +107,7 @@ from typing import IO, Any, Final
 
 import pytest
 
-from pytest_gondolin.guest import hostquery, live
+from pytest_gondolin.guest import debugger, hostquery, isolation, live, startup
 from pytest_gondolin.guest.coverage import GuestCoverage
 
 #: Largest line the worker may send; the host rejects anything longer as a
@@ -104,6 +126,12 @@ MAX_JSON_DEPTH: Final = 64
 WORKER_ENV: Final = "PYTEST_GONDOLIN_WORKER"
 #: Module name to run with ``python -m``.
 WORKER_MODULE: Final = "pytest_gondolin.guest.worker"
+#: Environment variable: "1" makes the worker wait for a ``go`` before pytest starts.
+WAIT_ENV: Final = "GONDOLIN_WORKER_WAIT"
+#: The line a waiting worker sends once it is ready for its ``go``.
+WAITING_LINE: Final = b'{"t":"waiting"}\n'
+#: Bounds of a ``go`` command: arguments and environment entries.
+MAX_GO_ITEMS: Final = 10_000
 
 #: When a serialized report does not fit in MAX_WORKER_LINE, each string in
 #: it is cut to this many characters (then, failing that, the captured
@@ -132,7 +160,7 @@ _EXTRA_ARGS: Final = (
 _PYTEST_PRIVATE_KEYS: Final = frozenset({"_report_type", "_subtest.context"})
 
 #: Message type names (the ``"t"`` member).
-COMMAND_TYPES: Final = frozenset({"run", "ping", "quit", "answer"})
+COMMAND_TYPES: Final = frozenset({"run", "ping", "quit", "answer", "go"})
 MESSAGE_TYPES: Final = frozenset(
     {"collected", "report", "warning", "error", "done", "pong", "coverage", "output"}
 )
@@ -294,11 +322,7 @@ def parse_command(line: bytes) -> dict[str, Any]:
         nodeid, seed = obj.get("nodeid"), obj.get("seed")
         if not isinstance(nodeid, str) or not isinstance(seed, int) or isinstance(seed, bool):
             return {"t": "invalid", "message": "run needs a string nodeid and an integer seed"}
-        env = obj.get("env", {})
-        if not isinstance(env, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
-            for k, v in env.items()
-        ):
+        if not _env_ok(obj.get("env", {})):
             return {"t": "invalid", "message": "run env must map variable names to strings"}
     elif kind == "answer":
         if not isinstance(obj.get("ok"), bool):
@@ -306,8 +330,33 @@ def parse_command(line: bytes) -> dict[str, Any]:
     elif kind == "ping":
         if not isinstance(obj.get("nonce"), str):
             return {"t": "invalid", "message": "ping needs a string nonce"}
+    elif kind == "go":
+        return _check_go(obj)
     elif kind != "quit":
         return {"t": "invalid", "message": f"unknown command type {kind[:100]!r}"}
+    return obj
+
+
+def _env_ok(env: object) -> bool:
+    return isinstance(env, dict) and all(
+        isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
+        for k, v in env.items()
+    )
+
+
+def _check_go(obj: dict[str, Any]) -> dict[str, Any]:
+    """A ``go`` command as sent, or ``invalid`` naming what is wrong with it."""
+    argv, cwd, env = obj.get("argv"), obj.get("cwd"), obj.get("env", {})
+    if (
+        not isinstance(argv, list)
+        or len(argv) > MAX_GO_ITEMS
+        or not all(isinstance(a, str) and "\0" not in a for a in argv)
+    ):
+        return {"t": "invalid", "message": "go needs argv, a list of strings"}
+    if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
+        return {"t": "invalid", "message": f"go needs an absolute cwd, got {str(cwd)[:200]!r}"}
+    if not _env_ok(env) or len(env) > MAX_GO_ITEMS:
+        return {"t": "invalid", "message": "go env must map variable names to strings"}
     return obj
 
 
@@ -330,6 +379,8 @@ class WorkerPlugin:
         #: Set with -s (guest/live.py); the real sys.stdout until the session starts.
         self._live: live.LiveOutput | None = None
         self._real_stdout: IO[str] | None = None
+        #: Set at the first ``process``-isolated run (guest/isolation.py).
+        self._isolation: isolation.Isolation | None = None
 
     @pytest.hookimpl(wrapper=True)
     def pytest_cmdline_main(self, config: pytest.Config) -> Generator[None, object, object]:
@@ -439,23 +490,70 @@ class WorkerPlugin:
             if command["t"] == "ping":
                 self._channel.send({"t": "pong", "nonce": command["nonce"]})
             elif command["t"] == "run":
-                os.environ.update(command.get("env", {}))
-                self._run(items, command["nodeid"], command["seed"])
+                self._run(items, command["nodeid"], command["seed"], command.get("env", {}))
             else:
                 message = command.get("message") or f"unexpected {command['t']!r} between runs"
                 self._channel.send({"t": "error", "message": message})
+
+    def pytest_exception_interact(
+        self, node: pytest.Item | pytest.Collector, call: pytest.CallInfo[Any], report: Any
+    ) -> None:
+        """``--pdb`` on the host: a run's failure gets pdb on the host's terminal."""
+        if self._running is not None and isinstance(node, pytest.Item) and debugger.enabled():
+            debugger.post_mortem(self._channel, node, call, report)
 
     def _measuring(self, item: pytest.Item) -> contextlib.AbstractContextManager[None]:
         if self._coverage is None:
             return contextlib.nullcontext()
         return self._coverage.measuring(item, self._channel.send)
 
-    def _run(self, items: dict[str, pytest.Item], nodeid: str, seed: int) -> None:
+    def _run(
+        self, items: dict[str, pytest.Item], nodeid: str, seed: int, env: dict[str, str]
+    ) -> None:
+        """Run one item, here or (``process`` isolation) in a forked, isolated process; then ``done``."""
         item = items.get(nodeid)
+        env = dict(env)
+        mode = env.pop(isolation.ISOLATION_ENV, "vm")
         if item is None:
             self._channel.send({"t": "error", "message": f"not collected in the worker: {nodeid}"})
-            self._channel.send({"t": "done", "nodeid": nodeid})
+        elif mode == "process":
+            self._run_isolated(item, nodeid, seed, env)
+        else:
+            os.environ.update(env)
+            self._run_item(item, nodeid, seed)
+        self._channel.send({"t": "done", "nodeid": nodeid})
+
+    def _run_isolated(self, item: pytest.Item, nodeid: str, seed: int, env: dict[str, str]) -> None:
+        """Run the item in a fork in fresh namespaces (guest/isolation.py); the worker stays clean.
+
+        A test process that died, or a test that changed what namespaces
+        cannot hold, is said on the channel: an ``error`` (the test fails),
+        a ``restore`` query (the host restores the VM before the next test).
+        """
+
+        def test() -> None:
+            if self._live is not None:  # -s: the worker's pump thread is not in this process
+                self._live = live.LiveOutput(self._channel.send)
+            os.environ.update(env)
+            self._run_item(item, nodeid, seed)
+
+        try:
+            if self._isolation is None:
+                self._isolation = isolation.Isolation()
+            result = self._isolation.run(test, cwd=os.getcwd())
+        except OSError as exc:
+            self._channel.send({"t": "error", "message": f"process isolation failed: {exc}"})
             return
+        if result.status != 0:
+            self._channel.send({"t": "error", "message": f"{nodeid}: {result.describe()}"})
+        if result.dirty:
+            reason = "; ".join(result.dirty)
+            self._channel.send(
+                {"t": "query", "kind": isolation.RESTORE_QUERY, "args": {"reason": reason}}
+            )
+            self._channel.recv()  # the answer says nothing
+
+    def _run_item(self, item: pytest.Item, nodeid: str, seed: int) -> None:
         random.seed(seed)
         self._running = nodeid
         try:
@@ -470,7 +568,24 @@ class WorkerPlugin:
             )
         finally:
             self._running = None
-        self._channel.send({"t": "done", "nodeid": nodeid})
+
+
+def _wait_for_go(channel: HostPipe) -> list[str] | None:
+    """Preload, say ``waiting``, apply the ``go``; its arguments (None: the host went away)."""
+    startup.preload(os.environ.pop(startup.PRELOAD_ENV, "").split(","))
+    channel.send({"t": "waiting"})
+    while True:
+        command = channel.recv()
+        if command is None or command["t"] == "quit":
+            return None
+        if command["t"] == "go":
+            break
+        message = command.get("message") or f"expected 'go', got {command['t']!r}"
+        channel.send({"t": "error", "message": message})
+    os.chdir(command["cwd"])
+    os.environ.update(command.get("env", {}))
+    startup.refresh_path()
+    return list(command["argv"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -482,8 +597,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     dump_file = os.fdopen(os.dup(2), "w", closefd=True)
     faulthandler.register(signal.SIGUSR1, file=dump_file, all_threads=True)
     os.environ[WORKER_ENV] = "1"
+    extra = list(_EXTRA_ARGS)
+    if os.environ.pop(WAIT_ENV, "") == "1":
+        go = _wait_for_go(channel)
+        if go is None:
+            return 0
+        args += go
+        extra += startup.rewrite_warning_filters(go)
     plugin = WorkerPlugin(channel)
-    exit_code = pytest.main([*args, *_EXTRA_ARGS], plugins=[plugin])
+    exit_code = pytest.main([*args, *extra], plugins=[plugin])
     return int(exit_code)
 
 

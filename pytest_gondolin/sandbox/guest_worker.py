@@ -7,16 +7,21 @@ Per guest key (image, memory, CPUs) the session prepares one
    the system packages, then the host's Python environment
    (:mod:`.host_environment`, or pytest) and the requirements, each layer
    keyed by its content, so an unchanged environment is not copied again;
+   on top, the test worker (:mod:`pytest_gondolin.guest.worker`) started
+   and waiting for its go (:mod:`.worker_cache`), also a cached layer;
 2. the project tree (:mod:`.project_files`) copied in, at its host path;
-3. the test worker started there (:mod:`pytest_gondolin.guest.worker`); it
-   collects the files holding sandboxed items and waits for commands;
+3. the go: the worker collects the files holding sandboxed items and waits
+   for commands;
 4. an internal snapshot :data:`WORKER_TAG` saved *after* collection, so no
-   test pays for Python start-up or collection again;
-5. with :data:`PREFETCH_LANES` > 1, clones of that VM started from the
-   snapshot (no second collection): the *lanes*, which take turns through a
-   :class:`~pytest_gondolin.vm.pool.RestorePool`, the same one behind the
-   ``vm`` fixture, so one is restored in the background while a test runs
-   in another.
+   test pays for Python start-up or collection again; its disk is copied
+   into the cache, keyed by the tree's content and the worker's arguments,
+   so a re-run with nothing changed restores it instead of steps 1-4;
+5. with :data:`PREFETCH_LANES` > 1 and more than one test for this guest,
+   clones of that VM started from the snapshot in the background once the
+   first test has its VM (no second collection): the *lanes*, which take
+   turns through a :class:`~pytest_gondolin.vm.pool.RestorePool`, the same
+   one behind the ``vm`` fixture, so one is restored in the background
+   while a test runs in another.
 
 Each run takes a lane restored to that snapshot (RAM + devices + disk: the
 worker is back to "collected, waiting", even if the previous test killed
@@ -33,9 +38,10 @@ import importlib.metadata
 import logging
 import os
 import secrets
+import shlex
 import time
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 from packaging.requirements import Requirement
@@ -47,9 +53,11 @@ import pytest_gondolin.sandbox.host_environment as host_environment
 import pytest_gondolin.sandbox.host_python as host_python
 import pytest_gondolin.sandbox.interpreter_pack as interpreter_pack
 import pytest_gondolin.sandbox.project_files as project_files
+import pytest_gondolin.sandbox.worker_cache as worker_cache
 from pytest_gondolin.errors import ConfigError, GondolinError, VMError
 from pytest_gondolin.fixtures import GuestKey, VMFactory
 from pytest_gondolin.guest.hostpath import HOST_PATH_ENV
+from pytest_gondolin.guest.startup import PRELOAD_ENV
 from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
 from pytest_gondolin.netpolicy.http.cassette_values import CassetteError
 from pytest_gondolin.network_setup import apply_network
@@ -61,15 +69,18 @@ from pytest_gondolin.sandbox.arguments import (
     worker_args,
 )
 from pytest_gondolin.sandbox.client import WorkerClient
+from pytest_gondolin.sandbox.debugger import terminal_debugger
+from pytest_gondolin.sandbox.isolation import LaneLedger, run_env
 from pytest_gondolin.sandbox.messages import Collected
 from pytest_gondolin.sandbox.options import SandboxOptions
 from pytest_gondolin.sandbox.outcome import Failure, HostFailure, RunOutcome
 from pytest_gondolin.sandbox.queries import answer_query
 from pytest_gondolin.sandbox.transports import VMTransport
+from pytest_gondolin.vm.agent_process import AgentProcess
 from pytest_gondolin.vm.commands import GUEST_ENV
 from pytest_gondolin.vm.disk_backed import back_with_disk
-from pytest_gondolin.vm.identity import VMConfig
-from pytest_gondolin.vm.layers import Layer, TarItem, launch_layered, tar_layer
+from pytest_gondolin.vm.identity import VMConfig, state_key
+from pytest_gondolin.vm.layers import Layer, TarItem, launch_layered, stack_digest, tar_layer
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.pool import RestorePool
 
@@ -161,63 +172,122 @@ class GuestWorker:
         self.interpreter: host_python.HostInterpreter | None = None
         #: Which Python runs the worker, its version and ABI (set by prepare).
         self.python: host_python.Choice | None = None
+        # Set by prepare: what lanes are cloned from (sandbox/worker_cache.py).
+        self._vmconfig: VMConfig | None = None
+        self._lane_source = Path()
+        self._worker_proc: AgentProcess | None = None
+        self._clone_failed: str | None = None
+        #: When a lane is restored after process-isolated tests (sandbox/isolation.py).
+        self._isolation = LaneLedger(factory.settings.isolation_restore_every)
 
     # -- preparing -------------------------------------------------------------
 
     def prepare(self) -> Collected:
-        """Boot, copy the project in, start the worker, snapshot it, clone the lanes.
+        """Start the worker (or restore it cached), collect, snapshot it; lanes follow in the background.
 
-        Returns what the worker collected. Raises GondolinError when any step
-        fails (the caller closes this worker).
+        A run whose tree and arguments match a cached collected worker
+        restores it (``worker_cache.py``); otherwise the VM starts from the
+        cached started-worker layer, the tree is copied in and the worker
+        collects after its go. Returns what the worker collected. Raises
+        GondolinError when any step fails (the caller closes this worker).
         """
         started = time.monotonic()
         vmconfig = self.factory.vm_config(self.key)
         self.factory.count += 1
         name = f"sandbox{self.factory.count}"
+        say = self.factory.progress
+        phases = worker_cache.Phases()
         self.interpreter = self._interpreter(vmconfig)
+        phases.mark("host python")
+        # First: the worker's environment and arguments depend on what is carried.
+        self._host_environment()
+        session_args = self._session_args()
+        worker = worker_cache.StartedWorker(
+            self._start_argv(),
+            {
+                **self._start_env(),
+                PRELOAD_ENV: ",".join(worker_cache.preload_modules(session_args)),
+            },
+            WORKER_MAX_OUTPUT,
+            # The venv's own files (tiny): its python must be there to start.
+            files=interpreter_pack.pack_venv(self.interpreter)
+            if self.interpreter is not None and self.interpreter.venv
+            else b"",
+        )
         layers = [
             *self.factory.base_layers(self.key),
             *self._interpreter_layers(),
             self._environment_layer(),
+            worker_cache.started_worker_layer(worker),
         ]
-        vm = launch_layered(vmconfig, layers, name=name, progress=self.factory.progress)
-        self.factory.adopt(vm)
-        self.vm = vm
-        self._copy_project(vm)
-        say = self.factory.progress
-        say(f"{name}: starting the guest test worker (pytest start-up and collection)")
-        proc = vm.spawn(
-            self._worker_argv(),
-            env=self._worker_env(),
-            cwd=str(self.config.invocation_params.dir),
-            max_output=WORKER_MAX_OUTPUT,
+        phases.mark("environment scan")
+        tars = self._project_tars()
+        go: dict[str, Any] = {
+            "argv": session_args,
+            "cwd": str(self.config.invocation_params.dir),
+            # pytest-cov's settings when it measures this session (sandbox/coverage.py).
+            "env": coverage.worker_env(self.config),
+        }
+        key = worker_cache.collected_key(
+            stack_digest(state_key(vmconfig), layers), worker_cache.tree_digest(tars), go
         )
-        first = _lane(vm, VMTransport(vm, proc))
-        self.collected = collected = first.client.start(WORKER_START_TIMEOUT)
-        # sync: the unpacked tree must not be dirty in the snapshot, or every
-        # restore would replay its writeback (kernel work in each test's time).
-        # The page cache holds the sources pytest and the project were imported
-        # from; the worker has them in memory now. Dropped, the snapshot is
-        # smaller and every restore loads less (together: 173 -> 136 ms a test).
-        vm.exec(["sh", "-c", "sync && echo 1 > /proc/sys/vm/drop_caches"], check=True)
-        vm.save_internal(WORKER_TAG)
-        lanes = [first]
-        for _ in range(1, PREFETCH_LANES):
-            try:
-                lanes.append(self._clone(first, vmconfig))
-            except GondolinError as exc:
-                log.warning(
-                    "no prefetch clone of %s (tests run one restore at a time): %s", name, exc
-                )
-                break
-        # No launch: a lane costs a whole preparation; when every lane died,
-        # the session prepares a new worker.
-        self._lanes = RestorePool[_Lane](None, self._restore, size=len(lanes), name="sandbox")
-        for lane in lanes:
-            self._lanes.add(lane)
+        phases.mark("pack and digest")
+        restored = worker_cache.restore_collected(
+            vmconfig,
+            key,
+            WORKER_TAG,
+            name=name,
+            argv=worker.argv,
+            max_output=WORKER_MAX_OUTPUT,
+            say=say,
+        )
+        if restored is not None:
+            vm, transport, collected = restored
+            self.factory.adopt(vm)
+            self.vm = vm
+            first = _lane(vm, transport)
+            first.client.adopt(collected)
+            self._lane_source = worker_cache.collected_path(key)
+            phases.mark("restore collected")
+        else:
+            vm = launch_layered(vmconfig, layers, name=name, progress=say)
+            self.factory.adopt(vm)
+            self.vm = vm
+            first = _lane(vm, worker.attach(vm))
+            phases.mark("restore started")
+            self._copy_project(vm, tars)
+            phases.mark("copy")
+            say(f"{name}: collecting in the started guest test worker")
+            worker_cache.send_go(first.transport, go["argv"], go["cwd"], go["env"])
+            collected = first.client.start(WORKER_START_TIMEOUT)
+            phases.mark("collect")
+            worker_cache.write_state(vm, first.transport.proc, collected)
+            # sync: the unpacked tree must not be dirty in the snapshot, or every
+            # restore would replay its writeback (kernel work in each test's time).
+            # The page cache holds the sources pytest and the project were imported
+            # from; the worker has them in memory now. Dropped, the snapshot is
+            # smaller and every restore loads less (together: 173 -> 136 ms a test).
+            vm.exec(["sh", "-c", "sync && echo 1 > /proc/sys/vm/drop_caches"], check=True)
+            phases.mark("sync")
+            vm.save_internal(WORKER_TAG)
+            phases.mark("save")
+            self._lane_source = worker_cache.keep_snapshot(vm, key)
+            phases.mark("keep snapshot")
+        self.collected = collected
+        self._vmconfig = vmconfig
+        self._worker_proc = first.transport.proc
+        # The other lanes are clones of this snapshot, started in the background
+        # once the first test has its VM (RestorePool._fill): no test waits for
+        # one. A session with one test here has nothing to overlap.
+        lanes = PREFETCH_LANES if worker_cache.runnable_here(self.config, collected) > 1 else 1
+        self._lanes = RestorePool[_Lane](
+            self._clone if lanes > 1 else None, self._restore, size=lanes, name="sandbox"
+        )
+        self._lanes.add(first)
+        log.info("%s: start-up phases: %s", name, phases)
         say(
             f"{name}: worker ready with {len(collected.nodeids)} items in {time.monotonic() - started:.1f} s"
-            + (f" ({len(lanes)} VMs take turns)" if len(lanes) > 1 else "")
+            + (f" ({lanes} VMs take turns)" if lanes > 1 else "")
         )
         return collected
 
@@ -282,38 +352,36 @@ class GuestWorker:
     def _environment_layer(self) -> Layer:
         return tar_layer("host-environment", self._environment_items())
 
-    def _copy_project(self, vm: VM) -> None:
-        """The project tree and editable sources outside it, in the guest (the rest is a layer)."""
-        rootdir = Path(self.config.rootpath)
-        say = self.factory.progress
-        started = time.monotonic()
+    def _project_tars(self) -> list[bytes]:
+        """The project tree and editable sources outside it, packed (the rest is a layer)."""
         env = self._host_environment()
-        say(f"{vm.name}: copying the project tree ({rootdir}) into the guest")
-        tars = [project_files.pack_project(rootdir)]
+        tars = [project_files.pack_project(Path(self.config.rootpath))]
         if env is not None:
             tars += [project_files.pack_project(Path(source)) for source in env.sources]
-        if self.interpreter is not None and self.interpreter.venv:
-            tars.append(interpreter_pack.pack_venv(self.interpreter))  # the layer has the rest
-        packed = time.monotonic()
-        # /var/tmp: a tmpfs of half the guest's memory (the project is capped far below).
+        return tars
+
+    def _copy_project(self, vm: VM, tars: list[bytes]) -> None:
+        """Unpack ``tars`` (:meth:`_project_tars`) in the guest."""
+        say = self.factory.progress
+        say(f"{vm.name}: copying the project tree ({self.config.rootpath}) into the guest")
+        started = time.monotonic()
         back_with_disk(vm, tars)  # a project under /tmp or /root goes to the guest's disk
-        names = [f"/var/tmp/gondolin-{i}.tar" for i in range(len(tars))]
-        for name, data in zip(names, tars, strict=True):
-            vm.write_file(name, data)
-        written = time.monotonic()
+        backed = time.monotonic()
+        here = shlex.quote(str(self.config.invocation_params.dir))
+        # Streamed to tar's stdin: one round trip (each costs ~0.1 s under TCG),
+        # nothing staged in guest memory. --ignore-zeros: several tars joined.
         vm.exec(
-            " && ".join(f"tar -xf {n} -C / && rm {n}" for n in names),
+            ["sh", "-c", f"tar --ignore-zeros -xf - -C / && mkdir -p {here}"],
+            input=b"".join(tars),
             check=True,
             timeout=UNPACK_TIMEOUT,
         )
-        vm.exec(["mkdir", "-p", str(self.config.invocation_params.dir)], check=True)
         log.info(
-            "%s: %.1f MiB copied in: packed %.2f s, written %.2f s, unpacked %.2f s",
+            "%s: %.1f MiB copied in: disk-backed folders %.2f s, unpacked %.2f s",
             vm.name,
             sum(map(len, tars)) / 2**20,
-            packed - started,
-            written - packed,
-            time.monotonic() - written,
+            backed - started,
+            time.monotonic() - backed,
         )
 
     def _host_environment(self) -> host_environment.HostEnvironment | None:
@@ -361,7 +429,8 @@ class GuestWorker:
             )
         return pins
 
-    def _worker_env(self) -> dict[str, str]:
+    def _start_env(self) -> dict[str, str]:
+        """The worker's environment at start-up: fixed for a given environment (per-run parts go with the go)."""
         env = self.environment if self.factory.settings.host_environment else None
         pythonpath = ["/run/gondolin/py", project_files.GUEST_REQUIREMENTS]
         if env is None or not env.carries("pytest"):
@@ -381,11 +450,15 @@ class GuestWorker:
             "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
             "GONDOLIN_GUEST": "1",
             **extra,
-            # pytest-cov's settings when it measures this session (sandbox/coverage.py).
-            **coverage.worker_env(self.config),
         }
 
-    def _worker_argv(self) -> list[str]:
+    def _start_argv(self) -> list[str]:
+        """How the worker starts: the interpreter and the module that sets up the host's path."""
+        python = self.interpreter.executable if self.interpreter is not None else "python3"
+        return [python, "-s", "-m", HOSTPATH_MODULE]
+
+    def _session_args(self) -> list[str]:
+        """The worker's pytest arguments, sent with its go."""
         sources = self._guest_sources()
         args = guest_args(
             worker_args(self.config),
@@ -400,8 +473,7 @@ class GuestWorker:
                     + ", ".join(f"-p {name}" for name in args.dropped_plugins)
                 ]
             )
-        python = self.interpreter.executable if self.interpreter is not None else "python3"
-        return [python, "-s", "-m", HOSTPATH_MODULE, *args.args, "-p", "gondolin", *self.paths]
+        return [*args.args, "-p", "gondolin", *self.paths]
 
     def _guest_sources(self) -> GuestSources:
         """What the guest imports from, after :meth:`_copy_project`."""
@@ -422,22 +494,32 @@ class GuestWorker:
             names |= {canonicalize_name(d.name) for d in env.carried}
         return GuestSources(Path(self.config.rootpath).resolve(), tuple(folders), frozenset(names))
 
-    def _clone(self, lane: _Lane, vmconfig: VMConfig) -> _Lane:
-        """A second VM started from ``lane``'s worker snapshot: no boot, no second collection."""
-        assert self.collected is not None and lane.vm.rundir is not None
+    def _clone(self) -> _Lane:
+        """Another lane, started from the worker snapshot (no boot, no second collection).
+
+        Runs in the pool's thread. Any failure is a VMError (the pool then
+        goes on with the lanes it has); after one, no clone is tried again.
+        """
+        assert self._worker_proc is not None and self._vmconfig is not None
+        assert self.collected is not None
+        if self._clone_failed is not None:
+            raise VMError(f"no clone of the worker: {self._clone_failed}")
         self.factory.count += 1
-        lane.vm.pause()  # its disk holds the snapshot; it must not change while copied
         try:
             vm = VM.launch(
-                vmconfig,
+                self._vmconfig,
                 name=f"sandbox{self.factory.count}",
-                loadvm_disk=lane.vm.rundir / "disk.qcow2",
+                loadvm_disk=self._lane_source,
                 loadvm_tag=WORKER_TAG,
             )
-        finally:
-            lane.vm.resume()
+        except (GondolinError, OSError) as exc:
+            self._clone_failed = str(exc)
+            log.warning(
+                "no prefetch clone of the worker (tests run one restore at a time): %s", exc
+            )
+            raise VMError(str(exc)) from exc
         self.factory.adopt(vm)
-        proc = vm.attach(lane.transport.proc, max_output=WORKER_MAX_OUTPUT)
+        proc = vm.attach(self._worker_proc, max_output=WORKER_MAX_OUTPUT)
         clone = _lane(vm, VMTransport(vm, proc))
         clone.client.adopt(self.collected)
         return clone
@@ -452,6 +534,7 @@ class GuestWorker:
         lane.vm.load_internal(WORKER_TAG, preserve=[lane.transport.proc])
         lane.transport.rewind()
         lane.client.rewind()
+        self._isolation.restored(lane)
 
     def run(self, nodeid: str, options: SandboxOptions) -> RunOutcome | Failure:
         """Run the item on a fresh VM (restored in the background, or now) with its options.
@@ -460,6 +543,12 @@ class GuestWorker:
         applied on the host before the run; a cassette miss comes back as
         the outcome's ``host_failure``, a VM that died during the run in its
         ``failure``. A bare :class:`~.outcome.Failure` means the item never ran.
+
+        ``options.isolation == "process"``: the worker forks the test into
+        fresh namespaces, and the VM is given back without a restore unless
+        the run failed, the test left kernel state behind or the lane is due
+        one (:class:`~.isolation.LaneLedger`); a ``vm`` run never gets a VM
+        that ran process-isolated tests since its last restore.
         """
         started = time.monotonic()
         try:
@@ -470,23 +559,34 @@ class GuestWorker:
             return Failure.from_exception(exc, duration=time.monotonic() - started)
         self.vm = lane.vm
         restored = time.monotonic()
+        ledger, on_query = self._isolation, lane.client.on_query
         try:
+            if ledger.since_restore(lane):
+                if options.isolation == "process":
+                    ledger.reuse_reset(lane.vm)  # what a restore resets: flows, DNS, recorder
+                else:
+                    self._restore(lane)
             player = apply_network(
                 lane.vm,
                 options.policy,
                 cassette=options.cassette,
                 record_mode=self.factory.settings.record_mode,
             )
+            # --pdb with a terminal: a failure enters pdb in the guest (sandbox/debugger.py).
+            lane.client.debugger = terminal_debugger(self.config)
+            lane.client.on_query = ledger.answering(lane, on_query)
             outcome = lane.client.run(
                 nodeid,
                 seed=int.from_bytes(secrets.token_bytes(8), "big"),
                 timeout=options.timeout or DEFAULT_RUN_TIMEOUT,
-                env=lane.vm.secret_env(),
+                env=run_env(options.isolation, lane.vm.secret_env()),
             )
         except GondolinError as exc:
             # A worker that broke protocol was killed; the next restore revives it.
             self._lanes.give_back(lane)
             return Failure.from_exception(exc, duration=time.monotonic() - started)
+        finally:
+            lane.client.on_query = on_query
         log.debug(
             "%s on %s: waited %.0f ms for a fresh VM, run %.0f ms",
             nodeid,
@@ -499,7 +599,8 @@ class GuestWorker:
         if failure is not None and (not lane.vm.alive or lane.vm.exited(grace=VM_EXIT_GRACE)):
             failure = self._vm_died(lane.vm, failure)
         # A dead lane is not restored; the next take() closes and drops it.
-        self._lanes.give_back(lane)
+        restore = ledger.after_run(lane, options.isolation, failed=failure is not None)
+        self._lanes.give_back(lane, clean=restore is None)
         return dataclasses.replace(outcome, failure=failure, host_failure=host_failure)
 
     @staticmethod

@@ -71,7 +71,9 @@ log = logging.getLogger(__name__)
 #: holding the lock far longer than this is hung.
 LAYER_LOCK_TIMEOUT: Final = WARM_LOCK_TIMEOUT + 1800.0
 #: Layered snapshots kept per base state key (each is ~80 MiB plus its layers).
-MAX_STACKS_PER_BASE: Final = 8
+#: A sandboxed session's stack has three or four prefixes (system packages, the
+#: host's interpreter and environment, the started worker: sandbox/worker_cache.py).
+MAX_STACKS_PER_BASE: Final = 12
 #: Tar items are written to the guest in pieces of about this size: one piece
 #: is held in guest memory by the agent while it is written.
 CHUNK_BYTES: Final = 32 * 1024 * 1024
