@@ -249,6 +249,7 @@ def main() -> int:
             "sandboxed",
             "network",
             "https",
+            "streams",
             "cache",
             "layers",
             "scaling",
@@ -270,6 +271,7 @@ def main() -> int:
             "sandboxed",
             "network",
             "https",
+            "streams",
             "cache",
             "layers",
             "scaling",
@@ -291,6 +293,10 @@ def main() -> int:
         from tls_throughput import https_section
 
         rows += https_section(config, 3 if args.quick else 5)
+    if "streams" in only:
+        from streams import streams_section
+
+        rows += streams_section(config, n)
     if "cache" in only:
         from cache import cache_section
 

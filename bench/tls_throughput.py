@@ -44,7 +44,7 @@ def _download(vm: VM, url: str) -> Download:
         [
             "bash",
             "-c",
-            "TIMEFORMAT='%U %S'; { time curl -sS -v -o /dev/null -w '%{speed_download}\\n' "
+            "TIMEFORMAT='%U %S'; { time curl -sS -v --http1.1 -o /dev/null -w '%{speed_download}\\n' "
             f"{url} 2>/tmp/curl.err; }} 2>/tmp/time.txt; cat /tmp/time.txt;"
             " grep -o 'SSL connection using .*' /tmp/curl.err || true",
         ],
