@@ -101,7 +101,8 @@ def test_the_layer_is_reused_and_rebuilt_when_a_distribution_changes(
     second.assert_outcomes(passed=1)
     out = second.stdout.str()
     assert BUILDING not in out, out
-    assert re.search(r"restored from the cached ready snapshot with \d layer\(s\)", out), out
+    # Nothing changed: the whole collected worker is reused (sandbox/worker_cache.py).
+    assert re.search(r"restored the cached collected worker \(1 items\)", out), out
 
     (site / "demo" / "__init__.py").write_text("VALUE = 'two'\n")
     (pytester.path / "expected.txt").write_text("two\n")
