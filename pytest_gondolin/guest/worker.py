@@ -582,7 +582,13 @@ def _wait_for_go(channel: HostPipe) -> list[str] | None:
             break
         message = command.get("message") or f"expected 'go', got {command['t']!r}"
         channel.send({"t": "error", "message": message})
+    started_in = os.getcwd()
     os.chdir(command["cwd"])
+    # `python -m` put the folder it started in first on sys.path; a worker
+    # started in the run's folder (as before this cache) has that one there,
+    # so `-p module_of_the_project` imports as it did.
+    if sys.path and sys.path[0] == started_in:
+        sys.path[0] = os.getcwd()
     os.environ.update(command.get("env", {}))
     startup.refresh_path()
     return list(command["argv"])
