@@ -132,7 +132,9 @@ class HostLayout:
             if name and libdir:
                 libpython = os.path.join(str(libdir), str(name))
         return cls(
-            executable=sys.executable,
+            # Normalized as the carried path is (_link_chain): `../venv/bin/python`
+            # started from the project names a folder the guest has only later.
+            executable=os.path.abspath(sys.executable),
             prefix=sys.prefix,
             base_prefix=sys.base_prefix,
             version=platform.python_version(),

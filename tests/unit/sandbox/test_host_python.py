@@ -390,3 +390,14 @@ def test_site_folders_the_interpreter_set_up_are_not_added_again(
     hostpath.install([(hostpath.SITE, str(other)), (hostpath.SITE, str(own))])
     assert sys.gondolin_pth_runs == 1  # type: ignore[attr-defined]  # only the new folder's
     assert sys.path == ["/stdlib", str(other), str(own), "/after"]
+
+
+def test_the_executable_is_named_without_dot_dot(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `../venv/bin/python -m pytest` run from the project: the guest's worker
+    # starts before the project folder exists there, so `..` must not be in it.
+    real = sys.executable
+    detour = os.path.join(os.path.dirname(real), "nowhere", "..", os.path.basename(real))
+    monkeypatch.setattr(sys, "executable", detour)
+    layout = HostLayout.current()
+    assert layout.executable == real
+    assert ".." not in layout.executable.split(os.sep)
