@@ -37,6 +37,21 @@ END = "<!-- bench:end -->"
 
 Row = tuple[str, str, str]
 
+#: The table's sections (``--only`` picks some; all by default).
+SECTIONS = (
+    "vm",
+    "fixture",
+    "sandboxed",
+    "network",
+    "https",
+    "streams",
+    "cache",
+    "layers",
+    "scaling",
+    "isolation",
+    "rerun",
+)
+
 
 def med_ms(fn: Callable[[], object], n: int) -> tuple[float, float]:
     """Median and p90 of ``fn``'s wall time in ms over ``n`` runs (after one warm-up)."""
@@ -243,19 +258,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--only",
-        choices=(
-            "vm",
-            "fixture",
-            "sandboxed",
-            "network",
-            "https",
-            "streams",
-            "cache",
-            "layers",
-            "scaling",
-            "isolation",
-            "rerun",
-        ),
+        choices=SECTIONS,
         action="append",
     )
     args = parser.parse_args()
@@ -263,22 +266,7 @@ def main() -> int:
     accel = choose_accel(os.environ.get("GONDOLIN_ACCEL", "auto")).name
     config = VMConfig(image=ensure_image(), accel=accel)
     rows: list[Row] = []
-    only = set(
-        args.only
-        or (
-            "vm",
-            "fixture",
-            "sandboxed",
-            "network",
-            "https",
-            "streams",
-            "cache",
-            "layers",
-            "scaling",
-            "isolation",
-            "rerun",
-        )
-    )
+    only = set(args.only or SECTIONS)
     if "vm" in only:
         rows += vm_section(config, n)
     if "fixture" in only:

@@ -90,6 +90,18 @@ def parse_number(
     return number
 
 
+def _string_items(value: object, source: str, expected: str) -> list[str]:
+    """``value`` as a list of strings: a list/tuple of strings as is, a string as one item.
+
+    Raises :class:`ConfigError` naming ``source`` and ``expected`` for anything else.
+    """
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"{source}: expected {expected}, got {value!r}")
+
+
 def parse_requirements(value: object, source: str) -> tuple[str, ...]:
     """Requirement specifiers from a list (a TOML list, an ini key's lines) or a string.
 
@@ -101,14 +113,11 @@ def parse_requirements(value: object, source: str) -> tuple[str, ...]:
     """
     if value is None:
         return ()
-    if isinstance(value, str):
-        lines = value.splitlines()
-    elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-        lines = list(value)
-    else:
-        raise ConfigError(
-            f"{source}: expected requirements as a list of strings or a string, got {value!r}"
-        )
+    lines = (
+        value.splitlines()
+        if isinstance(value, str)
+        else _string_items(value, source, "requirements as a list of strings or a string")
+    )
     out: list[str] = []
     for line in (raw.strip() for raw in lines):
         if not line or line.startswith("#"):
@@ -148,14 +157,7 @@ def parse_system_packages(value: object, source: str) -> tuple[str, ...]:
     """
     if value is None:
         return ()
-    if isinstance(value, str):
-        items = [value]
-    elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-        items = list(value)
-    else:
-        raise ConfigError(
-            f"{source}: expected Debian package names as a list or a string, got {value!r}"
-        )
+    items = _string_items(value, source, "Debian package names as a list or a string")
     names: set[str] = set()
     for item in items:
         for word in item.replace(",", " ").split():
@@ -176,14 +178,7 @@ def parse_tcp(value: object, source: str) -> tuple[tuple[str, str], ...]:
     """
     if value is None:
         return ()
-    if isinstance(value, str):
-        items = [value]
-    elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-        items = list(value)
-    else:
-        raise ConfigError(
-            f"{source}: expected tcp services as 'name:port=addr:port' entries, got {value!r}"
-        )
+    items = _string_items(value, source, "tcp services as 'name:port=addr:port' entries")
     # Imported here: a session without tcp services never loads the network code.
     from pytest_gondolin.netpolicy.http.tcp_services import parse_tcp_services
 
