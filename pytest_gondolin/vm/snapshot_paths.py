@@ -18,6 +18,12 @@ Every file lives in ``<cache>/snapshots/`` and carries its key in its name:
   :func:`~pytest_gondolin.paths.lock_path`); ``.<name>.<pid>.tmp`` — a
   file being written, renamed into place when complete.
 
+At most :data:`MAX_BASES` state keys keep files here: saving a new warm
+snapshot removes the least recently used other keys' files, warm and
+layered (:func:`evict_old_bases`). A state key changes with every upgrade
+of pytest-gondolin (the agent code is part of it), so without the bound
+each upgrade would leave its snapshots behind for ``gondolin image prune``.
+
 Both kinds are qcow2 overlays whose backing file is the image's
 ``rootfs.qcow2``: :mod:`pytest_gondolin.image.info`, the report header and
 ``gondolin image prune`` find an image's snapshots through that.
@@ -25,12 +31,21 @@ Both kinds are qcow2 overlays whose backing file is the image's
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Final
 
 import pytest_gondolin.paths as paths
 
+log = logging.getLogger(__name__)
+
+#: State keys whose snapshots are kept; the least recently used others go.
+MAX_BASES: Final = 4
+
 __all__ = [
     "LAYER_SEPARATOR",
+    "MAX_BASES",
+    "evict_old_bases",
     "layered_snapshot_lock",
     "layered_snapshot_path",
     "layered_snapshots_of",
@@ -74,3 +89,38 @@ def layered_snapshots_of(key: str) -> list[Path]:
     if not folder.is_dir():
         return []
     return list(folder.glob(f"{key}{LAYER_SEPARATOR}*.qcow2"))
+
+
+def evict_old_bases(keep: str) -> list[Path]:
+    """Remove the snapshots of all but the :data:`MAX_BASES` most recently used state keys.
+
+    A key's last use is the newest modification time among its warm and
+    layered files (a restore touches the file it loads). ``keep`` (the key
+    just saved) always stays. Lock files stay too (empty, and a peer may
+    hold one); a file that vanishes or cannot be removed is skipped.
+    Returns the removed files.
+    """
+    folder = snapshots_dir()
+    if not folder.is_dir():
+        return []
+    used: dict[str, float] = {}
+    files: dict[str, list[Path]] = {}
+    for path in folder.glob("*.qcow2"):
+        key = path.stem.split(LAYER_SEPARATOR, 1)[0]
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            continue
+        used[key] = max(used.get(key, 0.0), mtime)
+        files.setdefault(key, []).append(path)
+    others = sorted((k for k in used if k != keep), key=lambda k: used[k], reverse=True)
+    removed: list[Path] = []
+    for key in others[MAX_BASES - 1 :]:
+        for path in files[key]:
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            log.info("removed snapshot %s of a state key unused since others were saved", path)
+            removed.append(path)
+    return removed

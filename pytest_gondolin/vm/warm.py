@@ -17,6 +17,7 @@ layers on top of this ready state are :mod:`pytest_gondolin.vm.layers`'.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -30,7 +31,12 @@ from pytest_gondolin.errors import VMError
 from pytest_gondolin.vm.identity import VMConfig, state_key
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.overlay import copy_disk
-from pytest_gondolin.vm.snapshot_paths import snapshots_dir, warm_snapshot_lock, warm_snapshot_path
+from pytest_gondolin.vm.snapshot_paths import (
+    evict_old_bases,
+    snapshots_dir,
+    warm_snapshot_lock,
+    warm_snapshot_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,8 @@ def launch_clean(
                 if saving:
                     cached.unlink(missing_ok=True)
             else:
+                with contextlib.suppress(OSError):  # its last use, for evict_old_bases
+                    os.utime(cached)
                 say(
                     f"{name} restored from the cached ready snapshot in {time.monotonic() - started:.2f} s"
                 )
@@ -75,6 +83,7 @@ def launch_clean(
             vm.save_internal(CLEAN_TAG)
             if saving:
                 export_snapshot(vm, cached)
+                evict_old_bases(keep=key)
         except BaseException:
             vm.close()
             raise

@@ -32,6 +32,8 @@ from pytest_gondolin.image.manifest import (
 from pytest_gondolin.image.recipe import Recipe, load_recipe
 from pytest_gondolin.vm import payload
 from pytest_gondolin.vm.snapshot_paths import (
+    MAX_BASES,
+    evict_old_bases,
     snapshots_dir,
     warm_snapshot_lock,
     warm_snapshot_path,
@@ -143,6 +145,35 @@ def test_warm_snapshot_paths_live_in_the_cache(cache: Path) -> None:
     assert snapshots_dir() == warm_snapshot_path("k1").parent
     assert not snapshots_dir().exists()  # readers (image inspect, the header) never create it
     assert info.warm_snapshots("bookworm-0") == []
+
+
+def test_only_the_most_recently_used_state_keys_keep_snapshots(cache: Path) -> None:
+    snaps = cache / "snapshots"
+    snaps.mkdir()
+    keys = [f"{i:024x}" for i in range(MAX_BASES + 3)]
+    for age, key in enumerate(keys):  # keys[0] is the newest, the last the oldest
+        for name in (f"{key}.qcow2", f"{key}+{'a' * 24}.qcow2", f"{key}.lock"):
+            (snaps / name).write_bytes(b"q")
+            os.utime(snaps / name, (1e9 - age * 100, 1e9 - age * 100))
+    # The oldest key's layer was used recently: the key counts as used then.
+    os.utime(snaps / f"{keys[-1]}+{'a' * 24}.qcow2", (1e9 + 50, 1e9 + 50))
+    just_saved = keys[-2]  # the key just saved stays, however old its files look
+
+    removed = evict_old_bases(keep=just_saved)
+
+    left = {p.name.split("+")[0].split(".")[0] for p in snaps.glob("*.qcow2")}
+    assert left == {just_saved, keys[-1], *keys[: MAX_BASES - 2]}
+    assert len(left) == MAX_BASES
+    assert {p.name for p in removed} == {
+        n for k in keys[MAX_BASES - 2 : -2] for n in (f"{k}.qcow2", f"{k}+{'a' * 24}.qcow2")
+    }
+    assert len(list(snaps.glob("*.lock"))) == len(keys)  # locks stay: a peer may hold one
+    assert evict_old_bases(keep=just_saved) == []  # within the bound: nothing more goes
+
+
+def test_evicting_without_a_snapshots_folder_is_a_no_op(cache: Path) -> None:
+    assert evict_old_bases(keep="k") == []
+    assert not snapshots_dir().exists()
 
 
 # --------------------------------------------------------------------------- repair
