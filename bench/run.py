@@ -248,6 +248,18 @@ def render(rows: list[Row], accel: str) -> str:
     return "\n".join(lines)
 
 
+def merge_rows(old_table: str, rows: list[Row], new_table: str) -> str:
+    """``old_table`` with ``rows`` in place of the rows of the same name; new ones follow the last of them."""
+    lines = old_table.strip("\n").splitlines()
+    rendered = {a: f"| {a} | {b} | {c} |" for a, b, c in rows}
+    named = [line.split(" | ", 1)[0].removeprefix("| ") for line in lines]
+    last = max((i for i, name in enumerate(named) if name in rendered), default=len(lines) - 1)
+    out = [rendered.pop(name, line) for name, line in zip(named, lines, strict=True)]
+    out[last + 1 : last + 1] = list(rendered.values())
+    out[0] = new_table.splitlines()[0]  # the "Measured by ..." line: today's date
+    return "\n".join(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -313,7 +325,10 @@ def main() -> int:
         if BEGIN not in text or END not in text:
             raise SystemExit(f"README.md has no {BEGIN} ... {END} section")
         head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
+        old, _, tail = rest.partition(END)
+        if args.only:
+            # Some sections only: keep the other sections' rows as they are.
+            table = merge_rows(old, rows, table)
         readme.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
         print("README.md updated")
     return 0

@@ -40,7 +40,7 @@ import ssl
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address
-from typing import Final, Literal
+from typing import Final
 
 from pytest_gondolin.errors import NetworkPolicyError
 from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
@@ -53,6 +53,7 @@ from pytest_gondolin.netpolicy.http.interceptor import (
 )
 from pytest_gondolin.netpolicy.http.mediation import error_response, with_rule
 from pytest_gondolin.netpolicy.http.messages import HttpRequest, HttpResponse
+from pytest_gondolin.netpolicy.http.mitm_tls import GUEST_READ_CHUNK, Phase, TlsTermination, Verdict
 from pytest_gondolin.netpolicy.http.recorder import Exchange
 from pytest_gondolin.netpolicy.http.sniff import SNIFF_LIMIT, sniff
 
@@ -72,9 +73,6 @@ log = logging.getLogger(__name__)
 #: flow that stays silent this long is a probe or a raw-TCP client waiting
 #: for a banner, and it holds a flow slot.
 SNIFF_TIMEOUT: Final = 30.0
-#: Guest bytes taken per read once the flow speaks HTTP (the interceptor
-#: bounds what it keeps; this only bounds one step of work).
-GUEST_READ_CHUNK: Final = 64 * 1024
 #: Plaintext encrypted per step for a TLS flow (several 16 KiB records).
 _TLS_WRITE_CHUNK: Final = 64 * 1024
 #: The start of the HTTP/2 client preface (RFC 9113 §3.4): h2c with prior knowledge.
@@ -85,16 +83,14 @@ _ALPN: Final = ("h2", "http/1.1")
 #: TCP send buffer, as for HTTP/1.1 answers (relay.ANSWER_BACKLOG).
 H2_OUTPUT_HIGH: Final = 256 * 1024
 
-Verdict = Literal["close", "abort"]
 #: A guest TLS session handed over with a switched flow: object, incoming and outgoing BIO.
 TlsSession = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
-_Phase = Literal["sniff", "handshake", "http", "done"]
 
 
 # --------------------------------------------------------------------------- the flow
 
 
-class FlowProxy:
+class FlowProxy(TlsTermination):
     """The host's side of one accepted guest TCP flow (see the module docstring).
 
     Guarantees: never raises on guest bytes; every flow that does not end in
@@ -120,7 +116,7 @@ class FlowProxy:
         self._ca = ca
         self._body_budget = body_budget
         self._clock = clock
-        self._phase: _Phase = "sniff"
+        self._phase: Phase = "sniff"
         self._sniff = bytearray()
         self._deadline: float | None = now + SNIFF_TIMEOUT
         self._tls: ssl.SSLObject | None = None
@@ -431,89 +427,6 @@ class FlowProxy:
             self._tls_in.write_eof()
         self._pump_tls()
 
-    def _drain_tls_out(self) -> None:
-        pending = self._tls_out.pending
-        if pending:
-            self._wire_out += self._tls_out.read(pending)
-
-    def _pump_tls(self) -> None:
-        tls = self._tls
-        assert tls is not None
-        if self._phase == "handshake":
-            try:
-                tls.do_handshake()
-            except ssl.SSLWantReadError:
-                self._drain_tls_out()
-                if self._eof:
-                    self._deny_connection(
-                        "the guest closed the connection during the TLS handshake",
-                        "tls-handshake",
-                        scheme="https",
-                    )
-                return
-            except (ssl.SSLError, OSError) as exc:
-                self._drain_tls_out()  # the alert tells the guest what went wrong
-                reason = getattr(exc, "reason", None) or str(exc)
-                self._records.append(
-                    Exchange.connection_denied(
-                        self._server_name or self.host,
-                        self.dst_port,
-                        with_rule(
-                            f"TLS handshake with the guest failed ({reason}); does the "
-                            "client trust the pytest-gondolin CA?",
-                            "tls-handshake",
-                        ),
-                        scheme="https",
-                        started=self._clock(),
-                    )
-                )
-                self._set_verdict("close")
-                return
-            self._drain_tls_out()
-            self._phase = "http"
-            self._deadline = None
-            authority = self._server_name or str(self.dst_ip)
-            if tls.selected_alpn_protocol() == "h2":
-                self._http = H2Interceptor(
-                    authority=authority,
-                    port=self.dst_port,
-                    budget=self._body_budget,
-                    clock=self._clock,
-                )
-                self._after_http()  # the server's SETTINGS go first (RFC 9113 §3.4)
-            else:
-                self._http = HttpInterceptor(
-                    "https",
-                    authority=authority,
-                    port=self.dst_port,
-                    budget=self._body_budget,
-                    clock=self._clock,
-                )
-            log.debug(
-                "TLS with the guest established for %s (%s)", self._server_name, self.protocol
-            )
-        self._read_tls_plaintext()
-
-    def _read_tls_plaintext(self) -> None:
-        tls, http = self._tls, self._http
-        assert tls is not None and http is not None
-        while self.verdict is None and http.wants_data:
-            try:
-                chunk = tls.read(GUEST_READ_CHUNK)
-            except ssl.SSLWantReadError:
-                break
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                chunk = b""  # close_notify, or a ragged EOF: the guest is done either way
-            except ssl.SSLError as exc:
-                log.debug("TLS error from the guest: %s", exc)
-                self._drain_tls_out()
-                self._set_verdict("abort")
-                return
-            self._feed_http(chunk)
-            if not chunk:
-                break
-        self._drain_tls_out()
-
     def _deliver_http_eof(self) -> None:
         """Tell a plain-HTTP interceptor the guest is done, once it is not owed a response."""
         assert self._http is not None
@@ -553,16 +466,3 @@ class FlowProxy:
                 self._wire_out = out
         if http.closed and self.verdict is None:
             self._set_verdict("close")
-
-    def _maybe_close_tls(self) -> None:
-        """Send close_notify once the interceptor is done and all plaintext is encrypted."""
-        if self._tls is None or self._tls_closing or self.verdict != "close" or self._plain_out:
-            return
-        if self._http is None:
-            return  # the handshake failed: the alert already went out
-        self._tls_closing = True
-        try:
-            self._tls.unwrap()
-        except (ssl.SSLWantReadError, ssl.SSLError, OSError):
-            pass  # close_notify is queued; we do not wait for the guest's
-        self._drain_tls_out()
