@@ -16,12 +16,10 @@ import re
 import struct
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.dynamic import DynamicSection
-from elftools.elf.elffile import ELFFile
-from elftools.elf.gnuversions import GNUVerNeedSection
+if TYPE_CHECKING:
+    from elftools.elf.elffile import ELFFile
 
 __all__ = [
     "MACHINES",
@@ -91,6 +89,11 @@ def read_elf(path: str) -> ElfNeeds:
 
     Raises ElfReadError (naming ``path``) when it is not a readable ELF object.
     """
+    # Imported here: pyelftools costs ~0.05-0.25 s to import, and a session
+    # whose interpreter choice is cached (host_python) reads no ELF file.
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
     try:
         size = os.path.getsize(path)
         if size > MAX_ELF_BYTES:
@@ -106,6 +109,9 @@ def read_elf(path: str) -> ElfNeeds:
 
 
 def _read(elf: ELFFile, path: str) -> ElfNeeds:
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.gnuversions import GNUVerNeedSection
+
     needed: list[str] = []
     runpath: list[str] = []
     rpath: list[str] = []

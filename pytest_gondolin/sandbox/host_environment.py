@@ -29,17 +29,19 @@ size, mtime and mode of every file it carries. :func:`layer_items` turns
 them into the pieces of the guest's ``host-environment`` layer
 (``vm/layers.py``), cached as a ready snapshot under the keys of all pieces:
 a later session with nothing changed reads only ``stat`` results and copies
-nothing into the guest. The whole is capped
+nothing into the guest. The scan's own answer is cached the same way
+(``scan(cache=...)``, :mod:`.environment_cache`): reused while the ``stat``
+of every path it read is unchanged. The whole is capped
 (:data:`DEFAULT_LIMIT`, ``gondolin_host_environment_limit``); past the cap the
 error names the largest distributions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
-import io
 import json
 import logging
 import os
@@ -47,7 +49,6 @@ import site
 import stat
 import sys
 import sysconfig
-import tarfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ from packaging.utils import canonicalize_name
 
 from pytest_gondolin.errors import ConfigError
 from pytest_gondolin.guest.hostpath import PLAIN, SITE
+from pytest_gondolin.sandbox import environment_cache
+from pytest_gondolin.sandbox.environment_cache import cached_pack, tar_files
 from pytest_gondolin.vm.layers import TarItem
 
 __all__ = [
@@ -88,6 +91,8 @@ DEFAULT_LIMIT: Final = 512 * 1024 * 1024
 EXCLUDED_DISTRIBUTIONS: Final = frozenset({"pytest-gondolin"})
 #: Bumped when the pack layout changes, so old cached packs are not reused.
 _PACK_FORMAT: Final = "1"
+#: Bumped when what :func:`scan` answers changes, so old cached answers are not reused.
+_SCAN_FORMAT: Final = "1"
 
 
 @dataclass(frozen=True)
@@ -240,8 +245,10 @@ def _metadata_folder(dist: importlib.metadata.Distribution) -> str | None:
     return _norm(str(path)) if path is not None else None
 
 
-def _walk_files(folder: str) -> Iterator[str]:
+def _walk_files(folder: str, dirs: list[str] | None = None) -> Iterator[str]:
     for dirpath, dirnames, filenames in os.walk(folder):
+        if dirs is not None:
+            dirs.append(dirpath)
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
         for name in sorted(filenames):
             yield os.path.join(dirpath, name)
@@ -263,10 +270,14 @@ _BYTECODE: Final = f".{sys.implementation.cache_tag}.pyc"
 
 
 def _distribution_files(
-    dist: importlib.metadata.Distribution, folder: str, meta: str
+    dist: importlib.metadata.Distribution, folder: str, meta: str, witnesses: list[str]
 ) -> tuple[list[str], bool]:
-    """Absolute paths of the files carried for ``dist``, and whether it has a RECORD."""
-    found = dict.fromkeys(_walk_files(meta))
+    """Absolute paths of the files carried for ``dist``, and whether it has a RECORD.
+
+    Adds to ``witnesses`` every path the answer depends on (:func:`scan`'s cache).
+    """
+    witnesses.append(meta)
+    found = dict.fromkeys(_walk_files(meta, witnesses))
     listed = dist.files
     for f in listed or ():
         if ".." in f.parts:
@@ -276,6 +287,7 @@ def _distribution_files(
         path = _norm(os.path.join(folder, str(f)))
         if _inside(path, folder):
             found[path] = None
+    witnesses += found
     return list(found), listed is not None
 
 
@@ -294,20 +306,80 @@ def scan(
     host_soabi: str | None = None,
     guest_soabi: str = GUEST_SOABI,
     limit: int = DEFAULT_LIMIT,
+    cache: Path | None = None,
 ) -> HostEnvironment:
     """What of the host's environment goes to the guest for a project at ``rootdir``.
 
     ``sys_path``, ``site_folders`` and ``host_soabi`` default to the running
     interpreter's; ``guest_soabi`` is the extension ABI of the Python that
-    runs the worker in the guest (the image's, or the host's own when carried). Raises ConfigError, naming the largest distributions, if
-    the carried files come to more than ``limit`` bytes.
+    runs the worker in the guest (the image's, or the host's own when
+    carried). With ``cache``, the answer is kept there and reused while
+    nothing it depends on changed (:mod:`.environment_cache`: ~0.02 s instead
+    of a walk). Raises ConfigError, naming the largest distributions, if the
+    carried files come to more than ``limit`` bytes.
     """
     root = _norm(str(rootdir))
     sys_path = list(sys.path if sys_path is None else sys_path)
     site_folders = host_site_folders() if site_folders is None else site_folders
     host_soabi = host_soabi or str(sysconfig.get_config_var("SOABI") or "")
-    stdlib = _stdlib_folders()
+    inputs = (_SCAN_FORMAT, root, sys_path, sorted(site_folders), host_soabi, guest_soabi)
+    interpreter = (sys.executable, sys.version, sys.prefix, sys.base_prefix)
+    entry = None
+    if cache is not None:
+        digest = hashlib.sha256(repr((inputs, interpreter)).encode()).hexdigest()[:32]
+        entry = cache / f"scan-{digest}.json"
+    env = _from_json(environment_cache.load_scan(entry)) if entry is not None else None
+    if env is None:
+        witnesses = [__file__, environment_cache.__file__]  # the scanning code itself
+        stdlib = _stdlib_folders()
+        env = _scan(root, sys_path, site_folders, host_soabi, guest_soabi, stdlib, witnesses)
+        if entry is not None:
+            environment_cache.save_scan(entry, witnesses, dataclasses.asdict(env))
+    _check_limit(env, limit)
+    return env
 
+
+def _check_limit(env: HostEnvironment, limit: int) -> None:
+    if env.size > limit:
+        biggest = sorted(env.carried, key=lambda d: d.size, reverse=True)[:5]
+        listing = ", ".join(f"{d.name} ({d.size / 2**20:.1f} MiB)" for d in biggest)
+        raise ConfigError(
+            f"the host's Python environment is {env.size / 2**20:.0f} MiB, over the "
+            f"{limit // 2**20} MiB limit for carrying it into the guest; largest distributions: "
+            f"{listing}. Raise gondolin_host_environment_limit (e.g. '2G') or set "
+            "gondolin_host_environment = off."
+        )
+
+
+def _from_json(data: object) -> HostEnvironment | None:
+    """A :class:`HostEnvironment` from its ``dataclasses.asdict`` form (None: not that)."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        return HostEnvironment(
+            tuple(PathEntry(**e) for e in data["entries"]),
+            tuple(
+                CarriedDistribution(**{**d, "files": tuple(d["files"])}) for d in data["carried"]
+            ),
+            tuple(MissingDistribution(**m) for m in data["missing"]),
+            tuple(data["loose_files"]),
+            tuple(data["sources"]),
+            tuple(data["notes"]),
+        )
+    except (KeyError, TypeError):
+        return None
+
+
+def _scan(
+    root: str,
+    sys_path: Sequence[str],
+    site_folders: frozenset[str],
+    host_soabi: str,
+    guest_soabi: str,
+    stdlib: frozenset[str],
+    witnesses: list[str],
+) -> HostEnvironment:
+    """:func:`scan` without its cache; adds to ``witnesses`` every path the answer depends on."""
     candidates: list[str] = []
     for entry in sys_path:
         if not entry:
@@ -315,11 +387,13 @@ def scan(
         path = _norm(entry)
         if path in candidates or _is_stdlib(path, stdlib) or _inside(path, root):
             continue
+        witnesses.append(path)
         if os.path.isdir(path):
             candidates.append(path)
     pth_targets: dict[str, str] = {}  # folder named by a .pth line -> the .pth file
     for path in candidates:
         if path in site_folders:
+            witnesses += (os.path.join(path, n) for n in _listdir(path) if n.endswith(".pth"))
             for pth, target in _pth_lines(path):
                 pth_targets.setdefault(target, pth)
 
@@ -347,7 +421,7 @@ def scan(
             version = dist.version or "0"
             if meta is None:
                 continue
-            files, has_record = _distribution_files(dist, path, meta)
+            files, has_record = _distribution_files(dist, path, meta, witnesses)
             if canonicalize_name(name) in EXCLUDED_DISTRIBUTIONS:
                 excluded.update(files)
                 continue
@@ -370,7 +444,9 @@ def scan(
             )
             source = _editable_source(dist)
             if source is not None:
-                editable.append(source)
+                witnesses.append(source)
+                if os.path.isdir(source):
+                    editable.append(source)
     loose = [
         pth
         for entry in entries
@@ -384,19 +460,9 @@ def scan(
         if pth not in excluded and target not in site_folders and target not in holders:
             editable.append(target)
     sources = _outermost(s for s in editable if not _inside(s, root) and not _is_stdlib(s, stdlib))
-    env = HostEnvironment(
+    return HostEnvironment(
         tuple(entries), tuple(carried), tuple(missing), tuple(loose), sources, tuple(notes)
     )
-    if env.size > limit:
-        biggest = sorted(carried, key=lambda d: d.size, reverse=True)[:5]
-        listing = ", ".join(f"{d.name} ({d.size / 2**20:.1f} MiB)" for d in biggest)
-        raise ConfigError(
-            f"the host's Python environment is {env.size / 2**20:.0f} MiB, over the "
-            f"{limit // 2**20} MiB limit for carrying it into the guest; largest distributions: "
-            f"{listing}. Raise gondolin_host_environment_limit (e.g. '2G') or set "
-            "gondolin_host_environment = off."
-        )
-    return env
 
 
 def _listdir(folder: str) -> list[str]:
@@ -407,7 +473,7 @@ def _listdir(folder: str) -> list[str]:
 
 
 def _editable_source(dist: importlib.metadata.Distribution) -> str | None:
-    """The project folder of an editable install (PEP 610 ``direct_url.json``), if any."""
+    """The project folder an editable install names (PEP 610 ``direct_url.json``), if any."""
     text = dist.read_text("direct_url.json")
     if not text:
         return None
@@ -425,8 +491,7 @@ def _editable_source(dist: importlib.metadata.Distribution) -> str | None:
         return None
     from urllib.parse import unquote, urlsplit
 
-    path = unquote(urlsplit(url).path)
-    return _norm(path) if os.path.isdir(path) else None
+    return _norm(unquote(urlsplit(url).path))
 
 
 def _outermost(folders: Iterable[str]) -> tuple[str, ...]:
@@ -436,48 +501,6 @@ def _outermost(folders: Iterable[str]) -> tuple[str, ...]:
         if not any(_inside(folder, kept) for kept in out):
             out.append(folder)
     return tuple(sorted(out))
-
-
-def _tar_files(paths: Iterable[str]) -> bytes:
-    """A tar of ``paths`` (regular files, symlinks resolved) at their absolute paths."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for path in paths:
-            try:
-                fh = open(path, "rb")  # noqa: SIM115 - closed below, after addfile
-            except OSError:
-                continue  # gone since the scan: the key changes next session
-            with fh:
-                st = os.fstat(fh.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                info = tarfile.TarInfo(path.lstrip("/"))
-                info.size = st.st_size
-                info.mode = stat.S_IMODE(st.st_mode)
-                info.mtime = int(st.st_mtime)
-                info.uid = info.gid = 0
-                info.uname = info.gname = "root"
-                tar.addfile(info, fh)
-    return buf.getvalue()
-
-
-_cache_lock = threading.Lock()
-
-
-def _cached_pack(dist: CarriedDistribution, cache: Path) -> bytes:
-    """The tar of ``dist``'s files, from the cache or packed now and cached."""
-    target = cache / f"{dist.key}.tar"
-    with _cache_lock:
-        try:
-            return target.read_bytes()
-        except FileNotFoundError:
-            pass
-        data = _tar_files(dist.files)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{dist.key}.{os.getpid()}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)  # atomic: a reader sees a whole pack or none
-        return data
 
 
 def layer_items(env: HostEnvironment, cache: Path) -> list[TarItem]:
@@ -491,9 +514,10 @@ def layer_items(env: HostEnvironment, cache: Path) -> list[TarItem]:
     loose = list(env.loose_files)
     if loose:
         stats = [(f, st) for f in loose if (st := _regular_stat(f)) is not None]
-        items.append(TarItem(f"pth:{_pack_key(stats)}", lambda: _tar_files(loose)))
+        items.append(TarItem(f"pth:{_pack_key(stats)}", lambda: tar_files(loose)))
     for dist in env.carried:
-        items.append(TarItem(f"dist:{dist.key}", functools.partial(_cached_pack, dist, cache)))
+        pack = functools.partial(cached_pack, dist.key, dist.files, cache)
+        items.append(TarItem(f"dist:{dist.key}", pack))
     return items
 
 

@@ -116,13 +116,17 @@ MAX_MESSAGES_PER_RUN: Final = 20_000
 #: Warnings beyond this many in one run are dropped (and counted).
 MAX_WARNINGS_PER_RUN: Final = 1_000
 #: Estimated bytes of host memory everything one test sends may keep until
-#: the session ends (the terminal reporter holds every report).  Four
-#: reports at MAX_REPORT_KEPT, or ~8000 small subtest reports; beyond it
-#: the test fails with a WorkerProtocolError instead of growing the host.
-MAX_KEPT_PER_TEST: Final = 16 * 1024 * 1024
-#: What one report costs the host beyond its data: the ``TestReport`` with
-#: its ``__dict__``, node id, keywords dict and the reporters' bookkeeping.
-REPORT_OVERHEAD: Final = 2048
+#: the session ends (the terminal reporter holds every report, as it does
+#: without pytest-gondolin).  Eight reports at MAX_REPORT_KEPT, or ~11,000
+#: small subtest reports; beyond it the test fails with a WorkerProtocolError
+#: instead of growing the host.  Sized for real suites: more-itertools'
+#: ``test_primes`` sends 9,592 subtest reports (~26 MiB at this estimate).
+MAX_KEPT_PER_TEST: Final = 32 * 1024 * 1024
+#: What one report costs the host beyond the estimate of its data: the
+#: ``TestReport`` object and the reporters' bookkeeping.  Measured for a small
+#: passed subtest report: 2.5 KiB in all, of which the data estimate is 1.8 KiB
+#: (tests/unit/sandbox/test_subtest_budget.py checks the estimate covers it).
+REPORT_OVERHEAD: Final = 1024
 #: Same for a warning or error message (the record and the replayed warning).
 _MESSAGE_OVERHEAD: Final = 512
 #: Copies the host makes of a warning's or error's text: the record, the

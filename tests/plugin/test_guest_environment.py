@@ -19,10 +19,12 @@ Each inner session is one VM preparation (~25 s under TCG).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,45 @@ def test_without_the_host_environment_the_guest_lacks_it(
     outcomes = result.parseoutcomes()
     assert outcomes.get("errors", 0) >= 1 and "passed" not in outcomes, outcomes
     result.stdout.fnmatch_lines(["*ModuleNotFoundError: No module named 'hypothesis'*"])
+
+
+_LATE = """
+import importlib.metadata as md
+
+import pytest
+
+
+@pytest.mark.sandboxed
+def test_latecomer():
+    import latecomer
+
+    assert latecomer.VALUE == 7 and md.version("latecomer") == "1.0"
+"""
+
+
+def test_a_distribution_installed_between_sessions_is_in_the_guest(
+    project: tuple[pytest.Pytester, Path],
+) -> None:
+    """The environment scan is cached across sessions, never stale: an install between two is seen."""
+    pytester, python = project
+    venv = python.parent.parent
+    site = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    past = time.time() - 60  # older than the scan cache's racy window: the first answer is saved
+    for path in [venv, *venv.rglob("*")]:
+        os.utime(path, (past, past), follow_symlinks=False)
+    pytester.makepyfile(test_late=textwrap.dedent(_LATE))
+    started = time.time()
+    _run(pytester, python, "test_late.py").assert_outcomes(failed=1)
+    saved = [
+        entry
+        for entry in (paths.cache_dir() / "host-environment").glob("scan-*.json")
+        if entry.stat().st_mtime >= started - 1 and str(site) in entry.read_text()
+    ]
+    assert saved, "the first session's scan was not cached: this test would prove nothing"
+    # What pip leaves for a pure wheel, written by hand (no index here).
+    (site / "latecomer.py").write_text("VALUE = 7\n")
+    info = site / "latecomer-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: latecomer\nVersion: 1.0\n")
+    (info / "RECORD").write_text(f"latecomer.py,,\n{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
+    _run(pytester, python, "test_late.py").assert_outcomes(passed=1)

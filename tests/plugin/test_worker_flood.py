@@ -223,8 +223,8 @@ def test_a_flooding_worker_costs_the_host_a_bounded_amount_per_test(
             f"{error}test_nested_lists_16mib: *line of 4194305 bytes (limit 4194304)",
             f"{error}test_nested_lists_under_the_line_cap: *over 200000 JSON values*",
             f"{error}test_deep_nesting: *nested deeper than 64*",
-            f"{error}test_huge_sections: *would keep more than 16 MiB*",
-            f"{error}test_many_small_reports: *would keep more than 16 MiB*",
+            f"{error}test_huge_sections: *would keep more than {MAX_KEPT_PER_TEST // MIB} MiB*",
+            f"{error}test_many_small_reports: *would keep more than {MAX_KEPT_PER_TEST // MIB} MiB*",
         ]
     )
     report = {name: {k: _mib(v) for k, v in m.items()} for name, m in measured.items()}
