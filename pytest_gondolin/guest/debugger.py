@@ -1,21 +1,32 @@
-"""``--pdb`` for a sandboxed test: pdb's post-mortem runs here, in the guest, on the host's terminal.
+"""pdb for a sandboxed test: it runs here, in the guest, on the host's terminal.
 
-When the host runs with ``--pdb`` and has a terminal to give
-(:mod:`pytest_gondolin.sandbox.debugger`), every ``run`` command's
-environment holds ``PYTEST_GONDOLIN_PDB=1`` (:data:`PDB_ENV`). A test that
-fails then gets what pytest's own ``--pdb`` gives a host-side test: the
-captured output and the traceback, then ``pdb.Pdb`` post-mortem on the
-failure's traceback -- in this process, so ``p``, ``l``, ``up``, ``!expr``
-see the guest's frames. pdb's input and output are :class:`HostTerminal`,
-which turns them into worker messages (see :mod:`pytest_gondolin.guest.worker`)::
+Every ``run`` command's environment says whether the host lends its
+terminal (:mod:`pytest_gondolin.sandbox.debugger`): ``PYTEST_GONDOLIN_TERMINAL``
+(:data:`TERMINAL_ENV`) is ``"1"``, or else the reason there is none.
+
+* ``breakpoint()``, ``pdb.set_trace()`` and ``pytest.set_trace()`` in a run
+  (:func:`breakpoints`, around each run) stop the test in pdb on that
+  terminal, as pytest's do on the host; ``c`` goes on, ``q`` ends the
+  host's session once the test is over (the test fails with ``BdbQuit``
+  here; the host shows none of what it reports after the quit). Without a
+  terminal, the call fails the test with the host's reason, at once:
+  nothing waits for input that cannot come.
+* With ``--pdb`` too, the environment holds ``PYTEST_GONDOLIN_PDB=1``
+  (:data:`PDB_ENV`): a test that fails gets what pytest's own ``--pdb``
+  gives a host-side test: the captured output and the traceback, then
+  ``pdb.Pdb`` post-mortem on the failure's traceback.
+
+Either way pdb runs in this process, so ``p``, ``l``, ``up``, ``!expr`` see
+the guest's frames. pdb's input and output are :class:`HostTerminal`, which
+turns them into worker messages (see :mod:`pytest_gondolin.guest.worker`)::
 
     {"t": "pdb_output", "data": str}   what pdb, and code it runs, writes (at most CHUNK)
     {"t": "pdb_read"}                  pdb waits for a line; the host answers
                                        {"t": "answer", "ok": true, "data": str}: the line typed
                                        {"t": "answer", "ok": false, ...}: end of input
-    {"t": "pdb_end", "quit": bool}     the post-mortem is over; ``quit``: pdb was quit (``q``,
-                                       end of input) and the host ends its session, as
-                                       pytest's ``--pdb`` does
+    {"t": "pdb_end", "quit": bool}     pdb is over (continued, quit, or the run ended);
+                                       ``quit``: pdb was quit (``q``, end of input) and
+                                       the host ends its session, as pytest's pdb does
 
 The run goes on after ``pdb_end`` (teardown, reports, ``done``) whatever the
 user typed: quitting ends the host's session, never the worker's.
@@ -28,17 +39,33 @@ import contextlib
 import doctest
 import os
 import pdb
+import sys
 import types
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import pytest
 
+from pytest_gondolin.guest import hostquery
 from pytest_gondolin.guest.hostquery import LinePipe
 
-__all__ = ["CHUNK", "MAX_LINE", "PDB_ENV", "HostTerminal", "enabled", "post_mortem"]
+__all__ = [
+    "CHUNK",
+    "MAX_LINE",
+    "PDB_ENV",
+    "TERMINAL_ENV",
+    "HostTerminal",
+    "breakpoints",
+    "enabled",
+    "post_mortem",
+]
 
-#: Set to "1" in a run's environment when the host proxies its terminal for pdb.
+#: Set to "1" in a run's environment when the host runs with ``--pdb`` (and lends its
+#: terminal): a failure enters pdb's post-mortem.
 PDB_ENV: Final = "PYTEST_GONDOLIN_PDB"
+#: "1" in a run's environment when the host lends its terminal to pdb in the guest;
+#: otherwise the reason it cannot ("stdin is not a terminal", ...).
+TERMINAL_ENV: Final = "PYTEST_GONDOLIN_TERMINAL"
 #: Largest ``data`` of one ``pdb_output`` message (the host accepts no more).
 CHUNK: Final = 16 * 1024
 #: Longest line pdb takes from the host; the rest of a longer one is dropped.
@@ -166,3 +193,118 @@ def post_mortem(
         terminal.flush()
         pipe.send({"t": "pdb_end", "quit": quitting})
     return quitting
+
+
+def _sep(terminal: HostTerminal, title: str) -> None:
+    """A ``>>>> title >>>>`` line, as pytest's pdb writes them."""
+    from _pytest._io import TerminalWriter
+
+    writer = TerminalWriter(terminal)  # type: ignore[arg-type]
+    writer.hasmarkup = False
+    writer.line()
+    writer.sep(">", title)
+
+
+class _TracePdb(pdb.Pdb):
+    """pdb stopped by ``breakpoint()`` in a run, on the host's terminal.
+
+    While it holds the test (from the breakpoint to ``c`` or ``q``), what the
+    test prints goes to the terminal too, as with pytest's capture suspended.
+    """
+
+    def __init__(self, terminal: HostTerminal, pipe: LinePipe) -> None:
+        # nosigint: SIGINT is the host's business; readrc: no guest .pdbrc.
+        super().__init__(stdin=terminal, stdout=terminal, nosigint=True, readrc=False)  # type: ignore[arg-type]
+        self._terminal = terminal
+        self._pipe = pipe
+        self._saved: tuple[Any, Any] | None = None
+        self.over = False
+
+    def hold(self) -> None:
+        """The test's ``sys.stdout`` / ``sys.stderr`` are the terminal until :meth:`end`."""
+        if self._saved is None:
+            self._saved = (sys.stdout, sys.stderr)
+            sys.stdout = sys.stderr = self._terminal
+
+    def end(self, *, quit: bool) -> None:
+        """pdb lets go of the test: output back where it was, the host told (once)."""
+        if self._saved is not None:
+            sys.stdout, sys.stderr = self._saved
+            self._saved = None
+        self._terminal.flush()
+        if not self.over:
+            self.over = True
+            self._pipe.send({"t": "pdb_end", "quit": quit})
+
+    def do_continue(self, arg: str) -> bool | None:
+        result = super().do_continue(arg)
+        _sep(self._terminal, "PDB continue (in the guest; IO-capturing resumed)")
+        self.end(quit=False)
+        return result
+
+    do_c = do_cont = do_continue
+
+    def do_quit(self, arg: str) -> bool | None:
+        result = super().do_quit(arg)
+        self.end(quit=True)
+        return result
+
+    do_q = do_exit = do_quit
+
+    def do_EOF(self, arg: str) -> bool | None:
+        result = super().do_EOF(arg)
+        self.end(quit=True)
+        return result
+
+
+def _no_terminal(reason: str) -> None:
+    pytest.fail(
+        f"breakpoint() / pdb.set_trace() in a sandboxed test needs the host's terminal, "
+        f"and there is none: {reason}. Run this test from a terminal (without -n) to debug it "
+        "in the guest, or without @pytest.mark.sandboxed.",
+        pytrace=False,
+    )
+
+
+@contextlib.contextmanager
+def breakpoints() -> Iterator[None]:
+    """Within the block (one run), ``breakpoint()``, ``pdb.set_trace()`` and
+    ``pytest.set_trace()`` stop the test in pdb on the host's terminal, or fail it
+    when there is none. Outside a run (no channel to the host) nothing changes;
+    nor does ``breakpoint()`` when ``PYTHONBREAKPOINT`` names another hook."""
+    pipe = hostquery.current()
+    if pipe is None:
+        yield
+        return
+    sessions: list[_TracePdb] = []
+
+    def set_trace(*args: object, header: str | None = None, **kwargs: object) -> None:
+        lent = os.environ.get(TERMINAL_ENV, "the host lent none")
+        if lent != "1":
+            _no_terminal(lent)
+        terminal = HostTerminal(pipe)
+        debugger = _TracePdb(terminal, pipe)
+        sessions.append(debugger)
+        _sep(terminal, header or "PDB set_trace (in the guest; IO-capturing turned off)")
+        debugger.hold()
+        debugger.set_trace(sys._getframe(1))
+
+    saved: list[tuple[object, str, object]] = [
+        (pdb, "set_trace", pdb.set_trace),
+        (pytest, "set_trace", pytest.set_trace),
+    ]
+    if not os.environ.get("PYTHONBREAKPOINT"):
+        saved.append((sys, "breakpointhook", sys.breakpointhook))
+    replaced: Callable[..., None] = set_trace
+    for owner, name, _ in saved:
+        setattr(owner, name, replaced)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+        for debugger in sessions:
+            if not debugger.over:
+                # The run ended with pdb still stepping: stop tracing, tell the host.
+                sys.settrace(None)
+                debugger.end(quit=False)

@@ -41,6 +41,11 @@ def active(channel: LinePipe) -> Iterator[None]:
         _ACTIVE.remove(channel)
 
 
+def current() -> LinePipe | None:
+    """The channel of the item running now (``None`` between runs)."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 def host_query(kind: str, args: dict[str, Any] | None = None) -> Any:
     """Ask the host something while a test runs (e.g. ``"http"``: its recorded traffic).
 

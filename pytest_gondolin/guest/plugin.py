@@ -5,14 +5,18 @@ in a project's ``addopts`` and ``--strict-markers`` work in the guest too)
 plus the markers of the plugins the host applies around a run
 (pytest-timeout's ``timeout``, pytest-rerunfailures' ``flaky``), and
 replaces the host-only fixtures with ones that explain why they are not
-available. Imports only pytest and :mod:`pytest_gondolin.guest`.
+available. In the test worker, ``breakpoint()`` in a run stops it in pdb on
+the host's terminal (:func:`pytest_gondolin.guest.debugger.breakpoints`).
+Imports only pytest and :mod:`pytest_gondolin.guest`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import pytest
 
-from pytest_gondolin.guest import options
+from pytest_gondolin.guest import debugger, options
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -28,6 +32,13 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.pluginmanager.has_plugin("rerunfailures"):
         # Likewise pytest-rerunfailures: the host reruns a sandboxed test.
         config.addinivalue_line("markers", options.FLAKY_MARKER_DOC)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    # A run of the worker: pdb in it gets the host's terminal (or fails saying why not).
+    with debugger.breakpoints():
+        return (yield)
 
 
 def _host_only(name: str) -> object:

@@ -10,7 +10,7 @@ collected (and under which node ids) and which plugins and conftests load;
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from pytest_gondolin.sandbox.guest_plugins import (
     output_args,
     plugin_option_args,
 )
+from pytest_gondolin.sandbox.plugin_options import plugin_options
 from pytest_gondolin.sandbox.project_files import EXCLUDED_DIRS
 
 __all__ = ["GuestArgs", "GuestSources", "guest_args", "plugin_in_guest", "worker_args"]
@@ -41,7 +42,9 @@ def worker_args(config: pytest.Config) -> list[str]:
     ``--import-mode``, ``--assert``, ``--noconftest``, ``--strict-markers``,
     the doctest options (``--doctest-modules``, ``--doctest-glob``, ...),
     ``--ignore`` and ``--ignore-glob``, pytest-randomly's seed, ``--capture``
-    and ``--setup-show`` (:mod:`.guest_plugins`).  Paths (``--confcutdir``,
+    and ``--setup-show`` (:mod:`.guest_plugins`), and the options of the
+    plugins and conftests that load in the guest too, as the command line
+    gave them (:func:`~.plugin_options.plugin_options`).  Paths (``--confcutdir``,
     ``--ignore``) are made absolute against the invocation directory, so
     they name the same files whatever the worker's working directory.
     Selection options (``-k``, ``-m``, ``--deselect``, ``--lf``, ``-x``) and
@@ -86,6 +89,8 @@ def worker_args(config: pytest.Config) -> list[str]:
         args.append("--strict-markers")
     args += _collection_args(config)
     args += plugin_option_args(config) + output_args(config)
+    for tokens in plugin_options(config).values():
+        args += tokens
     return args
 
 
@@ -182,13 +187,19 @@ class GuestArgs:
     dropped_plugins: tuple[str, ...] = ()
 
 
-def guest_args(args: Sequence[str], loads_in_guest: Callable[[str], bool]) -> GuestArgs:
+def guest_args(
+    args: Sequence[str],
+    loads_in_guest: Callable[[str], bool],
+    plugin_options: Mapping[str, Sequence[str]] | None = None,
+) -> GuestArgs:
     """Drop the ``-p NAME`` plugin loads for which ``loads_in_guest(NAME)`` is false.
 
     Host plugins not installed in the guest (xdist, cov, ...) would stop the
     worker at start-up.  ``-p no:NAME`` (disabling) is always kept; conftest
-    plugins load in the guest anyway. The options of a dropped plugin
-    (``guest_plugins.PLUGIN_OPTION_PREFIXES``) go with it.
+    plugins load in the guest anyway. The options of a dropped plugin go
+    with it: ``guest_plugins.PLUGIN_OPTION_PREFIXES``, and its tokens in
+    ``plugin_options`` (:func:`~.plugin_options.plugin_options`, which
+    :func:`worker_args` appended one plugin after the other).
     """
     out: list[str] = []
     dropped: list[str] = []
@@ -208,4 +219,16 @@ def guest_args(args: Sequence[str], loads_in_guest: Callable[[str], bool]) -> Gu
     prefixes = tuple(p for name in dropped for p in PLUGIN_OPTION_PREFIXES.get(name, ()))
     if prefixes:
         out = [arg for arg in out if not arg.startswith(prefixes)]
+    for name in dropped:
+        out = _without_run(out, list((plugin_options or {}).get(name, ())))
     return GuestArgs(tuple(out), tuple(dropped))
+
+
+def _without_run(args: list[str], run: list[str]) -> list[str]:
+    """``args`` without the last contiguous occurrence of ``run`` (unchanged when absent)."""
+    if not run:
+        return args
+    for start in range(len(args) - len(run), -1, -1):
+        if args[start : start + len(run)] == run:
+            return args[:start] + args[start + len(run) :]
+    return args

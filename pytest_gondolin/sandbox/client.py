@@ -66,9 +66,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
 from pytest_gondolin.errors import AgentError, GondolinError, WorkerProtocolError
-from pytest_gondolin.guest.debugger import PDB_ENV
 from pytest_gondolin.guest.worker import MAX_COMMAND_LINE, MAX_WORKER_LINE, encode_line
 from pytest_gondolin.logtail import tail_lines
+from pytest_gondolin.sandbox.debugger import RunDebugger, serve
 from pytest_gondolin.sandbox.json_checks import JSONObject
 from pytest_gondolin.sandbox.live_output import (
     LIVE_TRUNCATED,
@@ -160,19 +160,6 @@ class WorkerTransport(Protocol):
     def stderr_tail(self) -> str: ...
 
 
-class RunDebugger(Protocol):
-    """The host's terminal, lent to pdb in the guest (``--pdb``: sandbox/debugger.py)."""
-
-    def show(self, text: str) -> None:
-        """Write what pdb wrote (guest text: made safe for a terminal by the callee)."""
-
-    def read_line(self) -> str | None:
-        """The next line typed, without its newline; ``None`` at the end of input."""
-
-    def ended(self, nodeid: str, *, quit: bool) -> None:
-        """pdb is over for ``nodeid``; ``quit``: the user quit it."""
-
-
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "worker connection lost"
@@ -212,7 +199,8 @@ class WorkerClient:
         #: made safe for a terminal.
         self.on_output: Callable[[str, str], None] = show_live_output
         self._live_left = MAX_LIVE_CHARS_PER_RUN
-        #: With ``--pdb`` and a terminal: a failing run enters pdb in the guest, on it.
+        #: The host's terminal for pdb in the guest (``breakpoint()``, ``--pdb``), or
+        #: why there is none (sandbox/debugger.py); ``None``: pdb gets no terminal.
         self.debugger: RunDebugger | None = None
 
     @property
@@ -365,9 +353,9 @@ class WorkerClient:
         seconds (``"timeout"``: the worker gets SIGUSR1 for a stack dump,
         then is killed).  Reports for any other node id are a protocol
         violation.  ``env`` is merged into the worker's environment before the item runs.
-        With a :attr:`debugger`, a failure enters pdb in the guest on the
-        host's terminal; the time spent waiting for the user to type is not
-        counted against *timeout*.
+        With a :attr:`debugger`, pdb in the guest (``breakpoint()``; with
+        ``--pdb``, a failure) gets the host's terminal; the time spent waiting
+        for the user to type is not counted against *timeout*.
         """
         if not isinstance(nodeid, str) or not 0 < len(nodeid) <= MAX_NODEID_CHARS:
             raise WorkerProtocolError(f"refusing to send node id {nodeid!r:.100}")
@@ -387,7 +375,7 @@ class WorkerClient:
         self._set_state(WorkerState.RUNNING)
         try:
             command: JSONObject = {"t": "run", "nodeid": nodeid, "seed": int(seed)}
-            env = {**(env or {}), **({PDB_ENV: "1"} if self.debugger is not None else {})}
+            env = {**(env or {}), **(self.debugger.run_env() if self.debugger is not None else {})}
             if env:
                 command["env"] = env
             self._send(command)
@@ -403,7 +391,7 @@ class WorkerClient:
                 if isinstance(msg, OutputMessage):
                     self._show(msg)
                 elif isinstance(msg, PdbOutput | PdbRead | PdbEnd):
-                    deadline += self._debug(nodeid, msg)
+                    deadline += serve(self.debugger, nodeid, msg, self._send, tally.reports)
                 else:
                     tally.add(msg)
                 if isinstance(msg, QueryMessage):
@@ -428,28 +416,6 @@ class WorkerClient:
         if self._live_left <= 0:
             text += LIVE_TRUNCATED
         self.on_output(msg.stream, safe_terminal_text(text))
-
-    def _debug(self, nodeid: str, msg: PdbOutput | PdbRead | PdbEnd) -> float:
-        """Serve pdb in the guest with :attr:`debugger`; returns the seconds spent
-        waiting for the user (taken off the run's clock). Without a debugger, pdb's
-        output is dropped and its reads get the end of input (pdb then quits)."""
-        debugger = self.debugger
-        if isinstance(msg, PdbOutput):
-            if debugger is not None:
-                debugger.show(msg.data)
-            return 0.0
-        if isinstance(msg, PdbEnd):
-            if debugger is not None:
-                debugger.ended(nodeid, quit=msg.quit)
-            return 0.0
-        started = time.monotonic()
-        line = debugger.read_line() if debugger is not None else None
-        waited = time.monotonic() - started
-        if line is None:
-            self._send({"t": "answer", "ok": False, "error": "end of input"})
-        else:
-            self._send({"t": "answer", "ok": True, "data": line})
-        return waited
 
     def _answer(self, query: QueryMessage) -> None:
         """Answer a mid-run query with ``on_query`` (no handler or a failure: an error answer)."""

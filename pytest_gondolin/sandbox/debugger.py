@@ -1,19 +1,22 @@
-"""``--pdb`` for sandboxed tests, on the host: the terminal that pdb in the guest talks to.
+"""pdb for sandboxed tests, on the host: the terminal that pdb in the guest talks to.
 
-pytest's ``--pdb`` enters pdb's post-mortem when a test fails. A sandboxed
-test fails in the guest, so pdb runs there (:mod:`pytest_gondolin.guest.debugger`)
-and this module gives it the host's terminal: the client's run loop
-(:mod:`.client`) hands it pdb's output, to write with pytest's capture
-suspended, and pdb's requests for a line, to read from the terminal. The
-run's timeout does not count the time spent waiting for the user to type.
+A sandboxed test runs in the guest, so its pdb runs there
+(:mod:`pytest_gondolin.guest.debugger`) and this module gives it the host's
+terminal: the client's run loop (:mod:`.client`) hands :func:`serve` pdb's
+output, to write with pytest's capture suspended, and pdb's requests for a
+line, to read from the terminal. Two ways in, as on the host: ``--pdb``'s
+post-mortem of a failure, and ``breakpoint()`` / ``pdb.set_trace()`` /
+``pytest.set_trace()`` in the test (with or without ``--pdb``). The run's
+timeout does not count the time spent waiting for the user to type.
 Quitting pdb (``q``, end of input) ends the session after the test's
-reports are in, as pytest's ``--pdb`` does on the host
+reports are in, as pytest's pdb does on the host
 (``pytest.exit("Quitting debugger")``: exit status 2, later tests not run).
 
-There is no debugger to give without a terminal: when stdin is not a TTY
-(CI, a pipe), under pytest-xdist (``-n``; xdist itself refuses ``--pdb``),
-or with ``--trace`` (not supported for sandboxed tests), :func:`debugger_notice`
-says so once, up front, and sandboxed failures are reported as usual.
+There is no terminal to lend when stdin is not a TTY (CI, a pipe) or under
+pytest-xdist (``-n``; xdist itself refuses ``--pdb``): :class:`NoTerminal`
+then tells each run why, a ``breakpoint()`` there fails its test saying so
+(never waits), and :func:`debugger_notice` says it once, up front, under
+``--pdb`` (or ``--trace``, not supported for sandboxed tests).
 :func:`terminal_debugger` is the one place that decides, once per session.
 """
 
@@ -22,22 +25,75 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
-from typing import Final
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Final, Protocol
 
 import pytest
 
-from pytest_gondolin.guest.debugger import MAX_LINE
+from pytest_gondolin.guest.debugger import MAX_LINE, PDB_ENV, TERMINAL_ENV
+from pytest_gondolin.sandbox.json_checks import JSONObject
 from pytest_gondolin.sandbox.live_output import safe_terminal_text
+from pytest_gondolin.sandbox.messages import PdbEnd, PdbOutput, PdbRead
+from pytest_gondolin.sandbox.replay import replay_begun, replay_cut
 
-__all__ = ["TerminalDebugger", "debugger_notice", "terminal_debugger"]
+__all__ = [
+    "NoTerminal",
+    "RunDebugger",
+    "TerminalDebugger",
+    "debugger_notice",
+    "serve",
+    "terminal_debugger",
+]
 
 log = logging.getLogger(__name__)
 
-#: The session's TerminalDebugger, or why there is none under --pdb (both None: --pdb is off).
-_DEBUGGER_KEY: Final = pytest.StashKey["tuple[TerminalDebugger | None, str | None]"]()
+#: The session's debugger (a TerminalDebugger, or a NoTerminal saying why there is none).
+_DEBUGGER_KEY: Final = pytest.StashKey["TerminalDebugger | NoTerminal"]()
 #: What pytest's --pdb says when pdb was quit (``_pytest/debugging.py``: post_mortem).
 QUIT_MESSAGE: Final = "Quitting debugger"
+
+
+class RunDebugger(Protocol):
+    """What the worker client needs to serve pdb in the guest during a run."""
+
+    def show(self, text: str) -> None:
+        """Write what pdb wrote (guest text: made safe for a terminal by the callee)."""
+
+    def read_line(self) -> str | None:
+        """The next line typed, without its newline; ``None`` at the end of input."""
+
+    def ended(self, nodeid: str, *, quit: bool, reports: int = 0) -> None:
+        """pdb is over for ``nodeid``; ``quit``: the user quit it, after the run had sent
+        ``reports`` reports."""
+
+    def begin(self, nodeid: str, reports: Sequence[JSONObject]) -> None:
+        """pdb in ``nodeid``'s run is about to use the terminal; ``reports``: its reports so far."""
+
+    def run_env(self) -> dict[str, str]:
+        """What a run's environment says about the terminal (guest/debugger.py)."""
+
+
+class NoTerminal:
+    """No terminal to lend: pdb in the guest gets none, and each run is told why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def show(self, text: str) -> None:
+        pass
+
+    def read_line(self) -> str | None:
+        return None
+
+    def ended(self, nodeid: str, *, quit: bool, reports: int = 0) -> None:
+        pass
+
+    def begin(self, nodeid: str, reports: Sequence[JSONObject]) -> None:
+        pass
+
+    def run_env(self) -> dict[str, str]:
+        return {TERMINAL_ENV: self.reason}
 
 
 class TerminalDebugger:
@@ -53,6 +109,31 @@ class TerminalDebugger:
         self._config = config
         #: Node ids whose pdb was quit: the session ends when their reports are in.
         self._quit: set[str] = set()
+        #: The item being run (to log its reports before pdb takes the terminal).
+        self._item: pytest.Item | None = None
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item) -> Generator[None, object, object]:
+        self._item = item
+        try:
+            return (yield)
+        finally:
+            self._item = None
+
+    def begin(self, nodeid: str, reports: Sequence[JSONObject]) -> None:
+        """With ``--pdb``, log the item's start and reports so far first: its ``FAILED``
+        line comes before the post-mortem, as on the host (``replay_begun``). Without
+        ``--pdb`` (a ``breakpoint()``), the reports come when the run is over."""
+        item = self._item
+        if item is not None and item.nodeid == nodeid and self._config.option.usepdb:
+            replay_begun(item, reports)
+
+    def run_env(self) -> dict[str, str]:
+        """The terminal is lent (breakpoints); with ``--pdb`` a failure enters pdb too."""
+        env = {TERMINAL_ENV: "1"}
+        if getattr(self._config.option, "usepdb", False):
+            env[PDB_ENV] = "1"
+        return env
 
     @contextlib.contextmanager
     def _terminal(self) -> Iterator[None]:
@@ -98,10 +179,19 @@ class TerminalDebugger:
                     pass
         return line.rstrip("\r\n")
 
-    def ended(self, nodeid: str, *, quit: bool) -> None:
-        """pdb is over for ``nodeid``; ``quit``: end the session once its reports are in."""
+    def ended(self, nodeid: str, *, quit: bool, reports: int = 0) -> None:
+        """pdb is over for ``nodeid``; ``quit``: end the session once its reports are in.
+
+        On the host, quitting pdb stops the test where it is: nothing after it is
+        reported (no call report after a breakpoint, no teardown). The guest finishes
+        the run all the same; of its reports, only the ``reports`` sent before the
+        quit are logged (``replay_cut``).
+        """
         if quit:
             self._quit.add(nodeid)
+            item = self._item
+            if item is not None and item.nodeid == nodeid:
+                replay_cut(item, reports)
 
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_logfinish(self, nodeid: str) -> None:
@@ -137,23 +227,16 @@ def _unavailable(config: pytest.Config) -> str | None:
     return None
 
 
-def terminal_debugger(config: pytest.Config) -> TerminalDebugger | None:
-    """The session's debugger for sandboxed tests, or ``None`` (decided once, then kept)."""
-    return _decide(config)[0]
-
-
-def _decide(config: pytest.Config) -> tuple[TerminalDebugger | None, str | None]:
-    """The session's debugger, or why there is none under ``--pdb``; decided once."""
+def terminal_debugger(config: pytest.Config) -> TerminalDebugger | NoTerminal:
+    """The session's terminal for pdb in the guest, or why there is none (decided once)."""
     if _DEBUGGER_KEY not in config.stash:
-        decision: tuple[TerminalDebugger | None, str | None] = (None, None)
-        if getattr(config.option, "usepdb", False):
-            reason = _unavailable(config)
-            if reason is None:
-                debugger = TerminalDebugger(config)
-                config.pluginmanager.register(debugger, "gondolin-debugger")
-                decision = (debugger, None)
-            else:
-                decision = (None, reason)
+        reason = _unavailable(config)
+        decision: TerminalDebugger | NoTerminal
+        if reason is None:
+            decision = TerminalDebugger(config)
+            config.pluginmanager.register(decision, "gondolin-debugger")
+        else:
+            decision = NoTerminal(reason)
         config.stash[_DEBUGGER_KEY] = decision
     return config.stash[_DEBUGGER_KEY]
 
@@ -164,9 +247,12 @@ def debugger_notice(config: pytest.Config, sandboxed: int) -> str | None:
     if not sandboxed:
         return None
     reasons = []
-    why_not = _decide(config)[1]
-    if why_not is not None:
-        reasons.append(f"--pdb does not enter sandboxed tests ({sandboxed} here): {why_not}")
+    if getattr(config.option, "usepdb", False):
+        decided = terminal_debugger(config)
+        if isinstance(decided, NoTerminal):
+            reasons.append(
+                f"--pdb does not enter sandboxed tests ({sandboxed} here): {decided.reason}"
+            )
     if getattr(config.option, "trace", False):
         reasons.append(
             f"--trace does not enter sandboxed tests ({sandboxed} here): not supported in the guest"
@@ -178,3 +264,34 @@ def debugger_notice(config: pytest.Config, sandboxed: int) -> str | None:
         "To debug one, run it with --pdb from a terminal (pdb then runs in the guest), "
         "or without @pytest.mark.sandboxed."
     )
+
+
+def serve(
+    debugger: RunDebugger | None,
+    nodeid: str,
+    msg: PdbOutput | PdbRead | PdbEnd,
+    answer: Callable[[JSONObject], None],
+    reports: Sequence[JSONObject] = (),
+) -> float:
+    """Serve one pdb message of a run with ``debugger``; returns the seconds spent
+    waiting for the user (the caller takes them off the run's clock). Without a
+    terminal, pdb's output is dropped and its reads get the end of input (pdb then
+    quits); ``answer`` sends the reply to a read. ``reports``: the run's so far."""
+    if debugger is not None and not isinstance(msg, PdbEnd):
+        debugger.begin(nodeid, reports)
+    if isinstance(msg, PdbOutput):
+        if debugger is not None:
+            debugger.show(msg.data)
+        return 0.0
+    if isinstance(msg, PdbEnd):
+        if debugger is not None:
+            debugger.ended(nodeid, quit=msg.quit, reports=len(reports))
+        return 0.0
+    started = time.monotonic()
+    line = debugger.read_line() if debugger is not None else None
+    waited = time.monotonic() - started
+    if line is None:
+        answer({"t": "answer", "ok": False, "error": "end of input"})
+    else:
+        answer({"t": "answer", "ok": True, "data": line})
+    return waited

@@ -32,7 +32,6 @@ from _pytest._code.code import ReprFileLocation, TerminalRepr
 from _pytest._io import TerminalWriter
 
 from pytest_gondolin.errors import WorkerProtocolError
-from pytest_gondolin.sandbox.debugger import debugger_notice
 from pytest_gondolin.sandbox.json_checks import JSONObject
 from pytest_gondolin.sandbox.messages import Collected, WarningRecord
 from pytest_gondolin.sandbox.outcome import Failure, HostFailure, RunOutcome
@@ -42,8 +41,9 @@ __all__ = [
     "IN_GUEST",
     "GuestErrorRepr",
     "WorkerFailureRepr",
-    "debugger_notice",
+    "replay_begun",
     "replay_collect_errors",
+    "replay_cut",
     "replay_item",
     "warning_category",
 ]
@@ -245,6 +245,43 @@ def _add_startup(reports: Sequence[pytest.TestReport], startup: float) -> None:
         )
 
 
+#: How many of an item's reports :func:`replay_begun` logged while its run went on.
+_LOGGED_EARLY: Final = pytest.StashKey[int]()
+
+
+def replay_begun(item: pytest.Item, data: Sequence[JSONObject]) -> None:
+    """Log a running item's start and its reports so far (``--pdb``: before pdb takes the
+    terminal, as pytest logs a failure before its post-mortem); :func:`replay_item` then
+    logs only the rest. At most once per run; a report that cannot be read stops it."""
+    if _LOGGED_EARLY in item.stash:
+        return
+    ihook = item.ihook
+    ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    logged = 0
+    for one in data:
+        try:
+            report = _deserialize(item.config, one)
+        except WorkerProtocolError:
+            break
+        if not isinstance(report, pytest.TestReport) or report.nodeid != item.nodeid:
+            break
+        report.location = item.location
+        setattr(report, GUEST_REPORT_ATTR, True)
+        ihook.pytest_runtest_logreport(report=report)
+        logged += 1
+    item.stash[_LOGGED_EARLY] = logged
+
+
+#: How many of an item's reports :func:`replay_item` logs at most (pdb was quit).
+_CUT: Final = pytest.StashKey[int]()
+
+
+def replay_cut(item: pytest.Item, count: int) -> None:
+    """Log at most the first ``count`` of the running item's reports: pdb was quit after
+    them, and on the host pytest stops a test there (``pytest.exit``)."""
+    item.stash[_CUT] = max(count, 0)
+
+
 def replay_item(
     item: pytest.Item,
     outcome: RunOutcome | Failure,
@@ -290,6 +327,11 @@ def replay_item(
         report.location = item.location
         setattr(report, GUEST_REPORT_ATTR, True)  # for the verbose "(in guest)" status
         reports.append(report)
+    cut = item.stash.get(_CUT, None)
+    if cut is not None:
+        del item.stash[_CUT]
+        reports = reports[:cut]
+        failure = None  # what happened after the quit is not reported, as on the host
     if outcome.host_failure is not None:
         _apply_host_failure(reports, outcome.host_failure)
     extra: list[pytest.TestReport] = []
@@ -302,8 +344,14 @@ def replay_item(
     if adjust is not None:
         adjust([*reports, *extra])
     ihook = item.ihook
-    ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    for report in (*reports, *extra):
+    # Logged already while the run went on (replay_begun): the start and the first reports.
+    early = item.stash.get(_LOGGED_EARLY, None)
+    if early is None:
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    else:
+        del item.stash[_LOGGED_EARLY]
+    # Only the worker's own reports were logged early, never the host's stand-ins.
+    for report in (*reports[early or 0 :], *extra):
         ihook.pytest_runtest_logreport(report=report)
     for record in outcome.warnings:
         _replay_warning(item, record)

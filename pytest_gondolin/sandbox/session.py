@@ -37,13 +37,13 @@ from pytest_gondolin.errors import (
 from pytest_gondolin.fixtures import ACTIVE_VM_KEY, GuestKey, get_factory
 from pytest_gondolin.image.recipe import load_recipe
 from pytest_gondolin.sandbox.coverage import HostCoverage
+from pytest_gondolin.sandbox.debugger import debugger_notice
 from pytest_gondolin.sandbox.guest_worker import GuestWorker
 from pytest_gondolin.sandbox.options import SandboxOptions, sandbox_options
 from pytest_gondolin.sandbox.outcome import Failure, RunOutcome
 from pytest_gondolin.sandbox.replay import (
     IN_GUEST,
     WorkerFailureRepr,
-    debugger_notice,
     replay_collect_errors,
     replay_item,
 )

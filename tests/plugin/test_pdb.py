@@ -94,7 +94,11 @@ def test_pdb_runs_in_the_guest_on_the_hosts_terminal(inner: pytest.Pytester) -> 
         before_prompt = transcript.getvalue()
         # The passing test ran without pdb; the failure is shown as pytest's --pdb shows it.
         assert "test_dbg.py::test_a_passes PASSED" in before_prompt
-        assert re.search(r">+ traceback >+", before_prompt), before_prompt
+        traceback = re.search(r">+ traceback >+", before_prompt)
+        assert traceback is not None, before_prompt
+        # The FAILED line before the post-mortem, as on the host.
+        failed = before_prompt.index("test_dbg.py::test_b_fails FAILED")
+        assert failed < traceback.start(), before_prompt
         assert "AssertionError: assert '1-worker-42' == 'on the host'" in before_prompt
         assert '-> assert local_var == "on the host"' in before_prompt
         # The user thinks for longer than the run's timeout: pdb's wait is not counted.
@@ -106,7 +110,8 @@ def test_pdb_runs_in_the_guest_on_the_hosts_terminal(inner: pytest.Pytester) -> 
         assert 'local_var = os.environ["PYTEST_GONDOLIN_WORKER"]' in listing
         # c: the run goes on; the next failure enters pdb again, in its own frame.
         after_continue = _command(child, "c", transcript)
-        assert "test_dbg.py::test_b_fails FAILED" in after_continue
+        assert "test_dbg.py::test_c_fails_too FAILED" in after_continue
+        assert after_continue.index("test_c_fails_too FAILED") < after_continue.index("-> assert")
         assert "Timeout" not in after_continue, after_continue
         assert "-> assert other == []" in after_continue
         assert "'1-worker-42'" not in _command(child, "p other", transcript)
@@ -116,7 +121,9 @@ def test_pdb_runs_in_the_guest_on_the_hosts_terminal(inner: pytest.Pytester) -> 
     finally:
         child.close(force=True)
     out = transcript.getvalue()
-    assert "test_dbg.py::test_c_fails_too FAILED" in out, out
+    # Each status line once: the replay after the run does not log them again.
+    assert out.count("test_dbg.py::test_b_fails FAILED") == 1, out
+    assert out.count("test_dbg.py::test_c_fails_too FAILED") == 1, out
     assert "_pytest.outcomes.Exit: Quitting debugger" in out, out
     assert "test_dbg.py::test_d_never_runs" not in out, out
     assert "2 failed, 1 passed" in out, out
@@ -141,3 +148,103 @@ def test_without_a_terminal_it_says_so_up_front_and_runs_on(inner: pytest.Pytest
     assert "(Pdb)" not in out and "entering PDB" not in out, out
     assert "1 failed, 1 passed" in out, out
     assert result.returncode == pytest.ExitCode.TESTS_FAILED, out
+
+
+BREAKPOINT_TESTS = """
+import os
+
+import pytest
+
+
+@pytest.mark.sandboxed
+def test_e_stops_at_a_breakpoint():
+    local_var = os.environ["PYTEST_GONDOLIN_WORKER"] + "-at-the-breakpoint"
+    breakpoint()
+    print("E-GOES-ON")
+    assert local_var.endswith("breakpoint")
+
+
+@pytest.mark.sandboxed
+def test_f_quits_there():
+    pytest.set_trace()
+
+
+@pytest.mark.sandboxed
+def test_g_never_runs():
+    pass
+"""
+
+
+def test_a_breakpoint_stops_the_sandboxed_test_in_pdb_on_the_hosts_terminal(
+    inner: pytest.Pytester,
+) -> None:
+    """No --pdb: breakpoint() / pytest.set_trace() in a sandboxed test, as on the host."""
+    inner.makepyfile(test_bp=textwrap.dedent(BREAKPOINT_TESTS))
+    transcript = io.StringIO()
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "pytest", "-p", "gondolin", "-v", "-p", "no:cacheprovider"],
+        cwd=str(inner.path),
+        encoding="utf-8",
+        codec_errors="replace",
+        timeout=INNER_TIMEOUT,
+        dimensions=(50, 120),
+    )
+    child.logfile_read = transcript
+    try:
+        child.expect(PROMPT)
+        before_prompt = transcript.getvalue()
+        assert "PDB set_trace (in the guest; IO-capturing turned off)" in before_prompt
+        assert '-> print("E-GOES-ON")' in before_prompt, before_prompt
+        assert "'1-at-the-breakpoint'" in _command(child, "p local_var", transcript)
+        # c: the test goes on and passes; the next one stops at its pytest.set_trace().
+        after_continue = _command(child, "c", transcript)
+        assert "PDB continue (in the guest; IO-capturing resumed)" in after_continue
+        assert "test_bp.py::test_e_stops_at_a_breakpoint PASSED" in after_continue
+        child.sendline("q")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    out = transcript.getvalue()
+    assert "_pytest.outcomes.Exit: Quitting debugger" in out, out
+    assert "test_bp.py::test_g_never_runs" not in out, out
+    # As on the host: the quit test stops there, unreported (no BdbQuit failure).
+    assert "BdbQuit" not in out and "failed" not in out, out
+    assert "1 passed" in out, out
+    assert child.exitstatus == pytest.ExitCode.INTERRUPTED, out
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [((), "stdin is not a terminal"), (("-n", "1"), "pytest-xdist workers have no terminal")],
+    ids=["no-tty", "xdist"],
+)
+def test_without_a_terminal_a_breakpoint_fails_its_test_saying_why(
+    inner: pytest.Pytester, args: tuple[str, ...], why: str
+) -> None:
+    inner.makepyfile(test_bp=textwrap.dedent(BREAKPOINT_TESTS))
+    # Negative control of the test above: no terminal; nothing may wait for input.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "gondolin",
+            "-v",
+            "-rf",
+            "-k",
+            "e_stops or g_",
+            *args,
+        ],
+        cwd=inner.path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=INNER_TIMEOUT,
+    )
+    out = result.stdout
+    assert "test_bp.py::test_e_stops_at_a_breakpoint" in out, out
+    assert f"needs the host's terminal, and there is none: {why}" in out, out
+    assert "(Pdb)" not in out and "E-GOES-ON" not in out, out
+    assert "1 failed, 1 passed" in out, out

@@ -8,6 +8,11 @@ user who installed them has them -- and the host's environment carried into
 the guest. Each row is then asserted by its own small test. Every sandboxed
 test here also fails when its plugin is not loaded in the guest (its
 fixture or marker is unknown there, or its interception is missing).
+
+A second session gives the plugins' and a conftest's own options on the
+command line and in ``PYTEST_ADDOPTS``; each of its sandboxed tests fails
+unless its option reached the guest as given (pytest-asyncio's strict mode
+refuses the unmarked coroutine, the others assert the value).
 """
 
 from __future__ import annotations
@@ -170,6 +175,38 @@ class Session:
         return f"{status}{where}"
 
 
+def _run_inner(root: Path, cache: Path, addopts: str, *args: str) -> Session:
+    """A real inner session in ``root``, the plugins autoloaded, as for a user who installed them."""
+    env = dict(os.environ)
+    for name, value in inner_env_changes(cache).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    env["PYTEST_ADDOPTS"] = addopts
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "gondolin",
+            "-v",
+            "-rA",
+            "-p",
+            "no:cacheprovider",
+            *args,
+        ],
+        cwd=root,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=INNER_TIMEOUT,
+    )
+    return Session(done.stdout + done.stderr, done.returncode)
+
+
 @pytest.fixture(scope="module")
 def session(tmp_path_factory: pytest.TempPathFactory, gondolin_cache: Path) -> Session:
     root = tmp_path_factory.mktemp("plugin_table")
@@ -179,24 +216,7 @@ def session(tmp_path_factory: pytest.TempPathFactory, gondolin_cache: Path) -> S
     cassettes.mkdir(parents=True)
     (cassettes / "test_vcr_replays_the_cassette.yaml").write_text(CASSETTE.lstrip())
     (cassettes / "test_vcr_refuses_what_the_cassette_lacks.yaml").write_text(CASSETTE.lstrip())
-    env = dict(os.environ)
-    for name, value in inner_env_changes(gondolin_cache).items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    # The table's plugins autoload, as for a user who installed them.
-    env["PYTEST_ADDOPTS"] = "-p no:randomly -p no:asyncio"
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "gondolin", "-v", "-rA", "-p", "no:cacheprovider"],
-        cwd=root,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=INNER_TIMEOUT,
-    )
-    return Session(done.stdout + done.stderr, done.returncode)
+    return _run_inner(root, gondolin_cache, "-p no:randomly -p no:asyncio")
 
 
 def test_the_plugins_were_active_on_the_host(session: Session) -> None:
@@ -241,3 +261,103 @@ def test_hypothesis_runs_falsifies_and_shrinks_in_the_guest(session: Session) ->
     shrunk = rf"(Falsifying example|Failing test case): {name}\((\s|E)*n=1000,(\s|E)*\)"
     assert re.search(shrunk, session.out), session.out
     assert session.returncode == pytest.ExitCode.TESTS_FAILED
+
+
+# -- the plugins' command-line options reach the guest, as given ------------------------
+
+OPTIONS_CONFTEST = """
+import pytest
+from hypothesis import settings
+
+settings.register_profile("tiny", max_examples=3)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="a conftest's own flag")
+    parser.addoption("--target", default="dev", help="a conftest's own option with a value")
+
+
+@pytest.fixture
+def target(request):
+    return request.config.getoption("--target")
+"""
+
+OPTIONS_TESTS = r"""
+import os
+import socket
+
+import pytest
+
+
+def in_guest():
+    return os.environ.get("GONDOLIN_GUEST") == "1"
+
+
+@pytest.mark.sandboxed
+async def test_asyncio_mode_auto_runs_an_unmarked_coroutine():
+    # Only --asyncio-mode=auto (given on the command line) runs an unmarked async test.
+    assert in_guest()
+
+
+@pytest.mark.sandboxed
+def test_recording_options(record_mode):
+    assert record_mode == "new_episodes" and in_guest()
+    # --block-network: pytest-recording's socket guard, not the guest's network, refuses.
+    with pytest.raises(RuntimeError, match="Network is disabled"):
+        socket.create_connection(("192.0.2.1", 80), timeout=5)
+
+
+@pytest.mark.sandboxed
+def test_benchmark_disable(benchmark):
+    assert benchmark(sum, range(10)) == 45
+    assert benchmark.disabled and in_guest()
+
+
+@pytest.mark.sandboxed
+def test_hypothesis_profile():
+    from hypothesis import settings
+
+    assert settings().max_examples == 3 and in_guest()
+
+
+@pytest.mark.sandboxed
+def test_conftest_options(request, target):
+    assert request.config.getoption("--runslow") is True
+    assert target == "prod" and in_guest()
+"""
+
+#: What the session above is given: on the command line and in PYTEST_ADDOPTS.
+GIVEN_ARGS = (
+    "--asyncio-mode=auto",
+    "--record-mode",
+    "new_episodes",
+    "--block-network",
+    "--hypothesis-profile=tiny",
+    "--runslow",
+    "--target",
+    "prod",
+)
+
+
+@pytest.fixture(scope="module")
+def given_options(tmp_path_factory: pytest.TempPathFactory, gondolin_cache: Path) -> Session:
+    root = tmp_path_factory.mktemp("plugin_options")
+    (root / "pytest.ini").write_text(INI + "asyncio_default_fixture_loop_scope = function\n")
+    (root / "conftest.py").write_text(textwrap.dedent(OPTIONS_CONFTEST))
+    (root / "test_table.py").write_text(textwrap.dedent(OPTIONS_TESTS))
+    return _run_inner(root, gondolin_cache, "-p no:randomly --benchmark-disable", *GIVEN_ARGS)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "test_asyncio_mode_auto_runs_an_unmarked_coroutine",
+        "test_recording_options",
+        "test_benchmark_disable",
+        "test_hypothesis_profile",
+        "test_conftest_options",
+    ],
+)
+def test_plugin_options_reach_the_guest_as_given(given_options: Session, name: str) -> None:
+    assert "not importable in the guest" not in given_options.out, given_options.out
+    assert given_options.status(name) == "PASSED (in guest)"

@@ -5,6 +5,7 @@ pseudo-terminal and real QEMU: tests/plugin/test_pdb.py."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -12,9 +13,11 @@ import pytest
 
 from pytest_gondolin.errors import WorkerProtocolError
 from pytest_gondolin.guest import debugger as guest_debugger
-from pytest_gondolin.guest.debugger import CHUNK, MAX_LINE, PDB_ENV, HostTerminal
+from pytest_gondolin.guest import hostquery
+from pytest_gondolin.guest.debugger import CHUNK, MAX_LINE, PDB_ENV, TERMINAL_ENV, HostTerminal
 from pytest_gondolin.sandbox.debugger import (
     QUIT_MESSAGE,
+    NoTerminal,
     TerminalDebugger,
     debugger_notice,
     terminal_debugger,
@@ -46,6 +49,8 @@ class FakeDebugger:
         self.think = think
         self.shown: list[str] = []
         self.ends: list[tuple[str, bool]] = []
+        self.begun: list[tuple[str, list[str]]] = []
+        self.reports_at_end: list[int] = []
 
     def show(self, text: str) -> None:
         self.shown.append(text)
@@ -54,8 +59,15 @@ class FakeDebugger:
         time.sleep(self.think)
         return self.lines.pop(0)
 
-    def ended(self, nodeid: str, *, quit: bool) -> None:
+    def ended(self, nodeid: str, *, quit: bool, reports: int = 0) -> None:
         self.ends.append((nodeid, quit))
+        self.reports_at_end.append(reports)
+
+    def run_env(self) -> dict[str, str]:
+        return {TERMINAL_ENV: "1", PDB_ENV: "1"}
+
+    def begin(self, nodeid: str, reports: Any) -> None:
+        self.begun.append((nodeid, [report["when"] for report in reports]))
 
 
 PDB_SESSION = [
@@ -86,11 +98,14 @@ def test_the_client_lends_pdb_the_terminal_and_stops_the_clock_while_the_user_ty
     assert [report["when"] for report in outcome.reports] == ["setup", "call", "teardown"]
     assert debugger.shown == ["> test_m.py(3)\n(Pdb) ", "'guest value'\n(Pdb) "]
     assert debugger.ends == [(NODEID, True)]
+    assert debugger.reports_at_end == [2]  # quit after setup and call: teardown not logged
+    # Before pdb took the terminal, the host got the reports so far (to log them first).
+    assert debugger.begun[0] == (NODEID, ["setup", "call"])
     assert answers(transport.sent) == [
         {"t": "answer", "ok": True, "data": "p local_var"},
         {"t": "answer", "ok": False, "error": "end of input"},
     ]
-    assert json.loads(transport.sent[0])["env"] == {PDB_ENV: "1"}
+    assert json.loads(transport.sent[0])["env"] == {TERMINAL_ENV: "1", PDB_ENV: "1"}
 
 
 def test_the_clock_runs_for_the_guest_itself() -> None:
@@ -208,10 +223,102 @@ def test_quitting_pdb_ends_the_session_once_the_tests_reports_are_in(
 def test_no_debugger_without_a_terminal_or_under_xdist(pytester: pytest.Pytester) -> None:
     config = pytester.parseconfig("--pdb")
     # This test's stdin is pytest's capture, not a TTY.
-    assert terminal_debugger(config) is None
+    decided = terminal_debugger(config)
+    assert isinstance(decided, NoTerminal)
+    # Each run is told why, so a breakpoint() there fails saying so.
+    assert decided.run_env() == {TERMINAL_ENV: "stdin is not a terminal"}
     assert "(3 here): stdin is not a terminal" in (debugger_notice(config, 3) or "")
     worker = pytester.parseconfig("--pdb")
     worker.workerinput = {}  # type: ignore[attr-defined]
     assert "(1 here): pytest-xdist workers have no terminal" in (debugger_notice(worker, 1) or "")
+    assert terminal_debugger(worker).run_env() == {
+        TERMINAL_ENV: "pytest-xdist workers have no terminal"
+    }
     assert debugger_notice(pytester.parseconfig(), 3) is None
-    assert terminal_debugger(pytester.parseconfig()) is None
+    assert isinstance(terminal_debugger(pytester.parseconfig()), NoTerminal)
+
+
+def test_a_lent_terminal_says_so_to_each_run_and_enables_post_mortem_only_with_pdb(
+    pytester: pytest.Pytester,
+) -> None:
+    assert TerminalDebugger(pytester.parseconfig()).run_env() == {TERMINAL_ENV: "1"}
+    assert TerminalDebugger(pytester.parseconfig("--pdb")).run_env() == {
+        TERMINAL_ENV: "1",
+        PDB_ENV: "1",
+    }
+
+
+def _stops_at_a_breakpoint() -> str:
+    only_in_this_frame = "guest-local"
+    breakpoint()
+    print("AFTER-BREAKPOINT")
+    return only_in_this_frame
+
+
+@pytest.mark.parametrize("entry", ["breakpoint", "pdb.set_trace", "pytest.set_trace"])
+def test_a_breakpoint_in_a_run_stops_in_pdb_on_the_hosts_terminal(
+    monkeypatch: pytest.MonkeyPatch, entry: str
+) -> None:
+    import pdb
+
+    monkeypatch.setenv(TERMINAL_ENV, "1")
+    monkeypatch.delenv("PYTHONBREAKPOINT", raising=False)
+    pipe = FakePipe([typed("p only_in_this_frame"), typed("c")])
+
+    def stop() -> str:
+        marker = "in-stop"
+        {
+            "breakpoint": breakpoint,
+            "pdb.set_trace": pdb.set_trace,
+            "pytest.set_trace": pytest.set_trace,
+        }[entry]()
+        return marker
+
+    before = (sys.breakpointhook, pdb.set_trace, pytest.set_trace)
+    with hostquery.active(pipe), guest_debugger.breakpoints():
+        assert _stops_at_a_breakpoint() if entry == "breakpoint" else stop()
+    # Put back after the run.
+    assert (sys.breakpointhook, pdb.set_trace, pytest.set_trace) == before
+    output = "".join(m["data"] for m in pipe.sent if m["t"] == "pdb_output")
+    assert "PDB set_trace (in the guest" in output
+    if entry == "breakpoint":
+        assert "'guest-local'" in output, output
+        # What the test printed after "c" is not the terminal's (capture is back).
+        assert "AFTER-BREAKPOINT\n" not in output
+    assert "PDB continue (in the guest" in output
+    assert [m for m in pipe.sent if m["t"] == "pdb_end"] == [{"t": "pdb_end", "quit": False}]
+
+
+def test_quitting_at_a_breakpoint_tells_the_host_and_stops_the_test(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import bdb
+
+    monkeypatch.setenv(TERMINAL_ENV, "1")
+    monkeypatch.delenv("PYTHONBREAKPOINT", raising=False)
+    pipe = FakePipe([typed("q")])
+    with hostquery.active(pipe), guest_debugger.breakpoints(), pytest.raises(bdb.BdbQuit):
+        _stops_at_a_breakpoint()
+    assert sys.gettrace() is None or "pdb" not in repr(sys.gettrace())
+    assert pipe.sent[-1] == {"t": "pdb_end", "quit": True}
+
+
+def test_without_a_terminal_a_breakpoint_fails_the_test_saying_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(TERMINAL_ENV, "stdin is not a terminal")
+    monkeypatch.delenv("PYTHONBREAKPOINT", raising=False)
+    pipe = FakePipe([typed("c")])
+    with (
+        hostquery.active(pipe),
+        guest_debugger.breakpoints(),
+        pytest.raises(pytest.fail.Exception, match="there is none: stdin is not a terminal"),
+    ):
+        _stops_at_a_breakpoint()
+    assert pipe.sent == []  # nothing was asked of the host: no wait
+
+
+def test_outside_a_run_breakpoints_change_nothing() -> None:
+    before = sys.breakpointhook
+    with guest_debugger.breakpoints():
+        assert sys.breakpointhook is before

@@ -15,6 +15,7 @@ import pytest
 from pytest_gondolin.errors import WorkerProtocolError
 from pytest_gondolin.sandbox.arguments import guest_args, worker_args
 from pytest_gondolin.sandbox.client import MAX_LIVE_CHARS_PER_RUN, WorkerClient, safe_terminal_text
+from pytest_gondolin.sandbox.debugger import debugger_notice
 from pytest_gondolin.sandbox.guest_plugins import (
     HOST_ONLY_PLUGINS,
     entry_point_plugins,
@@ -22,7 +23,6 @@ from pytest_gondolin.sandbox.guest_plugins import (
     plugin_option_args,
 )
 from pytest_gondolin.sandbox.messages import MAX_OUTPUT_CHARS, OutputMessage, parse_message
-from pytest_gondolin.sandbox.replay import debugger_notice
 from tests.unit.sandbox._wire import COLLECTED, DONE, NODEID, FakeTransport, line, report_line
 
 

@@ -19,7 +19,9 @@ from pytest_gondolin.sandbox.replay import (
     GUEST_REPORT_ATTR,
     IN_GUEST,
     GuestErrorRepr,
+    replay_begun,
     replay_collect_errors,
+    replay_cut,
     replay_item,
     warning_category,
 )
@@ -211,4 +213,55 @@ def test_a_guest_test_failure_is_left_as_the_guest_reported_it(pytester: pytest.
     setup = recorder.getreports("pytest_runtest_logreport")[0]
     assert not isinstance(setup.longrepr, GuestErrorRepr)
     assert IN_GUEST not in setup.longreprtext
+    recorder.finish_recording()
+
+
+def test_reports_logged_while_the_run_went_on_are_not_logged_again(
+    pytester: pytest.Pytester,
+) -> None:
+    """``--pdb``: the start and the failed call are logged before pdb takes the terminal
+    (``replay_begun``); the replay after the run logs the rest, once."""
+    item = pytester.getitem("def test_func(): pass")
+    recorder = pytester.make_hook_recorder(item.config.pluginmanager)
+    reports = _reports_for(item, ("setup", "passed"), ("call", "failed"), ("teardown", "passed"))
+    replay_begun(item, reports[:2])
+    replay_begun(item, reports[:2])  # once per run
+    early = recorder.getreports("pytest_runtest_logreport")
+    assert [(r.when, r.outcome) for r in early] == [("setup", "passed"), ("call", "failed")]
+    assert all(getattr(r, GUEST_REPORT_ATTR) for r in early)
+    replay_item(item, RunOutcome(item.nodeid, reports))
+    logged = recorder.getreports("pytest_runtest_logreport")
+    assert [r.when for r in logged] == ["setup", "call", "teardown"]
+    assert len(recorder.getcalls("pytest_runtest_logstart")) == 1
+    # The next run of the item (another session's, a rerun) starts afresh.
+    replay_item(item, RunOutcome(item.nodeid, reports))
+    assert len(recorder.getcalls("pytest_runtest_logstart")) == 2
+    assert len(recorder.getreports("pytest_runtest_logreport")) == 6
+    recorder.finish_recording()
+
+
+def test_a_run_that_broke_after_its_early_reports_still_shows_its_failure(
+    pytester: pytest.Pytester,
+) -> None:
+    """The worker broke the protocol after pdb: the host's stand-in reports are all logged."""
+    item = pytester.getitem("def test_func(): pass")
+    recorder = pytester.make_hook_recorder(item.config.pluginmanager)
+    replay_begun(item, _reports_for(item, ("setup", "passed"), ("call", "failed")))
+    replay_item(item, Failure("error", "the worker broke the protocol"))
+    failed = [r for r in recorder.getreports("pytest_runtest_logreport") if r.failed]
+    assert any("broke the protocol" in r.longreprtext for r in failed)
+    recorder.finish_recording()
+
+
+def test_after_pdb_was_quit_nothing_later_is_logged(pytester: pytest.Pytester) -> None:
+    """Quit at a breakpoint in the call: on the host, pytest stops the test there."""
+    item = pytester.getitem("def test_func(): pass")
+    recorder = pytester.make_hook_recorder(item.config.pluginmanager)
+    reports = _reports_for(item, ("setup", "passed"), ("call", "failed"), ("teardown", "passed"))
+    replay_cut(item, 1)
+    replay_item(item, RunOutcome(item.nodeid, reports, failure=Failure("crash", "gone")))
+    assert [r.when for r in recorder.getreports("pytest_runtest_logreport")] == ["setup"]
+    # Once: the next run of the item is logged whole.
+    replay_item(item, RunOutcome(item.nodeid, reports))
+    assert len(recorder.getreports("pytest_runtest_logreport")) == 4
     recorder.finish_recording()
