@@ -12,10 +12,16 @@ start-up phases come from the session's own log line
 
 * **first run**: a project the cache has not seen (its collected worker is
   new): the started worker is restored, the tree copied, collected,
-  snapshotted;
-* **re-run**: nothing changed: the cached collected worker is restored;
+  snapshotted (the snapshot is kept in the cache when the VM closes, after
+  the test: ``sandbox/worker_disk.py``);
+* **re-run**: nothing changed: the cached collected worker is restored (one
+  test: QEMU runs on the cached file in place, no copy);
 * **after an edit**: the test file changed: the started worker is restored,
   the tree copied and collected again.
+
+Others' edits to an editable install the guest carries (this checkout, in a
+development venv) change the tree between runs; run it from a venv whose
+sources do not change meanwhile.
 """
 
 from __future__ import annotations

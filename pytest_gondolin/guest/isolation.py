@@ -1,16 +1,19 @@
 """Per-test process isolation in the guest: a fork in fresh namespaces over an overlay root.
 
-The worker (:mod:`pytest_gondolin.guest.worker`) runs a ``process``-mode test
-through :meth:`Isolation.run`; the worker itself never runs test code::
+The worker (:mod:`pytest_gondolin.guest.process_runs`) runs a ``process``-mode
+test through :class:`Isolation`; the worker itself never runs test code::
 
     worker: unshare(PID) ──fork──▶ test process, PID 1 of a new PID namespace:
             setns(own PID ns)       unshare(mount, UTS, IPC), mounts private,
                                     a per-test tmpfs, the new root (overlays
                                     whose upper layers live on that tmpfs),
-                                    pivot_root, a new /proc, cwd; the test; _exit
+                                    pivot_root, a new /proc, cwd; waits for
+    run: the order ──(pipe)──────▶  its order; the test; _exit
 
-One fork a test: the worker's children land in a new PID namespace only
-between its ``unshare(CLONE_NEWPID)`` and the ``setns`` back to its own.
+The fork happens ahead (:meth:`Isolation.prepare`, right after the previous
+run's checks), so a run pays only for the test itself. One fork a test: the
+worker's children land in a new PID namespace only between its
+``unshare(CLONE_NEWPID)`` and the ``setns`` back to its own.
 Every file the test writes lands in the per-test tmpfs and vanishes with the
 mount namespace; when the test process (PID 1) exits, the kernel kills every
 other process of its PID namespace before the worker's ``waitpid`` returns.
@@ -19,7 +22,7 @@ What namespaces cannot hold is checked per run, cheaply: writes to the test's
 ``/proc`` and ``/sys`` (kernel parameters) through a fanotify mark the worker
 reads after the test, and before/after digests (:class:`KernelState`) of
 loaded modules, the worker's own mounts, network links, addresses and routes,
-and the clock's offset. :meth:`Isolation.run` names what changed; the host
+and the clock's offset. :meth:`Isolation.check` names what changed; the host
 then restores the VM from its snapshot.
 
 The new root's mounts are planned and made by :mod:`pytest_gondolin.guest.newroot`.
@@ -105,6 +108,23 @@ _FAN_EVENT: Final = struct.Struct("=IBBHQii")
 SETUP_FAILED: Final = 120
 #: Status of a test process that did not return normally but raised.
 RAISED: Final = 121
+#: Status of a prepared test process whose order never came (:meth:`Isolation.abandon`).
+ABANDONED: Final = 122
+#: Largest order a test process reads (the worker's command line bound).
+MAX_ORDER: Final = 64 * 1024 * 1024
+
+
+def _read_order(fd: int) -> bytes:
+    """Everything the worker writes to ``fd`` until it closes it (at most :data:`MAX_ORDER`)."""
+    chunks, size = [], 0
+    try:
+        while size <= MAX_ORDER and (chunk := os.read(fd, 1 << 16)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
 
 #: Network state a test shares with the worker (one network namespace),
 #: digested before and after: links' flags and MTUs, addresses, routes.
@@ -280,11 +300,17 @@ class Isolation:
     Holds what every run reuses: the worker's own PID namespace (to step
     back into after each fork), the fanotify group that sees writes to the
     tests' ``/proc`` and ``/sys``, the plan of the new root (made from the
-    worker's mounts once), and the kernel state after the previous run.
+    worker's mounts once), the kernel state after the previous run, and the
+    next test process, forked ahead (:meth:`prepare`).
+
+    A run is :meth:`prepare` (off the test's path: after the previous run),
+    :meth:`run` (hands the order over, waits for the exit), :meth:`check`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, serve: Callable[[bytes], None], *, cwd: str) -> None:
         c = libc()
+        self._serve = serve
+        self._cwd = cwd
         self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self._watch = check(
             c.fanotify_init(
@@ -295,14 +321,25 @@ class Isolation:
         with open("/proc/self/mountinfo") as f:
             self._steps = plan_root(parse_mountinfo(f.read()), is_dir=os.path.isdir)
         self._state: KernelState | None = None
+        #: The prepared test process: its pid and the pipe end its order goes to.
+        self._next: tuple[int, int] | None = None
 
-    def run(self, fn: Callable[[], None], *, cwd: str) -> IsolatedRun:
-        """Run ``fn`` in a new process in fresh namespaces over an overlay root.
+    @property
+    def prepared(self) -> bool:
+        """Whether a test process waits for its order."""
+        return self._next is not None
 
-        When this returns, every process the test started is gone and so is
-        every file it wrote. Raises OSError when no process could be forked.
+    def prepare(self) -> None:
+        """Fork the next test process: it enters fresh namespaces and its new root, then waits.
+
+        The order (:meth:`run`) reaches it through a pipe; it passes it to
+        ``serve`` and exits 0 (:data:`ABANDONED` if the pipe closed without
+        one). Raises OSError when no process could be forked.
         """
-        before = self._state if self._state is not None else kernel_state()
+        if self._next is not None:
+            return
+        if self._state is None:
+            self._state = kernel_state()
         # The child flushes its streams before it exits: they must not hold
         # the worker's pending output, or it would be written twice.
         for stream in (sys.stdout, sys.stderr):
@@ -312,12 +349,8 @@ class Isolation:
         # collection in the test process does not write to (and so copy) every
         # page the worker's objects live on.
         gc.freeze()
+        order_r, order_w = os.pipe()
         pid = -1
-        # SIGCHLD and SIGUSR1 wait in the worker's main thread until the test
-        # process ends (sigtimedwait): the host's SIGUSR1 (a stack dump, on a
-        # timeout) is forwarded to the test process, whose faulthandler
-        # registration is the worker's (inherited); the test process unblocks both.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
         unshare(CLONE_NEWPID)
         try:
             with warnings.catch_warnings():
@@ -326,15 +359,45 @@ class Isolation:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
             if pid == 0:  # pragma: no cover - the test process
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-                self._child(fn, cwd)
+                os.close(order_w)
+                self._child(order_r)
         finally:
             if pid != 0:
                 setns(self._own_pid_ns, CLONE_NEWPID)
+                os.close(order_r)
+                if pid < 0:
+                    os.close(order_w)
+        self._next = (pid, order_w)
+
+    def run(self, order: bytes) -> int:
+        """Hand ``order`` to the prepared test process (prepared now if none); its exit status.
+
+        When this returns, every process the test started is gone and so is
+        every file it wrote; the status is as :class:`IsolatedRun` says.
+        Raises OSError when no process could be forked.
+        """
+        self.prepare()
+        assert self._next is not None
+        (pid, order_w), self._next = self._next, None
+        # SIGCHLD and SIGUSR1 wait in the worker's main thread until the test
+        # process ends (sigtimedwait): the host's SIGUSR1 (a stack dump, on a
+        # timeout) is forwarded to the test process, whose faulthandler
+        # registration is the worker's (inherited).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
         try:
+            with contextlib.suppress(OSError):  # a dead test process: its status says why
+                view = memoryview(order)
+                while view:
+                    view = view[os.write(order_w, view) :]
+            os.close(order_w)
             raw = _wait_forwarding(pid)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return _exit_status(raw)
+
+    def check(self) -> tuple[str, ...]:
+        """What the last run changed that namespaces cannot hold (empty: nothing); ~2-5 ms."""
+        before = self._state if self._state is not None else kernel_state()
         after = kernel_state()
         dirty = dirty_reasons(before, after)
         written = self._drain_watch()
@@ -343,19 +406,31 @@ class Isolation:
                 0, f"the test wrote to /proc or /sys (kernel parameters): {', '.join(written)}"
             )
         self._state = None if dirty else after
-        return IsolatedRun(_exit_status(raw), tuple(dirty))
+        return tuple(dirty)
 
-    def _child(self, fn: Callable[[], None], cwd: str) -> None:
+    def abandon(self) -> None:
+        """End the prepared test process, if any, without a run (it exits :data:`ABANDONED`)."""
+        if self._next is None:
+            return
+        (pid, order_w), self._next = self._next, None
+        os.close(order_w)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+    def _child(self, order_r: int) -> None:
         code = SETUP_FAILED
         try:
             # A test that kills the worker takes its own process down with it
             # (the worker's output pipe must close for the host to see the crash).
             check(libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
             os.close(self._own_pid_ns)
-            _enter(self._steps, self._watch, cwd)
-            code = RAISED
-            fn()
-            code = 0
+            _enter(self._steps, self._watch, self._cwd)
+            code = ABANDONED
+            order = _read_order(order_r)
+            if order:
+                code = RAISED
+                self._serve(order)
+                code = 0
         except BaseException as exc:  # the process ends here either way
             if code == SETUP_FAILED:
                 os.write(2, f"pytest-gondolin isolation: {exc}\n".encode(errors="replace"))

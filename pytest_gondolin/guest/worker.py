@@ -43,6 +43,7 @@ worker → host, on the fd that was fd 1 at start-up, each line at most
     {"t": "coverage", "nodeid": str, ...}                       the run's coverage (see guest.coverage)
     {"t": "output", "stream": "stdout"|"stderr", "data": str}   live output of the run (see guest.live)
     {"t": "pdb_output" | "pdb_read" | "pdb_end", ...}           --pdb on the host's terminal (see guest.debugger)
+    {"t": "settled", "reason": str}                             after a process-isolated run's done (below)
 
 ``report`` is the dict made by ``pytest_report_to_serializable``; the
 ``errors`` of ``collected`` are the collect reports that failed.
@@ -82,9 +83,12 @@ Guarantees the host relies on
 * SIGUSR1 dumps every thread's stack to stderr (``faulthandler``); the host
   sends it before giving up on a run that timed out.
 * A run whose environment sets ``PYTEST_GONDOLIN_ISOLATION=process`` runs in
-  a fork of the worker in fresh namespaces (:mod:`pytest_gondolin.guest.isolation`);
-  the worker sends an ``error`` if that process died, and a
-  ``gondolin-restore`` query before ``done`` if the test changed kernel state.
+  a fork of the worker in fresh namespaces, forked ahead after the previous
+  one (:mod:`pytest_gondolin.guest.process_runs`): the test process says
+  ``done`` itself (the worker sends ``error`` and ``done`` if it died first);
+  then the worker checks what namespaces cannot hold and sends
+  ``{"t": "settled", "reason": str}`` (empty: clean), which the host reads
+  before it gives that VM another test.
 * The environment variable ``PYTEST_GONDOLIN_WORKER`` is ``"1"`` in the worker,
   so plugins loaded in both places can tell the far side from the host.
 """
@@ -93,13 +97,10 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import json
-import math
 import os
 import random
 import signal
 import sys
-import threading
 import traceback
 import warnings
 from collections.abc import Generator, Sequence
@@ -109,19 +110,17 @@ import pytest
 
 from pytest_gondolin.guest import debugger, hostquery, isolation, live, startup
 from pytest_gondolin.guest.coverage import GuestCoverage
+from pytest_gondolin.guest.process_runs import ProcessRuns
+from pytest_gondolin.guest.worker_channel import MAX_COMMAND_LINE as MAX_COMMAND_LINE
+from pytest_gondolin.guest.worker_channel import MAX_GO_ITEMS as MAX_GO_ITEMS
+from pytest_gondolin.guest.worker_channel import MAX_JSON_DEPTH as MAX_JSON_DEPTH
+from pytest_gondolin.guest.worker_channel import MAX_WORKER_LINE as MAX_WORKER_LINE
+from pytest_gondolin.guest.worker_channel import SHRINK_STRING_CHARS, shrink
+from pytest_gondolin.guest.worker_channel import HostPipe as HostPipe
+from pytest_gondolin.guest.worker_channel import encode_line as encode_line
+from pytest_gondolin.guest.worker_channel import parse_command as parse_command
+from pytest_gondolin.guest.worker_channel import to_jsonable as to_jsonable
 
-#: Largest line the worker may send; the host rejects anything longer as a
-#: protocol violation.  It bounds what one hostile line costs the host while
-#: it is read and parsed (a few lines in flight, ~15 MiB of parsed values);
-#: a larger report is shrunk to fit (see _SHRINK_STRING_CHARS), and 4 MiB
-#: still lists ~40k collected node ids of typical length.
-MAX_WORKER_LINE: Final = 4 * 1024 * 1024
-#: Largest command line the host may send: commands are tiny, but answers to
-#: queries carry recorded HTTP exchanges (bodies up to 1 MiB each).
-MAX_COMMAND_LINE: Final = 64 * 1024 * 1024
-#: Deepest JSON nesting either side produces or accepts; serialized reports
-#: nest about a dozen levels (longrepr → chain → traceback → entry → ...).
-MAX_JSON_DEPTH: Final = 64
 #: Environment variable set to "1" inside the worker process.
 WORKER_ENV: Final = "PYTEST_GONDOLIN_WORKER"
 #: Module name to run with ``python -m``.
@@ -130,15 +129,6 @@ WORKER_MODULE: Final = "pytest_gondolin.guest.worker"
 WAIT_ENV: Final = "GONDOLIN_WORKER_WAIT"
 #: The line a waiting worker sends once it is ready for its ``go``.
 WAITING_LINE: Final = b'{"t":"waiting"}\n'
-#: Bounds of a ``go`` command: arguments and environment entries.
-MAX_GO_ITEMS: Final = 10_000
-
-#: When a serialized report does not fit in MAX_WORKER_LINE, each string in
-#: it is cut to this many characters (then, failing that, the captured
-#: sections are dropped) rather than losing the report.
-_SHRINK_STRING_CHARS: Final = 512 * 1024
-_TRUNCATION_MARK: Final = "\n[... truncated by the pytest-gondolin worker ...]\n"
-
 #: Appended to the worker's pytest arguments.  No cache: the host owns
 #: ``--lf`` & co. and the guest's tree is thrown away.  The filter: this very
 #: process imported ``pytest_gondolin`` before pytest could mark the
@@ -166,200 +156,6 @@ MESSAGE_TYPES: Final = frozenset(
 )
 
 
-def to_jsonable(obj: object, depth: int = 0) -> Any:
-    """Return a copy of *obj* that ``json.dumps(..., allow_nan=False)`` accepts.
-
-    Tuples become lists, mapping keys become strings, non-finite floats and
-    any other object become their ``repr``, and nesting deeper than
-    ``MAX_JSON_DEPTH`` is replaced by the ``repr`` of the subtree.  Plugins
-    put arbitrary objects in reports (``user_properties`` values, extra
-    attributes), and one odd value must not lose the whole report.
-    """
-    if obj is None or isinstance(obj, bool | int | str):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else repr(obj)
-    if depth >= MAX_JSON_DEPTH - 1:
-        return _safe_repr(obj)
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_jsonable(v, depth + 1) for v in obj]
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return _safe_repr(obj)
-
-
-def _safe_repr(obj: object) -> str:
-    try:
-        return repr(obj)
-    except Exception as exc:  # a hostile __repr__ must not lose the report
-        return f"<unrepresentable {type(obj).__name__}: {type(exc).__name__}>"
-
-
-def encode_line(message: dict[str, Any]) -> bytes:
-    """Encode one protocol message as a line (ASCII JSON plus ``b"\\n"``)."""
-    return (
-        json.dumps(message, ensure_ascii=True, allow_nan=False, separators=(",", ":")) + "\n"
-    ).encode("ascii")
-
-
-def _shrink(obj: Any, limit: int) -> Any:
-    if isinstance(obj, str) and len(obj) > limit:
-        return obj[: limit // 2] + _TRUNCATION_MARK + obj[-limit // 2 :]
-    if isinstance(obj, dict):
-        return {k: _shrink(v, limit) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_shrink(v, limit) for v in obj]
-    return obj
-
-
-class HostPipe:
-    """The worker's end of the protocol: private fds for commands and messages.
-
-    Sending never raises: once the host is gone (a write fails), the channel
-    is marked closed, further messages are dropped and :meth:`recv` returns
-    ``None`` so the serving loop ends.
-    """
-
-    def __init__(self, in_fd: int, out_fd: int, *, max_out: int = MAX_WORKER_LINE) -> None:
-        self._in: IO[bytes] = open(in_fd, "rb", buffering=64 * 1024)  # noqa: SIM115 - lives as long as the worker
-        self._out_fd = out_fd
-        # Live output (guest/live.py) is sent from a pump thread: one line at a time.
-        self._send_lock = threading.Lock()
-        self._max_out = max_out
-        self.closed = False
-
-    @classmethod
-    def take_std_fds(cls) -> HostPipe:
-        """Move the protocol onto private copies of fds 0 and 1.
-
-        Afterwards fd 1 is a copy of fd 2 (stray prints land in stderr) and
-        fd 0 reads ``/dev/null``.  Must run before pytest starts capturing.
-        """
-        sys.stdout.flush()
-        out_fd = os.dup(1)  # os.dup makes the copy non-inheritable (PEP 446)
-        in_fd = os.dup(0)
-        os.dup2(2, 1)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        try:
-            os.dup2(devnull, 0)
-        finally:
-            os.close(devnull)
-        return cls(in_fd, out_fd)
-
-    def send(self, message: dict[str, Any]) -> None:
-        """Write one message; an oversized one is replaced by an ``error``."""
-        if self.closed:
-            return
-        line = encode_line(message)
-        if len(line) > self._max_out:
-            line = encode_line(
-                {
-                    "t": "error",
-                    "message": f"worker message {message.get('t')!r} too large "
-                    f"({len(line)} bytes > {self._max_out}); dropped",
-                }
-            )
-        view = memoryview(line)
-        with self._send_lock:
-            try:
-                while view:
-                    written = os.write(self._out_fd, view)
-                    view = view[written:]
-            except OSError:
-                self.closed = True
-
-    def recv(self) -> dict[str, Any] | None:
-        """Read the next command; ``None`` at end of input or once closed.
-
-        A malformed command comes back as ``{"t": "invalid", "message": ...}``
-        so the loop can answer with an ``error`` and carry on.
-        """
-        if self.closed:
-            return None
-        try:
-            line = self._in.readline(MAX_COMMAND_LINE + 1)
-        except OSError:
-            return None
-        if not line:
-            return None
-        if not line.endswith(b"\n"):
-            if len(line) <= MAX_COMMAND_LINE:
-                return None  # input ended mid-line: the host went away
-            self._discard_rest_of_line()
-            return {"t": "invalid", "message": f"command longer than {MAX_COMMAND_LINE} bytes"}
-        return parse_command(line)
-
-    def close(self) -> None:
-        """Close both descriptors; later sends are dropped, recv returns None."""
-        self.closed = True
-        self._in.close()
-        with contextlib.suppress(OSError):
-            os.close(self._out_fd)
-
-    def _discard_rest_of_line(self) -> None:
-        while True:
-            chunk = self._in.readline(MAX_COMMAND_LINE)
-            if not chunk or chunk.endswith(b"\n"):
-                return
-
-
-def parse_command(line: bytes) -> dict[str, Any]:
-    """Validate one command line from the host.
-
-    Returns the command, or ``{"t": "invalid", "message": ...}`` describing
-    what is wrong with it; never raises.
-    """
-    try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError) as exc:
-        return {"t": "invalid", "message": f"command is not JSON: {exc}"}
-    if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
-        return {"t": "invalid", "message": "command is not an object with a string 't'"}
-    kind = obj["t"]
-    if kind == "run":
-        nodeid, seed = obj.get("nodeid"), obj.get("seed")
-        if not isinstance(nodeid, str) or not isinstance(seed, int) or isinstance(seed, bool):
-            return {"t": "invalid", "message": "run needs a string nodeid and an integer seed"}
-        if not _env_ok(obj.get("env", {})):
-            return {"t": "invalid", "message": "run env must map variable names to strings"}
-    elif kind == "answer":
-        if not isinstance(obj.get("ok"), bool):
-            return {"t": "invalid", "message": "answer needs a boolean ok"}
-    elif kind == "ping":
-        if not isinstance(obj.get("nonce"), str):
-            return {"t": "invalid", "message": "ping needs a string nonce"}
-    elif kind == "go":
-        return _check_go(obj)
-    elif kind != "quit":
-        return {"t": "invalid", "message": f"unknown command type {kind[:100]!r}"}
-    return obj
-
-
-def _env_ok(env: object) -> bool:
-    return isinstance(env, dict) and all(
-        isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
-        for k, v in env.items()
-    )
-
-
-def _check_go(obj: dict[str, Any]) -> dict[str, Any]:
-    """A ``go`` command as sent, or ``invalid`` naming what is wrong with it."""
-    argv, cwd, env = obj.get("argv"), obj.get("cwd"), obj.get("env", {})
-    if (
-        not isinstance(argv, list)
-        or len(argv) > MAX_GO_ITEMS
-        or not all(isinstance(a, str) and "\0" not in a for a in argv)
-    ):
-        return {"t": "invalid", "message": "go needs argv, a list of strings"}
-    if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
-        return {"t": "invalid", "message": f"go needs an absolute cwd, got {str(cwd)[:200]!r}"}
-    if not _env_ok(env) or len(env) > MAX_GO_ITEMS:
-        return {"t": "invalid", "message": "go env must map variable names to strings"}
-    return obj
-
-
 def _category_name(category: type[Warning] | None) -> str:
     if category is None:
         return "builtins.UserWarning"
@@ -379,8 +175,9 @@ class WorkerPlugin:
         #: Set with -s (guest/live.py); the real sys.stdout until the session starts.
         self._live: live.LiveOutput | None = None
         self._real_stdout: IO[str] | None = None
-        #: Set at the first ``process``-isolated run (guest/isolation.py).
-        self._isolation: isolation.Isolation | None = None
+        #: ``process``-isolated runs (guest/process_runs.py) and the items they name.
+        self._process_runs = ProcessRuns(channel.send, self._run_forked)
+        self._items: dict[str, pytest.Item] = {}
 
     @pytest.hookimpl(wrapper=True)
     def pytest_cmdline_main(self, config: pytest.Config) -> Generator[None, object, object]:
@@ -448,10 +245,10 @@ class WorkerPlugin:
         data = self._serialize(report)
         line_len = len(encode_line({"t": "report", "data": data}))
         if line_len > MAX_WORKER_LINE:
-            data = _shrink(data, _SHRINK_STRING_CHARS)
+            data = shrink(data, SHRINK_STRING_CHARS)
             if len(encode_line({"t": "report", "data": data})) > MAX_WORKER_LINE:
                 data["sections"] = []
-                data = _shrink(data, 64 * 1024)
+                data = shrink(data, 64 * 1024)
         self._channel.send({"t": "report", "data": data})
 
     def pytest_warning_recorded(
@@ -481,7 +278,7 @@ class WorkerPlugin:
             items.setdefault(item.nodeid, item)
         collected = {"t": "collected", "nodeids": list(items), "errors": self._collect_errors}
         if len(encode_line(collected)) > MAX_WORKER_LINE:
-            collected["errors"] = _shrink(self._collect_errors, 64 * 1024)
+            collected["errors"] = shrink(self._collect_errors, 64 * 1024)
         self._channel.send(collected)
         while True:
             command = self._channel.recv()
@@ -510,48 +307,28 @@ class WorkerPlugin:
     def _run(
         self, items: dict[str, pytest.Item], nodeid: str, seed: int, env: dict[str, str]
     ) -> None:
-        """Run one item, here or (``process`` isolation) in a forked, isolated process; then ``done``."""
+        """Run one item, here or (``process`` isolation, guest/process_runs.py) in a prepared fork."""
         item = items.get(nodeid)
         env = dict(env)
         mode = env.pop(isolation.ISOLATION_ENV, "vm")
         if item is None:
             self._channel.send({"t": "error", "message": f"not collected in the worker: {nodeid}"})
         elif mode == "process":
-            self._run_isolated(item, nodeid, seed, env)
+            self._items = items
+            self._process_runs.run(nodeid, seed, env)  # says done (and settled) itself
+            return
         else:
+            self._process_runs.abandon()
             os.environ.update(env)
             self._run_item(item, nodeid, seed)
         self._channel.send({"t": "done", "nodeid": nodeid})
 
-    def _run_isolated(self, item: pytest.Item, nodeid: str, seed: int, env: dict[str, str]) -> None:
-        """Run the item in a fork in fresh namespaces (guest/isolation.py); the worker stays clean.
-
-        A test process that died, or a test that changed what namespaces
-        cannot hold, is said on the channel: an ``error`` (the test fails),
-        a ``restore`` query (the host restores the VM before the next test).
-        """
-
-        def test() -> None:
-            if self._live is not None:  # -s: the worker's pump thread is not in this process
-                self._live = live.LiveOutput(self._channel.send)
-            os.environ.update(env)
-            self._run_item(item, nodeid, seed)
-
-        try:
-            if self._isolation is None:
-                self._isolation = isolation.Isolation()
-            result = self._isolation.run(test, cwd=os.getcwd())
-        except OSError as exc:
-            self._channel.send({"t": "error", "message": f"process isolation failed: {exc}"})
-            return
-        if result.status != 0:
-            self._channel.send({"t": "error", "message": f"{nodeid}: {result.describe()}"})
-        if result.dirty:
-            reason = "; ".join(result.dirty)
-            self._channel.send(
-                {"t": "query", "kind": isolation.RESTORE_QUERY, "args": {"reason": reason}}
-            )
-            self._channel.recv()  # the answer says nothing
+    def _run_forked(self, nodeid: str, seed: int, env: dict[str, str]) -> None:
+        """In a process-isolated test's process: the item, as a ``vm``-mode run would."""
+        if self._live is not None:  # -s: the worker's pump thread is not in this process
+            self._live = live.LiveOutput(self._channel.send)
+        os.environ.update(env)
+        self._run_item(self._items[nodeid], nodeid, seed)
 
     def _run_item(self, item: pytest.Item, nodeid: str, seed: int) -> None:
         random.seed(seed)

@@ -21,9 +21,14 @@ Modules, one concern each:
 ``session``            the plugin object that owns the feature's session state
 ``options``            ``SandboxOptions``: marker + settings, validated at collection
 ``guest_worker``       a prepared guest worker; its VMs (lanes) take turns
+``worker_setup``       what a guest worker is made of: its Python, environment, arguments
+``worker_cache``       the started and the collected worker, cached across runs
+``worker_disk``        a one-test session's cached worker used in place, not copied
 ``project_files``      what is copied into the guest: the project tree, pytest
 ``arguments``          the worker's pytest arguments, mirroring the host session
 ``guest_plugins``      the host's plugins and output options (-s, --setup-show) for the worker
+``plugin_options``     the options of plugins and conftests in the guest too, as given
+``debugger``           the host's terminal for pdb in the guest (--pdb, breakpoint())
 ``live_output``        a running test's live output on the host's terminal, made safe
 ``client``             ``WorkerClient``: the host side of the worker protocol
 ``transports``         byte pipes to a worker: local subprocess, guest process

@@ -1,7 +1,8 @@
 """A prepared guest worker: VMs that hold a collected pytest session and take turns.
 
 Per guest key (image, memory, CPUs) the session prepares one
-:class:`GuestWorker`:
+:class:`GuestWorker` (what it is made of, decided on the host: its Python,
+environment and arguments, is :mod:`.worker_setup`'s):
 
 1. a VM from the cached ready snapshot with its layers (``vm/layers.py``):
    the system packages, then the host's Python environment
@@ -15,7 +16,9 @@ Per guest key (image, memory, CPUs) the session prepares one
 4. an internal snapshot :data:`WORKER_TAG` saved *after* collection, so no
    test pays for Python start-up or collection again; its disk is copied
    into the cache, keyed by the tree's content and the worker's arguments,
-   so a re-run with nothing changed restores it instead of steps 1-4;
+   so a re-run with nothing changed restores it instead of steps 1-4 (a
+   session with one test copies nothing: its VM runs on the cached file in
+   place, and a new one is kept when the VM closes: :mod:`.worker_disk`);
 5. with :data:`PREFETCH_LANES` > 1 and more than one test for this guest,
    clones of that VM started from the snapshot in the background once the
    first test has its VM (no second collection): the *lanes*, which take
@@ -34,40 +37,25 @@ every lane's QEMU died, the session prepares a new worker.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import logging
 import os
 import secrets
-import shlex
 import time
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
-import pytest_gondolin
 import pytest_gondolin.sandbox.coverage as coverage
-import pytest_gondolin.sandbox.host_environment as host_environment
-import pytest_gondolin.sandbox.host_python as host_python
 import pytest_gondolin.sandbox.interpreter_pack as interpreter_pack
-import pytest_gondolin.sandbox.project_files as project_files
 import pytest_gondolin.sandbox.worker_cache as worker_cache
-from pytest_gondolin.errors import ConfigError, GondolinError, VMError
+import pytest_gondolin.sandbox.worker_disk as worker_disk
+from pytest_gondolin.errors import GondolinError, VMError
 from pytest_gondolin.fixtures import GuestKey, VMFactory
-from pytest_gondolin.guest.hostpath import HOST_PATH_ENV
 from pytest_gondolin.guest.startup import PRELOAD_ENV
 from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
 from pytest_gondolin.netpolicy.http.cassette_values import CassetteError
 from pytest_gondolin.network_setup import apply_network
-from pytest_gondolin.paths import cache_dir
-from pytest_gondolin.sandbox.arguments import (
-    GuestSources,
-    guest_args,
-    plugin_in_guest,
-    worker_args,
-)
 from pytest_gondolin.sandbox.client import WorkerClient
 from pytest_gondolin.sandbox.debugger import terminal_debugger
 from pytest_gondolin.sandbox.isolation import LaneLedger, run_env
@@ -76,11 +64,10 @@ from pytest_gondolin.sandbox.options import SandboxOptions
 from pytest_gondolin.sandbox.outcome import Failure, HostFailure, RunOutcome
 from pytest_gondolin.sandbox.queries import answer_query
 from pytest_gondolin.sandbox.transports import VMTransport
+from pytest_gondolin.sandbox.worker_setup import WorkerSetup
 from pytest_gondolin.vm.agent_process import AgentProcess
-from pytest_gondolin.vm.commands import GUEST_ENV
-from pytest_gondolin.vm.disk_backed import back_with_disk
 from pytest_gondolin.vm.identity import VMConfig, state_key
-from pytest_gondolin.vm.layers import Layer, TarItem, launch_layered, stack_digest, tar_layer
+from pytest_gondolin.vm.layers import launch_layered, stack_digest
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.pool import RestorePool
 
@@ -104,10 +91,6 @@ DEFAULT_RUN_TIMEOUT: Final = 3600.0
 #: How long a VM whose agent connection dropped gets to show it is dying (a
 #: panicked guest takes QEMU down within milliseconds; this is ample).
 VM_EXIT_GRACE: Final = 2.0
-#: Unpacking the project, pytest and requirements in the guest (TCG, big trees).
-UNPACK_TIMEOUT: Final = 300.0
-#: The guest worker's entry module: the host's sys.path first, then the worker.
-HOSTPATH_MODULE: Final = "pytest_gondolin.guest.hostpath"
 #: Console bytes quoted when a run's VM died.
 CONSOLE_TAIL_CHARS: Final = 3000
 
@@ -149,11 +132,6 @@ def _cassette_verdict(player: CassettePlayer) -> HostFailure | None:
     return None
 
 
-def _distributions_of(package: str) -> list[str]:
-    """The installed distributions that provide the top-level ``package`` (on the host)."""
-    return list(importlib.metadata.packages_distributions().get(package, ()))
-
-
 class GuestWorker:
     """A prepared guest worker for one guest key, restored before each item."""
 
@@ -167,11 +145,8 @@ class GuestWorker:
         self.vm: VM | None = None  # the VM that ran (or runs) the latest test
         self.collected: Collected | None = None
         self._lanes: RestorePool[_Lane] | None = None
-        self.environment: host_environment.HostEnvironment | None = None
-        #: The host's interpreter carried into the guest (None: the image's python3).
-        self.interpreter: host_python.HostInterpreter | None = None
-        #: Which Python runs the worker, its version and ABI (set by prepare).
-        self.python: host_python.Choice | None = None
+        #: The guest's Python, the host environment carried, the worker's arguments.
+        self.setup = WorkerSetup(factory, config, paths)
         # Set by prepare: what lanes are cloned from (sandbox/worker_cache.py).
         self._vmconfig: VMConfig | None = None
         self._lane_source = Path()
@@ -197,31 +172,31 @@ class GuestWorker:
         name = f"sandbox{self.factory.count}"
         say = self.factory.progress
         phases = worker_cache.Phases()
-        self.interpreter = self._interpreter(vmconfig)
+        self.setup.choose_interpreter(vmconfig)
         phases.mark("host python")
         # First: the worker's environment and arguments depend on what is carried.
-        self._host_environment()
-        session_args = self._session_args()
+        self.setup.scan_environment()
+        session_args = self.setup.session_args()
         worker = worker_cache.StartedWorker(
-            self._start_argv(),
+            self.setup.start_argv(),
             {
-                **self._start_env(),
+                **self.setup.start_env(),
                 PRELOAD_ENV: ",".join(worker_cache.preload_modules(session_args)),
             },
             WORKER_MAX_OUTPUT,
             # The venv's own files (tiny): its python must be there to start.
-            files=interpreter_pack.pack_venv(self.interpreter)
-            if self.interpreter is not None and self.interpreter.venv
+            files=interpreter_pack.pack_venv(self.setup.interpreter)
+            if self.setup.interpreter is not None and self.setup.interpreter.venv
             else b"",
         )
         layers = [
             *self.factory.base_layers(self.key),
-            *self._interpreter_layers(),
-            self._environment_layer(),
+            *self.setup.interpreter_layers(),
+            self.setup.environment_layer(),
             worker_cache.started_worker_layer(worker),
         ]
         phases.mark("environment scan")
-        tars = self._project_tars()
+        tars = self.setup.project_tars()
         go: dict[str, Any] = {
             "argv": session_args,
             "cwd": str(self.config.invocation_params.dir),
@@ -232,6 +207,10 @@ class GuestWorker:
             stack_digest(state_key(vmconfig), layers), worker_cache.tree_digest(tars), go
         )
         phases.mark("pack and digest")
+        # One test: one VM, no copy for others; the cached file is used in place
+        # (sandbox/worker_disk.py) and a new one kept when the VM closes.
+        one_test = worker_disk.one_test_session(self.config, self.paths)
+        taken = worker_disk.take_collected(key) if one_test else None
         restored = worker_cache.restore_collected(
             vmconfig,
             key,
@@ -240,6 +219,8 @@ class GuestWorker:
             argv=worker.argv,
             max_output=WORKER_MAX_OUTPUT,
             say=say,
+            taken=taken,
+            on_launch=None if taken is None else lambda vm: worker_disk.give_back(vm, taken, key),
         )
         if restored is not None:
             vm, transport, collected = restored
@@ -247,7 +228,7 @@ class GuestWorker:
             self.vm = vm
             first = _lane(vm, transport)
             first.client.adopt(collected)
-            self._lane_source = worker_cache.collected_path(key)
+            self._lane_source = taken or worker_cache.collected_path(key)
             phases.mark("restore collected")
         else:
             vm = launch_layered(vmconfig, layers, name=name, progress=say)
@@ -255,7 +236,7 @@ class GuestWorker:
             self.vm = vm
             first = _lane(vm, worker.attach(vm))
             phases.mark("restore started")
-            self._copy_project(vm, tars)
+            self.setup.copy_project(vm, tars)
             phases.mark("copy")
             say(f"{name}: collecting in the started guest test worker")
             worker_cache.send_go(first.transport, go["argv"], go["cwd"], go["env"])
@@ -271,15 +252,19 @@ class GuestWorker:
             phases.mark("sync")
             vm.save_internal(WORKER_TAG)
             phases.mark("save")
-            self._lane_source = worker_cache.keep_snapshot(vm, key)
-            phases.mark("keep snapshot")
+            if one_test:
+                worker_disk.keep_at_close(vm, key)
+            else:
+                self._lane_source = worker_cache.keep_snapshot(vm, key)
+                phases.mark("keep snapshot")
         self.collected = collected
         self._vmconfig = vmconfig
         self._worker_proc = first.transport.proc
         # The other lanes are clones of this snapshot, started in the background
         # once the first test has its VM (RestorePool._fill): no test waits for
         # one. A session with one test here has nothing to overlap.
-        lanes = PREFETCH_LANES if worker_cache.runnable_here(self.config, collected) > 1 else 1
+        runnable = worker_cache.runnable_here(self.config, collected)
+        lanes = PREFETCH_LANES if runnable > 1 and not one_test else 1
         self._lanes = RestorePool[_Lane](
             self._clone if lanes > 1 else None, self._restore, size=lanes, name="sandbox"
         )
@@ -290,209 +275,6 @@ class GuestWorker:
             + (f" ({lanes} VMs take turns)" if lanes > 1 else "")
         )
         return collected
-
-    def _environment_items(self) -> list[TarItem]:
-        """What the guest imports besides the project: the host's environment (or pytest), requirements.
-
-        Tar items with content keys: the layer they make is cached as a ready
-        snapshot (``vm/layers.py``), so a session whose items are unchanged
-        copies none of them.
-        """
-        settings = self.factory.settings
-        env = self._host_environment()
-        items: list[TarItem] = []
-        requirements = list(settings.requirements)
-        if env is not None:
-            items += host_environment.layer_items(env, cache_dir() / "host-environment")
-            requirements += self._fallback_requirements(env)
-        if env is None or not env.carries("pytest"):
-            shipped = project_files.dependency_closure(
-                project_files.SHIPPED_DISTRIBUTIONS, self._python_version()
-            )
-            key = ",".join(
-                f"{d.metadata['Name']}=={d.version}@{d.locate_file('')}" for d in shipped
-            )
-            version = self._python_version()
-            items.append(
-                TarItem(
-                    f"shipped:{version}:{key}",
-                    lambda: project_files.pack_distributions(python_version=version),
-                )
-            )
-        if requirements:
-            folder = project_files.requirements_dir(
-                requirements, progress=self.factory.progress, python_version=self._python_version()
-            )
-            items.append(
-                TarItem(
-                    f"requirements:{folder.name}",
-                    lambda: project_files.pack_folder(folder, project_files.GUEST_REQUIREMENTS),
-                )
-            )
-        return items
-
-    def _interpreter(self, vmconfig: VMConfig) -> host_python.HostInterpreter | None:
-        """The host's Python when the guest can run it; ConfigError when no Python there matches."""
-        choice = host_python.decide(
-            vmconfig, cache_dir() / "host-python", progress=self.factory.progress
-        )
-        if choice.refusal is not None:
-            host_environment.report_once([f"pytest-gondolin: {choice.refusal}"])
-            raise ConfigError(choice.refusal)
-        self.python = choice
-        return choice.interpreter
-
-    def _interpreter_layers(self) -> list[Layer]:
-        """The host's interpreter as a layer of its own (it changes less often than the environment)."""
-        if self.interpreter is None:
-            return []
-        items = interpreter_pack.layer_items(self.interpreter, cache_dir() / "host-python")
-        return [tar_layer("host-python", items)]
-
-    def _environment_layer(self) -> Layer:
-        return tar_layer("host-environment", self._environment_items())
-
-    def _project_tars(self) -> list[bytes]:
-        """The project tree and editable sources outside it, packed (the rest is a layer)."""
-        env = self._host_environment()
-        tars = [project_files.pack_project(Path(self.config.rootpath))]
-        if env is not None:
-            tars += [project_files.pack_project(Path(source)) for source in env.sources]
-        return tars
-
-    def _copy_project(self, vm: VM, tars: list[bytes]) -> None:
-        """Unpack ``tars`` (:meth:`_project_tars`) in the guest."""
-        say = self.factory.progress
-        say(f"{vm.name}: copying the project tree ({self.config.rootpath}) into the guest")
-        started = time.monotonic()
-        back_with_disk(vm, tars)  # a project under /tmp or /root goes to the guest's disk
-        backed = time.monotonic()
-        here = shlex.quote(str(self.config.invocation_params.dir))
-        # Streamed to tar's stdin: one round trip (each costs ~0.1 s under TCG),
-        # nothing staged in guest memory. --ignore-zeros: several tars joined.
-        vm.exec(
-            ["sh", "-c", f"tar --ignore-zeros -xf - -C / && mkdir -p {here}"],
-            input=b"".join(tars),
-            check=True,
-            timeout=UNPACK_TIMEOUT,
-        )
-        log.info(
-            "%s: %.1f MiB copied in: disk-backed folders %.2f s, unpacked %.2f s",
-            vm.name,
-            sum(map(len, tars)) / 2**20,
-            backed - started,
-            time.monotonic() - backed,
-        )
-
-    def _host_environment(self) -> host_environment.HostEnvironment | None:
-        """What of the host's environment the guest gets (None: carrying it is off)."""
-        settings = self.factory.settings
-        if not settings.host_environment:
-            self.environment = None
-            return None
-        if self.environment is None:
-            self.environment = host_environment.scan(
-                Path(self.config.rootpath),
-                guest_soabi=self.python.soabi if self.python else host_environment.GUEST_SOABI,
-                limit=settings.host_environment_limit,
-            )
-        return self.environment
-
-    def _python_version(self) -> str:
-        """The version of the Python that runs the worker in the guest (``3.11.2``)."""
-        return self.python.version if self.python else project_files.IMAGE_PYTHON
-
-    def _fallback_requirements(self, env: host_environment.HostEnvironment) -> list[str]:
-        """Wheels for the distributions the guest cannot load as the host has them.
-
-        Fetched with the configured requirements when pip finds them all; if
-        not, the session says once which distributions the guest lacks and why,
-        and goes on without them.
-        """
-        notes = list(env.notes)
-        pins = [m.pin for m in env.missing]
-        if pins:
-            try:
-                project_files.requirements_dir(
-                    [*self.factory.settings.requirements, *pins],
-                    progress=self.factory.progress,
-                    python_version=self._python_version(),
-                )
-            except ConfigError as exc:
-                notes += [f"{m.name} {m.version}: {m.reason}" for m in env.missing]
-                notes.append(f"pip found no wheel for the guest either: {str(exc)[-500:]}")
-                pins = []
-        if notes:
-            host_environment.report_once(
-                ["pytest-gondolin: not all of the host's environment is importable in the guest:"]
-                + [f"  {n}" for n in notes]
-            )
-        return pins
-
-    def _start_env(self) -> dict[str, str]:
-        """The worker's environment at start-up: fixed for a given environment (per-run parts go with the go)."""
-        env = self.environment if self.factory.settings.host_environment else None
-        pythonpath = ["/run/gondolin/py", project_files.GUEST_REQUIREMENTS]
-        if env is None or not env.carries("pytest"):
-            pythonpath.insert(0, project_files.GUEST_SITE)
-        extra: dict[str, str] = {}
-        if env is not None:
-            # The host's own sys.path, in its order (guest/hostpath.py).
-            extra[HOST_PATH_ENV] = env.host_path()
-        else:
-            src = Path(self.config.rootpath) / "src"
-            if src.is_dir():
-                pythonpath.append(str(src))
-        return {
-            **GUEST_ENV,
-            "PYTHONPATH": ":".join(pythonpath),
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
-            "GONDOLIN_GUEST": "1",
-            **extra,
-        }
-
-    def _start_argv(self) -> list[str]:
-        """How the worker starts: the interpreter and the module that sets up the host's path."""
-        python = self.interpreter.executable if self.interpreter is not None else "python3"
-        return [python, "-s", "-m", HOSTPATH_MODULE]
-
-    def _session_args(self) -> list[str]:
-        """The worker's pytest arguments, sent with its go."""
-        sources = self._guest_sources()
-        args = guest_args(
-            worker_args(self.config),
-            lambda name: plugin_in_guest(
-                self.config, name, sources, distributions_of=_distributions_of
-            ),
-        )
-        if args.dropped_plugins:
-            host_environment.report_once(
-                [
-                    "pytest-gondolin: plugins not importable in the guest, not loaded there: "
-                    + ", ".join(f"-p {name}" for name in args.dropped_plugins)
-                ]
-            )
-        return [*args.args, "-p", "gondolin", *self.paths]
-
-    def _guest_sources(self) -> GuestSources:
-        """What the guest imports from, after :meth:`_copy_project`."""
-        folders = [
-            # Always in the guest: pytest (carried or packed) and this package.
-            Path(pytest.__file__).resolve().parent,
-            Path(pytest.__file__).resolve().parent.parent / "_pytest",
-            Path(pytest_gondolin.__file__).resolve().parent,
-        ]
-        names = {canonicalize_name(n) for n in project_files.SHIPPED_DISTRIBUTIONS}
-        # Validated as PEP 508 when the settings were built (config.py).
-        names |= {
-            canonicalize_name(Requirement(r).name) for r in self.factory.settings.requirements
-        }
-        env = self.environment if self.factory.settings.host_environment else None
-        if env is not None:
-            folders += [Path(source).resolve() for source in env.sources]
-            names |= {canonicalize_name(d.name) for d in env.carried}
-        return GuestSources(Path(self.config.rootpath).resolve(), tuple(folders), frozenset(names))
 
     def _clone(self) -> _Lane:
         """Another lane, started from the worker snapshot (no boot, no second collection).
@@ -536,6 +318,10 @@ class GuestWorker:
         lane.client.rewind()
         self._isolation.restored(lane)
 
+    def _settle(self, lane: _Lane) -> bool:
+        """After a process run: whether ``lane`` is clean (the worker's verdict), network reset."""
+        return self._isolation.settle(lane.vm, lane.transport.recv_line)
+
     def run(self, nodeid: str, options: SandboxOptions) -> RunOutcome | Failure:
         """Run the item on a fresh VM (restored in the background, or now) with its options.
 
@@ -546,9 +332,10 @@ class GuestWorker:
 
         ``options.isolation == "process"``: the worker forks the test into
         fresh namespaces, and the VM is given back without a restore unless
-        the run failed, the test left kernel state behind or the lane is due
-        one (:class:`~.isolation.LaneLedger`); a ``vm`` run never gets a VM
-        that ran process-isolated tests since its last restore.
+        the run failed or the lane is due one (:class:`~.isolation.LaneLedger`);
+        the worker's verdict on kernel state, which follows the run, is read
+        before the lane's next test (:meth:`_settle`, in the pool); a ``vm``
+        run never gets a VM that ran process-isolated tests since its last restore.
         """
         started = time.monotonic()
         try:
@@ -561,11 +348,10 @@ class GuestWorker:
         restored = time.monotonic()
         ledger, on_query = self._isolation, lane.client.on_query
         try:
-            if ledger.since_restore(lane):
-                if options.isolation == "process":
-                    ledger.reuse_reset(lane.vm)  # what a restore resets: flows, DNS, recorder
-                else:
-                    self._restore(lane)
+            # After a process run the pool settled the lane (its network reset, as
+            # a restore would): another process run takes it as it is.
+            if ledger.since_restore(lane) and options.isolation != "process":
+                self._restore(lane)
             player = apply_network(
                 lane.vm,
                 options.policy,
@@ -600,7 +386,12 @@ class GuestWorker:
             failure = self._vm_died(lane.vm, failure)
         # A dead lane is not restored; the next take() closes and drops it.
         restore = ledger.after_run(lane, options.isolation, failed=failure is not None)
-        self._lanes.give_back(lane, clean=restore is None)
+        if restore is None:
+            # The worker's verdict on the test follows its done: read (and the
+            # network reset) while the next test runs on another lane.
+            self._lanes.give_back(lane, settle=self._settle)
+        else:
+            self._lanes.give_back(lane)
         return dataclasses.replace(outcome, failure=failure, host_failure=host_failure)
 
     @staticmethod

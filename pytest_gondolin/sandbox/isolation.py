@@ -15,29 +15,85 @@ without a restore. :class:`LaneLedger` owns the rules that fall back to one
 * before a ``vm`` run on a lane that ran ``process`` tests since its last
   restore (``vm`` mode promises a VM restored from the snapshot).
 
-Between two ``process`` runs on the same VM the host resets the network
-(flows, DNS, recorder) itself, as a restore would (:meth:`LaneLedger.reuse_reset`).
+A clean ``process`` run's lane is not ready at once: the worker says
+``done`` as soon as the test's reports are out, then checks what namespaces
+cannot hold and sends its verdict, ``settled`` (``guest/process_runs.py``).
+:meth:`LaneLedger.settle` reads it (in the pool's background thread while
+another lane runs the next test) and, when it is clean, resets the network
+(flows, DNS, recorder) itself, as a restore would (:meth:`LaneLedger.reuse_reset`);
+otherwise the pool restores the lane.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from pytest_gondolin.errors import GondolinError
+from pytest_gondolin.errors import GondolinError, SnapshotError
 from pytest_gondolin.guest.isolation import ISOLATION_ENV, RESTORE_QUERY
+from pytest_gondolin.guest.process_runs import SETTLED
 from pytest_gondolin.vm.guest_network import reset_network
 from pytest_gondolin.vm.machine import VM
 
-__all__ = ["ISOLATION_ENV", "MAX_REASON_CHARS", "LaneLedger", "run_env"]
+__all__ = [
+    "ISOLATION_ENV",
+    "MAX_REASON_CHARS",
+    "SETTLE_TIMEOUT",
+    "LaneLedger",
+    "read_settled",
+    "run_env",
+]
 
 log = logging.getLogger(__name__)
 
 #: The worker's restore reason is quoted in the log at most this long (it is guest data).
 MAX_REASON_CHARS: Final = 300
 
+#: How long the worker gets to send its verdict after ``done`` (the test
+#: process's exit and the checks: ~50 ms under TCG; a wedged guest is restored).
+SETTLE_TIMEOUT: Final = 30.0
+#: Live output lines (``-s``) skipped while waiting for the verdict, at most.
+_MAX_LINES_BEFORE_SETTLED: Final = 100
+
 QueryHandler = Callable[[str, dict[str, Any]], Any]
+RecvLine = Callable[[float], "bytes | None"]
+
+
+def _printable(text: str) -> str:
+    """Guest text bound for a log line: cut, printable characters only."""
+    return "".join(c if c.isprintable() else "?" for c in text[:MAX_REASON_CHARS])
+
+
+def read_settled(recv_line: RecvLine, timeout: float = SETTLE_TIMEOUT) -> str | None:
+    """Read the worker's verdict after a process run's ``done``: None when clean, else why not.
+
+    ``recv_line(timeout)`` is the lane's transport's (a line, None at the end
+    of the worker's output, TimeoutError). Anything but a well-formed
+    ``settled`` (live output aside) counts as dirty: the lane is restored.
+    """
+    deadline = time.monotonic() + timeout
+    for _ in range(_MAX_LINES_BEFORE_SETTLED):
+        try:
+            line = recv_line(max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            return f"the worker sent no verdict within {timeout:g} s of the run"
+        if line is None:
+            return "the worker's output ended after the run"
+        try:
+            msg = json.loads(line)
+        except (ValueError, RecursionError):
+            return f"the worker's verdict is not JSON: {_printable(repr(line[:100]))}"
+        kind = msg.get("t") if isinstance(msg, dict) else None
+        if kind == "output":
+            continue  # what -s showed after done: dropped
+        if kind != SETTLED or not isinstance(msg.get("reason"), str):
+            return f"expected the worker's verdict, got {_printable(repr(kind))}"
+        reason: str = msg["reason"]
+        return f"the test changed kernel state: {_printable(reason)}" if reason else None
+    return f"more than {_MAX_LINES_BEFORE_SETTLED} lines before the worker's verdict"
 
 
 def run_env(isolation: str, secret_env: dict[str, str]) -> dict[str, str]:
@@ -106,6 +162,24 @@ class LaneLedger:
             self.fallbacks[rule] = self.fallbacks.get(rule, 0) + 1
             log.info("restoring the VM after a process-isolated run: %s", reason)
         return reason
+
+    def settle(self, vm: VM, recv_line: RecvLine) -> bool:
+        """After a clean-looking ``process`` run on ``vm``: its verdict, and the network reset.
+
+        True: ``vm`` may run the next ``process`` test as it is. False: it must
+        be restored (logged with the reason, counted as a fallback).
+        """
+        reason = read_settled(recv_line)
+        if reason is None:
+            try:
+                self.reuse_reset(vm)
+                return True
+            except SnapshotError as exc:
+                reason = f"the network did not reset: {exc}"
+        rule = "kernel state" if reason.startswith("the test changed kernel state") else "settle"
+        self.fallbacks[rule] = self.fallbacks.get(rule, 0) + 1
+        log.info("restoring the VM after a process-isolated run: %s", reason)
+        return False
 
     @staticmethod
     def reuse_reset(vm: VM) -> None:

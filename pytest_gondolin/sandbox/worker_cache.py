@@ -75,6 +75,7 @@ __all__ = [
     "collected_key",
     "collected_path",
     "keep_snapshot",
+    "link_collected",
     "preload_modules",
     "restore_collected",
     "runnable_here",
@@ -317,35 +318,44 @@ def restore_collected(
     argv: Sequence[str],
     max_output: int,
     say: Callable[[str], None],
+    taken: Path | None = None,
+    on_launch: Callable[[VM], None] | None = None,
 ) -> tuple[VM, VMTransport, Collected] | None:
     """A VM restored from the cached collected state ``key``, its worker and what it collected.
 
     None when there is none, or it does not load (it is then removed when
     the cache can be written, and the session starts the worker itself).
+    With ``taken`` (``sandbox/worker_disk.py``: the cached file, moved aside
+    for this process), QEMU runs on that file in place instead of a copy;
+    ``on_launch`` is given the VM as soon as QEMU runs.
     """
-    cached = collected_path(key)
+    cached = taken if taken is not None else collected_path(key)
     if not cached.exists():
         return None
     started = time.monotonic()
     try:
-        vm = VM.launch(config, name=name, loadvm_disk=cached, loadvm_tag=tag)
+        vm = VM.launch(
+            config, name=name, loadvm_disk=cached, loadvm_tag=tag, in_place=taken is not None
+        )
     except FileNotFoundError:
         return None  # evicted by another process since exists()
     except VMError as exc:
         log.warning("cached worker snapshot %s did not load (%s); starting the worker", cached, exc)
         _remove(cached)
         return None
+    if on_launch is not None:
+        on_launch(vm)
     try:
         req_id, pid, collected = read_state(vm, argv)
         if collected is None:
             raise VMError(f"{vm.name}: {STATE_FILE} holds no collection")
         proc = vm.attach(_named_process(req_id, pid, list(argv)), max_output=max_output)
     except GondolinError as exc:
+        _remove(cached)  # first: a VM running on it in place must not give it back
         vm.close()
         log.warning(
             "cached worker snapshot %s is not usable (%s); starting the worker", cached, exc
         )
-        _remove(cached)
         return None
     try:
         os.utime(cached)  # least recently used goes first
@@ -428,6 +438,40 @@ def store_collected(disk: Path, key: str) -> Path | None:
     finally:
         lock.release()
     return target
+
+
+def link_collected(disk: Path, key: str) -> bool:
+    """Cache ``disk`` (a stopped VM's overlay, on the cache's file system) as ``key`` by a hard link.
+
+    True when ``key`` is cached afterwards (by this link, or already);
+    False when it could not be linked (another file system, a read-only
+    cache, the folder's lock held past :data:`STORE_LOCK_TIMEOUT`).
+    """
+    folder = collected_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    if not paths.can_write(folder):
+        return False
+    target = collected_path(key)
+    lock = filelock.FileLock(str(paths.lock_path(folder / "worker-snapshots.lock")))
+    try:
+        lock.acquire(timeout=STORE_LOCK_TIMEOUT)
+    except filelock.Timeout:
+        return False
+    try:
+        os.link(disk, target)
+    except FileExistsError:
+        return True  # another run cached the same tree meanwhile: that one stays
+    except OSError as exc:
+        log.debug("could not link %s to %s: %s", disk, target, exc)
+        return False
+    else:
+        _evict(keep=target)
+        return True
+    finally:
+        lock.release()
 
 
 def _evict(*, keep: Path) -> None:

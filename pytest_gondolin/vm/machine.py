@@ -105,6 +105,7 @@ class VM:
         self._qemu: QemuProcess | None = None
         self._channel: AgentChannel | None = None
         self._close_hooks: list[Callable[[], object]] = []
+        self._after_stop_hooks: list[Callable[[], object]] = []
         self.boot_seconds: float | None = None
         self.http: Recorder | None = None  # the network driver's recorder (vm.http)
         self.network: NetworkDriver | None = None  # started by launch() when config.network
@@ -145,33 +146,40 @@ class VM:
         loadvm_disk: Path | None = None,
         loadvm_tag: str | None = None,
         backing: Path | None = None,
+        in_place: bool = False,
     ) -> VM:
         """Boot a VM and return it once its agent answers. Raises VMLaunchError.
 
         With ``loadvm_disk``/``loadvm_tag``, the disk is a copy of that qcow2 and
         QEMU starts from its internal snapshot instead of booting. With
         ``backing``, the overlay sits on that qcow2 (a checkpoint) instead of
-        the image's root disk.
+        the image's root disk. With ``in_place``, QEMU runs on ``loadvm_disk``
+        itself (linked from the VM's folder, never copied or removed): the
+        caller must own that file alone until the VM is closed.
         """
         vm = cls(config, name=name)
         if backing is not None:
             vm._backing = backing
         _LIVE.add(vm)
         try:
-            vm._start(loadvm_disk, loadvm_tag)
+            vm._start(loadvm_disk, loadvm_tag, in_place=in_place)
         except BaseException:
             vm.close()
             raise
         return vm
 
-    def _start(self, loadvm_disk: Path | None, loadvm_tag: str | None) -> None:
+    def _start(
+        self, loadvm_disk: Path | None, loadvm_tag: str | None, *, in_place: bool = False
+    ) -> None:
         """Pre-launch (folder, disk, network), spawn QEMU, post-launch (agent ready)."""
         started = time.monotonic()
         self._set_state(Runstate.BOOTING)
         qemu_binary = require_tool("qemu-system-x86_64")
         self.rundir = rundir = new_rundir()
         disk = rundir / "disk.qcow2"
-        if loadvm_disk is not None:
+        if loadvm_disk is not None and in_place:
+            disk.symlink_to(loadvm_disk.resolve())
+        elif loadvm_disk is not None:
             copy_disk(loadvm_disk, disk)
         else:
             create_overlay(disk, self._backing)
@@ -215,9 +223,12 @@ class VM:
         ch.set_clock(time.time_ns())
 
     @require(Runstate.CREATED, Runstate.BOOTING, Runstate.RUNNING)
-    def add_close_hook(self, hook: Callable[[], object]) -> None:
-        """Run ``hook`` when the VM closes (before its runtime folder is removed)."""
-        self._close_hooks.append(hook)
+    def add_close_hook(self, hook: Callable[[], object], *, after_stop: bool = False) -> None:
+        """Run ``hook`` when the VM closes: before QEMU stops, or with ``after_stop`` once it has.
+
+        Either way before the VM's runtime folder is removed.
+        """
+        (self._after_stop_hooks if after_stop else self._close_hooks).append(hook)
 
     def close(self) -> None:
         """Stop the VM and remove everything it created. Safe to call more than once."""
@@ -231,6 +242,12 @@ class VM:
             except Exception:
                 log.exception("%s: close hook failed", self.name)
         self._disconnect(stop_qemu=True)
+        hooks, self._after_stop_hooks = self._after_stop_hooks, []
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("%s: close hook failed", self.name)
         if self.rundir is not None:
             shutil.rmtree(self.rundir, ignore_errors=True)
 
@@ -251,7 +268,7 @@ class VM:
         rundir = self.rundir
         assert rundir is not None, "a VM that reached RUNNING has its folder"
         _LIVE.discard(self)
-        self._close_hooks = []
+        self._close_hooks, self._after_stop_hooks = [], []
         self._disconnect(stop_qemu=False)
         return rundir
 

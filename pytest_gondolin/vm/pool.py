@@ -68,6 +68,8 @@ class _Member(Generic[M]):
     handed_out: int = 0
     #: When it was handed out (monotonic), to tell short tests from long ones.
     taken_at: float = 0.0
+    #: Given back to be settled (:meth:`RestorePool.give_back`) rather than restored.
+    settle: Callable[[M], bool] | None = None
 
 
 class RestorePool(Generic[M]):
@@ -172,12 +174,17 @@ class RestorePool(Generic[M]):
                 raise VMError(f"{self.name} pool is closed")
             self._members.append(_Member[M](_State.READY, vm))
 
-    def give_back(self, vm: M, *, clean: bool = False) -> None:
+    def give_back(
+        self, vm: M, *, clean: bool = False, settle: Callable[[M], bool] | None = None
+    ) -> None:
         """``vm``'s test is over: restore it (in the background when another VM can serve).
 
         ``clean=True``: the test left ``vm`` as clean as a restore would (a
         process-isolated test, ``sandbox/isolation.py``); it is ready again
-        at once, without a restore.
+        at once, without a restore. ``settle``: whether ``vm`` is clean is
+        known only later; ``settle(vm)`` (in the background when another VM
+        can serve, else before ``vm`` is handed out again) returns True when
+        it is, False (or raises GondolinError) when it must be restored.
         """
         with self._lock:
             member = self._find(vm)
@@ -187,6 +194,13 @@ class RestorePool(Generic[M]):
                 return  # dropped by the next take()
             if clean:
                 member.state = _State.READY
+                return
+            if settle is not None:
+                member.state = _State.RESTORING
+                if self.size > 1:
+                    member.future = self._submit(self._settled, vm, settle)
+                else:
+                    member.settle = settle  # settled by the next take()
                 return
             if self.size > 1:
                 member.state = _State.RESTORING
@@ -265,6 +279,9 @@ class RestorePool(Generic[M]):
             return vm
         assert member.vm is not None
         if member.state is _State.RESTORING:
+            settle, member.settle = member.settle, None
+            if settle is not None:
+                return self._settled(member.vm, settle)
             self._restore(member.vm)
         return member.vm
 
@@ -278,6 +295,17 @@ class RestorePool(Generic[M]):
         self._restore(vm)
         if warm and self._warm is not None:
             self._warm(vm)
+        return vm
+
+    def _settled(self, vm: M, settle: Callable[[M], bool]) -> M:
+        """``vm`` settled, or restored when it is not clean."""
+        try:
+            clean = settle(vm)
+        except GondolinError as exc:
+            log.info("%s pool: %s did not settle, restoring it: %s", self.name, vm.name, exc)
+            clean = False
+        if not clean:
+            self._restore(vm)
         return vm
 
     def _fill(self) -> None:

@@ -160,15 +160,56 @@ _VERBOSE = re.compile(r"^(?P<nodeid>\S+::\S+) (?P<status>PASSED|FAILED|ERROR)\b"
 _SUMMARY = re.compile(r"^(?P<status>PASSED|FAILED|ERROR) (?P<nodeid>\S+::\S+)")
 
 
+#: The inner session's conftest, on the host: prints each sandboxed item's VM
+#: (its lane), and with ``ISOLATION_TEST_ONE_LANE=1`` keeps the guest worker to one
+#: VM, so the test after a change runs in the VM of that change (with two VMs
+#: taking turns it would run in the other one and could not see a leak).
+LANE_CONFTEST = """
+import os
+import sys
+
+if os.environ.get("GONDOLIN_GUEST") != "1":
+
+    def pytest_configure(config):
+        import pytest_gondolin.sandbox.guest_worker as guest_worker
+
+        if os.environ.get("ISOLATION_TEST_ONE_LANE") == "1":
+            guest_worker.PREFETCH_LANES = 1
+        run = guest_worker.GuestWorker.run
+
+        def run_and_say(self, nodeid, options):
+            outcome = run(self, nodeid, options)
+            name = nodeid.split("::")[-1]
+            print(f"GONDOLIN-LANE {name} {self.vm.name if self.vm else None}", file=sys.stderr)
+            return outcome
+
+        guest_worker.GuestWorker.run = run_and_say
+"""
+_LANE = re.compile(r"^GONDOLIN-LANE (?P<name>\S+) (?P<vm>\S+)$", re.M)
+
+
 @dataclass(frozen=True)
 class TableRun:
     mode: str
     statuses: dict[str, str]
     text: str
 
+    @property
+    def lanes(self) -> dict[str, str]:
+        """Each test's VM (by name), as the inner session's conftest printed it."""
+        return {m["name"]: m["vm"] for m in _LANE.finditer(self.text)}
 
-def _run(root: Path, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    def same_vm(self, *names: str) -> bool:
+        """Whether the tests ``names`` all ran in one VM."""
+        lanes = self.lanes
+        return all(name in lanes for name in names) and len({lanes[n] for n in names}) == 1
+
+
+def _run(
+    root: Path, cache: Path, *args: str, one_lane: bool = False
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
+    env["ISOLATION_TEST_ONE_LANE"] = "1" if one_lane else ""
     for name, value in inner_env_changes(cache).items():
         if value is None:
             env.pop(name, None)
@@ -196,8 +237,12 @@ def statuses_of(text: str) -> dict[str, str]:
     return out
 
 
-def run_table(root: Path, cache: Path, source: str, mode: str, *args: str) -> TableRun:
+def run_table(
+    root: Path, cache: Path, source: str, mode: str, *args: str, one_lane: bool = False
+) -> TableRun:
+    """Run ``source`` in an inner session in ``mode``; ``one_lane``: in one VM, test after test."""
     (root / "test_table.py").write_text(textwrap.dedent(source).lstrip())
+    (root / "conftest.py").write_text(LANE_CONFTEST)
     started = time.monotonic()
     proc = _run(
         root,
@@ -209,6 +254,7 @@ def run_table(root: Path, cache: Path, source: str, mode: str, *args: str) -> Ta
         "log_cli=true",
         "--log-cli-level=INFO",
         *args,
+        one_lane=one_lane,
     )
     text = proc.stdout + proc.stderr + f"\n[inner run {time.monotonic() - started:.0f} s]"
     return TableRun(mode, statuses_of(proc.stdout), text)
@@ -219,7 +265,8 @@ def table(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, gondolin_cache: Path
 ) -> TableRun:
     mode = str(request.param)
-    return run_table(tmp_path_factory.mktemp(f"table-{mode}"), gondolin_cache, TABLE, mode)
+    root = tmp_path_factory.mktemp(f"table-{mode}")
+    return run_table(root, gondolin_cache, TABLE, mode, one_lane=True)
 
 
 pytestmark = pytest.mark.integration
@@ -233,6 +280,7 @@ def test_isolation_row(table: TableRun, row: str) -> None:
     }
     assert len(pair) == 2, table.text
     assert set(pair.values()) == {"PASSED"}, (pair, table.text)
+    assert table.same_vm(*pair), (table.lanes, table.text)  # the check could see a leak
 
 
 def test_process_mode_restores_only_after_kernel_changes(table: TableRun) -> None:

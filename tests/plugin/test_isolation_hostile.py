@@ -173,18 +173,21 @@ def test_trivial(i):
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory, gondolin_cache: Path) -> TableRun:
-    return run_table(tmp_path_factory.mktemp("hostile"), gondolin_cache, HOSTILE, "process")
+    root = tmp_path_factory.mktemp("hostile")
+    return run_table(root, gondolin_cache, HOSTILE, "process", one_lane=True)
 
 
 @pytest.mark.parametrize("case", list("abcdefhi"))
 def test_hostile_case_ends_as_its_own_outcome(hostile: TableRun, case: str) -> None:
     pair = sorted((n, s) for n, s in hostile.statuses.items() if n.startswith(f"test_{case}"))
     assert [s for _, s in pair] == ["PASSED", "PASSED"], (pair, hostile.text)
+    assert hostile.same_vm(*(n for n, _ in pair)), (hostile.lanes, hostile.text)
 
 
 def test_killing_the_worker_fails_that_test_only(hostile: TableRun) -> None:
     assert hostile.statuses.get("test_g1_kills_the_worker") == "FAILED", hostile.text
     assert hostile.statuses.get("test_g2_check") == "PASSED", hostile.text
+    assert hostile.same_vm("test_g1_kills_the_worker", "test_g2_check"), hostile.text
     assert "test_g1_kills_the_worker - worker crashed" in hostile.text, hostile.text
 
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from pytest_gondolin.sandbox import worker_cache
+from pytest_gondolin.sandbox import worker_cache, worker_disk
 from tests.plugin.test_cache_folder import run_read_only
 from tests.plugin.test_sandboxed import run_gondolin
 
@@ -165,3 +168,148 @@ def test_a_read_only_cache_is_used_not_written(
     )
     assert "building layer" not in _output(result)
     assert _cached() == before
+
+
+# -- one test: the cached file used in place (sandbox/worker_disk.py) ------------
+
+STATEFUL = """
+    import os
+    import pytest
+
+    MARK = os.path.join(os.path.dirname(__file__), "written-by-the-test")
+
+    @pytest.mark.sandboxed
+    def test_one():
+        # What a run writes to the disk it restored must not reach the next run.
+        assert not os.path.exists(MARK)
+        with open(MARK, "w") as fh:
+            fh.write("x")
+"""
+
+
+def _taken() -> list[Path]:
+    return list(worker_cache.collected_dir().glob(f"*{worker_disk.TAKEN}*"))
+
+
+def test_a_one_test_rerun_uses_the_cached_file_in_place(inner: pytest.Pytester) -> None:
+    inner.makepyfile(test_x=STATEFUL)
+    before = _cached()
+    run_gondolin(inner).assert_outcomes(passed=1)
+    new = _cached() - before
+    assert len(new) == 1, new  # kept when the VM closed: the VM's own disk
+    (snapshot,) = new
+    inode = snapshot.stat().st_ino
+    for _ in range(2):
+        again = run_gondolin(inner)
+        again.assert_outcomes(passed=1)  # the first run's write was not kept
+        again.stdout.fnmatch_lines([RESTORED])
+        # Given back whole: the same file (no copy was made), nothing left taken.
+        assert snapshot.stat().st_ino == inode
+        assert _taken() == []
+    assert not (inner.path / "written-by-the-test").exists()  # only ever in the guest
+
+
+KILLING_CONFTEST = """
+    import os
+    import signal
+
+    def pytest_runtest_logreport(report):
+        # On the host, after the test: its QEMU dies before the session closes it.
+        if report.when != "call" or os.environ.get("KILL_QEMU") != "1":
+            return
+        killed = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    program = fh.read().split(b"\\0")[0]
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == os.getpid() and b"qemu-system" in program:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+        assert killed, "no QEMU to kill"
+"""
+
+
+def test_a_worker_whose_vm_died_is_not_given_back(
+    inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inner.makepyfile(test_x=STATEFUL.replace("written-by-the-test", "another-mark"))
+    inner.makeconftest(KILLING_CONFTEST)
+    before = _cached()
+    run_gondolin(inner).assert_outcomes(passed=1)
+    (snapshot,) = _cached() - before
+    monkeypatch.setenv("KILL_QEMU", "1")
+    killed = run_gondolin(inner)
+    killed.assert_outcomes(passed=1)
+    killed.stdout.fnmatch_lines([RESTORED])
+    monkeypatch.delenv("KILL_QEMU")
+    assert not snapshot.exists()  # removed, not given back
+    assert _taken() == []
+    after = run_gondolin(inner)
+    after.assert_outcomes(passed=1)
+    after.stdout.fnmatch_lines([COLLECTING])
+
+
+def test_two_tests_restore_a_copy_and_leave_the_cached_file_alone(
+    inner: pytest.Pytester,
+) -> None:
+    inner.makepyfile(
+        test_x="""
+        import pytest
+
+        @pytest.mark.sandboxed
+        def test_one():
+            pass
+
+        @pytest.mark.sandboxed
+        def test_two():
+            pass
+        """
+    )
+    before = _cached()
+    run_gondolin(inner).assert_outcomes(passed=2)
+    (snapshot,) = _cached() - before
+    stat = snapshot.stat()
+    again = run_gondolin(inner)
+    again.assert_outcomes(passed=2)
+    again.stdout.fnmatch_lines([RESTORED])
+    assert snapshot.stat().st_ino == stat.st_ino
+    assert snapshot.stat().st_size == stat.st_size  # only read: the VMs ran on copies
+    assert _taken() == []
+
+
+def test_a_taken_file_of_a_dead_process_is_removed(worker_cache_of_our_own: Path) -> None:
+    folder = worker_cache.collected_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    key = "0" * 32
+    cached = worker_cache.collected_path(key)
+    cached.write_bytes(b"cached")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = folder / f".{key}.qcow2{worker_disk.TAKEN}{dead.pid}"
+    orphan.write_bytes(b"left by a killed run")
+    other = folder / f".{'1' * 32}.qcow2{worker_disk.TAKEN}{dead.pid}"
+    other.write_bytes(b"left by a killed run, of another tree")
+    live = folder / f".{key}.qcow2{worker_disk.TAKEN}{os.getppid()}"
+    live.write_bytes(b"held by a running process")
+    # A live process that started after the file was taken: its pid was reused.
+    reused = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = folder / f".{key}.qcow2{worker_disk.TAKEN}{reused.pid}"
+        stale.write_bytes(b"left by a killed run whose pid is in use again")
+        an_hour_ago = time.time() - 3600
+        os.utime(stale, (an_hour_ago, an_hour_ago))
+        taken = worker_disk.take_collected(key)
+    finally:
+        reused.kill()
+        reused.wait()
+    assert taken is not None and taken.read_bytes() == b"cached"
+    assert not cached.exists()  # no other run sees it while taken
+    assert not orphan.exists()
+    assert not other.exists()
+    assert not stale.exists()
+    assert live.exists()
+    assert worker_disk.take_collected(key) is None  # taken already

@@ -1,0 +1,172 @@
+"""A cached collected worker's disk, used where it lies instead of copied first.
+
+A collected worker's snapshot (``sandbox/worker_cache.py``) is a ~450 MiB
+qcow2 file: copying it before QEMU starts cost 0.2 s on an idle host and
+1-1.6 s with other VMs writing to the same disk, on the first test's path.
+A session that runs **one** test on this worker (the edit-run loop: ``pytest
+test_x.py::test_one``) needs no second copy for other VMs, so it:
+
+* **takes** the cached file: renames it, in its own folder, to
+  ``.<key>.qcow2.taken-<pid>`` (atomic: no other run sees it while this one
+  holds it; a concurrent run of the same tree finds no cached worker and
+  collects, as it would after an edit), and QEMU runs on it in place
+  (``VM.launch(in_place=True)``);
+* **gives it back** once QEMU has stopped (a hard link to the cached name
+  unless a newer one is there, then the taken name removed). The file's
+  internal snapshot is what the next run loads, and qcow2 never writes a
+  snapshot's clusters in place (what the run wrote went to new clusters,
+  dropped by the next ``loadvm``), so the tree in it is the one its key
+  names. A VM whose QEMU was gone before its close (crashed, killed) does
+  not give its file back: it is removed.
+
+A first run of the project in a one-test session likewise does not copy its
+freshly saved snapshot before the test: the VM's own disk becomes the
+cached file when the VM closes (:func:`keep_at_close`), linked where the
+cache is on the same file system, copied otherwise — after the run, not
+before its first test.
+
+A taken file whose process is gone (killed before it could give it back) is
+removed by the next run that takes a cached worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import pytest
+
+import pytest_gondolin.paths as paths
+from pytest_gondolin.sandbox.worker_cache import (
+    collected_dir,
+    collected_path,
+    link_collected,
+    store_collected,
+)
+from pytest_gondolin.vm.machine import VM
+
+__all__ = ["give_back", "keep_at_close", "one_test_session", "take_collected"]
+
+log = logging.getLogger(__name__)
+
+#: The suffix of a taken file; what follows it is the taking process's pid.
+TAKEN: Final = ".taken-"
+
+
+def one_test_session(config: pytest.Config, files: Sequence[str]) -> bool:
+    """Whether the session has at most one item in ``files`` (so one VM serves them all).
+
+    Counts every selected item in those files, sandboxed for this worker or
+    not: never fewer than the worker will run.
+    """
+    session = config.pluginmanager.get_plugin("session")
+    items = getattr(session, "items", None)
+    if not isinstance(items, list):
+        return False
+    wanted = set(files)
+    return sum(1 for item in items if str(getattr(item, "path", "")) in wanted) <= 1
+
+
+def _taken_path(key: str, pid: int) -> Path:
+    return collected_dir() / f".{key}.qcow2{TAKEN}{pid}"
+
+
+def _holder_alive(pid: int, taken: Path) -> bool:
+    """Whether process ``pid`` is there and is the one that took ``taken`` (not a reused pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: alive
+    try:
+        # /proc/<pid> is made when the process starts: one started after the
+        # file was taken (its time set then) is another process with that pid.
+        return os.stat(f"/proc/{pid}").st_ctime <= taken.stat().st_mtime + 1.0
+    except OSError:
+        return True  # no /proc (or the file is gone): trust the signal check
+
+
+def _remove_orphans() -> None:
+    """Remove taken files (of any key) whose process is gone: it could not give them back."""
+    for path in collected_dir().glob(f".*.qcow2{TAKEN}*"):
+        pid = path.name.rpartition(TAKEN)[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _holder_alive(int(pid), path):
+            log.info("removing %s: its process %s is gone", path, pid)
+            path.unlink(missing_ok=True)
+
+
+def take_collected(key: str) -> Path | None:
+    """The cached collected worker ``key``, moved aside for this process alone; None if not there.
+
+    None too when the cache cannot be written (a read-only cache: the caller
+    copies, as before). Whoever launches a VM on the returned file must
+    :func:`give_back` it when that VM closes.
+    """
+    folder = collected_dir()
+    if not paths.can_write(folder):
+        return None
+    _remove_orphans()
+    taken = _taken_path(key, os.getpid())
+    try:
+        collected_path(key).rename(taken)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("could not take the cached worker %s: %s", collected_path(key), exc)
+        return None
+    try:
+        os.utime(taken)  # least recently used goes first
+    except OSError:
+        pass
+    return taken
+
+
+def give_back(vm: VM, taken: Path, key: str) -> None:
+    """Put ``taken`` (``vm``'s disk) back as the cached worker ``key`` once ``vm`` closes.
+
+    Given back only if QEMU was still running when the close began (it is
+    then stopped with ``quit``, which leaves the file whole); otherwise, or
+    when a newer cached file is there, ``taken`` is removed.
+    """
+    state = {"alive": False}
+
+    def before_stop() -> None:
+        state["alive"] = not vm.exited()  # vm.alive is already False: closing
+
+    def after_stop() -> None:
+        try:
+            # Not there: found unusable after the launch, and removed.
+            if state["alive"] and taken.exists() and not link_collected(taken, key):
+                log.warning("could not give back the cached worker %s", taken)
+        finally:
+            taken.unlink(missing_ok=True)
+
+    vm.add_close_hook(before_stop)
+    vm.add_close_hook(after_stop, after_stop=True)
+
+
+def keep_at_close(vm: VM, key: str) -> None:
+    """Cache ``vm``'s disk (holding its worker snapshot) as ``key`` when ``vm`` closes.
+
+    Linked into the cache when it is on the same file system and no file is
+    cached as ``key`` yet, copied otherwise (``store_collected``, its lock
+    and eviction). Nothing is kept from a VM whose QEMU was gone before the
+    close, or when the cache cannot be written.
+    """
+    assert vm.rundir is not None, "a running VM has its folder"
+    disk = vm.rundir / "disk.qcow2"
+    state = {"alive": False}
+
+    def before_stop() -> None:
+        state["alive"] = not vm.exited()  # vm.alive is already False: closing
+
+    def after_stop() -> None:
+        if state["alive"] and not link_collected(disk, key):
+            store_collected(disk, key)
+
+    vm.add_close_hook(before_stop)
+    vm.add_close_hook(after_stop, after_stop=True)
