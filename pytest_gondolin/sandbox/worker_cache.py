@@ -410,20 +410,10 @@ def store_collected(disk: Path, key: str) -> Path | None:
     another writer held its lock past :data:`STORE_LOCK_TIMEOUT`. Never
     leaves a partial file.
     """
-    folder = collected_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    if not paths.can_write(folder):
+    lock = _folder_lock()
+    if lock is None:
         return None
     target = collected_path(key)
-    # One lock for the folder (writes and evictions), not one file per key left behind.
-    lock = filelock.FileLock(str(paths.lock_path(folder / "worker-snapshots.lock")))
-    try:
-        lock.acquire(timeout=STORE_LOCK_TIMEOUT)
-    except filelock.Timeout:
-        return None
     try:
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
@@ -447,19 +437,10 @@ def link_collected(disk: Path, key: str) -> bool:
     False when it could not be linked (another file system, a read-only
     cache, the folder's lock held past :data:`STORE_LOCK_TIMEOUT`).
     """
-    folder = collected_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    if not paths.can_write(folder):
+    lock = _folder_lock()
+    if lock is None:
         return False
     target = collected_path(key)
-    lock = filelock.FileLock(str(paths.lock_path(folder / "worker-snapshots.lock")))
-    try:
-        lock.acquire(timeout=STORE_LOCK_TIMEOUT)
-    except filelock.Timeout:
-        return False
     try:
         os.link(disk, target)
     except FileExistsError:
@@ -472,6 +453,28 @@ def link_collected(disk: Path, key: str) -> bool:
         return True
     finally:
         lock.release()
+
+
+def _folder_lock() -> filelock.FileLock | None:
+    """The collected folder's lock, held; None when the folder cannot be written or the lock is busy.
+
+    One lock for the folder (writes and evictions), not one file per key left
+    behind; held past :data:`STORE_LOCK_TIMEOUT` by another writer, the
+    caller skips its write (it is only a cache).
+    """
+    folder = collected_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    if not paths.can_write(folder):
+        return None
+    lock = filelock.FileLock(str(paths.lock_path(folder / "worker-snapshots.lock")))
+    try:
+        lock.acquire(timeout=STORE_LOCK_TIMEOUT)
+    except filelock.Timeout:
+        return None
+    return lock
 
 
 def _evict(*, keep: Path) -> None:

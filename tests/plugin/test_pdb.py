@@ -63,11 +63,23 @@ def test_d_never_runs():
 PROMPT = r"\(Pdb\) "
 
 
-def _spawn(inner: pytest.Pytester, transcript: io.StringIO) -> pexpect.spawn[str]:
-    inner.makepyfile(test_dbg=textwrap.dedent(TESTS))
+def _spawn(
+    inner: pytest.Pytester, transcript: io.StringIO, *, tests: str = TESTS, pdb: bool = True
+) -> pexpect.spawn[str]:
+    """The inner pytest on a pseudo-terminal (``--pdb`` unless ``pdb=False``), its output in ``transcript``."""
+    inner.makepyfile(**{"test_dbg" if pdb else "test_bp": textwrap.dedent(tests)})
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "pytest", "-p", "gondolin", "--pdb", "-v", "-p", "no:cacheprovider"],
+        [
+            "-m",
+            "pytest",
+            "-p",
+            "gondolin",
+            *(["--pdb"] if pdb else []),
+            "-v",
+            "-p",
+            "no:cacheprovider",
+        ],
         cwd=str(inner.path),
         encoding="utf-8",
         codec_errors="replace",
@@ -179,18 +191,8 @@ def test_a_breakpoint_stops_the_sandboxed_test_in_pdb_on_the_hosts_terminal(
     inner: pytest.Pytester,
 ) -> None:
     """No --pdb: breakpoint() / pytest.set_trace() in a sandboxed test, as on the host."""
-    inner.makepyfile(test_bp=textwrap.dedent(BREAKPOINT_TESTS))
     transcript = io.StringIO()
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "pytest", "-p", "gondolin", "-v", "-p", "no:cacheprovider"],
-        cwd=str(inner.path),
-        encoding="utf-8",
-        codec_errors="replace",
-        timeout=INNER_TIMEOUT,
-        dimensions=(50, 120),
-    )
-    child.logfile_read = transcript
+    child = _spawn(inner, transcript, tests=BREAKPOINT_TESTS, pdb=False)
     try:
         child.expect(PROMPT)
         before_prompt = transcript.getvalue()
