@@ -444,7 +444,11 @@ def _scan(
             )
             source = _editable_source(dist)
             if source is not None:
-                witnesses.append(source)
+                # A source inside the rootdir is the project's tree (copied on its own,
+                # never one of the answer's sources): every new file there would
+                # otherwise make the answer racy and unsaved.
+                if not _inside(source, root):
+                    witnesses.append(source)
                 if os.path.isdir(source):
                     editable.append(source)
     loose = [
