@@ -196,7 +196,11 @@ def _pth_lines(folder: str) -> Iterator[tuple[str, str]]:
             line = line.strip()
             if not line or line.startswith(("#", "import ", "import\t")):
                 continue
-            yield os.path.join(folder, name), _norm(os.path.join(folder, line))
+            target = _norm(os.path.join(folder, line))
+            # As site.addpackage: a line naming no folder adds nothing (isdir is
+            # False for a NUL byte too).
+            if os.path.isdir(target):
+                yield os.path.join(folder, name), target
 
 
 def _glibc_needed(dist: importlib.metadata.Distribution) -> tuple[int, int] | None:

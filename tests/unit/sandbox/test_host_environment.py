@@ -173,3 +173,28 @@ def test_the_guest_puts_site_folders_after_its_stdlib_in_host_order(
 def test_bad_host_path_is_refused(text: str) -> None:
     with pytest.raises(ValueError):
         hostpath.parse_entries(text)
+
+
+def test_a_distribution_without_record_carries_its_metadata_with_a_note(
+    layout: tuple[Path, Path],
+) -> None:
+    root, site = layout
+    _dist(site, "norecord", "1.0", {"norecord.py": "A = 1\n"})
+    (site / "norecord-1.0.dist-info" / "RECORD").unlink()
+    _dist(site, "whole", "2.0", {"whole.py": ""})
+    env = _scan(root, site)
+    carried = {d.name: d for d in env.carried}
+    assert set(carried) == {"norecord", "whole"}
+    assert str(site / "norecord-1.0.dist-info/METADATA") in carried["norecord"].files
+    assert env.notes == ("norecord 1.0 has no RECORD: only its metadata is carried",)
+
+
+def test_a_broken_pth_file_is_carried_as_the_host_has_it(layout: tuple[Path, Path]) -> None:
+    """Python's site reports a bad .pth line and goes on; the guest's does the same with the copy."""
+    root, site = layout
+    (site / "broken.pth").write_text("import no_such_module_anywhere\n/no/such/folder\n\x00garbage\n")
+    _dist(site, "pure", "1.0", {"pure/__init__.py": ""})
+    env = _scan(root, site)
+    assert [d.name for d in env.carried] == ["pure"]
+    assert env.loose_files == (str(site / "broken.pth"),)
+    assert env.sources == ()  # a folder it names that does not exist is not carried
