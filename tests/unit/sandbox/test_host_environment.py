@@ -192,7 +192,9 @@ def test_a_distribution_without_record_carries_its_metadata_with_a_note(
 def test_a_broken_pth_file_is_carried_as_the_host_has_it(layout: tuple[Path, Path]) -> None:
     """Python's site reports a bad .pth line and goes on; the guest's does the same with the copy."""
     root, site = layout
-    (site / "broken.pth").write_text("import no_such_module_anywhere\n/no/such/folder\n\x00garbage\n")
+    (site / "broken.pth").write_text(
+        "import no_such_module_anywhere\n/no/such/folder\n\x00garbage\n"
+    )
     _dist(site, "pure", "1.0", {"pure/__init__.py": ""})
     env = _scan(root, site)
     assert [d.name for d in env.carried] == ["pure"]
