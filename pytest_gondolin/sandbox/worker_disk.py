@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -132,21 +132,16 @@ def give_back(vm: VM, taken: Path, key: str) -> None:
     then stopped with ``quit``, which leaves the file whole); otherwise, or
     when a newer cached file is there, ``taken`` is removed.
     """
-    state = {"alive": False}
 
-    def before_stop() -> None:
-        state["alive"] = not vm.exited()  # vm.alive is already False: closing
-
-    def after_stop() -> None:
+    def after_stop(alive: bool) -> None:
         try:
             # Not there: found unusable after the launch, and removed.
-            if state["alive"] and taken.exists() and not link_collected(taken, key):
+            if alive and taken.exists() and not link_collected(taken, key):
                 log.warning("could not give back the cached worker %s", taken)
         finally:
             taken.unlink(missing_ok=True)
 
-    vm.add_close_hook(before_stop)
-    vm.add_close_hook(after_stop, after_stop=True)
+    _after_stop(vm, after_stop)
 
 
 def keep_at_close(vm: VM, key: str) -> None:
@@ -159,14 +154,20 @@ def keep_at_close(vm: VM, key: str) -> None:
     """
     assert vm.rundir is not None, "a running VM has its folder"
     disk = vm.rundir / "disk.qcow2"
+
+    def after_stop(alive: bool) -> None:
+        if alive and not link_collected(disk, key):
+            store_collected(disk, key)
+
+    _after_stop(vm, after_stop)
+
+
+def _after_stop(vm: VM, action: Callable[[bool], None]) -> None:
+    """Call ``action(alive)`` once ``vm``'s QEMU has stopped; ``alive``: it still ran when the close began."""
     state = {"alive": False}
 
     def before_stop() -> None:
         state["alive"] = not vm.exited()  # vm.alive is already False: closing
 
-    def after_stop() -> None:
-        if state["alive"] and not link_collected(disk, key):
-            store_collected(disk, key)
-
     vm.add_close_hook(before_stop)
-    vm.add_close_hook(after_stop, after_stop=True)
+    vm.add_close_hook(lambda: action(state["alive"]), after_stop=True)

@@ -63,6 +63,18 @@ def test_d_never_runs():
 PROMPT = r"\(Pdb\) "
 
 
+def _run_without_terminal(inner: pytest.Pytester, *args: str) -> subprocess.CompletedProcess[str]:
+    """The inner pytest with ``args``, stdin not a terminal (``/dev/null``), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "gondolin", *args],
+        cwd=inner.path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=INNER_TIMEOUT,
+    )
+
+
 def _spawn(
     inner: pytest.Pytester, transcript: io.StringIO, *, tests: str = TESTS, pdb: bool = True
 ) -> pexpect.spawn[str]:
@@ -145,14 +157,7 @@ def test_pdb_runs_in_the_guest_on_the_hosts_terminal(inner: pytest.Pytester) -> 
 def test_without_a_terminal_it_says_so_up_front_and_runs_on(inner: pytest.Pytester) -> None:
     inner.makepyfile(test_dbg=textwrap.dedent(TESTS))
     # Negative control of the test above: the same session, stdin not a TTY.
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "gondolin", "--pdb", "-v", "-k", "b_fails or d_"],
-        cwd=inner.path,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=INNER_TIMEOUT,
-    )
+    result = _run_without_terminal(inner, "--pdb", "-v", "-k", "b_fails or d_")
     out = result.stdout
     notice = "--pdb does not enter sandboxed tests (2 here): stdin is not a terminal"
     assert notice in out, out
@@ -226,25 +231,7 @@ def test_without_a_terminal_a_breakpoint_fails_its_test_saying_why(
 ) -> None:
     inner.makepyfile(test_bp=textwrap.dedent(BREAKPOINT_TESTS))
     # Negative control of the test above: no terminal; nothing may wait for input.
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "gondolin",
-            "-v",
-            "-rf",
-            "-k",
-            "e_stops or g_",
-            *args,
-        ],
-        cwd=inner.path,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=INNER_TIMEOUT,
-    )
+    result = _run_without_terminal(inner, "-v", "-rf", "-k", "e_stops or g_", *args)
     out = result.stdout
     assert "test_bp.py::test_e_stops_at_a_breakpoint" in out, out
     assert f"needs the host's terminal, and there is none: {why}" in out, out
