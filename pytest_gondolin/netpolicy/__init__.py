@@ -10,8 +10,10 @@ Two sans-IO layers, and the two modules that join them into a running peer:
 * :mod:`.relay` -- joins the stack's flows to the HTTP layer's proxies;
 * :mod:`.streams` -- raw TCP streams: ``tcp=`` services, ``VM.forward``
   ingress and WebSocket sessions after their 101;
-* :mod:`.driver` -- :class:`NetworkDriver`, the one owner of sockets,
-  threads and timeouts, bounded by :class:`~.limits.DriverLimits`.
+* :mod:`.driver` -- :class:`NetworkDriver`, the owner of the loop thread
+  and its timeouts, bounded by :class:`~.limits.DriverLimits`; it drives
+  :mod:`.qemu_socket` (the socket QEMU connects to) and
+  :mod:`.upstream_pool` (the upstream fetches' worker threads).
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 :class:`NetworkDriver` owns a listening Unix socket that QEMU's
 ``-netdev stream,server=off`` connects to (the socket exists before QEMU
-starts), and one thread running a ``selectors`` loop. It is the only
-module of ``netpolicy`` that owns sockets, threads and timeouts; the
+starts; :mod:`.qemu_socket` serves it), and one thread running a
+``selectors`` loop; upstream fetches run on a small pool
+(:mod:`.upstream_pool`). The driver and those two own the sockets, threads
+and timeouts of ``netpolicy`` (raw TCP streams are :mod:`.streams`'); the
 packet stack (:mod:`.stack`) and the HTTP layer (:mod:`.http`) are
 sans-IO, and :mod:`.relay` joins them::
 
@@ -12,7 +14,7 @@ sans-IO, and :mod:`.relay` joins them::
     QEMU <--frames-- PeerLink <-- NetworkStack <--bytes--------+
                                                               v
                          plan_request (stub -> policy -> secrets), then
-                         run_upstream on a small worker pool (http/mediation.py);
+                         run_upstream on a small worker pool (upstream_pool.py);
                          results come back through a queue and a wake-up
                          socketpair
 
@@ -53,7 +55,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
@@ -62,21 +63,17 @@ from pytest_gondolin.netpolicy.dns_policy import policy_resolver
 from pytest_gondolin.netpolicy.http.ca import CertificateAuthority, default_ca
 from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
 from pytest_gondolin.netpolicy.http.mediation import (
-    Mediated,
     MediationContext,
-    UpstreamJob,
-    internal_error,
-    run_upstream,
 )
 from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
 from pytest_gondolin.netpolicy.http.recorder import Recorder
 from pytest_gondolin.netpolicy.http.secrets import SecretStore
 from pytest_gondolin.netpolicy.limits import DriverLimits
-from pytest_gondolin.netpolicy.relay import FlowRelay, ProxiedFlow
-from pytest_gondolin.netpolicy.stack.link import LinkError
+from pytest_gondolin.netpolicy.qemu_socket import QemuSocket
+from pytest_gondolin.netpolicy.relay import FlowRelay
 from pytest_gondolin.netpolicy.stack.network import DEFAULT_MTU, NetworkStack
-from pytest_gondolin.netpolicy.stack.peer import PeerLink
 from pytest_gondolin.netpolicy.streams import StreamRelay, bind_forward
+from pytest_gondolin.netpolicy.upstream_pool import UpstreamPool
 
 __all__ = ["CLOSE_TIMEOUT", "RESET_TIMEOUT", "NetworkDriver"]
 
@@ -91,8 +88,6 @@ CLOSE_TIMEOUT: Final = 5.0
 #: Longest sleep of the loop when no timer is due (it wakes on I/O anyway);
 #: bounds the delay of anything not signalled through the wake-up socket.
 _MAX_POLL: Final = 5.0
-#: A listen backlog of one: QEMU is the only client, anything else is refused.
-_BACKLOG: Final = 1
 
 
 _Command = Callable[[], None]
@@ -131,38 +126,37 @@ class NetworkDriver:
         )
         self._counters: Counter[str] = Counter()
         self._stack = NetworkStack(mtu=mtu, resolver=policy_resolver(lambda: self._context))
-        self._in_flight = 0
-        self._results: queue.SimpleQueue[tuple[ProxiedFlow, Mediated]] = queue.SimpleQueue()
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
-        self._peer: PeerLink | None = None
-        self._peer_writing = False
         self._stopping = False
         self._closed = False
         self._close_lock = threading.Lock()
-        self._connected = threading.Event()
 
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._selector = selectors.DefaultSelector()
         try:
-            with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()
-            self._listener.bind(str(self.socket_path))
-            self._listener.listen(_BACKLOG)
-            self._listener.setblocking(False)
+            self._link = QemuSocket(
+                self.socket_path,
+                self._selector,
+                limits=self.limits,
+                counters=self._counters,
+                name=name,
+            )
+        except NetworkPolicyError:
+            self._selector.close()
+            raise
+        try:
             self._wake_r, self._wake_w = socket.socketpair()
         except OSError as exc:
-            self._listener.close()
+            self._link.close()
+            self._selector.close()
             raise NetworkPolicyError(
                 f"cannot listen for the guest network on {self.socket_path}: {exc}"
             ) from exc
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._listener, selectors.EVENT_READ, "listen")
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._relay = self._new_relay()
-        self._pool = ThreadPoolExecutor(
-            max_workers=self.limits.upstream_workers,
-            thread_name_prefix=f"gondolin-upstream-{name}",
+        self._upstream = UpstreamPool(
+            limits=self.limits, counters=self._counters, wake=self._wake, name=name
         )
         self._thread = threading.Thread(target=self._run, name=f"gondolin-net-{name}", daemon=True)
         self._thread.start()
@@ -192,11 +186,11 @@ class NetworkDriver:
     @property
     def connected(self) -> bool:
         """True while QEMU (or a test's fake guest) is connected."""
-        return self._connected.is_set()
+        return self._link.connected.is_set()
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the peer to connect; return whether it did."""
-        return self._connected.wait(timeout)
+        return self._link.connected.wait(timeout)
 
     def configure(
         self,
@@ -311,21 +305,15 @@ class NetworkDriver:
             self._thread.join(CLOSE_TIMEOUT)
             if self._thread.is_alive():
                 log.warning("%s: network loop did not stop within %.0f s", self.name, CLOSE_TIMEOUT)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._discard_results()  # fetches still running discard their own (see _work)
+        self._upstream.close()
         with contextlib.suppress(Exception):
             self._streams.close("vm-closed")
         with contextlib.suppress(Exception):
             self._selector.close()
-        if self._peer is not None:
-            self._peer.close()
-            self._peer = None
-        for sock in (self._listener, self._wake_r, self._wake_w):
+        self._link.close()
+        for sock in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 sock.close()
-        self._connected.clear()
-        with contextlib.suppress(OSError):
-            self.socket_path.unlink()
         log.debug("%s: network driver closed", self.name)
 
     def __enter__(self) -> NetworkDriver:
@@ -374,7 +362,7 @@ class NetworkDriver:
         readable_peer = writable_peer = False
         for key, mask in ready:
             if key.data == "listen":
-                self._accept_peer()
+                self._link.accept()
             elif key.data == "wake":
                 with contextlib.suppress(OSError):
                     while self._wake_r.recv(4096):
@@ -386,17 +374,17 @@ class NetworkDriver:
                 key.data(mask)
         self._run_commands()
         if readable_peer:
-            self._read_peer()
-        self._collect_results()
+            self._link.read(self._on_frames)
+        self._upstream.collect(self._relay)
         now = time.monotonic()
         self._stack.on_timer(now)
         self._relay.on_timer(now)
         self._streams.on_timer(now)
         self._relay.process_events()
         self._dispatch_jobs()
-        self._queue_tx()
-        if self._peer is not None and (writable_peer or self._peer.pending_tx):
-            self._flush_tx()
+        self._link.queue(self._stack.outgoing_frames())
+        if writable_peer or self._link.pending_tx:
+            self._link.flush()
 
     def _run_commands(self) -> None:
         while True:
@@ -408,80 +396,11 @@ class NetworkDriver:
 
     # ------------------------------------------------------------------ the link
 
-    def _accept_peer(self) -> None:
-        try:
-            conn, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        if self._peer is not None:
-            # QEMU is the only peer; a second connection gets nothing.
-            log.warning("%s: refusing a second connection to the network socket", self.name)
-            conn.close()
-            return
-        self._peer = PeerLink(
-            conn,
-            read_chunk=self.limits.read_chunk,
-            max_tx_bytes=self.limits.max_tx_bytes,
-            counters=self._counters,
-        )
-        self._peer_writing = False
-        self._selector.register(conn, selectors.EVENT_READ, "peer")
-        self._connected.set()
-        self._counters["peer-connects"] += 1
-        log.debug("%s: guest network connected", self.name)
-
-    def _drop_peer(self, why: str) -> None:
-        peer = self._peer
-        if peer is None:
-            return
-        log.info("%s: guest network link closed: %s", self.name, why)
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(peer.sock)
-        peer.close()
-        self._peer = None
-        self._peer_writing = False
-        self._connected.clear()
-
-    def _read_peer(self) -> None:
-        budget = self.limits.max_read_per_wake
-        while self._peer is not None and budget > 0:
-            try:
-                frames = self._peer.recv_frames()
-            except LinkError as exc:
-                self._counters["link-errors"] += 1
-                self._drop_peer(exc.reason)
-                return
-            if frames is None:
-                return
-            budget -= self.limits.read_chunk
-            now = time.monotonic()
-            for frame in frames:
-                self._stack.receive_frame(frame, now)
-            # Serve events between reads so the stack's buffers drain steadily.
-            self._relay.process_events()
-
-    def _queue_tx(self) -> None:
-        frames = self._stack.outgoing_frames()
-        if self._peer is None:
-            if frames:
-                self._counters["tx-dropped-no-peer"] += len(frames)
-            return
-        self._peer.queue(frames)
-
-    def _flush_tx(self) -> None:
-        peer = self._peer
-        if peer is None:
-            return
-        try:
-            peer.flush()
-        except LinkError as exc:
-            self._drop_peer(exc.reason)
-            return
-        want_write = peer.pending_tx > 0
-        if want_write != self._peer_writing:
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0)
-            self._selector.modify(peer.sock, events, "peer")
-            self._peer_writing = want_write
+    def _on_frames(self, frames: list[bytes], now: float) -> None:
+        for frame in frames:
+            self._stack.receive_frame(frame, now)
+        # Serve events between reads so the stack's buffers drain steadily.
+        self._relay.process_events()
 
     # ------------------------------------------------------------------ requests
 
@@ -507,70 +426,13 @@ class NetworkDriver:
         )
 
     def _dispatch_jobs(self) -> None:
-        limits, relay = self.limits, self._relay
-        while relay.has_jobs and self._in_flight < limits.upstream_workers:
-            if relay.output_backlog() >= limits.max_output_bytes:
-                self._counters["jobs-held-backlog"] += 1
-                return
-            taken = relay.take_job()
-            if taken is None:
-                continue  # the guest gave up on this flow while it waited
-            flow, job = taken
-            self._in_flight += 1
-            try:
-                self._pool.submit(self._work, flow, job)
-            except RuntimeError:  # the pool is shutting down
-                self._in_flight -= 1
-                return
-
-    def _work(self, flow: ProxiedFlow, job: UpstreamJob) -> None:
-        """Worker thread: fetch upstream, record, hand the outcome back to the loop."""
-        try:
-            outcome = run_upstream(job, timeout=self.limits.upstream_timeout)
-        except Exception as exc:  # run_upstream maps I/O errors; this guards against bugs
-            log.exception("%s: upstream fetch failed unexpectedly", self.name)
-            outcome = internal_error(job, exc)
-        # Record before the guest can see the response: a test that reads
-        # vm.http right after its guest command returns must find it.
-        try:
-            job.context.recorder.record(outcome.exchange)
-        finally:
-            self._results.put((flow, outcome))
-            self._wake()
-            if self._closed:
-                # Put, then check: close() drains after setting _closed, so
-                # either it or this sees the result; no upgraded socket stays open.
-                self._discard_results()
-
-    def _discard_results(self) -> None:
-        """Drop results nobody will deliver, closing WebSocket connections they hold."""
-        while True:
-            try:
-                _flow, outcome = self._results.get_nowait()
-            except queue.Empty:
-                return
-            if outcome.upgraded is not None:
-                outcome.upgraded.close()
-
-    def _collect_results(self) -> None:
-        while True:
-            try:
-                flow, outcome = self._results.get_nowait()
-            except queue.Empty:
-                break
-            self._in_flight = max(0, self._in_flight - 1)
-            self._relay.deliver(flow, outcome)
+        self._upstream.dispatch(self._relay)
 
     # ------------------------------------------------------------------ reset
 
     def _reset_state(self) -> None:
         dropped = len(self._relay)
-        stale = 0
-        if self._peer is not None:
-            try:
-                stale = self._peer.discard_stale()
-            except LinkError as exc:
-                self._drop_peer(exc.reason)
+        stale = self._link.discard_stale()
         self._streams.close("vm-reset")  # streams and forwards end with the guest's past
         # New flows, a new resolver (answering the names the policy knows), zero counters.
         self._stack = NetworkStack(mtu=self.mtu, resolver=policy_resolver(lambda: self._context))

@@ -47,7 +47,7 @@ from pytest_gondolin.netpolicy.http.mediation import (
 )
 from pytest_gondolin.netpolicy.http.mitm import FlowProxy
 from pytest_gondolin.netpolicy.http.recorder import Exchange
-from pytest_gondolin.netpolicy.stack.flows import (
+from pytest_gondolin.netpolicy.stack.flow_events import (
     FlowClosed,
     FlowData,
     FlowEOF,

@@ -56,7 +56,7 @@ from pytest_gondolin.netpolicy.http.recorder import Recorder
 from pytest_gondolin.netpolicy.http.tcp_record import TcpFlow, TcpFlowKind
 from pytest_gondolin.netpolicy.http.websocket import Upgraded
 from pytest_gondolin.netpolicy.limits import DriverLimits
-from pytest_gondolin.netpolicy.stack.flows import (
+from pytest_gondolin.netpolicy.stack.flow_events import (
     FlowClosed,
     FlowData,
     FlowEOF,

@@ -21,7 +21,8 @@ from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
 from pytest_gondolin.netpolicy.http.recorder import Recorder
 from pytest_gondolin.netpolicy.http.secrets import Secret, SecretStore
 from pytest_gondolin.netpolicy.limits import DriverLimits
-from pytest_gondolin.netpolicy.stack.dns import DEFAULT_MAX_NAMES, QTYPE_A, Rcode
+from pytest_gondolin.netpolicy.stack.dns import DEFAULT_MAX_NAMES
+from pytest_gondolin.netpolicy.stack.dns_wire import QTYPE_A, Rcode
 from pytest_gondolin.netpolicy.stack.link import FrameDecoder, encode_frame
 from pytest_gondolin.netpolicy.stack.network import GATEWAY_IP, GATEWAY_MAC, GUEST_IP
 from pytest_gondolin.netpolicy.stack.packets import (

@@ -9,14 +9,19 @@ stack through :mod:`pytest_gondolin.netpolicy.relay`. One module per concern:
 =======================  ===================================================
 :mod:`.rules`            host names, ports and host patterns (one grammar)
 :mod:`.hostaddrs`        this host's own addresses, for ``block_internal``
+:mod:`.internal_ranges`  the address ranges ``block_internal`` denies
 :mod:`.policy`           :class:`NetworkPolicy`: which destinations are allowed
 :mod:`.secrets`          placeholders in the guest, real values upstream
 :mod:`.secret_forms`     finding a value in the encodings an honest echo applies
+:mod:`.secret_patterns`  how each encoded form of a value is written and replaced
 :mod:`.sniff`            what a flow speaks (request line or ClientHello)
 :mod:`.ca`               the CA and leaf certificates for TLS interception
 :mod:`.messages`         request and response values and their limits
+:mod:`.guest_requests`   the events and body budget both guest-facing servers share
+:mod:`.destination`      the destination rule (Host, target, port, TLS name)
 :mod:`.interceptor`      one flow's HTTP/1.1 requests, parsed and refused
 :mod:`.h2_server`        one flow's HTTP/2 streams (ALPN ``h2``), bounded
+:mod:`.h2_streams`       that connection's h2 state and per-stream records
 :mod:`.h2_requests`      HTTP/2 header blocks to and from requests, responses
 :mod:`.mitm`             one flow: sniff, TLS, interceptor
 :mod:`.content_coding`   decoding coded bodies so secrets can be redacted
@@ -24,6 +29,7 @@ stack through :mod:`pytest_gondolin.netpolicy.relay`. One module per concern:
 :mod:`.upstream_h2`      the same over HTTP/2, for HTTP/2 requests (trailers)
 :mod:`.mediation`        the pipeline from a request to its answer
 :mod:`.recorder`         every exchange, for ``vm.http`` and ``http_traffic``
+:mod:`.stubs`            canned responses and the URL form they match
 :mod:`.cassette`         record and replay (player and record modes)
 :mod:`.cassette_match`   preparing and matching requests against a cassette
 :mod:`.cassette_values`  what a cassette holds, and cassette errors

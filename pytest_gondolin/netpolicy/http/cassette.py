@@ -77,14 +77,10 @@ from pytest_gondolin.netpolicy.http.cassette_match import (
     DEFAULT_MATCHERS,
     MATCHER_TABLE,
     MATCHERS,
+    Preparation,
     check_names,
-    filter_query,
-    normalize_basic,
-    normalize_placeholders,
-    normalize_placeholders_bytes,
 )
 from pytest_gondolin.netpolicy.http.cassette_values import (
-    FILTERED,
     CassetteError,
     CassetteMismatch,
     CassetteRequest,
@@ -93,7 +89,7 @@ from pytest_gondolin.netpolicy.http.cassette_values import (
     shorten,
 )
 from pytest_gondolin.netpolicy.http.messages import HttpRequest, HttpResponse
-from pytest_gondolin.netpolicy.http.secrets import CREDENTIAL_HEADERS, SecretStore
+from pytest_gondolin.netpolicy.http.secrets import SecretStore
 
 __all__ = [
     "RECORD_MODES",
@@ -144,9 +140,13 @@ class CassettePlayer:
         self.secret_store = secret_store
         self.allow_playback_repeats = allow_playback_repeats
         self.existed = loaded is not None
-        self._filter_headers = frozenset(n.lower() for n in filter_headers)
-        self._filter_query = frozenset(n.lower() for n in filter_query)
-        self._filter_response = frozenset(n.lower() for n in filter_response_headers)
+        self._prep = Preparation(
+            secret_store,
+            frozenset(n.lower() for n in filter_headers),
+            frozenset(n.lower() for n in filter_query),
+            frozenset(n.lower() for n in filter_response_headers),
+            self.matchers,
+        )
         self._max = max_interactions
         self._loaded: tuple[Interaction, ...] = () if loaded is None else loaded.interactions
         self._replays = mode in ("none", "new_episodes") or (mode == "once" and self.existed)
@@ -164,7 +164,7 @@ class CassettePlayer:
         self._dirty = False
         if self._replays:
             for index, interaction in enumerate(self._loaded):
-                key = self._key(self._match_form(interaction.request))
+                key = self._prep.key(self._prep.match_form(interaction.request))
                 self._queues.setdefault(key, deque()).append(index)
 
     # ------------------------------------------------------------------ state
@@ -198,61 +198,13 @@ class CassettePlayer:
 
     # ------------------------------------------------------------------ preparation
 
-    def _clean(self, text: str) -> str:
-        if self.secret_store is not None:
-            text = self.secret_store.redact(text)
-        return normalize_placeholders(text, self.secret_store)
-
-    def _clean_b(self, data: bytes) -> bytes:
-        if self.secret_store is not None:
-            data = self.secret_store.redact(data)
-        return normalize_placeholders_bytes(data, self.secret_store)
-
-    def _clean_header(self, name: str, value: str, filtered: frozenset[str]) -> str:
-        lower = name.lower()
-        if lower in filtered:
-            return FILTERED
-        value = self._clean(value)
-        if lower in CREDENTIAL_HEADERS:
-            value = normalize_basic(value, self.secret_store)
-        return value
-
     def prepare_request(self, request: HttpRequest) -> CassetteRequest:
         """``request`` as it would be stored: redacted, normalised, filtered."""
-        uri = filter_query(self._clean(request.url), self._filter_query)
-        headers = tuple(
-            (n, self._clean_header(n, v, self._filter_headers)) for n, v in request.headers
-        )
-        return CassetteRequest(
-            method=request.method, uri=uri, headers=headers, body=self._clean_b(request.body)
-        )
+        return self._prep.request(request)
 
     def prepare_response(self, response: HttpResponse) -> CassetteResponse:
         """``response`` as it would be stored: redacted, normalised, filtered."""
-        return CassetteResponse(
-            status=response.status,
-            message=self._clean(response.reason),
-            headers=tuple(
-                (n, self._clean_header(n, v, self._filter_response)) for n, v in response.headers
-            ),
-            body=self._clean_b(response.body),
-        )
-
-    def _match_form(self, recorded: CassetteRequest) -> CassetteRequest:
-        """A loaded request under this player's filters and placeholder normalisation.
-
-        A cassette recorded with other filters (or written by hand or by
-        vcrpy) still matches the live request, which is prepared the same way.
-        """
-        uri = filter_query(normalize_placeholders(recorded.uri), self._filter_query)
-        headers = tuple(
-            (n, FILTERED if n.lower() in self._filter_headers else normalize_placeholders(v))
-            for n, v in recorded.headers
-        )
-        body = normalize_placeholders_bytes(recorded.body, None)
-        if (uri, headers, body) == (recorded.uri, recorded.headers, recorded.body):
-            return recorded
-        return CassetteRequest(recorded.method, uri, headers, body)
+        return self._prep.response(response)
 
     def _try_prepare(self, request: HttpRequest) -> CassetteRequest | None:
         try:
@@ -260,9 +212,6 @@ class CassettePlayer:
         except CassetteError as exc:  # the interceptor validated the URL: not expected
             log.debug("cassette %s: cannot prepare %s: %s", self.path, request.method, exc)
             return None
-
-    def _key(self, request: CassetteRequest) -> Hashable:
-        return tuple(MATCHER_TABLE[m][0](request) for m in self.matchers)
 
     # ------------------------------------------------------------------ per request
 
@@ -278,7 +227,7 @@ class CassettePlayer:
         live = self._try_prepare(request)
         if live is None:
             return None
-        key = self._key(live)
+        key = self._prep.key(live)
         with self._lock:
             queue = self._queues.get(key)
             if queue:
@@ -348,7 +297,7 @@ class CassettePlayer:
         """
         live = self._try_prepare(request)
         if live is None:
-            shown = f"{request.method} {shorten(self._clean(request.url))}"
+            shown = f"{request.method} {shorten(self._prep.clean(request.url))}"
             return self._miss(f"{shown} cannot be matched against cassette {self.path}")
         lines = [f"{live.summary()} is not in cassette {self.path}"]
         if not self.existed and self.mode != "all":
@@ -373,7 +322,7 @@ class CassettePlayer:
         candidates: list[tuple[int, int, list[str]]] = []
         exhausted = 0
         for index, interaction in enumerate(self._loaded if self._replays else ()):
-            recorded = self._match_form(interaction.request)
+            recorded = self._prep.match_form(interaction.request)
             diffs = [
                 f"{name}: recorded {show(recorded)}, got {show(live)}"
                 for (name, fn, show), want in zip(key_fns, live_keys, strict=True)

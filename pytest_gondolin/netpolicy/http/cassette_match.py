@@ -6,7 +6,8 @@ redacted, placeholders stripped of their random suffix
 (:func:`normalize_placeholders`, also inside ``Authorization: Basic``:
 :func:`normalize_basic`), filtered headers and query parameters replaced
 by ``<FILTERED>`` (:func:`filter_query`). Requests then match when every
-configured matcher (:data:`MATCHER_TABLE`) gives equal keys. No I/O.
+configured matcher (:data:`MATCHER_TABLE`) gives equal keys.
+:class:`Preparation` applies all of it with one cassette's settings. No I/O.
 """
 
 from __future__ import annotations
@@ -16,12 +17,23 @@ import binascii
 import json
 import re
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qsl, unquote_plus
 
 from pytest_gondolin.errors import ConfigError
-from pytest_gondolin.netpolicy.http.cassette_values import FILTERED, CassetteRequest, shorten
-from pytest_gondolin.netpolicy.http.secrets import PLACEHOLDER_PREFIX, SecretStore
+from pytest_gondolin.netpolicy.http.cassette_values import (
+    FILTERED,
+    CassetteRequest,
+    CassetteResponse,
+    shorten,
+)
+from pytest_gondolin.netpolicy.http.messages import HttpRequest, HttpResponse
+from pytest_gondolin.netpolicy.http.secrets import (
+    CREDENTIAL_HEADERS,
+    PLACEHOLDER_PREFIX,
+    SecretStore,
+)
 
 __all__ = [
     "DEFAULT_FILTER_HEADERS",
@@ -30,6 +42,7 @@ __all__ = [
     "MATCHERS",
     "MATCHER_TABLE",
     "Matcher",
+    "Preparation",
     "check_names",
     "filter_query",
     "normalize_basic",
@@ -178,3 +191,79 @@ def check_names(value: object, what: str, *, known: Sequence[str] | None = None)
         if known is not None and name not in known:
             raise ConfigError(f"{what}: unknown matcher {name!r}; known: {', '.join(known)}")
     return names
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """One cassette's preparation (module docstring) and matching key.
+
+    ``filter_*`` are lower-case names; ``matchers`` are names of
+    :data:`MATCHER_TABLE` (checked by :func:`check_names` beforehand).
+    """
+
+    secret_store: SecretStore | None
+    filter_headers: frozenset[str]
+    filter_query: frozenset[str]
+    filter_response: frozenset[str]
+    matchers: tuple[str, ...]
+
+    def clean(self, text: str) -> str:
+        """``text`` with secret values redacted and placeholders normalised."""
+        if self.secret_store is not None:
+            text = self.secret_store.redact(text)
+        return normalize_placeholders(text, self.secret_store)
+
+    def _clean_b(self, data: bytes) -> bytes:
+        if self.secret_store is not None:
+            data = self.secret_store.redact(data)
+        return normalize_placeholders_bytes(data, self.secret_store)
+
+    def _clean_header(self, name: str, value: str, filtered: frozenset[str]) -> str:
+        lower = name.lower()
+        if lower in filtered:
+            return FILTERED
+        value = self.clean(value)
+        if lower in CREDENTIAL_HEADERS:
+            value = normalize_basic(value, self.secret_store)
+        return value
+
+    def request(self, request: HttpRequest) -> CassetteRequest:
+        """``request`` as it would be stored: redacted, normalised, filtered."""
+        uri = filter_query(self.clean(request.url), self.filter_query)
+        headers = tuple(
+            (n, self._clean_header(n, v, self.filter_headers)) for n, v in request.headers
+        )
+        return CassetteRequest(
+            method=request.method, uri=uri, headers=headers, body=self._clean_b(request.body)
+        )
+
+    def response(self, response: HttpResponse) -> CassetteResponse:
+        """``response`` as it would be stored: redacted, normalised, filtered."""
+        return CassetteResponse(
+            status=response.status,
+            message=self.clean(response.reason),
+            headers=tuple(
+                (n, self._clean_header(n, v, self.filter_response)) for n, v in response.headers
+            ),
+            body=self._clean_b(response.body),
+        )
+
+    def match_form(self, recorded: CassetteRequest) -> CassetteRequest:
+        """A loaded request under these filters and placeholder normalisation.
+
+        A cassette recorded with other filters (or written by hand or by
+        vcrpy) still matches the live request, which is prepared the same way.
+        """
+        uri = filter_query(normalize_placeholders(recorded.uri), self.filter_query)
+        headers = tuple(
+            (n, FILTERED if n.lower() in self.filter_headers else normalize_placeholders(v))
+            for n, v in recorded.headers
+        )
+        body = normalize_placeholders_bytes(recorded.body, None)
+        if (uri, headers, body) == (recorded.uri, recorded.headers, recorded.body):
+            return recorded
+        return CassetteRequest(recorded.method, uri, headers, body)
+
+    def key(self, request: CassetteRequest) -> Hashable:
+        """What the configured matchers compare of ``request``."""
+        return tuple(MATCHER_TABLE[m][0](request) for m in self.matchers)

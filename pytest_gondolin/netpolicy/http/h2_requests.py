@@ -3,7 +3,7 @@
 :func:`stream_request` turns one guest stream's header block (already
 validated by h2: pseudo-headers first and once, lower-case names, no
 connection-specific fields) and body into an :class:`~.messages.HttpRequest`
-by the destination rule of :mod:`.interceptor` (RFC 9113 §8.3.1:
+by the destination rule of :mod:`.destination` (RFC 9113 §8.3.1:
 ``:authority`` names the destination and must equal the TLS server name;
 its port, explicit or 443, the flow's), or raises :class:`StreamRefused`
 with the status and rule the HTTP/1.1 interceptor would use.

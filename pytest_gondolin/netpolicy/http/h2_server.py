@@ -52,7 +52,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Final
 
 import h2.config
@@ -63,18 +62,19 @@ import h2.exceptions
 import h2.settings
 
 from pytest_gondolin.errors import NetworkPolicyError
+from pytest_gondolin.netpolicy.http.guest_requests import (
+    BodyBudget,
+    HttpEvent,
+    RequestReceived,
+    RequestRefused,
+)
 from pytest_gondolin.netpolicy.http.h2_requests import (
     StreamRefused,
     refusal_record,
     response_blocks,
     stream_request,
 )
-from pytest_gondolin.netpolicy.http.interceptor import (
-    BodyBudget,
-    HttpEvent,
-    RequestReceived,
-    RequestRefused,
-)
+from pytest_gondolin.netpolicy.http.h2_streams import H2Stream, head_bytes, server_connection
 from pytest_gondolin.netpolicy.http.messages import (
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
@@ -91,10 +91,6 @@ log = logging.getLogger(__name__)
 #: Streams open at once, and streams owed a response at once, per connection.
 #: 100 is RFC 9113 §6.5.2's recommended minimum: browsers and curl never need more.
 MAX_CONCURRENT_STREAMS: Final = 100
-#: The receive window each stream starts with (RFC 9113 §6.9.2). 1 MiB lets an
-#: upload flow without a round trip per 64 KiB; what is buffered is bounded by
-#: the body limits, not by the window.
-_INITIAL_WINDOW: Final = 1 << 20
 #: Response body bytes a connection may hold waiting for the guest's windows:
 #: two answers of the largest size (``MAX_BODY_BYTES``), where HTTP/1.1 holds
 #: one per flow. Without it, 100 streams of a guest that never reads could
@@ -105,30 +101,8 @@ H2_PROTOCOL_RULE: Final = "http-protocol"
 _MAX_REASON: Final = 300
 
 
-@dataclass(eq=False)
-class _Stream:
-    """One stream's request as it arrives, then its response as it leaves."""
-
-    id: int
-    started: float
-    headers: list[tuple[str, str]]
-    body: bytearray = field(default_factory=bytearray)
-    taken: int = 0  # bytes of the shared BodyBudget this stream holds
-    head: int = 0  # of which its decoded header block (RFC 7541 §4.1 size)
-    request: HttpRequest | None = None  # complete: owed a response
-    reset: bool = False  # the guest reset it: drop the response when it comes
-    guest_ended: bool = False  # END_STREAM from the guest: the request is whole
-    out: memoryview | None = None  # response body not yet framed
-    trailers: list[tuple[bytes, bytes]] | None = None  # sent after the body
-
-
 def _text(value: bytes | str) -> str:
     return value if isinstance(value, str) else value.decode("latin-1")
-
-
-def _head_bytes(headers: list[tuple[str, str]]) -> int:
-    """The decoded size of a header block as RFC 7541 §4.1 counts it (32 bytes per field)."""
-    return sum(len(n) + len(v) + 32 for n, v in headers)
 
 
 class H2Interceptor:
@@ -161,27 +135,9 @@ class H2Interceptor:
         self._max_pending = max_pending_bytes
         self._budget = BodyBudget(max_body_bytes) if budget is None else budget
         self._clock = clock
-        config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=True
-        )
-        self._conn = h2.connection.H2Connection(config=config)
-        self._conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_bytes,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _INITIAL_WINDOW,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            },
-        )
-        # h2 gives SETTINGS_MAX_HEADER_LIST_SIZE to its HPACK decoder only when a
-        # change is acknowledged, never for initial values: bound the decoder itself.
-        self._conn.decoder.max_header_list_size = max_header_bytes
-        self._conn.initiate_connection()
-        # The connection's window too (RFC 9113 §6.9.2: SETTINGS sets only the streams').
-        self._conn.increment_flow_control_window(_INITIAL_WINDOW - 65_535)
-        self._streams: dict[int, _Stream] = {}
-        self._sending: list[_Stream] = []  # streams with response bytes to frame, in order
+        self._conn = server_connection(max_streams=max_streams, max_header_bytes=max_header_bytes)
+        self._streams: dict[int, H2Stream] = {}
+        self._sending: list[H2Stream] = []  # streams with response bytes to frame, in order
         self._out = bytearray(self._conn.data_to_send())
         self._closed = False
         self._guest_done = False  # GOAWAY or EOF from the guest: no new streams
@@ -276,13 +232,13 @@ class H2Interceptor:
     def _on_headers(self, event: h2.events.RequestReceived, events: list[HttpEvent]) -> None:
         stream_id = event.stream_id or 0
         headers = [(_text(n), _text(v)) for n, v in event.headers or ()]
-        stream = _Stream(stream_id, self._clock(), headers)
+        stream = H2Stream(stream_id, self._clock(), headers)
         if self._guest_done or self.awaiting >= self._max_streams:
             # Streams still owed an answer (reset ones too) bound the upstream work.
             self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         self._streams[stream_id] = stream
-        stream.head = _head_bytes(headers)
+        stream.head = head_bytes(headers)
         try:
             self._hold(stream, 0)  # the decoded head is held from now on
             request = self._request(stream)  # validate early: refuse before the body
@@ -335,12 +291,12 @@ class H2Interceptor:
         log.debug("guest h2 stream %d: %s %s", stream.id, request.method, request.url)
         events.append(RequestReceived(request=request, started=stream.started))
 
-    def _request(self, stream: _Stream) -> HttpRequest:
+    def _request(self, stream: H2Stream) -> HttpRequest:
         return stream_request(
             stream.headers, bytes(stream.body), authority=self._authority, port=self._port
         )
 
-    def _hold(self, stream: _Stream, body: int) -> None:
+    def _hold(self, stream: H2Stream, body: int) -> None:
         """Count ``stream``'s head and ``body`` bytes as held; 503 past the shared budget."""
         more = stream.head + body - stream.taken
         if more <= 0:
@@ -355,11 +311,11 @@ class H2Interceptor:
             )
         stream.taken += more
 
-    def _release(self, stream: _Stream) -> None:
+    def _release(self, stream: H2Stream) -> None:
         self._budget.give(stream.taken)
         stream.taken = 0
 
-    def _drop(self, stream: _Stream) -> None:
+    def _drop(self, stream: H2Stream) -> None:
         """The guest reset ``stream``: free its body; a request owed an answer keeps its slot.
 
         That request is still held (mediated, or waiting for its upstream), so it
@@ -413,7 +369,7 @@ class H2Interceptor:
         self._finish_if_done()
         return []
 
-    def _send_response(self, stream: _Stream, method: str, response: HttpResponse) -> None:
+    def _send_response(self, stream: H2Stream, method: str, response: HttpResponse) -> None:
         block, body, trailers = response_blocks(method, response)
         end = not body and not trailers
         self._conn.send_headers(stream.id, block, end_stream=end)
@@ -462,7 +418,7 @@ class H2Interceptor:
                 if budget <= 0:
                     break
 
-    def _after_end(self, stream: _Stream) -> None:
+    def _after_end(self, stream: H2Stream) -> None:
         """Our side of ``stream`` ended: stop a request still coming (RFC 9113 §8.1)."""
         if stream.guest_ended:
             return
@@ -482,7 +438,7 @@ class H2Interceptor:
 
     # ------------------------------------------------------------------ refusals
 
-    def _refuse(self, stream: _Stream, refusal: StreamRefused) -> RequestRefused:
+    def _refuse(self, stream: H2Stream, refusal: StreamRefused) -> RequestRefused:
         """Answer ``stream`` with an error response and describe the refusal."""
         record = refusal_record(
             stream.headers,

@@ -1,6 +1,6 @@
 """The addresses this host itself answers on, for ``block_internal``.
 
-The private and special ranges of :func:`~.policy.internal_range` are a
+The private and special ranges of :func:`~.internal_ranges.internal_range` are a
 fixed table; the host's own addresses are not in it when they are public
 (or TEST-NET, or anything else an operator assigned). A name that resolves
 to one of them would let the guest reach services the host listens on, so

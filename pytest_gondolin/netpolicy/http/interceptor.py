@@ -33,21 +33,12 @@ decided before (:mod:`.sniff`); the values passed in and out are in
     (:class:`BodyBudget`, shared by the flows
     of one guest)
     ``CONNECT`` (no tunnels, RFC 9110 §9.3.6)     405     ``connect``
-    destination mismatch (see below)              421     ``misdirected``
+    destination mismatch (:mod:`.destination`)    421     ``misdirected``
     ============================================  ======  =================
 
-The destination rule, identical for every flow:
-    The request's **Host header** names the destination (RFC 9112 §3.2;
-    for an absolute-form target, the target's authority, which must then
-    equal the Host header). Its port, explicit or the scheme's default
-    (80/443), must equal the TCP destination port of the flow when the
-    driver knows it. **For TLS, the SNI picks the certificate and the Host
-    name must equal the SNI** (a client that sends no SNI, as for an IP
-    literal, is matched against the flow's destination address, which the
-    driver passes as ``authority``); otherwise the request is refused with
-    421 Misdirected Request (RFC 9110 §15.5.20). The driver therefore uses
-    ``request.host``/``request.port`` for the policy decision and the
-    upstream, and never the raw SNI.
+The destination rule (Host header, absolute-form target, port, SNI) is
+:mod:`.destination`'s; the events and the shared body budget are
+:mod:`.guest_requests`'s (re-exported here).
 
 Intended driver loop, per flow::
 
@@ -68,16 +59,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final, Literal
-from urllib.parse import urlsplit
 
 import h11
 
 from pytest_gondolin.errors import NetworkPolicyError
+from pytest_gondolin.netpolicy.http.destination import host_header, resolve_destination
+from pytest_gondolin.netpolicy.http.guest_requests import (
+    BodyBudget,
+    HttpEvent,
+    Refusal,
+    RequestReceived,
+    RequestRefused,
+)
 from pytest_gondolin.netpolicy.http.messages import (
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
@@ -87,12 +83,7 @@ from pytest_gondolin.netpolicy.http.messages import (
     strip_hop_by_hop,
 )
 from pytest_gondolin.netpolicy.http.recorder import DEFAULT_BODY_LIMIT, Exchange, Headers
-from pytest_gondolin.netpolicy.http.rules import (
-    DEFAULT_PORTS,
-    format_authority,
-    normalize_host,
-    split_host_port,
-)
+from pytest_gondolin.netpolicy.http.rules import DEFAULT_PORTS, format_authority, normalize_host
 from pytest_gondolin.netpolicy.http.websocket import is_websocket
 
 __all__ = [
@@ -109,65 +100,8 @@ log = logging.getLogger(__name__)
 _MAX_REASON: Final = 300
 
 
-@dataclass(frozen=True)
-class RequestReceived:
-    """A complete request; the driver must answer with :meth:`HttpInterceptor.respond`."""
-
-    request: HttpRequest
-    started: float
-
-
-@dataclass(frozen=True)
-class RequestRefused:
-    """The interceptor refused a request itself; its response is already queued."""
-
-    exchange: Exchange
-
-
-HttpEvent = RequestReceived | RequestRefused
-
-
-class _Refusal(Exception):
-    """Internal: abort the current request with an error response."""
-
-    def __init__(self, status: int, reason: str, rule: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.rule = rule
-
-
 def _decode(value: bytes) -> str:
     return value.decode("latin-1")
-
-
-class BodyBudget:
-    """Request-body bytes the interceptors of one guest may hold at once.
-
-    Each interceptor holds its request's body from the first byte (or, with
-    ``Content-Length``, from the head) until the request is answered, refused
-    or its flow closed (:meth:`HttpInterceptor.close`); a body that would
-    take the total past ``limit`` is refused. Without it, one guest could
-    make the host hold ``max_body_bytes`` per open flow. Not thread-safe:
-    the interceptors sharing one run on one thread.
-    """
-
-    def __init__(self, limit: int) -> None:
-        if limit < 0:
-            raise NetworkPolicyError(f"BodyBudget: limit {limit} must be >= 0")
-        self.limit = limit
-        self.held = 0
-
-    def take(self, n: int) -> bool:
-        """Count ``n`` more bytes as held, if they fit; return whether they did."""
-        if self.held + n > self.limit:
-            return False
-        self.held += n
-        return True
-
-    def give(self, n: int) -> None:
-        """Count ``n`` bytes, taken before, as no longer held."""
-        self.held = max(0, self.held - n)
 
 
 class HttpInterceptor:
@@ -268,7 +202,7 @@ class HttpInterceptor:
         if more <= 0:
             return
         if not self._budget.take(more):
-            raise _Refusal(
+            raise Refusal(
                 503,
                 f"the host already holds {self._budget.held} bytes of this guest's request "
                 f"bodies; {more} more would pass the limit of {self._budget.limit} "
@@ -316,9 +250,7 @@ class HttpInterceptor:
                     # Checked before the bytes are kept: at most one read past a limit.
                     size = len(self._body) + len(event.data)
                     if size > self._max_body:
-                        raise _Refusal(
-                            413, f"request body exceeds {self._max_body} bytes", "limits"
-                        )
+                        raise Refusal(413, f"request body exceeds {self._max_body} bytes", "limits")
                     self._hold(size)
                     self._body += event.data  # bytearray: amortised, never quadratic
                 elif isinstance(event, h11.EndOfMessage):
@@ -326,7 +258,7 @@ class HttpInterceptor:
                 elif isinstance(event, h11.ConnectionClosed):
                     self._closed = True  # only seen between requests: h11 raises mid-request
                     break
-            except _Refusal as refusal:
+            except Refusal as refusal:
                 events.append(self._refuse(refusal.status, refusal.reason, refusal.rule))
                 break
         return events
@@ -339,19 +271,19 @@ class HttpInterceptor:
         names = [_decode(n) for n, _ in head.headers]
         log.debug("guest %s request: %s %r", self.scheme, method, head.target[:200])
         if method == "CONNECT":
-            raise _Refusal(
+            raise Refusal(
                 405,
                 "CONNECT tunnels are not allowed (the host is the only network peer)",
                 "connect",
             )
         if "transfer-encoding" in names and "content-length" in names:
-            raise _Refusal(
+            raise Refusal(
                 400, "both Content-Length and Transfer-Encoding (request smuggling)", "smuggling"
             )
         self._resolve_destination(head)  # validate early: refuse before the body arrives
         length = [v for n, v in head.headers if n == b"content-length"]
         if length and int(length[0]) > self._max_body:
-            raise _Refusal(
+            raise Refusal(
                 413, f"request body of {int(length[0])} bytes exceeds {self._max_body}", "limits"
             )
         if length:
@@ -359,71 +291,15 @@ class HttpInterceptor:
         if self._conn.they_are_waiting_for_100_continue:
             self._send(h11.InformationalResponse(status_code=100, headers=[]))
 
-    def _host_header(self, head: h11.Request) -> tuple[str, int]:
-        """The normalised host and port (explicit or default) of the one Host header."""
-        hosts = [_decode(v) for n, v in head.headers if n == b"host"]
-        if len(hosts) != 1:
-            raise _Refusal(400, f"expected one Host header, got {len(hosts)}", "host-header")
-        try:
-            raw_host, raw_port = split_host_port(hosts[0])
-            if "@" in raw_host or not raw_host:
-                raise NetworkPolicyError("userinfo or empty host")
-            host = normalize_host(raw_host)
-        except NetworkPolicyError:
-            raise _Refusal(400, f"invalid Host header {hosts[0][:100]!r}", "host-header") from None
-        return host, DEFAULT_PORTS[self.scheme] if raw_port is None else raw_port
-
     def _resolve_destination(self, head: h11.Request) -> tuple[str, int, str, str]:
-        """(host, port, path, query) of ``head`` by the module's destination rule."""
-        host, port = self._host_header(head)
-        hosts = [_decode(v) for n, v in head.headers if n == b"host"]
-        default = DEFAULT_PORTS[self.scheme]
-        target = _decode(head.target)
-        if target.startswith("/"):
-            path, _, query = target.partition("?")
-        elif re.match(r"(?i)https?://", target):
-            # RFC 9112 §3.2.2: absolute-form; its authority must agree with Host.
-            try:
-                parts = urlsplit(target)
-                t_port = parts.port
-                t_host = normalize_host(parts.hostname or "")
-            except (ValueError, NetworkPolicyError):
-                raise _Refusal(
-                    400, f"invalid request target {target[:100]!r}", "host-header"
-                ) from None
-            if (
-                parts.scheme.lower() != self.scheme
-                or parts.username is not None
-                or (t_host, t_port or default) != (host, port)
-            ):
-                raise _Refusal(
-                    400,
-                    f"request target {target[:100]!r} disagrees with Host {hosts[0][:100]!r}",
-                    "host-header",
-                )
-            path, query = parts.path or "/", parts.query
-        else:
-            raise _Refusal(400, f"unsupported request target {target[:100]!r}", "http-protocol")
-        if "#" in target:
-            raise _Refusal(400, "a fragment in the request target", "http-protocol")
-        if self._port is not None and port != self._port:
-            raise _Refusal(
-                421,
-                f"Host port {port} differs from the connection's port {self._port}",
-                "misdirected",
-            )
-        if self.scheme == "https" and host != self._authority:
-            raise _Refusal(
-                421,
-                f"Host {host!r} differs from the TLS server name {self._authority!r}",
-                "misdirected",
-            )
-        return host, port, path, query
+        return resolve_destination(
+            head, scheme=self.scheme, authority=self._authority, flow_port=self._port
+        )
 
     def _on_complete(self) -> HttpEvent:
         head = self._head
         if head is None:  # h11 never yields EndOfMessage without a Request
-            raise _Refusal(400, "request body without a request", "http-protocol")
+            raise Refusal(400, "request body without a request", "http-protocol")
         host, port, path, query = self._resolve_destination(head)
         request = HttpRequest(
             method=_decode(head.method),
@@ -551,10 +427,10 @@ class HttpInterceptor:
             headers = tuple((_decode(n), _decode(v)) for n, v in head.headers.raw_items())
             try:
                 host, port, path, query = self._resolve_destination(head)
-            except _Refusal:
+            except Refusal:
                 path, _, query = _decode(head.target).partition("?")
-                with contextlib.suppress(_Refusal):
-                    host, port = self._host_header(head)
+                with contextlib.suppress(Refusal):
+                    host, port = host_header(head, self.scheme)
             else:
                 query_part = f"?{query}" if query else ""
                 shown_port = None if port == DEFAULT_PORTS[self.scheme] else port

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from pytest_gondolin.errors import ConfigError, NetworkPolicyError
-from pytest_gondolin.netpolicy.http.hostaddrs import HOST_ADDRESSES, HostAddresses, embedded_ipv4
+from pytest_gondolin.netpolicy.http.hostaddrs import HOST_ADDRESSES, HostAddresses
+from pytest_gondolin.netpolicy.http.internal_ranges import IPAddress, internal_range, is_internal
 from pytest_gondolin.netpolicy.http.rules import (
     HostPattern,
     format_authority,
@@ -62,42 +63,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
 #: Schemes the host mediates (WebSocket upgrades ride on ``http``; raw TCP
 #: reaches only ``tcp=`` services, :mod:`.tcp_services`). Anything else is denied.
 MEDIATED_SCHEMES: Final = frozenset({"http", "https"})
-
-# Internal address ranges, with a short name used in denial reasons.
-_INTERNAL_V4: Final[tuple[tuple[ipaddress.IPv4Network, str], ...]] = tuple(
-    (ipaddress.IPv4Network(net), name)
-    for net, name in (
-        ("0.0.0.0/8", "'this network' (RFC 791)"),
-        ("10.0.0.0/8", "private (RFC 1918)"),
-        ("100.64.0.0/10", "carrier-grade NAT (RFC 6598)"),
-        ("127.0.0.0/8", "loopback (RFC 1122)"),
-        ("169.254.0.0/16", "link-local, incl. cloud metadata 169.254.169.254 (RFC 3927)"),
-        ("172.16.0.0/12", "private (RFC 1918)"),
-        ("192.0.0.0/24", "IETF protocol assignments (RFC 6890)"),
-        ("192.168.0.0/16", "private (RFC 1918)"),
-        ("198.18.0.0/15", "benchmarking (RFC 2544)"),
-        ("224.0.0.0/4", "multicast (RFC 5771)"),
-        ("240.0.0.0/4", "reserved, incl. broadcast 255.255.255.255 (RFC 1112)"),
-    )
-)
-_INTERNAL_V6: Final[tuple[tuple[ipaddress.IPv6Network, str], ...]] = tuple(
-    (ipaddress.IPv6Network(net), name)
-    for net, name in (
-        ("::/128", "unspecified (RFC 4291)"),
-        ("::1/128", "loopback (RFC 4291)"),
-        ("64:ff9b:1::/48", "local-use NAT64 (RFC 8215)"),
-        ("100::/64", "discard-only (RFC 6666)"),
-        ("fc00::/7", "unique local (RFC 4193)"),
-        ("fe80::/10", "link-local (RFC 4291)"),
-        ("fec0::/10", "site-local, deprecated (RFC 3879)"),
-        ("ff00::/8", "multicast (RFC 4291)"),
-    )
-)
 
 
 # --------------------------------------------------------------------------- names
@@ -106,53 +74,6 @@ _INTERNAL_V6: Final[tuple[tuple[ipaddress.IPv6Network, str], ...]] = tuple(
 def _is_localhost_name(host: str) -> bool:
     # RFC 6761 §6.3: "localhost." and names below it are the loopback host.
     return host == "localhost" or host.endswith(".localhost")
-
-
-# --------------------------------------------------------------------------- addresses
-
-
-def internal_range(ip: str | IPAddress) -> str | None:
-    """Describe the internal range ``ip`` falls in, or ``None`` if it is public.
-
-    IPv6 forms embedding an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``,
-    IPv4-compatible ``::a.b.c.d``, NAT64 ``64:ff9b::/96``, 6to4
-    ``2002::/16`` and Teredo clients) are judged by the embedded address.
-    Raises :class:`NetworkPolicyError` if ``ip`` is not an IP address.
-    """
-    if isinstance(ip, str):
-        try:
-            addr: IPAddress = ipaddress.ip_address(ip)
-        except ValueError:
-            raise NetworkPolicyError(f"{ip!r} is not an IP address") from None
-    elif isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        addr = ip
-    else:
-        raise NetworkPolicyError(f"{ip!r} is not an IP address")
-    if isinstance(addr, ipaddress.IPv4Address):
-        for net4, name in _INTERNAL_V4:
-            if addr in net4:
-                return f"{net4} {name}"
-        return None
-    if addr.scope_id is not None:
-        addr = ipaddress.IPv6Address(addr.packed)
-    for net6, name in _INTERNAL_V6:
-        if addr in net6:
-            return f"{net6} {name}"
-    embedded = embedded_ipv4(addr)
-    if embedded is not None:
-        inner = internal_range(embedded)
-        if inner is not None:
-            return f"{inner} (embedded in {addr})"
-    return None
-
-
-def is_internal(ip: str | IPAddress) -> bool:
-    """Whether ``ip`` is loopback, private, link-local, CGNAT, multicast, reserved, ...
-
-    See :func:`internal_range` for the exact table and the IPv6 forms that
-    are unwrapped. Raises :class:`NetworkPolicyError` for a non-address.
-    """
-    return internal_range(ip) is not None
 
 
 # --------------------------------------------------------------------------- policy

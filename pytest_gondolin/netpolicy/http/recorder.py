@@ -35,7 +35,7 @@ expected to consult :meth:`Recorder.find_stub` before the policy).
 :class:`Exchange` and the queries over exchanges (``get_requests``,
 ``assert_request_made``) live in :mod:`pytest_gondolin.guest.recording`,
 because ``http_traffic`` answers them inside the guest too; the recorder
-keeps the writing side, the stubs and the bounds.
+keeps the writing side, the stubs (:mod:`.stubs`) and the bounds.
 """
 
 from __future__ import annotations
@@ -46,11 +46,9 @@ import re
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, overload
-from urllib.parse import urlsplit, urlunsplit
 
-from pytest_gondolin.errors import ConfigError, NetworkPolicyError
+from pytest_gondolin.errors import ConfigError
 from pytest_gondolin.guest import recording
 from pytest_gondolin.guest.recording import Exchange as Exchange
 from pytest_gondolin.guest.recording import ExchangeDecision as ExchangeDecision
@@ -58,7 +56,13 @@ from pytest_gondolin.guest.recording import Headers as Headers
 from pytest_gondolin.guest.recording import UrlFilter as UrlFilter
 from pytest_gondolin.guest.recording import body_json
 from pytest_gondolin.guest.recording import exchange_from_dict as exchange_from_dict
-from pytest_gondolin.netpolicy.http.rules import DEFAULT_PORTS, format_authority, normalize_host
+from pytest_gondolin.netpolicy.http.stubs import (
+    MAX_STUB_BODY_BYTES,
+    MAX_STUB_BYTES,
+    MAX_STUBS,
+    Stub,
+    normalize_url,
+)
 from pytest_gondolin.netpolicy.http.tcp_record import TcpFlow, TcpFlowLog
 
 __all__ = [
@@ -91,12 +95,6 @@ DEFAULT_BODY_BUDGET: Final = 32 << 20
 #: so only records with huge URLs or headers make old ones go before
 #: :data:`DEFAULT_MAX_EXCHANGES` does.
 DEFAULT_MAX_RECORDED_BYTES: Final = 48 << 20
-#: Body bytes of one stub: a canned answer, not a download mirror.
-MAX_STUB_BODY_BYTES: Final = 1 << 20
-#: Stubs registered on one recorder (distinct method and URL).
-MAX_STUBS: Final = 256
-#: Bytes of all stubs of one recorder (bodies, URLs, headers).
-MAX_STUB_BYTES: Final = 16 << 20
 
 # The memory estimate of a record: Python's allowance for the Exchange and
 # its small fields, for one header pair (a tuple and two str objects), and
@@ -106,55 +104,6 @@ MAX_STUB_BYTES: Final = 16 << 20
 _RECORD_OVERHEAD: Final = 1024
 _HEADER_OVERHEAD: Final = 200
 _OBJECT_OVERHEAD: Final = 64
-
-
-def normalize_url(url: str) -> str:
-    """Lower-case scheme, IDNA-normalise the host, drop the default port and fragment.
-
-    Raises :class:`ConfigError` for something that is not an absolute
-    http(s) URL.
-    """
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"{url!r} is not a valid URL: {exc}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS or not parts.hostname:
-        raise ConfigError(f"{url!r} is not an absolute http:// or https:// URL")
-    try:
-        host = normalize_host(parts.hostname)
-    except NetworkPolicyError:
-        raise ConfigError(f"{url!r} does not name a valid host") from None
-    netloc = format_authority(host, None if port == DEFAULT_PORTS[scheme] else port)
-    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
-
-
-@dataclass(frozen=True)
-class Stub:
-    """A canned response: ``method`` (``"*"`` for any) and ``url`` to match.
-
-    A stub URL without a query string matches the URL whatever its query;
-    with one, the query must be identical.
-    """
-
-    method: str
-    url: str
-    status: int
-    body: bytes
-    headers: Headers = field(default=())
-
-    def matches(self, method: str, url: str) -> bool:
-        """Whether a request ``method url`` gets this stub (``url`` normalised or not)."""
-        if self.method != "*" and self.method != method.upper():
-            return False
-        try:
-            wanted = normalize_url(url)
-        except ConfigError:
-            return False
-        if "?" in self.url:
-            return wanted == self.url
-        return wanted.split("?", 1)[0] == self.url
 
 
 def _headers_size(headers: Headers) -> int:

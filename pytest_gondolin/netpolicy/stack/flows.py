@@ -40,40 +40,30 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from pytest_gondolin.errors import ConfigError
+from pytest_gondolin.netpolicy.stack.flow_events import (
+    Event,
+    FlowClosed,
+    FlowData,
+    FlowEOF,
+    FlowInfo,
+    FlowWritable,
+    NewFlow,
+)
 from pytest_gondolin.netpolicy.stack.segments import TcpSegment, reset_for
 from pytest_gondolin.netpolicy.stack.tcp import CloseReason, TcpConnection
 from pytest_gondolin.netpolicy.stack.tcp_active import ActiveOpen, DialAnswer, DialledConnection
-from pytest_gondolin.netpolicy.stack.tcp_config import BufferBudget, TcpConfig
+from pytest_gondolin.netpolicy.stack.tcp_config import (
+    DEFAULT_ACCEPT_TIMEOUT,
+    DEFAULT_BUFFER_BUDGET,
+    DEFAULT_MAX_FLOWS,
+    BufferBudget,
+    TcpConfig,
+)
 
-__all__ = [
-    "DEFAULT_ACCEPT_TIMEOUT",
-    "DEFAULT_BUFFER_BUDGET",
-    "DEFAULT_MAX_FLOWS",
-    "Event",
-    "FlowClosed",
-    "FlowData",
-    "FlowEOF",
-    "FlowInfo",
-    "FlowTable",
-    "FlowWritable",
-    "NewFlow",
-    "SendSegment",
-]
+__all__ = ["FlowTable", "SendSegment"]
 
 logger = logging.getLogger(__name__)
 
-#: Live TCP flows at once. A test suite's guest rarely holds more than a
-#: few dozen; the cap bounds per-flow state against a guest opening
-#: connections in a loop.
-DEFAULT_MAX_FLOWS = 256
-#: All flows' send and receive buffers together. Per-flow caps (256 KiB
-#: each way) times DEFAULT_MAX_FLOWS would be 128 MiB; 32 MiB keeps the
-#: worst case modest while leaving a few busy flows at full speed.
-DEFAULT_BUFFER_BUDGET = 32 * 1024 * 1024
-#: How long a SYN may wait for accept()/reject(). Generous for an owner
-#: that dials upstream before accepting; far below the ~2 minutes the
-#: guest itself keeps retrying its SYN.
-DEFAULT_ACCEPT_TIMEOUT = 30.0
 #: Local ports the host dials the guest from (IANA's dynamic range, RFC 6335).
 _DIAL_PORTS = range(49152, 65536)
 
@@ -83,78 +73,6 @@ def _random_isn() -> int:
     # are none on this link, but randomness costs nothing and keeps flows
     # on a reused port from ever looking alike.
     return int.from_bytes(os.urandom(4), "big")
-
-
-# --------------------------------------------------------------------------
-# events
-
-
-@dataclass(frozen=True)
-class NewFlow:
-    """The guest sent a SYN; call ``accept(flow_id)`` or ``reject(flow_id)``.
-
-    ``dns_name`` is the name the guest resolved to ``dst_ip`` through our
-    resolver, or ``None`` if it dialled an address it did not get from us.
-    """
-
-    flow_id: int
-    dst_ip: IPv4Address
-    dst_port: int
-    dns_name: str | None
-    src_port: int
-
-
-@dataclass(frozen=True)
-class FlowData:
-    """Guest data is readable, and the owner has not been told since its
-    last ``flow_read`` (so a partial read is followed by a fresh one)."""
-
-    flow_id: int
-
-
-@dataclass(frozen=True)
-class FlowWritable:
-    """After a short ``flow_send``, the flow has room again."""
-
-    flow_id: int
-
-
-@dataclass(frozen=True)
-class FlowEOF:
-    """The guest closed its sending side; what is buffered is all there is."""
-
-    flow_id: int
-
-
-@dataclass(frozen=True)
-class FlowClosed:
-    """The flow is over and forgotten (emitted exactly once per flow).
-
-    After an orderly close this comes only once the owner has read
-    everything the guest sent (``FlowData`` / ``FlowEOF`` come first), so
-    no data is lost by dropping the flow here; ``flow_abort`` discards
-    unread data instead. After a reset nothing is left to read.
-    """
-
-    flow_id: int
-    reason: CloseReason
-
-
-Event = NewFlow | FlowData | FlowWritable | FlowEOF | FlowClosed
-
-
-@dataclass(frozen=True)
-class FlowInfo:
-    """A snapshot of one flow, for diagnostics."""
-
-    flow_id: int
-    src_port: int
-    dst_ip: IPv4Address
-    dst_port: int
-    dns_name: str | None
-    state: str  # "PENDING" until accepted, then a TcpState value
-    readable: int
-    unacked: int
 
 
 _FlowKey = tuple[int, IPv4Address, int]  # guest port, destination address, destination port

@@ -47,14 +47,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 from pytest_gondolin.errors import ConfigError
 from pytest_gondolin.netpolicy.stack.dns import SyntheticResolver
-from pytest_gondolin.netpolicy.stack.flows import (
-    DEFAULT_ACCEPT_TIMEOUT,
-    DEFAULT_BUFFER_BUDGET,
-    DEFAULT_MAX_FLOWS,
-    Event,
-    FlowInfo,
-    FlowTable,
-)
+from pytest_gondolin.netpolicy.stack.flow_events import Event, FlowInfo
+from pytest_gondolin.netpolicy.stack.flows import FlowTable
 from pytest_gondolin.netpolicy.stack.packets import (
     ARP_REPLY,
     ARP_REQUEST,
@@ -81,7 +75,12 @@ from pytest_gondolin.netpolicy.stack.packets import (
     parse_udp,
 )
 from pytest_gondolin.netpolicy.stack.segments import TcpSegment, parse_tcp
-from pytest_gondolin.netpolicy.stack.tcp_config import TcpConfig
+from pytest_gondolin.netpolicy.stack.tcp_config import (
+    DEFAULT_ACCEPT_TIMEOUT,
+    DEFAULT_BUFFER_BUDGET,
+    DEFAULT_MAX_FLOWS,
+    TcpConfig,
+)
 
 __all__ = [
     "DEFAULT_MAX_TX_QUEUE_BYTES",

@@ -2,7 +2,8 @@
 
 Also the :class:`BufferBudget` every flow of a stack draws its buffers
 from, so a guest opening many flows cannot make the host hold more than
-one bound in all.
+one bound in all, and the flow table's defaults for the whole stack
+(flow cap, that budget, how long a SYN waits for its owner).
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ from dataclasses import dataclass
 
 from pytest_gondolin.errors import ConfigError
 
-__all__ = ["DEFAULT_MSS", "DEFAULT_PEER_MSS", "BufferBudget", "TcpConfig"]
+__all__ = [
+    "DEFAULT_ACCEPT_TIMEOUT",
+    "DEFAULT_BUFFER_BUDGET",
+    "DEFAULT_MAX_FLOWS",
+    "DEFAULT_MSS",
+    "DEFAULT_PEER_MSS",
+    "BufferBudget",
+    "TcpConfig",
+]
 
 #: MSS for the largest virtio-net MTU QEMU allows (host_mtu=65520) minus
 #: the 20-byte IPv4 and 20-byte TCP headers. The guest caps what we send
@@ -19,6 +28,18 @@ __all__ = ["DEFAULT_MSS", "DEFAULT_PEER_MSS", "BufferBudget", "TcpConfig"]
 DEFAULT_MSS = 65520 - 40
 #: RFC 9293 §3.7.1: the MSS to assume when the SYN carries none.
 DEFAULT_PEER_MSS = 536
+#: Live TCP flows at once. A test suite's guest rarely holds more than a
+#: few dozen; the cap bounds per-flow state against a guest opening
+#: connections in a loop.
+DEFAULT_MAX_FLOWS = 256
+#: All flows' send and receive buffers together. Per-flow caps (256 KiB
+#: each way) times DEFAULT_MAX_FLOWS would be 128 MiB; 32 MiB keeps the
+#: worst case modest while leaving a few busy flows at full speed.
+DEFAULT_BUFFER_BUDGET = 32 * 1024 * 1024
+#: How long a SYN may wait for accept()/reject(). Generous for an owner
+#: that dials upstream before accepting; far below the ~2 minutes the
+#: guest itself keeps retrying its SYN.
+DEFAULT_ACCEPT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,8 @@ class H2Upstream:
     port: int
     seen: list[tuple[str, str, Fields, bytes]]
     protocols: list[str]
+    #: Trailer sections clients sent (RFC 9110 §6.5), one per stream that had one.
+    trailers: list[Fields] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -145,7 +147,7 @@ def h2_upstream(
             raw.settimeout(10)
             with context.wrap_socket(raw, server_side=True) as tls:
                 upstream.protocols.append(tls.selected_alpn_protocol() or "")
-                _serve_h2(tls, handler, upstream.seen)
+                _serve_h2(tls, handler, upstream.seen, upstream.trailers)
 
     def accept_loop() -> None:
         while not stop.is_set():
@@ -168,7 +170,10 @@ def h2_upstream(
 
 
 def _serve_h2(
-    tls: ssl.SSLSocket, handler: Handler, seen: list[tuple[str, str, Fields, bytes]]
+    tls: ssl.SSLSocket,
+    handler: Handler,
+    seen: list[tuple[str, str, Fields, bytes]],
+    trailers_seen: list[Fields],
 ) -> None:
     conn = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=False, header_encoding="latin-1")
@@ -185,6 +190,8 @@ def _serve_h2(
             if isinstance(ev, h2.events.RequestReceived):
                 heads[ev.stream_id or 0] = list(ev.headers or ())  # type: ignore[arg-type]
                 bodies[ev.stream_id or 0] = b""
+            elif isinstance(ev, h2.events.TrailersReceived):
+                trailers_seen.append(list(ev.headers or ()))  # type: ignore[arg-type]
             elif isinstance(ev, h2.events.DataReceived):
                 bodies[ev.stream_id or 0] += ev.data or b""
                 conn.acknowledge_received_data(ev.flow_controlled_length or 0, ev.stream_id or 0)

@@ -6,7 +6,7 @@ import weakref
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from pytest_gondolin.netpolicy.stack.flows import NewFlow
+from pytest_gondolin.netpolicy.stack.flow_events import NewFlow
 from pytest_gondolin.netpolicy.stack.network import GATEWAY_MAC, GUEST_IP, NetworkStack
 from pytest_gondolin.netpolicy.stack.packets import (
     ETHERTYPE_ARP,

@@ -9,13 +9,11 @@ from typing import Any
 import pytest
 
 from pytest_gondolin.errors import ConfigError
-from pytest_gondolin.netpolicy.stack.dns import (
-    DEFAULT_POOL,
-    DEFAULT_TTL,
+from pytest_gondolin.netpolicy.stack.dns import DEFAULT_POOL, DEFAULT_TTL, SyntheticResolver
+from pytest_gondolin.netpolicy.stack.dns_wire import (
     MAX_UDP_MESSAGE,
     DnsError,
     Rcode,
-    SyntheticResolver,
     _read_name,
     build_response,
     parse_query,

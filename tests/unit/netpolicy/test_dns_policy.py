@@ -10,7 +10,8 @@ from pytest_gondolin.netpolicy.dns_policy import knows_name, policy_resolver
 from pytest_gondolin.netpolicy.http.mediation import MediationContext
 from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
 from pytest_gondolin.netpolicy.http.recorder import Recorder
-from pytest_gondolin.netpolicy.stack.dns import DEFAULT_POOL, Rcode, SyntheticResolver
+from pytest_gondolin.netpolicy.stack.dns import DEFAULT_POOL, SyntheticResolver
+from pytest_gondolin.netpolicy.stack.dns_wire import Rcode
 
 from .dns_helpers import parse_response, query
 

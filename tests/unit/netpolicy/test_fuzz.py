@@ -8,13 +8,9 @@ from ipaddress import IPv4Address
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pytest_gondolin.netpolicy.stack.dns import (
-    MAX_UDP_MESSAGE,
-    DnsError,
-    SyntheticResolver,
-    parse_query,
-)
-from pytest_gondolin.netpolicy.stack.flows import FlowClosed, FlowData, NewFlow
+from pytest_gondolin.netpolicy.stack.dns import SyntheticResolver
+from pytest_gondolin.netpolicy.stack.dns_wire import MAX_UDP_MESSAGE, DnsError, parse_query
+from pytest_gondolin.netpolicy.stack.flow_events import FlowClosed, FlowData, NewFlow
 from pytest_gondolin.netpolicy.stack.link import FrameDecoder, LinkError, encode_frame
 from pytest_gondolin.netpolicy.stack.network import GATEWAY_IP, GUEST_IP, NetworkStack
 from pytest_gondolin.netpolicy.stack.packets import (

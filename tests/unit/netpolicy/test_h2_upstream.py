@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import http.server
+import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import h2.events
 import pytest
 
 from pytest_gondolin.netpolicy.http.ca import CertificateAuthority
-from pytest_gondolin.netpolicy.http.mediation import MediationContext, UpstreamJob, run_upstream
+from pytest_gondolin.netpolicy.http.guest_requests import RequestReceived
+from pytest_gondolin.netpolicy.http.h2_server import H2Interceptor
+from pytest_gondolin.netpolicy.http.mediation import (
+    MediationContext,
+    UpstreamJob,
+    plan_request,
+    run_upstream,
+)
 from pytest_gondolin.netpolicy.http.messages import HttpRequest
 from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
 from pytest_gondolin.netpolicy.http.recorder import Recorder
@@ -18,7 +28,7 @@ from pytest_gondolin.netpolicy.http.secrets import Secret, SecretStore
 from pytest_gondolin.netpolicy.http.upstream import UpstreamError
 from pytest_gondolin.netpolicy.http.upstream_h2 import fetch_upstream_h2
 
-from .h2_helpers import Fields, H2Upstream, h2_upstream
+from .h2_helpers import Fields, H2Upstream, Pair, h2_client, h2_upstream, request_fields
 
 CA = CertificateAuthority.create("h2 upstream test CA")
 
@@ -184,3 +194,59 @@ def test_a_cassette_records_an_http2_exchange_and_replays_it_to_a_stream(
     assert isinstance(replayed, Mediated)
     assert (replayed.exchange.decision, replayed.exchange.http_version) == ("replayed", "2")
     assert replayed.response.body == live.response.body and replayed.request is not None
+
+
+def _post_with_trailers_directly(port: int, ca_file: Path, trailers: Fields) -> None:
+    """An HTTP/2 client of our own: POST a body, then ``trailers``, straight to the upstream."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="api.test") as tls,
+    ):
+        conn = h2_client()
+        conn.send_headers(1, request_fields("/direct", "POST"))
+        conn.send_data(1, b"payload")
+        conn.send_headers(1, trailers, end_stream=True)
+        tls.sendall(conn.data_to_send())
+        while not any(
+            isinstance(e, h2.events.StreamEnded) for e in conn.receive_data(tls.recv(65536))
+        ):
+            tls.sendall(conn.data_to_send())
+
+
+def test_request_trailers_of_a_guest_stream_are_dropped_and_the_request_goes_on(
+    upstream: H2Upstream, ca_file: Path
+) -> None:
+    """What docs/network.md says: a guest's request trailers never reach the upstream.
+
+    The body and the headers do; the trailer section is read and discarded
+    by the host (neither in ``HttpRequest.headers`` nor sent upstream).
+    """
+    # Control: the upstream does see a trailer section a client sends it.
+    _post_with_trailers_directly(upstream.port, ca_file, [("x-checksum", "abc")])
+    assert upstream.trailers == [[("x-checksum", "abc")]]
+    upstream.trailers.clear()
+
+    guest = Pair(H2Interceptor(authority="api.test", port=443))
+    guest.send()
+    guest.client.send_headers(1, request_fields("/upload", "POST", extra=[("te", "trailers")]))
+    guest.client.send_data(1, b"payload")
+    guest.client.send_headers(1, [("x-checksum", "abc")], end_stream=True)
+    (event,) = [e for e in guest.send() if isinstance(e, RequestReceived)]
+    req = event.request
+    assert req.body == b"payload" and req.header("te") == "trailers"
+    assert req.header("x-checksum") is None  # not folded into the headers
+
+    policy = NetworkPolicy(
+        allow_hosts=["api.test"],
+        resolve={"api.test:443": f"127.0.0.1:{upstream.port}"},
+        upstream_ca=str(ca_file),
+    )
+    job = plan_request(req, 0.0, MediationContext(policy, None, Recorder()))
+    assert isinstance(job, UpstreamJob)
+    outcome = run_upstream(job, timeout=10.0)
+    assert outcome.response.status == 200
+    method, path, _headers, body = upstream.seen[-1]
+    assert (method, path, body) == ("POST", "/upload", b"payload")
+    assert upstream.trailers == []  # dropped on the way

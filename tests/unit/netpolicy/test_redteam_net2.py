@@ -39,7 +39,7 @@ from pytest_gondolin.netpolicy.http.policy import NetworkPolicy
 from pytest_gondolin.netpolicy.http.recorder import Recorder
 from pytest_gondolin.netpolicy.http.upstream import UpstreamError
 from pytest_gondolin.netpolicy.http.upstream_h2 import fetch_upstream_h2
-from pytest_gondolin.netpolicy.stack.dns import Rcode
+from pytest_gondolin.netpolicy.stack.dns_wire import Rcode
 
 from .dns_helpers import parse_response, query
 from .h2_helpers import Fields, Pair, h2_upstream, request_fields

@@ -8,7 +8,7 @@ import pytest
 
 from pytest_gondolin.errors import ConfigError
 from pytest_gondolin.netpolicy.stack.dns import SyntheticResolver
-from pytest_gondolin.netpolicy.stack.flows import (
+from pytest_gondolin.netpolicy.stack.flow_events import (
     FlowClosed,
     FlowData,
     FlowEOF,

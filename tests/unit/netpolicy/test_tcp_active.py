@@ -7,7 +7,7 @@ from ipaddress import IPv4Address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_gondolin.netpolicy.stack.flows import FlowClosed, FlowData, FlowEOF, FlowWritable
+from pytest_gondolin.netpolicy.stack.flow_events import FlowClosed, FlowData, FlowEOF, FlowWritable
 from pytest_gondolin.netpolicy.stack.network import GATEWAY_IP, GUEST_IP, NetworkStack
 from pytest_gondolin.netpolicy.stack.packets import ARP_REPLY, ARP_REQUEST, ArpPacket
 from pytest_gondolin.netpolicy.stack.segments import (

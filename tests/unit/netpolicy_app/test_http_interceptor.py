@@ -521,3 +521,24 @@ def test_fuzz_request_shaped_input(parts: list[bytes]) -> None:
         if isinstance(event, RequestReceived):
             icpt.respond(HttpResponse(200))
     icpt.receive_data(b"")
+
+
+def test_chunked_request_trailers_are_dropped_and_the_request_goes_on() -> None:
+    """What docs/network.md says: an HTTP/1.1 request's trailer section never goes upstream.
+
+    The request is re-framed with Content-Length (no trailer section can
+    follow), so the trailer fields are read and discarded, not folded into
+    the headers.
+    """
+    wire = (
+        b"POST /up HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n"
+        b"Trailer: X-Checksum\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n"
+    )
+    request = one_request(plain().receive_data(wire))
+    assert request.body == b"hello" and request.header("trailer") == "X-Checksum"
+    assert request.header("x-checksum") is None
+    # Control: the same field in the header section is kept.
+    moved = wire.replace(b"Trailer: X-Checksum\r\n", b"X-Checksum: abc\r\n").replace(
+        b"0\r\nX-Checksum: abc\r\n\r\n", b"0\r\n\r\n"
+    )
+    assert one_request(plain().receive_data(moved)).header("x-checksum") == "abc"
