@@ -24,6 +24,9 @@ What the host's interpreter can import for the project, the guest can too:
   (git-aware, capped) when outside it (:attr:`HostEnvironment.sources`).
 * **Not carried:** pytest-gondolin itself (:data:`EXCLUDED_DISTRIBUTIONS`).
 
+What of one distribution is carried, and whether the guest can load it, is
+:mod:`.distribution_files`'.
+
 Each distribution is packed once into a tar in the cache, keyed by the path,
 size, mtime and mode of every file it carries. :func:`layer_items` turns
 them into the pieces of the guest's ``host-environment`` layer
@@ -46,11 +49,10 @@ import json
 import logging
 import os
 import site
-import stat
 import sys
 import sysconfig
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -59,7 +61,21 @@ from packaging.utils import canonicalize_name
 
 from pytest_gondolin.errors import ConfigError
 from pytest_gondolin.guest.hostpath import PLAIN, SITE
-from pytest_gondolin.sandbox import environment_cache
+from pytest_gondolin.sandbox import distribution_files, environment_cache
+from pytest_gondolin.sandbox.distribution_files import (
+    GUEST_SOABI,
+    carried_files,
+    editable_source,
+    inside,
+    listdir,
+    metadata_folder,
+    norm,
+    outermost,
+    pack_key,
+    pth_lines,
+    regular_stat,
+    why_not_loadable,
+)
 from pytest_gondolin.sandbox.environment_cache import cached_pack, tar_files
 from pytest_gondolin.vm.layers import TarItem
 
@@ -77,20 +93,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The guest image's Python (Debian bookworm: CPython 3.11 on x86_64); a
-#: binary distribution built for another ABI cannot load there.
-GUEST_SOABI: Final = "cpython-311-x86_64-linux-gnu"
-#: glibc of the guest image (Debian bookworm); a manylinux wheel asking for
-#: a newer one cannot load there.
-GUEST_GLIBC: Final = (2, 36)
 #: A usual project venv is 20-150 MiB; past this it is a data folder or a
 #: whole system's site-packages, whose copy would cost seconds per session.
 DEFAULT_LIMIT: Final = 512 * 1024 * 1024
 #: The guest half of pytest-gondolin boots with the guest (``vm/payload.py``);
 #: the host's copy (and, for an editable install, its source checkout) stays out.
 EXCLUDED_DISTRIBUTIONS: Final = frozenset({"pytest-gondolin"})
-#: Bumped when the pack layout changes, so old cached packs are not reused.
-_PACK_FORMAT: Final = "1"
 #: Bumped when what :func:`scan` answers changes, so old cached answers are not reused.
 _SCAN_FORMAT: Final = "1"
 
@@ -156,17 +164,9 @@ class HostEnvironment:
         return json.dumps([[e.kind, e.path] for e in self.entries])
 
 
-def _norm(path: str) -> str:
-    return os.path.normpath(os.path.abspath(path))
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
-
-
 def _stdlib_folders() -> frozenset[str]:
     paths = sysconfig.get_paths()
-    return frozenset(_norm(paths[k]) for k in ("stdlib", "platstdlib") if k in paths)
+    return frozenset(norm(paths[k]) for k in ("stdlib", "platstdlib") if k in paths)
 
 
 def _is_stdlib(entry: str, stdlib: frozenset[str]) -> bool:
@@ -178,128 +178,7 @@ def host_site_folders() -> frozenset[str]:
     folders = set(site.getsitepackages())
     if site.ENABLE_USER_SITE:
         folders.add(site.getusersitepackages())
-    return frozenset(_norm(f) for f in folders)
-
-
-def _pth_lines(folder: str) -> Iterator[tuple[str, str]]:
-    """``(pth file, folder it names)`` for every path line of the ``.pth`` files in ``folder``."""
-    try:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".pth"))
-    except OSError:
-        return
-    for name in names:
-        try:
-            text = Path(folder, name).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue
-        for line in text.splitlines():
-            line = line.strip()
-            if not line or line.startswith(("#", "import ", "import\t")):
-                continue
-            target = _norm(os.path.join(folder, line))
-            # As site.addpackage: a line naming no folder adds nothing (isdir is
-            # False for a NUL byte too).
-            if os.path.isdir(target):
-                yield os.path.join(folder, name), target
-
-
-def _glibc_needed(dist: importlib.metadata.Distribution) -> tuple[int, int] | None:
-    """The oldest glibc among the wheel's manylinux tags (None: no such tag)."""
-    wheel = dist.read_text("WHEEL") or ""
-    versions: list[tuple[int, int]] = []
-    for line in wheel.splitlines():
-        if not line.startswith("Tag:"):
-            continue
-        platform = line.rsplit("-", 1)[-1].strip()
-        if platform.startswith("manylinux_"):
-            parts = platform.split("_")
-            if len(parts) >= 3 and parts[1].isdigit() and parts[2].isdigit():
-                versions.append((int(parts[1]), int(parts[2])))
-        elif platform.startswith("manylinux2014"):
-            versions.append((2, 17))
-        elif platform.startswith("manylinux2010"):
-            versions.append((2, 12))
-        elif platform.startswith("manylinux1"):
-            versions.append((2, 5))
-    return min(versions) if versions else None
-
-
-def _why_not_loadable(
-    dist: importlib.metadata.Distribution,
-    files: Sequence[str],
-    host_soabi: str,
-    guest_soabi: str = GUEST_SOABI,
-) -> str | None:
-    """Why the guest's Python cannot load this distribution's binaries (None: it can)."""
-    binaries = [f for f in files if f.endswith(".so") or ".so." in os.path.basename(f)]
-    if not binaries:
-        return None
-    if host_soabi != guest_soabi:
-        return f"binary for {host_soabi}, the guest's Python is {guest_soabi}"
-    glibc = _glibc_needed(dist)
-    if glibc is not None and glibc > GUEST_GLIBC:
-        return f"needs glibc {glibc[0]}.{glibc[1]}, the guest has {GUEST_GLIBC[0]}.{GUEST_GLIBC[1]}"
-    return None
-
-
-def _metadata_folder(dist: importlib.metadata.Distribution) -> str | None:
-    # PathDistribution keeps its .dist-info/.egg-info folder here; there is no
-    # public accessor, and every installed distribution on sys.path is one.
-    path = getattr(dist, "_path", None)
-    return _norm(str(path)) if path is not None else None
-
-
-def _walk_files(folder: str, dirs: list[str] | None = None) -> Iterator[str]:
-    for dirpath, dirnames, filenames in os.walk(folder):
-        if dirs is not None:
-            dirs.append(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-        for name in sorted(filenames):
-            yield os.path.join(dirpath, name)
-
-
-def _regular_stat(path: str) -> os.stat_result | None:
-    try:
-        st = os.stat(path)  # a symlinked file is carried as the file it names
-    except OSError:
-        return None
-    return st if stat.S_ISREG(st.st_mode) else None
-
-
-#: Bytecode the worker's interpreter loads as is (the host's own, or the
-#: image's of the same minor version: one magic number): carried, so the
-#: guest does not compile the environment again in every session (seconds
-#: under TCG). Other tags and optimisation levels are left out.
-_BYTECODE: Final = f".{sys.implementation.cache_tag}.pyc"
-
-
-def _distribution_files(
-    dist: importlib.metadata.Distribution, folder: str, meta: str, witnesses: list[str]
-) -> tuple[list[str], bool]:
-    """Absolute paths of the files carried for ``dist``, and whether it has a RECORD.
-
-    Adds to ``witnesses`` every path the answer depends on (:func:`scan`'s cache).
-    """
-    witnesses.append(meta)
-    found = dict.fromkeys(_walk_files(meta, witnesses))
-    listed = dist.files
-    for f in listed or ():
-        if ".." in f.parts:
-            continue  # a script outside the folder
-        if (f.suffix == ".pyc" or "__pycache__" in f.parts) and not f.name.endswith(_BYTECODE):
-            continue  # bytecode of another interpreter or optimisation level
-        path = _norm(os.path.join(folder, str(f)))
-        if _inside(path, folder):
-            found[path] = None
-    witnesses += found
-    return list(found), listed is not None
-
-
-def _pack_key(files: Iterable[tuple[str, os.stat_result]]) -> str:
-    h = hashlib.sha256(_PACK_FORMAT.encode())
-    for path, st in files:
-        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_mode}\n".encode())
-    return h.hexdigest()[:32]
+    return frozenset(norm(f) for f in folders)
 
 
 def scan(
@@ -322,7 +201,7 @@ def scan(
     of a walk). Raises ConfigError, naming the largest distributions, if the
     carried files come to more than ``limit`` bytes.
     """
-    root = _norm(str(rootdir))
+    root = norm(str(rootdir))
     sys_path = list(sys.path if sys_path is None else sys_path)
     site_folders = host_site_folders() if site_folders is None else site_folders
     host_soabi = host_soabi or str(sysconfig.get_config_var("SOABI") or "")
@@ -334,7 +213,8 @@ def scan(
         entry = cache / f"scan-{digest}.json"
     env = _from_json(environment_cache.load_scan(entry)) if entry is not None else None
     if env is None:
-        witnesses = [__file__, environment_cache.__file__]  # the scanning code itself
+        # The scanning code itself.
+        witnesses = [__file__, distribution_files.__file__, environment_cache.__file__]
         stdlib = _stdlib_folders()
         env = _scan(root, sys_path, site_folders, host_soabi, guest_soabi, stdlib, witnesses)
         if entry is not None:
@@ -388,8 +268,8 @@ def _scan(
     for entry in sys_path:
         if not entry:
             continue
-        path = _norm(entry)
-        if path in candidates or _is_stdlib(path, stdlib) or _inside(path, root):
+        path = norm(entry)
+        if path in candidates or _is_stdlib(path, stdlib) or inside(path, root):
             continue
         witnesses.append(path)
         if os.path.isdir(path):
@@ -397,8 +277,8 @@ def _scan(
     pth_targets: dict[str, str] = {}  # folder named by a .pth line -> the .pth file
     for path in candidates:
         if path in site_folders:
-            witnesses += (os.path.join(path, n) for n in _listdir(path) if n.endswith(".pth"))
-            for pth, target in _pth_lines(path):
+            witnesses += (os.path.join(path, n) for n in listdir(path) if n.endswith(".pth"))
+            for pth, target in pth_lines(path):
                 pth_targets.setdefault(target, pth)
 
     entries: list[PathEntry] = []
@@ -420,38 +300,38 @@ def _scan(
         else:
             entries.append(PathEntry(PLAIN, path))
         for dist in dists:
-            meta = _metadata_folder(dist)
+            meta = metadata_folder(dist)
             name = dist.metadata["Name"] or (os.path.basename(meta or "") or "?")
             version = dist.version or "0"
             if meta is None:
                 continue
-            files, has_record = _distribution_files(dist, path, meta, witnesses)
+            files, has_record = carried_files(dist, path, meta, witnesses)
             if canonicalize_name(name) in EXCLUDED_DISTRIBUTIONS:
                 excluded.update(files)
                 continue
             owned.update(files)
             if not has_record:
                 notes.append(f"{name} {version} has no RECORD: only its metadata is carried")
-            reason = _why_not_loadable(dist, files, host_soabi, guest_soabi)
+            reason = why_not_loadable(dist, files, host_soabi, guest_soabi)
             if reason is not None:
                 missing.append(MissingDistribution(name, version, reason))
                 continue
-            stats = [(f, st) for f in files if (st := _regular_stat(f)) is not None]
+            stats = [(f, st) for f in files if (st := regular_stat(f)) is not None]
             carried.append(
                 CarriedDistribution(
                     name,
                     version,
                     tuple(f for f, _ in stats),
                     sum(st.st_size for _, st in stats),
-                    _pack_key(stats),
+                    pack_key(stats),
                 )
             )
-            source = _editable_source(dist)
+            source = editable_source(dist)
             if source is not None:
                 # A source inside the rootdir is the project's tree (copied on its own,
                 # never one of the answer's sources): every new file there would
                 # otherwise make the answer racy and unsaved.
-                if not _inside(source, root):
+                if not inside(source, root):
                     witnesses.append(source)
                 if os.path.isdir(source):
                     editable.append(source)
@@ -459,7 +339,7 @@ def _scan(
         pth
         for entry in entries
         if entry.kind == SITE
-        for pth in (os.path.join(entry.path, n) for n in _listdir(entry.path))
+        for pth in (os.path.join(entry.path, n) for n in listdir(entry.path))
         if pth.endswith(".pth") and pth not in owned and pth not in excluded
     ]
     # Editable sources outside the rootdir: the project folders the
@@ -467,48 +347,10 @@ def _scan(
     for target, pth in pth_targets.items():
         if pth not in excluded and target not in site_folders and target not in holders:
             editable.append(target)
-    sources = _outermost(s for s in editable if not _inside(s, root) and not _is_stdlib(s, stdlib))
+    sources = outermost(s for s in editable if not inside(s, root) and not _is_stdlib(s, stdlib))
     return HostEnvironment(
         tuple(entries), tuple(carried), tuple(missing), tuple(loose), sources, tuple(notes)
     )
-
-
-def _listdir(folder: str) -> list[str]:
-    try:
-        return sorted(os.listdir(folder))
-    except OSError:
-        return []
-
-
-def _editable_source(dist: importlib.metadata.Distribution) -> str | None:
-    """The project folder an editable install names (PEP 610 ``direct_url.json``), if any."""
-    text = dist.read_text("direct_url.json")
-    if not text:
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
-        return None
-    dir_info = data.get("dir_info")
-    url = data.get("url")
-    if not isinstance(dir_info, dict) or not dir_info.get("editable") or not isinstance(url, str):
-        return None
-    if not url.startswith("file://"):
-        return None
-    from urllib.parse import unquote, urlsplit
-
-    return _norm(unquote(urlsplit(url).path))
-
-
-def _outermost(folders: Iterable[str]) -> tuple[str, ...]:
-    """``folders`` without duplicates and without those inside another one."""
-    out: list[str] = []
-    for folder in sorted(set(folders), key=len):
-        if not any(_inside(folder, kept) for kept in out):
-            out.append(folder)
-    return tuple(sorted(out))
 
 
 def layer_items(env: HostEnvironment, cache: Path) -> list[TarItem]:
@@ -521,8 +363,8 @@ def layer_items(env: HostEnvironment, cache: Path) -> list[TarItem]:
     items: list[TarItem] = []
     loose = list(env.loose_files)
     if loose:
-        stats = [(f, st) for f in loose if (st := _regular_stat(f)) is not None]
-        items.append(TarItem(f"pth:{_pack_key(stats)}", lambda: tar_files(loose)))
+        stats = [(f, st) for f in loose if (st := regular_stat(f)) is not None]
+        items.append(TarItem(f"pth:{pack_key(stats)}", lambda: tar_files(loose)))
     for dist in env.carried:
         pack = functools.partial(cached_pack, dist.key, dist.files, cache)
         items.append(TarItem(f"dist:{dist.key}", pack))

@@ -7,7 +7,9 @@ guest (installs Debian packages, unpacks the host's Python environment).
 order. Each prefix of the stack is cached as its own ready snapshot
 (``<state key>+<stack digest>.qcow2``, :mod:`~pytest_gondolin.vm.snapshot_paths`),
 so a later run starts from the longest cached prefix and applies only the
-layers after it; with everything cached, no layer runs at all.
+layers after it; with everything cached, no layer runs at all. The host-side
+work of the layers to build (:attr:`Layer.prepare`: packing a tar layer's
+items) runs on a thread while the VM they change starts.
 
 Guarantees, as for the base snapshot (:mod:`~pytest_gondolin.vm.warm`):
 
@@ -34,8 +36,10 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -44,7 +48,7 @@ import filelock
 
 import pytest_gondolin.paths as paths
 from pytest_gondolin.errors import VMError
-from pytest_gondolin.vm.disk_backed import back_with_disk
+from pytest_gondolin.vm.disk_backed import backing_command, folders_to_back
 from pytest_gondolin.vm.identity import VMConfig, state_key
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.snapshot_paths import (
@@ -79,6 +83,13 @@ MAX_STACKS_PER_BASE: Final = 12
 CHUNK_BYTES: Final = 32 * 1024 * 1024
 #: Unpacking a piece in the guest (TCG, a loaded host).
 UNPACK_TIMEOUT: Final = 300.0
+#: Tar bytes packed ahead while the VM starts (:attr:`Layer.prepare`) are held
+#: in host memory until written: past this, the rest is packed as it is sent.
+PREFETCH_BYTES: Final = 2 * CHUNK_BYTES
+#: A layer's prepare thread is joined this long at most once the stack is built
+#: (it is done then: every layer took its packs; the bound is for a pack hung
+#: on a host file).
+PREPARE_JOIN_TIMEOUT: Final = 60.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,9 @@ class Layer:
     #: Content key: equal keys must mean equal changes to the guest.
     key: str
     apply: Callable[[VM], None] = field(compare=False, repr=False)
+    #: Host-side work ``apply`` needs (packing), started on a thread while the
+    #: VM it will change starts; ``apply`` must work without it.
+    prepare: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -111,18 +125,69 @@ def stack_digest(base: str, layers: Sequence[Layer]) -> str:
 TAR_LAYER_FORMAT: Final = "tar-layer 2 (tmpfs trees on disk)"
 
 
+class _Prefetch:
+    """Tar items packed ahead on a thread (:meth:`prepare`), taken in order by :meth:`packs`.
+
+    A round of futures, one per item: the thread packs them in order until
+    :data:`PREFETCH_BYTES` are held; :meth:`packs` takes each item's bytes
+    from its future, or packs it itself when the thread has not started it
+    (cancelled, so the thread stops there). Without a round it packs all.
+    """
+
+    def __init__(self, items: Sequence[TarItem]) -> None:
+        self._items = tuple(items)
+        self._lock = threading.Lock()
+        self._round: list[Future[bytes]] | None = None
+
+    def prepare(self) -> None:
+        futures: list[Future[bytes]] = [Future() for _ in self._items]
+        with self._lock:
+            if self._round is not None:
+                return  # a round not yet taken: the same items, packed already
+            self._round = futures
+        held = 0
+        for item, future in zip(self._items, futures, strict=True):
+            if held >= PREFETCH_BYTES or not future.set_running_or_notify_cancel():
+                return
+            try:
+                data = item.pack()
+            except Exception as exc:  # raised where the bytes are taken (packs)
+                future.set_exception(exc)
+                return
+            future.set_result(data)
+            held += len(data)
+
+    def packs(self) -> Iterator[bytes]:
+        with self._lock:
+            taken, self._round = self._round, None
+        futures: list[Future[bytes] | None] = [None] * len(self._items)
+        if taken is not None:
+            futures[:] = taken
+        del taken
+        for index, item in enumerate(self._items):
+            future, futures[index] = futures[index], None  # its bytes: the caller's only
+            if future is None or future.cancel():
+                yield item.pack()
+            else:
+                yield future.result()
+
+
 def tar_layer(name: str, items: Sequence[TarItem]) -> Layer:
-    """A layer that unpacks ``items`` (tars) at ``/`` in the guest, keyed by their keys."""
+    """A layer that unpacks ``items`` (tars) at ``/`` in the guest, keyed by their keys.
+
+    Its :attr:`Layer.prepare` packs the first items (up to
+    :data:`PREFETCH_BYTES`) while the VM starts.
+    """
     key = hashlib.sha256(
         "\n".join([TAR_LAYER_FORMAT, *(item.key for item in items)]).encode()
     ).hexdigest()[:24]
+    prefetch = _Prefetch(items)
 
     def apply(vm: VM) -> None:
         pending: list[bytes] = []
         size = 0
         count = 0
-        for item in items:
-            data = item.pack()
+        for data in prefetch.packs():
             if pending and size + len(data) > CHUNK_BYTES:
                 _unpack(vm, b"".join(pending), count)
                 count += 1
@@ -132,17 +197,18 @@ def tar_layer(name: str, items: Sequence[TarItem]) -> Layer:
         if pending:
             _unpack(vm, b"".join(pending), count)
 
-    return Layer(name, key, apply)
+    return Layer(name, key, apply, prefetch.prepare)
 
 
 def _unpack(vm: VM, data: bytes, index: int) -> None:
     # /var/tmp is a tmpfs of half the guest's memory: a piece (~CHUNK_BYTES)
     # fits, and once removed it leaves nothing in the disk or the snapshot.
-    # --ignore-zeros: a piece is several tars joined.
+    # --ignore-zeros: a piece is several tars joined. Trees under the guest's
+    # tmpfs go to its disk (the bind mounts in the same exec: one round trip).
     target = f"/var/tmp/gondolin-layer-{index}.tar"
-    back_with_disk(vm, [data])  # trees under the guest's tmpfs go to its disk
     vm.write_file(target, data)
     vm.exec(
+        f"{backing_command(folders_to_back([data]))} && "
         f"tar --ignore-zeros -xf {target} -C / && rm {target}",
         check=True,
         timeout=UNPACK_TIMEOUT,
@@ -176,6 +242,10 @@ def launch_layered(
         for digest in digests:
             lock = filelock.FileLock(str(paths.lock_path(layered_snapshot_lock(base, digest))))
             held.enter_context(lock.acquire(timeout=LAYER_LOCK_TIMEOUT))
+        # The layers past the longest cached prefix will be built: their host
+        # side (packing) runs while the VM starts.
+        cached = next((n for n in range(len(files), 0, -1) if files[n - 1].exists()), 0)
+        preparing = _prepare(layers[cached:] if use_cache else layers)
         vm, start = _longest_cached(config, files, name, use_cache, saving, say)
         if vm is None:
             vm = launch_clean(config, name=name, progress=say, use_cache=use_cache)
@@ -184,10 +254,30 @@ def launch_layered(
                 _build(vm, layer, target, saving=saving, use_cache=use_cache, say=say)
         except BaseException:
             vm.close()
-            raise
+            raise  # a prepare thread still packing is a daemon: not waited for
+        if preparing is not None:
+            preparing.join(PREPARE_JOIN_TIMEOUT)  # done: every layer took its packs
     if saving and start < len(layers):
         _evict(base, keep=files[-1])
     return vm
+
+
+def _prepare(layers: Sequence[Layer]) -> threading.Thread | None:
+    """Start the :attr:`Layer.prepare` of ``layers``, in order, on one thread (None: none has one)."""
+    steps = [layer.prepare for layer in layers if layer.prepare is not None]
+    if not steps:
+        return None
+
+    def run() -> None:
+        for step in steps:
+            try:
+                step()
+            except Exception:  # apply does the work again and raises it where it is seen
+                log.debug("preparing a layer failed", exc_info=True)
+
+    thread = threading.Thread(target=run, name="layer-prepare", daemon=True)
+    thread.start()
+    return thread
 
 
 def _longest_cached(

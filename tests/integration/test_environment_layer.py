@@ -10,18 +10,27 @@ bad input from the issue, each of which must leave the run going.
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import textwrap
+import threading
+import uuid
 from pathlib import Path
 
 import pytest
 
 import pytest_gondolin
 from pytest_gondolin import paths
+from pytest_gondolin.vm.identity import VMConfig
+from pytest_gondolin.vm.layers import TarItem, launch_layered, tar_layer
+from tests.integration.test_layers import config, real_cache
 from tests.plugin.test_sandboxed import INNER_TIMEOUT, _inner_env_changes
+
+__all__ = ["config", "real_cache"]  # fixtures: a private cache seeded with the warm snapshot
 
 BUILDING = "building layer host-environment"
 
@@ -127,3 +136,38 @@ def test_turned_off_the_guest_lacks_the_environment(
     )
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*No module named 'demo'*"])
+
+
+def test_a_tar_layer_is_packed_while_its_vm_starts_and_kept_on_disk(
+    config: VMConfig,
+) -> None:
+    """The items are packed on the prepare thread (not after the VM is up), sent in order,
+    and a tree under the guest's tmpfs lands on its disk: it is in the cached layer."""
+    packed: list[str] = []
+
+    def item(path: str, text: str) -> TarItem:
+        def pack() -> bytes:
+            packed.append(threading.current_thread().name)
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as out:
+                info = tarfile.TarInfo(path.lstrip("/"))
+                info.size = len(text)
+                out.addfile(info, io.BytesIO(text.encode()))
+            return buf.getvalue()
+
+        return TarItem(f"{path}:{uuid.uuid4().hex}", pack)
+
+    items = [item("/opt/envlayer/a.txt", "a"), item("/var/tmp/envtree/b.txt", "b")]
+    launch_layered(config, [tar_layer("host-environment", items)], name="prefetched").close()
+    assert packed == ["layer-prepare", "layer-prepare"]
+    packed.clear()
+    vm = launch_layered(config, [tar_layer("host-environment", items)], name="from-cache")
+    try:
+        assert packed == [], "a cached layer packs nothing, not even ahead"
+        assert vm.read_file("/opt/envlayer/a.txt") == b"a"
+        assert vm.read_file("/var/tmp/envtree/b.txt") == b"b"
+        mounts = vm.exec(["awk", "{print $5}", "/proc/self/mountinfo"], check=True).stdout
+        assert "/var/tmp/envtree" in mounts.split(), mounts
+        assert vm.exec("ls /var/tmp").stdout.split() == ["envtree"], "the pieces were removed"
+    finally:
+        vm.close()
