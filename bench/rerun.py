@@ -16,8 +16,9 @@ start-up phases come from the session's own log line
   the test: ``sandbox/worker_disk.py``);
 * **re-run**: nothing changed: the cached collected worker is restored (one
   test: QEMU runs on the cached file in place, no copy);
-* **after an edit**: the test file changed: the started worker is restored,
-  the tree copied and collected again.
+* **after an edit**: the test file changed: the started worker is restored
+  in place from the previous tree's collected file (its ``gondolin-clean``
+  snapshot; ``sandbox/worker_disk.py``), the tree copied and collected again.
 
 Others' edits to an editable install the guest carries (this checkout, in a
 development venv) change the tree between runs; run it from a venv whose

@@ -48,6 +48,7 @@ import pytest
 
 import pytest_gondolin.sandbox.coverage as coverage
 import pytest_gondolin.sandbox.interpreter_pack as interpreter_pack
+import pytest_gondolin.sandbox.startup_tree as startup_tree
 import pytest_gondolin.sandbox.worker_cache as worker_cache
 import pytest_gondolin.sandbox.worker_disk as worker_disk
 from pytest_gondolin.errors import GondolinError, VMError
@@ -184,10 +185,16 @@ class GuestWorker:
                 PRELOAD_ENV: ",".join(worker_cache.preload_modules(session_args)),
             },
             WORKER_MAX_OUTPUT,
-            # The venv's own files (tiny): its python must be there to start.
-            files=interpreter_pack.pack_venv(self.setup.interpreter)
-            if self.setup.interpreter is not None and self.setup.interpreter.venv
-            else b"",
+            files=startup_tree.join_tars(
+                # The venv's own files (tiny): its python must be there to start.
+                interpreter_pack.pack_venv(self.setup.interpreter)
+                if self.setup.interpreter is not None and self.setup.interpreter.venv
+                else b"",
+                # pytest's own dependencies installed editable from the project (pluggy's tree).
+                startup_tree.pack_startup_tree(
+                    Path(self.config.rootpath), python_version=self.setup.python_version()
+                ),
+            ),
         )
         layers = [
             *self.factory.base_layers(self.key),
@@ -231,11 +238,24 @@ class GuestWorker:
             self._lane_source = taken or worker_cache.collected_path(key)
             phases.mark("restore collected")
         else:
-            vm = launch_layered(vmconfig, layers, name=name, progress=say)
-            self.factory.adopt(vm)
+            # One test after an edit: the started worker loaded in place from the
+            # previous tree's file, not from a copy of the layer's (worker_disk.py).
+            reused = (
+                worker_disk.restore_started(vmconfig, key, worker, name=name, say=say)
+                if one_test
+                else None
+            )
+            if reused is not None:
+                vm, transport, saved = reused
+                self.factory.adopt(vm)
+                phases.mark("restore started in place")
+            else:
+                vm = launch_layered(vmconfig, layers, name=name, progress=say)
+                self.factory.adopt(vm)
+                transport = worker.attach(vm)
+                phases.mark("restore started")
             self.vm = vm
-            first = _lane(vm, worker.attach(vm))
-            phases.mark("restore started")
+            first = _lane(vm, transport)
             self.setup.copy_project(vm, tars)
             phases.mark("copy")
             say(f"{name}: collecting in the started guest test worker")
@@ -252,7 +272,9 @@ class GuestWorker:
             phases.mark("sync")
             vm.save_internal(WORKER_TAG)
             phases.mark("save")
-            if one_test:
+            if reused is not None:
+                saved()  # the file is given back as this tree's when the VM closes
+            elif one_test:
                 worker_disk.keep_at_close(vm, key)
             else:
                 self._lane_source = worker_cache.keep_snapshot(vm, key)
@@ -320,7 +342,7 @@ class GuestWorker:
 
     def _settle(self, lane: _Lane) -> bool:
         """After a process run: whether ``lane`` is clean (the worker's verdict), network reset."""
-        return self._isolation.settle(lane.vm, lane.transport.recv_line)
+        return self._isolation.settle(lane.vm, lane.transport.recv_line, seal=lane.client.seal)
 
     def run(self, nodeid: str, options: SandboxOptions) -> RunOutcome | Failure:
         """Run the item on a fresh VM (restored in the background, or now) with its options.

@@ -296,9 +296,13 @@ def tree_digest(tars: Sequence[bytes]) -> str:
 
 
 def collected_key(stack: str, tree: str, go: Mapping[str, object]) -> str:
-    """The collected state's key: the layer stack (``vm/layers.stack_digest``), the tree, the go."""
-    text = json.dumps([CACHE_FORMAT, stack, tree, go], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    """``<lineage>-<digest>``: the layer stack (``vm/layers.stack_digest``) and go, then the tree.
+
+    ``sandbox/worker_disk.py`` starts a lineage's new tree from a previous one's file.
+    """
+    family = hashlib.sha256(json.dumps([CACHE_FORMAT, stack, go], sort_keys=True).encode())
+    tree_part = hashlib.sha256(json.dumps([family.hexdigest(), tree]).encode())
+    return f"{family.hexdigest()[:16]}-{tree_part.hexdigest()[:32]}"
 
 
 def collected_dir() -> Path:

@@ -25,6 +25,15 @@ cached file when the VM closes (:func:`keep_at_close`), linked where the
 cache is on the same file system, copied otherwise — after the run, not
 before its first test.
 
+A run after an edit (a new tree for the same layer stack and ``go``: the same
+*lineage*, the key's first part) takes the lineage's previous collected file
+instead (:func:`restore_started`): it holds the started worker's snapshot
+too (``CLEAN_TAG``, the layer it was made from), so QEMU loads that in
+place — no copy of the ~400 MiB layered file — and the new collection's
+snapshot replaces the old one's tag. The file is given back under the new
+key once that snapshot is saved, removed otherwise: the previous tree's
+collected state is gone (going back to it collects again).
+
 A taken file whose process is gone (killed before it could give it back) is
 removed by the next run that takes a cached worker.
 """
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
@@ -40,15 +50,27 @@ from typing import Final
 import pytest
 
 import pytest_gondolin.paths as paths
+from pytest_gondolin.errors import GondolinError, VMError
+from pytest_gondolin.sandbox.transports import VMTransport
 from pytest_gondolin.sandbox.worker_cache import (
+    StartedWorker,
     collected_dir,
     collected_path,
     link_collected,
     store_collected,
 )
+from pytest_gondolin.vm.identity import VMConfig
 from pytest_gondolin.vm.machine import VM
+from pytest_gondolin.vm.warm import CLEAN_TAG
 
-__all__ = ["give_back", "keep_at_close", "one_test_session", "take_collected"]
+__all__ = [
+    "give_back",
+    "keep_at_close",
+    "one_test_session",
+    "restore_started",
+    "take_collected",
+    "take_previous",
+]
 
 log = logging.getLogger(__name__)
 
@@ -125,23 +147,90 @@ def take_collected(key: str) -> Path | None:
     return taken
 
 
-def give_back(vm: VM, taken: Path, key: str) -> None:
+def give_back(vm: VM, taken: Path, key: str, *, saved: Callable[[], bool] = lambda: True) -> None:
     """Put ``taken`` (``vm``'s disk) back as the cached worker ``key`` once ``vm`` closes.
 
     Given back only if QEMU was still running when the close began (it is
-    then stopped with ``quit``, which leaves the file whole); otherwise, or
-    when a newer cached file is there, ``taken`` is removed.
+    then stopped with ``quit``, which leaves the file whole) and ``saved()``
+    says the file holds ``key``'s snapshot; otherwise, or when a newer
+    cached file is there, ``taken`` is removed.
     """
 
     def after_stop(alive: bool) -> None:
         try:
             # Not there: found unusable after the launch, and removed.
-            if alive and taken.exists() and not link_collected(taken, key):
+            if alive and saved() and taken.exists() and not link_collected(taken, key):
                 log.warning("could not give back the cached worker %s", taken)
         finally:
             taken.unlink(missing_ok=True)
 
     _after_stop(vm, after_stop)
+
+
+def lineage(key: str) -> str:
+    """The lineage part of a collected state's key (``worker_cache.collected_key``)."""
+    return key.partition("-")[0]
+
+
+def take_previous(key: str) -> Path | None:
+    """The most recently used cached collected worker of ``key``'s lineage but not ``key``, taken.
+
+    Same layer stack and ``go``, another tree: its started-worker snapshot is
+    the one ``key`` starts from. None when there is none (or the cache
+    cannot be written).
+    """
+    found: list[tuple[float, Path]] = []
+    for path in collected_dir().glob(f"{lineage(key)}-*.qcow2"):
+        try:
+            found.append((path.stat().st_mtime, path))
+        except OSError:
+            continue
+    for _, path in sorted(found, reverse=True):
+        other = path.name.removesuffix(".qcow2")
+        if other != key and (taken := take_collected(other)) is not None:
+            return taken
+    return None
+
+
+def restore_started(
+    config: VMConfig,
+    key: str,
+    worker: StartedWorker,
+    *,
+    name: str,
+    say: Callable[[str], None],
+) -> tuple[VM, VMTransport, Callable[[], None]] | None:
+    """A VM whose started worker waits for its go, run in place on a previous tree's file of ``key``'s lineage.
+
+    Returns the VM, the worker's transport and what to call once the
+    snapshot of ``key`` is saved in it (the file is then given back as
+    ``key`` when the VM closes; before that call, it is removed). None when
+    the lineage has no cached file, or the one taken does not load or holds
+    no valid worker (it is removed; the caller starts from the layers).
+    """
+    taken = take_previous(key)
+    if taken is None:
+        return None
+    started = time.monotonic()
+    try:
+        vm = VM.launch(config, name=name, loadvm_disk=taken, loadvm_tag=CLEAN_TAG, in_place=True)
+    except (VMError, OSError) as exc:
+        log.warning("cached worker snapshot %s did not load (%s); starting the worker", taken, exc)
+        taken.unlink(missing_ok=True)
+        return None
+    state = {"saved": False}
+    give_back(vm, taken, key, saved=lambda: state["saved"])
+    try:
+        transport = worker.attach(vm)
+    except GondolinError as exc:
+        vm.close()  # not saved: the file is removed
+        log.warning("cached worker snapshot %s is not usable (%s); starting the worker", taken, exc)
+        return None
+    say(
+        f"{name}: restored the started worker in place from a previous tree's snapshot "
+        f"in {time.monotonic() - started:.2f} s"
+    )
+    return vm, transport, lambda: state.__setitem__("saved", True)
 
 
 def keep_at_close(vm: VM, key: str) -> None:

@@ -207,6 +207,10 @@ class WorkerSetup:
         """The version of the Python that runs the worker in the guest (``3.11.2``)."""
         return self.python.version if self.python else project_files.IMAGE_PYTHON
 
+    def python_version(self) -> str:
+        """The version of the Python that runs the worker in the guest (set by :meth:`choose_interpreter`)."""
+        return self._python_version()
+
     def _fallback_requirements(self, env: host_environment.HostEnvironment) -> list[str]:
         """Wheels for the distributions the guest cannot load as the host has them.
 

@@ -7,9 +7,15 @@ every test errored with a bare "options missing". One inner session (~20 s under
 
 from __future__ import annotations
 
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from tests.plugin.test_sandboxed import run_gondolin
+from tests.plugin.test_sandboxed import INNER_TIMEOUT, run_gondolin
 
 pytestmark = pytest.mark.integration
 
@@ -45,3 +51,69 @@ def test_a_root_conftest_marks_every_test_sandboxed(inner: pytest.Pytester) -> N
         ["*test_one PASSED (in guest)*", "*test_two PASSED (in guest)*", "*test_host_only PASSED*"]
     )
     result.stdout.no_fnmatch_line("*options missing*")
+
+
+def _venv_with_the_project_editable(where: Path, src: Path) -> Path:
+    """A venv whose site folder names ``src`` first (as ``pip install -e .`` does), then ours.
+
+    The outer venv's site folder (and this checkout, installed editable
+    there) come after it, so pytest and its plugins import as in our own
+    runs while pluggy comes from ``src``, as on a maintainer's machine.
+    """
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(where)], check=True, timeout=120
+    )
+    (site_dir,) = where.glob("lib/python3.*/site-packages")
+    (site_dir / "__editable__.a_project.pth").write_text(f"{src}\n", encoding="utf-8")
+    # An import line: the outer site folder's own .pth files run (this checkout's editable install).
+    lines = [f"import site; site.addsitedir({folder!r})" for folder in site.getsitepackages()]
+    (site_dir / "b_outer_venv.pth").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return where / "bin" / "python"
+
+
+def test_a_dependency_of_pytest_installed_editable_from_the_project(
+    inner: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The project under test is pluggy itself, installed editable from its ``src`` folder.
+
+    Found marking pluggy 1.7.0's suite: the guest worker imports pytest, and
+    so pluggy, before the project tree is copied in, so every test errored
+    with ``No module named 'pluggy'``. Here a copy of the installed pluggy
+    with one extra attribute sits in the project's ``src``, named by the
+    venv's ``.pth`` file: the guest must start, and import that one, from the
+    same file as the host. ~1 inner session (~30-60 s under TCG).
+    """
+    import pluggy
+
+    src = inner.path / "src"
+    shutil.copytree(
+        Path(pluggy.__file__).parent, src / "pluggy", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    with (src / "pluggy" / "__init__.py").open("a", encoding="utf-8") as fh:
+        fh.write("\nFROM_THE_PROJECT = True\n")
+    python = _venv_with_the_project_editable(tmp_path_factory.mktemp("venv"), src)
+    inner.makeconftest(
+        """
+        import pytest
+
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                item.add_marker(pytest.mark.sandboxed)
+        """
+    )
+    inner.makepyfile(
+        test_pluggy_suite="""
+        import os
+        import pluggy
+
+        def test_the_projects_pluggy():
+            assert os.environ.get("GONDOLIN_GUEST") == "1"
+            assert pluggy.FROM_THE_PROJECT, pluggy.__file__
+            assert pluggy.__file__ == os.path.join(os.getcwd(), "src", "pluggy", "__init__.py")
+        """
+    )
+    host = inner.run(str(python), "-c", "import pluggy; print(pluggy.__file__)", timeout=60)
+    assert host.outlines[-1] == str(src / "pluggy" / "__init__.py")  # control: the host's view
+    result = inner.run(str(python), "-m", "pytest", "-p", "gondolin", "-v", timeout=INNER_TIMEOUT)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*test_the_projects_pluggy PASSED (in guest)*"])

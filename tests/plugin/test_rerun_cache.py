@@ -28,6 +28,9 @@ pytest_plugins = ("pytester",)
 
 RESTORED = "gondolin: sandbox1: restored the cached collected worker (* items) in * s"
 COLLECTING = "gondolin: sandbox1: collecting in the started guest test worker"
+IN_PLACE = (
+    "gondolin: sandbox1: restored the started worker in place from a previous tree's snapshot*"
+)
 
 TEST_FILE = """
     import pytest
@@ -64,6 +67,9 @@ def worker_cache_of_our_own(
         elif entry.name != worker_cache.collected_dir().name:
             (root / entry.name).symlink_to(entry)
     monkeypatch.setenv("GONDOLIN_CACHE_DIR", str(root))
+    # pytest-randomly (installed here) gives each run a new --randomly-seed,
+    # which reaches the worker's go: no two runs would share a collected worker.
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
     return root
 
 
@@ -81,6 +87,10 @@ def _edit_in_place(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size
+
+
+def _append(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
 
 
 def _cached() -> set[Path]:
@@ -110,9 +120,10 @@ def test_an_edited_test_file_changes_the_outcome(inner: pytest.Pytester) -> None
     edited = run_gondolin(inner)
     edited.assert_outcomes(failed=1)
     edited.stdout.fnmatch_lines([COLLECTING, "*assert 1 == 2*"])
-    # And back: the first tree's cached worker serves again, unchanged (the
-    # inner runs' temporary folders are part of the tree: the failure's
-    # artifacts are there).
+    # And back: the first tree's file was reused by the edit's run (one test:
+    # sandbox/worker_disk.py), so it collects again, and passes (the inner
+    # runs' temporary folders are part of the tree: the failure's artifacts
+    # are there).
     _edit_in_place(inner.path / "test_x.py", "value == 2", "value == 1")
     for folder in inner.path.glob("runpytest-*"):
         if folder.is_symlink():
@@ -121,7 +132,10 @@ def test_an_edited_test_file_changes_the_outcome(inner: pytest.Pytester) -> None
             shutil.rmtree(folder)
     back = run_gondolin(inner)
     back.assert_outcomes(passed=1)
-    back.stdout.fnmatch_lines([RESTORED])
+    back.stdout.fnmatch_lines([IN_PLACE, COLLECTING])
+    again = run_gondolin(inner)
+    again.assert_outcomes(passed=1)
+    again.stdout.fnmatch_lines([RESTORED])
 
 
 def test_an_edited_conftest_changes_the_outcome(inner: pytest.Pytester) -> None:
@@ -207,6 +221,49 @@ def test_a_one_test_rerun_uses_the_cached_file_in_place(inner: pytest.Pytester) 
         assert snapshot.stat().st_ino == inode
         assert _taken() == []
     assert not (inner.path / "written-by-the-test").exists()  # only ever in the guest
+
+
+def test_an_edit_starts_from_the_previous_trees_file_in_place(inner: pytest.Pytester) -> None:
+    inner.makepyfile(test_x=STATEFUL)
+    before = _cached()
+    run_gondolin(inner).assert_outcomes(passed=1)
+    (snapshot,) = _cached() - before
+    inode = snapshot.stat().st_ino
+    _append(inner.path / "test_x.py", "\n# edited\n")
+    edited = run_gondolin(inner)
+    # Collected anew (the edited tree), from the started worker's state: the
+    # first run's test wrote its mark after that state, so it is not there.
+    edited.assert_outcomes(passed=1)
+    edited.stdout.fnmatch_lines([IN_PLACE, COLLECTING])
+    (reused,) = _cached() - before
+    assert reused != snapshot and not snapshot.exists()  # the previous tree's key is gone
+    assert reused.stat().st_ino == inode  # the same file, no copy made
+    assert _taken() == []
+    again = run_gondolin(inner)
+    again.assert_outcomes(passed=1)
+    again.stdout.fnmatch_lines([RESTORED])
+    assert "# edited" in (inner.path / "test_x.py").read_text()
+
+
+def test_an_unloadable_previous_tree_is_removed_and_the_worker_started(
+    inner: pytest.Pytester,
+) -> None:
+    inner.makepyfile(test_x=STATEFUL.replace("written-by-the-test", "third-mark"))
+    before = _cached()
+    run_gondolin(inner).assert_outcomes(passed=1)
+    (snapshot,) = _cached() - before
+    snapshot.write_bytes(b"not a qcow2 file\n" * 64)
+    _append(inner.path / "test_x.py", "\n# edited\n")
+    edited = run_gondolin(inner)
+    edited.assert_outcomes(passed=1)
+    edited.stdout.fnmatch_lines(
+        ["gondolin: sandbox1 restored from the cached ready snapshot*", COLLECTING]
+    )
+    assert "in place from a previous tree" not in _output(edited)
+    assert not snapshot.exists()
+    (new,) = _cached() - before
+    assert new.read_bytes()[:4] == b"QFI\xfb"
+    assert _taken() == []
 
 
 KILLING_CONFTEST = """
