@@ -27,10 +27,15 @@ from typing import Any, Final
 
 from pytest_gondolin.guest.isolation import IsolatedRun, Isolation
 
-__all__ = ["SETTLED", "ProcessRuns"]
+__all__ = ["SEAL", "SETTLED", "ProcessRuns"]
 
 #: The message type that closes a process-mode run, after ``done``.
 SETTLED: Final = "settled"
+#: The message type that opens a process-mode run: the key its ``settled`` carries.
+#: The test process shares the worker's channel and could write a clean
+#: verdict itself; the key is made after it was forked and before it gets its
+#: order, so it never holds it, and the host takes only a verdict with it.
+SEAL: Final = "seal"
 
 Send = Callable[[dict[str, Any]], None]
 #: Runs the item ``nodeid`` with ``seed`` and ``env`` in the test process.
@@ -46,11 +51,15 @@ class ProcessRuns:
         self._isolation: Isolation | None = None
 
     def run(self, nodeid: str, seed: int, env: dict[str, str]) -> None:
-        """Run the item isolated; sends ``done`` (from the test process, or here) and ``settled``."""
+        """Run the item isolated; sends ``seal``, ``done`` (from the test process, or here) and
+        ``settled``."""
         order = json.dumps({"nodeid": nodeid, "seed": seed, "env": env}).encode()
         try:
             if self._isolation is None:
                 self._isolation = Isolation(self._serve, cwd=os.getcwd())
+            self._isolation.prepare()  # the test process is forked before the key is made
+            key = os.urandom(16).hex()
+            self._send({"t": SEAL, "key": key})
             status = self._isolation.run(order)
         except OSError as exc:
             self._send({"t": "error", "message": f"process isolation failed: {exc}"})
@@ -61,7 +70,7 @@ class ProcessRuns:
             self._send({"t": "error", "message": f"{nodeid}: {IsolatedRun(status).describe()}"})
             self._send({"t": "done", "nodeid": nodeid})
         dirty = self._isolation.check()
-        self._send({"t": SETTLED, "reason": "; ".join(dirty)})
+        self._send({"t": SETTLED, "reason": "; ".join(dirty), "key": key})
         if status == 0 and not dirty:
             try:
                 self._isolation.prepare()

@@ -152,7 +152,7 @@ _PYTEST_PRIVATE_KEYS: Final = frozenset({"_report_type", "_subtest.context"})
 #: Message type names (the ``"t"`` member).
 COMMAND_TYPES: Final = frozenset({"run", "ping", "quit", "answer", "go"})
 MESSAGE_TYPES: Final = frozenset(
-    {"collected", "report", "warning", "error", "done", "pong", "coverage", "output"}
+    {"collected", "report", "warning", "error", "done", "pong", "coverage", "output", "seal"}
 )
 
 

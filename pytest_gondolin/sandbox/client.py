@@ -86,6 +86,7 @@ from pytest_gondolin.sandbox.messages import (
     PdbRead,
     PongMessage,
     QueryMessage,
+    SealMessage,
     WorkerMessage,
     parse_message,
 )
@@ -202,6 +203,9 @@ class WorkerClient:
         #: The host's terminal for pdb in the guest (``breakpoint()``, ``--pdb``), or
         #: why there is none (sandbox/debugger.py); ``None``: pdb gets no terminal.
         self.debugger: RunDebugger | None = None
+        #: The last run's seal: the key its ``process``-mode verdict must carry
+        #: (guest/process_runs.py); ``None``: the run sent none as its first message.
+        self.seal: str | None = None
 
     @property
     def state(self) -> WorkerState:
@@ -364,6 +368,8 @@ class WorkerClient:
         tally = RunTally(nodeid)
         self._received = 0
         self._live_left = MAX_LIVE_CHARS_PER_RUN
+        self.seal = None
+        first = True
 
         def outcome(failure: Failure | None) -> RunOutcome:
             return tally.outcome(failure, time.monotonic() - started)
@@ -388,7 +394,11 @@ class WorkerClient:
                     return crashed()
                 if self._received > MAX_BYTES_PER_RUN:
                     raise WorkerProtocolError(f"more than {MAX_BYTES_PER_RUN} bytes in one run")
-                if isinstance(msg, OutputMessage):
+                if isinstance(msg, SealMessage):
+                    if not first:  # only the worker's, before the test runs, counts
+                        raise WorkerProtocolError("a seal that is not the run's first message")
+                    self.seal = msg.key
+                elif isinstance(msg, OutputMessage):
                     self._show(msg)
                 elif isinstance(msg, PdbOutput | PdbRead | PdbEnd):
                     deadline += serve(self.debugger, nodeid, msg, self._send, tally.reports)
@@ -399,6 +409,7 @@ class WorkerClient:
                 elif isinstance(msg, DoneMessage):
                     self._set_state(WorkerState.READY)
                     return outcome(None)
+                first = first and isinstance(msg, OutputMessage)
                 if time.monotonic() >= deadline:
                     # A worker that always has a line ready never lets recv time out.
                     return outcome(self._timed_out(timeout, time.monotonic() - started))

@@ -53,6 +53,7 @@ from pytest_gondolin.sandbox.json_checks import (
     expect_list,
     expect_str,
 )
+from pytest_gondolin.sandbox.live_output import safe_host_text
 from pytest_gondolin.sandbox.report_checks import MAX_NODEID_CHARS
 
 __all__ = [
@@ -195,7 +196,8 @@ class HostCoverage:
         arcs: dict[str, set[tuple[int, int]]] = {}
         for msg in messages:
             if msg.error is not None:
-                self._warn_once(item, "error", f"the guest could not measure it: {msg.error}")
+                error = safe_host_text(msg.error)  # guest text in the host's warning
+                self._warn_once(item, "error", f"the guest could not measure it: {error}")
                 continue
             if msg.arcs != self.branch:
                 self._warn_once(item, "kind", "the guest measured lines and arcs inconsistently")

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 _DEBUGGER_KEY: Final = pytest.StashKey["TerminalDebugger | NoTerminal"]()
 #: What pytest's --pdb says when pdb was quit (``_pytest/debugging.py``: post_mortem).
 QUIT_MESSAGE: Final = "Quitting debugger"
+#: pdb's quit commands (``do_q = do_exit = do_quit``); the end of input quits too.
+QUIT_COMMANDS: Final = frozenset({"q", "quit", "exit"})
 
 
 class RunDebugger(Protocol):
@@ -111,6 +113,9 @@ class TerminalDebugger:
         self._quit: set[str] = set()
         #: The item being run (to log its reports before pdb takes the terminal).
         self._item: pytest.Item | None = None
+        #: Whether the last line pdb got from the user quits it: only then does the
+        #: guest's word that pdb was quit end the session (else a guest could end it).
+        self._user_quit = False
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item) -> Generator[None, object, object]:
@@ -169,9 +174,12 @@ class TerminalDebugger:
                 line = sys.stdin.readline(MAX_LINE + 1)
             except (OSError, ValueError) as exc:
                 log.debug("no line from the terminal for pdb: %s", exc)
+                self._user_quit = True  # pdb takes it as the end of input
                 return None
         if not line:
+            self._user_quit = True
             return None
+        self._user_quit = _quits(line)
         if not line.endswith("\n"):
             # Longer than MAX_LINE: pdb gets the start, the rest of the line is dropped.
             with self._terminal(), contextlib.suppress(OSError, ValueError):
@@ -187,7 +195,10 @@ class TerminalDebugger:
         the run all the same; of its reports, only the ``reports`` sent before the
         quit are logged (``replay_cut``).
         """
-        if quit:
+        user_quit, self._user_quit = self._user_quit, False
+        if quit and not user_quit:
+            log.warning("%s: the guest said pdb was quit, but no quit was typed: ignored", nodeid)
+        elif quit:
             self._quit.add(nodeid)
             item = self._item
             if item is not None and item.nodeid == nodeid:
@@ -198,6 +209,11 @@ class TerminalDebugger:
         if nodeid in self._quit:
             self._quit.discard(nodeid)
             pytest.exit(QUIT_MESSAGE)
+
+
+def _quits(line: str) -> bool:
+    """Whether pdb quits on ``line``: a quit command, alone or among ``;;``-chained ones."""
+    return any((words := part.split()) and words[0] in QUIT_COMMANDS for part in line.split(";;"))
 
 
 def _stdin_is_a_terminal(config: pytest.Config) -> bool:

@@ -42,6 +42,7 @@ __all__ = [
     "ISOLATION_ENV",
     "MAX_REASON_CHARS",
     "SETTLE_TIMEOUT",
+    "UNSEALED",
     "LaneLedger",
     "read_settled",
     "run_env",
@@ -55,6 +56,8 @@ MAX_REASON_CHARS: Final = 300
 #: How long the worker gets to send its verdict after ``done`` (the test
 #: process's exit and the checks: ~50 ms under TCG; a wedged guest is restored).
 SETTLE_TIMEOUT: Final = 30.0
+#: Why a verdict without the run's seal is not taken (a forgery by the test process).
+UNSEALED: Final = "the verdict does not carry the run's seal (not the worker's)"
 #: Live output lines (``-s``) skipped while waiting for the verdict, at most.
 _MAX_LINES_BEFORE_SETTLED: Final = 100
 
@@ -67,12 +70,17 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:MAX_REASON_CHARS])
 
 
-def read_settled(recv_line: RecvLine, timeout: float = SETTLE_TIMEOUT) -> str | None:
+def read_settled(
+    recv_line: RecvLine, timeout: float = SETTLE_TIMEOUT, *, seal: str | None
+) -> str | None:
     """Read the worker's verdict after a process run's ``done``: None when clean, else why not.
 
     ``recv_line(timeout)`` is the lane's transport's (a line, None at the end
     of the worker's output, TimeoutError). Anything but a well-formed
     ``settled`` (live output aside) counts as dirty: the lane is restored.
+    ``seal`` is the key the run's first message gave (``None``: it sent
+    none); a verdict without it could be the test process's own (it shares
+    the worker's channel), so it counts as dirty too.
     """
     deadline = time.monotonic() + timeout
     for _ in range(_MAX_LINES_BEFORE_SETTLED):
@@ -91,6 +99,8 @@ def read_settled(recv_line: RecvLine, timeout: float = SETTLE_TIMEOUT) -> str | 
             continue  # what -s showed after done: dropped
         if kind != SETTLED or not isinstance(msg.get("reason"), str):
             return f"expected the worker's verdict, got {_printable(repr(kind))}"
+        if seal is None or msg.get("key") != seal:
+            return UNSEALED
         reason: str = msg["reason"]
         return f"the test changed kernel state: {_printable(reason)}" if reason else None
     return f"more than {_MAX_LINES_BEFORE_SETTLED} lines before the worker's verdict"
@@ -163,13 +173,13 @@ class LaneLedger:
             log.info("restoring the VM after a process-isolated run: %s", reason)
         return reason
 
-    def settle(self, vm: VM, recv_line: RecvLine) -> bool:
+    def settle(self, vm: VM, recv_line: RecvLine, *, seal: str | None) -> bool:
         """After a clean-looking ``process`` run on ``vm``: its verdict, and the network reset.
 
         True: ``vm`` may run the next ``process`` test as it is. False: it must
         be restored (logged with the reason, counted as a fallback).
         """
-        reason = read_settled(recv_line)
+        reason = read_settled(recv_line, seal=seal)
         if reason is None:
             try:
                 self.reuse_reset(vm)

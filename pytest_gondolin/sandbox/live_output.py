@@ -15,6 +15,7 @@ from typing import Final
 __all__ = [
     "LIVE_TRUNCATED",
     "MAX_LIVE_CHARS_PER_RUN",
+    "safe_host_text",
     "safe_terminal_text",
     "show_live_output",
 ]
@@ -40,6 +41,18 @@ def _visible(match: re.Match[str]) -> str:
 def safe_terminal_text(text: str) -> str:
     """``text`` with every control character but tab, newline and CR made visible."""
     return _CONTROL.sub(_visible, text)
+
+
+#: What the host shows as its own account of the guest (an error the worker
+#: reports, a crash's stderr, a collection error's summary) may not move the
+#: cursor either: a carriage return there could overwrite a status line.
+_HOST_CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe_host_text(text: str) -> str:
+    """Guest ``text`` the host frames as its own: every control character but tab and
+    newline made visible (``^[`` for ESC, ``^M`` for a carriage return)."""
+    return _HOST_CONTROL.sub(_visible, text)
 
 
 def show_live_output(stream: str, text: str) -> None:

@@ -64,6 +64,7 @@ __all__ = [
     "PongMessage",
     "QueryMessage",
     "ReportMessage",
+    "SealMessage",
     "WarningRecord",
     "WorkerMessage",
     "check_line_shape",
@@ -191,6 +192,13 @@ class PongMessage:
     nonce: str
 
 
+@dataclass(frozen=True)
+class SealMessage:
+    """A ``process`` run's first message: the key its verdict must carry (guest/process_runs.py)."""
+
+    key: str
+
+
 WorkerMessage: TypeAlias = (
     Collected
     | ReportMessage
@@ -198,6 +206,7 @@ WorkerMessage: TypeAlias = (
     | ErrorMessage
     | DoneMessage
     | PongMessage
+    | SealMessage
     | QueryMessage
     | CoverageMessage
     | OutputMessage
@@ -393,6 +402,10 @@ def _parse_pong(msg: JSONObject) -> PongMessage:
     return PongMessage(expect_str(msg.get("nonce"), "pong.nonce", _MAX_NONCE_CHARS))
 
 
+def _parse_seal(msg: JSONObject) -> SealMessage:
+    return SealMessage(expect_str(msg.get("key"), "seal.key", _MAX_NONCE_CHARS))
+
+
 _PARSERS: Final[Mapping[str, Callable[[JSONObject], WorkerMessage]]] = {
     "collected": _parse_collected,
     "report": _parse_report,
@@ -400,6 +413,7 @@ _PARSERS: Final[Mapping[str, Callable[[JSONObject], WorkerMessage]]] = {
     "error": _parse_error,
     "done": _parse_done,
     "pong": _parse_pong,
+    "seal": _parse_seal,
     "query": _parse_query,
     "coverage": parse_coverage,
     "output": _parse_output,

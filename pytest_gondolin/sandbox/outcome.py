@@ -18,6 +18,7 @@ from typing import Final, Literal, TypeAlias
 from pytest_gondolin.errors import WorkerProtocolError
 from pytest_gondolin.sandbox.coverage import MAX_COVERAGE_VALUES_PER_RUN, CoverageMessage
 from pytest_gondolin.sandbox.json_checks import JSONObject, truncation_mark
+from pytest_gondolin.sandbox.live_output import safe_host_text
 from pytest_gondolin.sandbox.messages import (
     DoneMessage,
     ErrorMessage,
@@ -56,6 +57,11 @@ class Failure:
     headline: str
     detail: str = ""
     duration: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Both hold guest text (its errors, its stderr): never raw control characters.
+        object.__setattr__(self, "headline", safe_host_text(self.headline))
+        object.__setattr__(self, "detail", safe_host_text(self.detail))
 
     @classmethod
     def from_exception(cls, exc: BaseException, *, duration: float = 0.0) -> Failure:

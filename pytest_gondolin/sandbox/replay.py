@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import io
 import logging
 import time
 import warnings
@@ -33,6 +34,7 @@ from _pytest._io import TerminalWriter
 
 from pytest_gondolin.errors import WorkerProtocolError
 from pytest_gondolin.sandbox.json_checks import JSONObject
+from pytest_gondolin.sandbox.live_output import safe_host_text
 from pytest_gondolin.sandbox.messages import Collected, WarningRecord
 from pytest_gondolin.sandbox.outcome import Failure, HostFailure, RunOutcome
 
@@ -94,14 +96,21 @@ class GuestErrorRepr(TerminalRepr):
             message, path, lineno = crash.message, crash.path, crash.lineno
         else:
             message = str(inner).strip().partition("\n")[0]
-        self.reprcrash = ReprFileLocation(path, lineno, f"{IN_GUEST} {message}")
+        # Guest text on the host's own summary line: no raw control characters.
+        self.reprcrash = ReprFileLocation(path, lineno, f"{IN_GUEST} {safe_host_text(message)}")
 
     def toterminal(self, tw: TerminalWriter) -> None:
         if isinstance(self.inner, str):
-            tw.line(f"{IN_GUEST} {self.inner}")
+            tw.line(f"{IN_GUEST} {safe_host_text(self.inner)}")
         else:
             tw.line(IN_GUEST, bold=True)
-            self.inner.toterminal(tw)
+            # Guest text under the host's heading: rendered plain, control characters visible.
+            text = io.StringIO()
+            plain = TerminalWriter(file=text)
+            plain.hasmarkup, plain.fullwidth = False, tw.fullwidth
+            self.inner.toterminal(plain)
+            for line in safe_host_text(text.getvalue()).rstrip("\n").split("\n"):
+                tw.line(line)
 
 
 def _head_in_guest(report: pytest.CollectReport) -> None:
@@ -226,21 +235,29 @@ STARTUP_SECTION_AFTER: Final = 1.0
 STARTUP_SECTION: Final = "gondolin: start-up"
 
 
-def _add_startup(reports: Sequence[pytest.TestReport], startup: float) -> None:
+def _add_startup(
+    reports: Sequence[pytest.TestReport], startup: float, *, in_duration: bool = True
+) -> None:
     """Count the host's start-up time for this item in its setup report (``--durations``),
-    and say so in a section of its call report (shown by ``-rA`` and with a failure)."""
+    and say so in a section of its call report (shown by ``-rA`` and with a failure).
+
+    With ``in_duration`` false (pytest-split's ``--store-durations``) the
+    section is written but the duration stays what the test took: a stored
+    duration balances groups, and every group pays its own start-up."""
     plain = {r.when: r for r in reports if type(r) is pytest.TestReport}
     setup = plain.get("setup")
     if setup is None or startup <= 0:
         return
-    setup.duration += startup
+    if in_duration:
+        setup.duration += startup
     if startup >= STARTUP_SECTION_AFTER:
         plain.get("call", setup).sections.append(
             (
                 STARTUP_SECTION,
                 f"{startup:.2f} s of this setup were the guest worker's start-up on the host "
                 "(VM boot or restore, project copy, the guest's pytest start-up and collection), "
-                "paid by the first sandboxed test of its guest",
+                "paid by the first sandboxed test of its guest"
+                + ("" if in_duration else "; not in its stored duration (--store-durations)"),
             )
         )
 
@@ -340,7 +357,8 @@ def replay_item(
         extra = _fill_in(item, reports, failure)
         if not extra:
             late = failure
-    _add_startup([*reports, *extra], startup)
+    storing = bool(getattr(config.option, "store_durations", False))  # pytest-split
+    _add_startup([*reports, *extra], startup, in_duration=not storing)
     if adjust is not None:
         adjust([*reports, *extra])
     ihook = item.ihook

@@ -33,18 +33,24 @@ def lines(*items: bytes | type[TimeoutError] | None) -> Callable[[float], bytes 
     return recv_line
 
 
+#: The run's seal (guest/process_runs.py); the verdicts here carry it.
+KEY = "0123456789abcdef"
+
+
 def settled(reason: str) -> bytes:
-    return json.dumps({"t": "settled", "reason": reason}).encode() + b"\n"
+    return json.dumps({"t": "settled", "reason": reason, "key": KEY}).encode() + b"\n"
 
 
 def test_a_clean_verdict_is_none_and_live_output_before_it_is_skipped() -> None:
-    assert read_settled(lines(settled(""))) is None
+    assert read_settled(lines(settled("")), seal=KEY) is None
     output = b'{"t":"output","stream":"stdout","data":"late"}\n'
-    assert read_settled(lines(output, output, settled(""))) is None
+    assert read_settled(lines(output, output, settled("")), seal=KEY) is None
 
 
 def test_a_dirty_verdict_names_the_change_bounded_and_printable() -> None:
-    reason = read_settled(lines(settled("the clock was set (+5.0 s)\x1b[2J" + "x" * 5000)))
+    reason = read_settled(
+        lines(settled("the clock was set (+5.0 s)\x1b[2J" + "x" * 5000)), seal=KEY
+    )
     assert reason is not None
     assert reason.startswith("the test changed kernel state: the clock was set (+5.0 s)?[2J")
     assert len(reason) < 400
@@ -68,7 +74,7 @@ def test_a_dirty_verdict_names_the_change_bounded_and_printable() -> None:
 def test_anything_but_a_verdict_means_a_restore(
     items: tuple[bytes | type[TimeoutError] | None, ...], expected: str
 ) -> None:
-    assert read_settled(lines(*items)) == expected
+    assert read_settled(lines(*items), seal=KEY) == expected
 
 
 class FakeVM:
@@ -81,10 +87,10 @@ class FakeVM:
 def test_ledger_settle_counts_and_logs_the_fallback(caplog: pytest.LogCaptureFixture) -> None:
     ledger = LaneLedger(restore_every=100)
     vm = FakeVM()
-    assert ledger.settle(vm, lines(settled(""))) is True  # type: ignore[arg-type]
+    assert ledger.settle(vm, lines(settled("")), seal=KEY) is True  # type: ignore[arg-type]
     caplog.set_level("INFO", logger="pytest_gondolin.sandbox.isolation")
-    assert ledger.settle(vm, lines(settled("kernel modules were loaded"))) is False  # type: ignore[arg-type]
-    assert ledger.settle(vm, lines(None)) is False  # type: ignore[arg-type]
+    assert ledger.settle(vm, lines(settled("kernel modules were loaded")), seal=KEY) is False  # type: ignore[arg-type]
+    assert ledger.settle(vm, lines(None), seal=KEY) is False  # type: ignore[arg-type]
     assert ledger.fallbacks == {"kernel state": 1, "settle": 1}
     assert (
         "restoring the VM after a process-isolated run: the test changed kernel state: "

@@ -2,7 +2,8 @@
 
 One run with ``--store-durations`` records each test's duration; sandboxed
 tests must record what they really took (a test that sleeps 1.5 s in the
-guest is stored at 1.5 s or more, not the host's bookkeeping time). Then
+guest is stored at 1.5 s or more, not the host's bookkeeping time; the first
+one without its guest's start-up, which every group pays). Then
 ``--splits 2 --group 1`` and ``--group 2``, each its own session with its
 own guest: together they run every test exactly once.
 
@@ -78,6 +79,10 @@ def test_split_runs_every_sandboxed_test_once_by_its_real_duration(
     for n in range(4):  # not the first sandboxed test: no guest start-up in it
         assert recorded[f"test_project.py::test_c_quick[{n}]"] < SLEEP, recorded
     assert recorded["test_project.py::test_d_plain"] >= 0.2
+    # The first sandboxed test's guest started up (seconds under TCG), but every group
+    # pays its own start-up: the stored duration is only what the test took.
+    assert recorded["test_project.py::test_a_first"] < SLEEP, recorded
+    stored.stdout.fnmatch_lines(["*start-up*not in its stored duration (--store-durations)*"])
 
     groups = []
     for group in (1, 2):

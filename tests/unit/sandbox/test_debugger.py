@@ -4,6 +4,7 @@ pseudo-terminal and real QEMU: tests/plugin/test_pdb.py."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -210,11 +211,13 @@ def test_continuing_post_mortem_does_not_quit() -> None:
 
 
 def test_quitting_pdb_ends_the_session_once_the_tests_reports_are_in(
-    pytester: pytest.Pytester,
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     debugger = TerminalDebugger(pytester.parseconfig())
     debugger.ended("other", quit=False)
     debugger.pytest_runtest_logfinish("other")  # continued: nothing happens
+    monkeypatch.setattr("sys.stdin", io.StringIO("q\n"))
+    assert debugger.read_line() in ("q", None)  # the user quit (test_hostile_pdb_quit.py)
     debugger.ended(NODEID, quit=True)
     with pytest.raises(pytest.exit.Exception, match=QUIT_MESSAGE):
         debugger.pytest_runtest_logfinish(NODEID)
