@@ -144,9 +144,8 @@ class LaneLedger:
         def handle(kind: str, args: dict[str, Any]) -> Any:
             if kind == RESTORE_QUERY:
                 reason = args.get("reason")
-                text = str(reason)[:MAX_REASON_CHARS] if reason else "asked"
-                # Guest data, bound for a log line: printable characters only.
-                self._asked[id(lane)] = "".join(c if c.isprintable() else "?" for c in text)
+                # Guest data, bound for a log line.
+                self._asked[id(lane)] = _printable(str(reason)) if reason else "asked"
                 return None
             if inner is None:
                 raise GondolinError(f"the host answers no {kind!r} queries")
