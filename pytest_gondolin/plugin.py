@@ -25,6 +25,7 @@ from pytest_gondolin.fixtures import (  # noqa: F401  (fixtures are found by nam
     vm,
     vm_factory,
 )
+from pytest_gondolin.logtail import console_excerpt
 from pytest_gondolin.sandbox.session import PLUGIN_NAME as SANDBOX
 from pytest_gondolin.sandbox.session import SandboxSession
 
@@ -67,7 +68,9 @@ def pytest_runtest_makereport(
         if machine is not None:
             console = machine.console_log()
             if console.strip():
-                report.sections.append(("gondolin: guest console (tail)", console[-4000:]))
+                report.sections.append(
+                    ("gondolin: guest console (tail)", console_excerpt(console, 4000))
+                )
     return report
 
 

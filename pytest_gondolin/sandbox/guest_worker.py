@@ -54,6 +54,7 @@ import pytest_gondolin.sandbox.worker_disk as worker_disk
 from pytest_gondolin.errors import GondolinError, VMError
 from pytest_gondolin.fixtures import GuestKey, VMFactory
 from pytest_gondolin.guest.startup import PRELOAD_ENV
+from pytest_gondolin.logtail import console_excerpt
 from pytest_gondolin.netpolicy.http.cassette import CassettePlayer
 from pytest_gondolin.netpolicy.http.cassette_values import CassetteError
 from pytest_gondolin.network_setup import apply_network
@@ -421,7 +422,9 @@ class GuestWorker:
         """``failure`` of a run whose VM died with it: said so, with the console's tail."""
         console = vm.console_log()
         detail = failure.detail + (
-            "\n--- guest console (tail) ---\n" + console[-CONSOLE_TAIL_CHARS:] if console else ""
+            "\n--- guest console (tail) ---\n" + console_excerpt(console, CONSOLE_TAIL_CHARS)
+            if console
+            else ""
         )
         return dataclasses.replace(
             failure, headline=failure.headline + " (the VM died)", detail=detail

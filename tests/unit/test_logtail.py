@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pytest_gondolin.errors import ExecError, VMLaunchError
-from pytest_gondolin.logtail import read_tail, read_tail_text, tail_lines
+from pytest_gondolin.logtail import console_excerpt, read_tail, read_tail_text, tail_lines
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,32 @@ def test_errors_quote_tails() -> None:
     assert "line 99" in launch and "line 59" not in launch  # 40 lines each
     failed = str(ExecError("failed", stdout=long))
     assert "line 99" in failed and "line 79" not in failed  # 20 lines
+
+
+PANIC_CONSOLE = (
+    "[   36.9] sysrq: Trigger a crash\r\n"
+    "[   36.9] Kernel panic - not syncing: sysrq triggered crash\r\n"
+    + "".join(f"[   36.9]  ? frame_{i}+0x1e/0x40\r\n" for i in range(200))
+    + "[   36.9] Kernel Offset: 0x2de00000\r\n"
+)
+
+
+def test_a_console_excerpt_keeps_the_panic_line_its_stack_trace_pushed_out() -> None:
+    excerpt = console_excerpt(PANIC_CONSOLE, 3000)
+    first, marker, rest = excerpt.split("\n", 2)
+    assert first == "[   36.9] Kernel panic - not syncing: sysrq triggered crash"
+    assert marker == "[...]"
+    assert rest == PANIC_CONSOLE[-3000:]
+
+
+@pytest.mark.parametrize(
+    "console",
+    [
+        "short console, Kernel panic - not syncing: x\n",  # all of it fits
+        "boot\n" * 1000 + "login ok\n",  # no cause anywhere
+        "Oops: 0000\n" + "x\n" * 2000 + "Kernel panic - not syncing: y\n",  # cause in the tail
+    ],
+)
+def test_a_console_excerpt_is_the_plain_tail_otherwise(console: str) -> None:
+    assert console_excerpt(console, 3000) == console[-3000:]
+    assert console_excerpt(console, 0) == ""
