@@ -2,38 +2,12 @@
 
 The far side is the worker of :mod:`pytest_gondolin.guest.worker` (its
 docstring defines the wire protocol).  The client sends commands and reads
-the worker's lines through a :class:`WorkerTransport` (a local subprocess
-or a guest process, :mod:`.transports`); every line goes through
+the worker's lines through a :class:`~.worker_transport.WorkerTransport`
+(a local subprocess or a guest process, :mod:`.transports`; the contract a
+transport meets is in :mod:`.worker_transport`); every line goes through
 :func:`~.messages.parse_message` and every run through a
 :class:`~.outcome.RunTally`, so what comes back is a bounded, validated
 :class:`~.outcome.RunOutcome`.
-
-Transport contract (what :class:`WorkerClient` needs from a transport)
-----------------------------------------------------------------------
-
-``send(data: bytes) -> None``
-    Write *data* (whole protocol lines) to the worker's stdin.  May raise
-    ``OSError`` or a ``GondolinError`` when the worker is gone.
-``recv_line(timeout: float) -> bytes | None``
-    Return the next line from the worker's protocol stream *including* its
-    ``b"\\n"``; ``None`` once the stream has ended.  Raise ``TimeoutError``
-    if no whole line arrives within *timeout* seconds.  Never buffer more
-    than about ``MAX_WORKER_LINE + 1`` bytes for one line: when a line is
-    longer, return what was read (no terminator, longer than the limit) and
-    stop reading.  A chunk without terminator that is *not* over the limit
-    means the stream ended mid-line.  May raise ``OSError`` or a
-    ``GondolinError`` for a broken link (the client treats it as a crash).
-``wait(timeout: float) -> int | None``
-    Wait up to *timeout* for the worker process to exit; return its exit
-    status (negative: killed by that signal) or ``None`` if unknown.
-``interrupt() -> None``
-    Ask the worker for a stack dump (SIGUSR1 to the worker process); the
-    dump appears in ``stderr_tail()``.  Best effort, never raises.
-``kill() -> None``
-    End the worker now and release everything.  Idempotent, never raises.
-``stderr_tail() -> str``
-    The last few KiB of the worker's stderr (what pytest, faulthandler and
-    stray prints wrote), decoded leniently.
 
 The client is not thread-safe; one thread drives one worker.
 
@@ -63,7 +37,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from pytest_gondolin.errors import AgentError, GondolinError, WorkerProtocolError
 from pytest_gondolin.guest.worker import MAX_COMMAND_LINE, MAX_WORKER_LINE, encode_line
@@ -92,6 +66,7 @@ from pytest_gondolin.sandbox.messages import (
 )
 from pytest_gondolin.sandbox.outcome import Failure, RunOutcome, RunTally
 from pytest_gondolin.sandbox.report_checks import MAX_NODEID_CHARS
+from pytest_gondolin.sandbox.worker_transport import WorkerTransport
 from pytest_gondolin.statemachine import Transitions, require, transition
 
 __all__ = [
@@ -145,22 +120,6 @@ WORKER_TRANSITIONS: Transitions[WorkerState] = {
 }
 
 
-class WorkerTransport(Protocol):
-    """A duplex line pipe to one worker process; contract in the module docstring."""
-
-    def send(self, data: bytes) -> None: ...
-
-    def recv_line(self, timeout: float) -> bytes | None: ...
-
-    def wait(self, timeout: float) -> int | None: ...
-
-    def interrupt(self) -> None: ...
-
-    def kill(self) -> None: ...
-
-    def stderr_tail(self) -> str: ...
-
-
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "worker connection lost"
@@ -175,6 +134,10 @@ def _describe_exit(code: int | None) -> str:
 
 class _LinkDown(Exception):
     """The transport reported the worker gone (internal)."""
+
+
+class _Stalled(Exception):
+    """The worker's side took nothing more of what the host sent before the deadline (internal)."""
 
 
 class WorkerClient:
@@ -225,13 +188,21 @@ class WorkerClient:
 
     # -- plumbing -----------------------------------------------------------
 
-    def _send(self, message: JSONObject) -> None:
+    def _send(self, message: JSONObject, deadline: float | None = None) -> None:
+        """Send one command; with ``deadline`` (a run's), a guest that stops reading is _Stalled."""
         line = encode_line(message)
         if len(line) > MAX_COMMAND_LINE:
             raise WorkerProtocolError(f"command {message['t']!r} too large ({len(line)} bytes)")
         log.debug("worker <- %.200r", line)
         try:
-            self._transport.send(line)
+            if deadline is None:
+                self._transport.send(line)
+            else:
+                self._transport.send(line, max(deadline - time.monotonic(), 0.0))
+        except TimeoutError as exc:
+            if deadline is None:
+                raise _LinkDown(str(exc)) from exc
+            raise _Stalled(str(exc)) from exc
         except (OSError, GondolinError) as exc:
             raise _LinkDown(str(exc)) from exc
 
@@ -384,7 +355,7 @@ class WorkerClient:
             env = {**(env or {}), **(self.debugger.run_env() if self.debugger is not None else {})}
             if env:
                 command["env"] = env
-            self._send(command)
+            self._send(command, deadline)
             while True:
                 try:
                     msg = self._recv(deadline - time.monotonic())
@@ -405,7 +376,7 @@ class WorkerClient:
                 else:
                     tally.add(msg)
                 if isinstance(msg, QueryMessage):
-                    self._answer(msg)
+                    self._answer(msg, deadline)
                 elif isinstance(msg, DoneMessage):
                     self._set_state(WorkerState.READY)
                     return outcome(None)
@@ -415,6 +386,16 @@ class WorkerClient:
                     return outcome(self._timed_out(timeout, time.monotonic() - started))
         except _LinkDown:
             return crashed()
+        except _Stalled as exc:
+            # The guest cannot take a SIGUSR1 request either: no stack dump, just end it.
+            tail = self._transport.stderr_tail()
+            self._die()
+            detail = (
+                f"the guest stopped reading what the host sent it ({exc}); "
+                f"worker stderr (tail):\n{tail_lines(tail, STDERR_TAIL_LINES)}"
+            )
+            headline = f"Timeout > {timeout:g}s: the guest stopped reading"
+            return outcome(Failure("timeout", headline, detail, time.monotonic() - started))
         except WorkerProtocolError as exc:
             raise self._broken(WorkerProtocolError(f"while running {nodeid}: {exc}")) from exc
 
@@ -428,7 +409,7 @@ class WorkerClient:
             text += LIVE_TRUNCATED
         self.on_output(msg.stream, safe_terminal_text(text))
 
-    def _answer(self, query: QueryMessage) -> None:
+    def _answer(self, query: QueryMessage, deadline: float | None) -> None:
         """Answer a mid-run query with ``on_query`` (no handler or a failure: an error answer)."""
         answer: JSONObject
         if self.on_query is None:
@@ -442,7 +423,7 @@ class WorkerClient:
                 answer = {"t": "answer", "ok": True, "data": self.on_query(query.kind, query.args)}
             except GondolinError as exc:
                 answer = {"t": "answer", "ok": False, "error": str(exc)}
-        self._send(answer)
+        self._send(answer, deadline)
 
     def _timed_out(self, timeout: float, elapsed: float) -> Failure:
         before = self._transport.stderr_tail()

@@ -22,7 +22,9 @@ host as regular files; line numbers in ``0..MAX_LINENO``, arcs in
 ``-MAX_LINENO..MAX_LINENO``; data of the kind the host measures (lines, or
 arcs with ``--cov-branch``). A guest could still claim lines of a project
 file that did not run, or add a project file that ``--cov`` would not
-measure; it cannot bring in any other file of the host. Lines are
+measure; it cannot bring in any other file of the host: under the rootdir
+only Python files the project copy gave it count (not a git-ignored
+``local_settings.py``), and nowhere a symlink or a file of another kind. Lines are
 mapped to the host's file of that path (a test that rewrote the file in
 the guest measured its own version).
 
@@ -54,6 +56,7 @@ from pytest_gondolin.sandbox.json_checks import (
     expect_str,
 )
 from pytest_gondolin.sandbox.live_output import safe_host_text
+from pytest_gondolin.sandbox.project_files import project_files
 from pytest_gondolin.sandbox.report_checks import MAX_NODEID_CHARS
 
 __all__ = [
@@ -131,15 +134,23 @@ def _controller(config: pytest.Config) -> Any | None:
     return controller
 
 
+#: The files coverage.py measures without a plugin: the only ones a guest may name.
+PYTHON_SOURCE_SUFFIXES: Final = (".py", ".pyw")
+
+
 def reportable(path: str, roots: Iterable[Path]) -> bool:
     """Whether guest data for ``path`` may reach the host's report: an absolute,
-    normalized path inside one of ``roots`` naming a regular file on the host."""
+    normalized path inside one of ``roots`` naming a regular Python source file on
+    the host, reached without a symlink (coverage.py's HTML report renders the text
+    of what it names)."""
     return (
         os.path.isabs(path)
         and "\0" not in path
         and os.path.normpath(path) == path
+        and path.endswith(PYTHON_SOURCE_SUFFIXES)
         and any(Path(path).is_relative_to(root) for root in roots)
         and os.path.isfile(path)
+        and os.path.realpath(path) == path
     )
 
 
@@ -173,6 +184,9 @@ class HostCoverage:
             if candidate.is_dir():
                 roots.append(candidate.resolve())
         self.roots = tuple(roots)
+        self._project_root = roots[0]
+        #: The files the project copy gives the guest (absolute), read on first use.
+        self._given: frozenset[str] | None = None
         self._data: Any = None
         self._allowed: dict[str, bool] = {}
         self._rejected: list[str] = []
@@ -229,10 +243,20 @@ class HostCoverage:
     def _accepts(self, path: str) -> bool:
         allowed = self._allowed.get(path)
         if allowed is None:
-            allowed = reportable(path, self.roots)
+            allowed = reportable(path, self.roots) and self._was_given(path)
             if len(self._allowed) < 100_000:
                 self._allowed[path] = allowed
         return allowed
+
+    def _was_given(self, path: str) -> bool:
+        """Under the rootdir, only a file the project copy gave the guest: not one it
+        withholds (git-ignored, a virtualenv, ``.git``), which the guest never saw."""
+        if not Path(path).is_relative_to(self._project_root):
+            return True  # a --cov source folder outside the project
+        if self._given is None:
+            root = self._project_root
+            self._given = frozenset(str(root / rel) for rel in project_files(root))
+        return path in self._given
 
     def _target(self) -> Any:
         """The parallel data file pytest-cov combines at the end (created on first use)."""

@@ -35,6 +35,7 @@ from typing import Any, Final
 from pytest_gondolin.errors import GondolinError, SnapshotError
 from pytest_gondolin.guest.isolation import ISOLATION_ENV, RESTORE_QUERY
 from pytest_gondolin.guest.process_runs import SETTLED
+from pytest_gondolin.sandbox.live_output import safe_host_text
 from pytest_gondolin.vm.guest_network import reset_network
 from pytest_gondolin.vm.machine import VM
 
@@ -65,9 +66,9 @@ QueryHandler = Callable[[str, dict[str, Any]], Any]
 RecvLine = Callable[[float], "bytes | None"]
 
 
-def _printable(text: str) -> str:
-    """Guest text bound for a log line: cut, printable characters only."""
-    return "".join(c if c.isprintable() else "?" for c in text[:MAX_REASON_CHARS])
+def _log_text(text: str) -> str:
+    """Guest text bound for a log line: cut, every unprintable character shown visibly."""
+    return safe_host_text(text, max_chars=MAX_REASON_CHARS, one_line=True)
 
 
 def read_settled(
@@ -93,16 +94,16 @@ def read_settled(
         try:
             msg = json.loads(line)
         except (ValueError, RecursionError):
-            return f"the worker's verdict is not JSON: {_printable(repr(line[:100]))}"
+            return f"the worker's verdict is not JSON: {_log_text(repr(line[:100]))}"
         kind = msg.get("t") if isinstance(msg, dict) else None
         if kind == "output":
             continue  # what -s showed after done: dropped
         if kind != SETTLED or not isinstance(msg.get("reason"), str):
-            return f"expected the worker's verdict, got {_printable(repr(kind))}"
+            return f"expected the worker's verdict, got {_log_text(repr(kind))}"
         if seal is None or msg.get("key") != seal:
             return UNSEALED
         reason: str = msg["reason"]
-        return f"the test changed kernel state: {_printable(reason)}" if reason else None
+        return f"the test changed kernel state: {_log_text(reason)}" if reason else None
     return f"more than {_MAX_LINES_BEFORE_SETTLED} lines before the worker's verdict"
 
 
@@ -145,7 +146,7 @@ class LaneLedger:
             if kind == RESTORE_QUERY:
                 reason = args.get("reason")
                 # Guest data, bound for a log line.
-                self._asked[id(lane)] = _printable(str(reason)) if reason else "asked"
+                self._asked[id(lane)] = _log_text(str(reason)) if reason else "asked"
                 return None
             if inner is None:
                 raise GondolinError(f"the host answers no {kind!r} queries")

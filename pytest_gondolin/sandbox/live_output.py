@@ -33,9 +33,20 @@ LIVE_TRUNCATED: Final = "\n[... live output of the guest truncated by pytest-gon
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
+def _visible_char(char: str) -> str:
+    """``char`` spelled out: ``^X`` for C0 and DEL, ``\\xNN`` / ``\\uNNNN`` / ``\\UNNNNNNNN`` above."""
+    code = ord(char)
+    if code < 0x20:
+        return f"^{chr(code + 64)}"
+    if code == 0x7F:
+        return "^?"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 def _visible(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"^{chr(code + 64)}" if code < 0x20 else ("^?" if code == 0x7F else f"\\x{code:02x}")
+    return _visible_char(match.group())
 
 
 def safe_terminal_text(text: str) -> str:
@@ -49,9 +60,20 @@ def safe_terminal_text(text: str) -> str:
 _HOST_CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
-def safe_host_text(text: str) -> str:
+def safe_host_text(text: str, *, max_chars: int | None = None, one_line: bool = False) -> str:
     """Guest ``text`` the host frames as its own: every control character but tab and
-    newline made visible (``^[`` for ESC, ``^M`` for a carriage return)."""
+    newline made visible (``^[`` for ESC, ``^M`` for a carriage return).
+
+    ``max_chars``: only the first that many characters of ``text`` are shown
+    (cut before escaping, so the result stays within ten times that).
+    ``one_line``: for a log line, tab and newline are made visible too
+    (``^I``, ``^J``), and so is every other character Python does not call
+    printable (line separators, bidirectional overrides: ``\\u2028``, ``\\u202e``).
+    """
+    if max_chars is not None:
+        text = text[:max_chars]
+    if one_line:
+        return "".join(c if c.isprintable() else _visible_char(c) for c in text)
     return _HOST_CONTROL.sub(_visible, text)
 
 

@@ -31,6 +31,7 @@ from typing import Final, Literal
 import pytest
 from _pytest._code.code import ReprFileLocation, TerminalRepr
 from _pytest._io import TerminalWriter
+from _pytest.junitxml import bin_xml_escape
 
 from pytest_gondolin.errors import WorkerProtocolError
 from pytest_gondolin.sandbox.json_checks import JSONObject
@@ -163,6 +164,36 @@ def _synthetic(
     )
 
 
+def _one_run(
+    reports: Sequence[pytest.TestReport], *, call_optional: bool = False
+) -> tuple[list[pytest.TestReport], str | None]:
+    """The longest prefix of *reports* that is one run as pytest reports it, and what
+    was wrong past it (``None``: all of it is one whole run).
+
+    A run is ``setup``, then ``call`` when setup passed, then ``teardown``, each
+    once and in that order (subtest reports, not plain ``TestReport`` objects, come
+    between). The worker is hostile: a run that ended early (a forged ``done``),
+    repeated a phase or left one out must not make the test vanish from the
+    host's reporters, nor shed the host's verdict on its call.
+    """
+    expected: tuple[str, ...] = ("setup",)
+    for at, report in enumerate(reports):
+        if type(report) is not pytest.TestReport:
+            continue
+        if report.when not in expected:
+            wanted = " or ".join(expected) if expected else "nothing"
+            return list(reports[:at]), f"a {report.when} report where pytest reports {wanted}"
+        if report.when == "setup" and report.passed:
+            expected = ("call", "teardown") if call_optional else ("call",)
+        elif report.when == "teardown":
+            expected = ()
+        else:
+            expected = ("teardown",)
+    if expected:
+        return list(reports), f"no {expected[0]} report"
+    return list(reports), None
+
+
 def _fill_in(
     item: pytest.Item, reports: Sequence[pytest.TestReport], failure: Failure
 ) -> list[pytest.TestReport]:
@@ -262,6 +293,18 @@ def _add_startup(
         )
 
 
+def _make_host_own(item: pytest.Item, report: pytest.TestReport) -> None:
+    """What the host sets on a guest's report before any reporter sees it: the host
+    item's location, the "(in guest)" mark, and ``user_properties`` names XML can carry
+    (junitxml escapes a property's value but not its name, so one ``\\x01`` from the
+    guest would make the whole session's junit file unreadable)."""
+    report.location = item.location
+    setattr(report, GUEST_REPORT_ATTR, True)  # for the verbose "(in guest)" status
+    report.user_properties = [
+        (bin_xml_escape(name), value) for name, value in report.user_properties
+    ]
+
+
 #: How many of an item's reports :func:`replay_begun` logged while its run went on.
 _LOGGED_EARLY: Final = pytest.StashKey[int]()
 
@@ -282,8 +325,7 @@ def replay_begun(item: pytest.Item, data: Sequence[JSONObject]) -> None:
             break
         if not isinstance(report, pytest.TestReport) or report.nodeid != item.nodeid:
             break
-        report.location = item.location
-        setattr(report, GUEST_REPORT_ATTR, True)
+        _make_host_own(item, report)
         ihook.pytest_runtest_logreport(report=report)
         logged += 1
     item.stash[_LOGGED_EARLY] = logged
@@ -341,22 +383,26 @@ def replay_item(
             if failure is None:
                 failure = Failure("error", "the worker sent an unreadable report", str(exc))
             continue
-        report.location = item.location
-        setattr(report, GUEST_REPORT_ATTR, True)  # for the verbose "(in guest)" status
+        _make_host_own(item, report)
         reports.append(report)
     cut = item.stash.get(_CUT, None)
     if cut is not None:
         del item.stash[_CUT]
         reports = reports[:cut]
         failure = None  # what happened after the quit is not reported, as on the host
-    if outcome.host_failure is not None:
-        _apply_host_failure(reports, outcome.host_failure)
+    else:
+        setup_only = bool(getattr(config.option, "setuponly", False))
+        reports, wrong = _one_run(reports, call_optional=setup_only)
+        if wrong is not None and failure is None:
+            failure = Failure("error", "the worker's reports are not one run of this test", wrong)
     extra: list[pytest.TestReport] = []
     late: Failure | None = None
     if failure is not None:
         extra = _fill_in(item, reports, failure)
         if not extra:
             late = failure
+    if outcome.host_failure is not None:  # also on a call the host had to stand in for
+        _apply_host_failure([*reports, *extra], outcome.host_failure)
     storing = bool(getattr(config.option, "store_durations", False))  # pytest-split
     _add_startup([*reports, *extra], startup, in_duration=not storing)
     if adjust is not None:

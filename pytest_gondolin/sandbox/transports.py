@@ -1,11 +1,11 @@
-"""Byte pipes to a test worker: the :class:`~.client.WorkerTransport` implementations.
+"""Byte pipes to a test worker: the :class:`~.worker_transport.WorkerTransport` implementations.
 
 * :class:`SubprocessTransport` -- a worker in a local child process (the
   test suite's router in ``tests/plugin/_local_worker.py`` uses it);
 * :class:`VMTransport` -- a worker in a guest, as a process of the guest
   agent (:meth:`~pytest_gondolin.vm.machine.VM.spawn`).
 
-Both honour the contract in :mod:`.client`'s docstring: bounded lines,
+Both honour the contract in :mod:`.worker_transport`'s docstring: bounded lines,
 bounded stderr tails, ``kill`` idempotent and never raising.
 """
 
@@ -148,7 +148,9 @@ class SubprocessTransport:
         except (OSError, ValueError):
             pass
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, timeout: float | None = None) -> None:
+        # A local worker is the host's own process, not a guest: no send deadline.
+        del timeout
         stdin = self._proc.stdin
         assert stdin is not None
         stdin.write(data)  # OSError (BrokenPipeError) means the worker is gone
@@ -227,8 +229,16 @@ class VMTransport:
         self._stderr.clear()
         self._stderr_size = 0
 
-    def send(self, data: bytes) -> None:
-        self.proc.write_stdin(data)
+    def send(self, data: bytes, timeout: float | None = None) -> None:
+        """Send within ``timeout`` (``None``: the process's ``STDIN_TIMEOUT``); TimeoutError
+        if the guest took nothing more by then (it stopped reading its channel)."""
+        try:
+            if timeout is None:
+                self.proc.write_stdin(data)
+            else:
+                self.proc.write_stdin(data, timeout)
+        except AgentTimeout as exc:
+            raise TimeoutError(str(exc)) from exc
 
     def _take(self, chunk: tuple[str, bytes]) -> None:
         """Route one output chunk: stdout to the line buffer, stderr to the bounded tail."""

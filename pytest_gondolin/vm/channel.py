@@ -1,15 +1,18 @@
-"""Host side of the control channel to the in-guest agent: the threaded driver.
+"""Host side of the control channel to the in-guest agent: the public API.
 
 :class:`AgentChannel` drives the protocol of :mod:`pytest_gondolin.guest.protocol`
 over a connected stream socket (in QEMU, the host end of a virtio-serial
-chardev). It owns the locks and every deadline, and a
-:class:`~pytest_gondolin.vm.frame_socket.FrameSocket` (the socket and its
-reader thread); all protocol state -- pending calls, framing, resync and the
-channel's lifecycle (:class:`~pytest_gondolin.vm.channel_core.ChannelState`)
--- lives in its sans-IO :class:`~pytest_gondolin.vm.channel_core.ChannelCore`,
-touched only under the channel's lock. The public API is synchronous and
-thread-safe, so several threads may run commands at once; a spawned command
-is an :class:`~pytest_gondolin.vm.agent_process.AgentProcess`.
+chardev): the agent's ``ready``, ``sync`` after a restore, commands, files,
+the clock and entropy. Its base,
+:class:`~pytest_gondolin.vm.channel_driver.ChannelDriver`, owns the locks,
+every deadline and a :class:`~pytest_gondolin.vm.frame_socket.FrameSocket`
+(the socket and its reader thread); all protocol state -- pending calls,
+framing, resync and the channel's lifecycle
+(:class:`~pytest_gondolin.vm.channel_core.ChannelState`) -- lives in its
+sans-IO :class:`~pytest_gondolin.vm.channel_core.ChannelCore`, touched only
+under the channel's lock. The public API is synchronous and thread-safe, so
+several threads may run commands at once; a spawned command is an
+:class:`~pytest_gondolin.vm.agent_process.AgentProcess`.
 
 Every wait has a deadline. A guest that breaks the protocol breaks the
 channel (calls raise :class:`~pytest_gondolin.errors.AgentProtocolError`)
@@ -19,12 +22,8 @@ everything with :class:`~pytest_gondolin.errors.VMError`.
 
 from __future__ import annotations
 
-import logging
-import signal as _signal
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -37,7 +36,6 @@ from pytest_gondolin.errors import (
 )
 from pytest_gondolin.guest import protocol as proto
 from pytest_gondolin.vm.agent_calls import (
-    Call,
     ExecCall,
     RawExecResult,
     ReadCall,
@@ -45,8 +43,13 @@ from pytest_gondolin.vm.agent_calls import (
     WriteCall,
 )
 from pytest_gondolin.vm.agent_process import AgentProcess
-from pytest_gondolin.vm.channel_core import ChannelCore, ChannelState, exec_header
-from pytest_gondolin.vm.frame_socket import FrameSocket
+from pytest_gondolin.vm.channel_core import ChannelState, exec_header
+from pytest_gondolin.vm.channel_driver import (
+    EXEC_GRACE,
+    REQUEST_TIMEOUT,
+    ChannelDriver,
+    deadline_after,
+)
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT",
@@ -56,60 +59,19 @@ __all__ = [
     "AgentChannel",
 ]
 
-log = logging.getLogger(__name__)
-
-#: The guest enforces exec timeouts itself; this covers its kill, output drain and TCG slowness.
-EXEC_GRACE = 10.0
-#: A small request (open, clock, entropy) takes milliseconds; 30 s covers a loaded TCG guest.
-REQUEST_TIMEOUT = 30.0
 #: Slowest transfer we still call healthy (TCG guests move several MiB/s); scales file deadlines.
 MIN_TRANSFER_RATE = 1 << 20
 #: Default cap on stdout+stderr buffered for one command.
 DEFAULT_MAX_OUTPUT = 64 << 20
-#: Best-effort ``kill`` after a host-side deadline must not block the caller for long.
-KILL_SEND_TIMEOUT = 2.0
 
 
-def _deadline(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else deadline - time.monotonic()
-
-
-class AgentChannel:
+class AgentChannel(ChannelDriver):
     """Synchronous, thread-safe client of the guest agent over a connected stream socket.
 
     The channel owns ``sock`` (it is closed by :meth:`close`). ``on_lost`` is
     called once, from the reader thread, with the error when the socket hits
     EOF or fails (not after :meth:`close`).
     """
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        *,
-        name: str = "agent",
-        on_lost: Callable[[VMError], None] | None = None,
-        exec_grace: float = EXEC_GRACE,
-        request_timeout: float = REQUEST_TIMEOUT,
-    ) -> None:
-        self.name = name
-        self.on_lost = on_lost
-        self._exec_grace = exec_grace
-        self._request_timeout = request_timeout
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._sync_lock = threading.Lock()
-        self._core = ChannelCore(name)  # guarded by _lock
-        self._socket = FrameSocket(
-            sock,
-            name=name,
-            on_data=self._on_data,
-            on_lost=self._set_lost,
-            check_alive=self._check_alive,
-        )
 
     def __repr__(self) -> str:
         return f"<AgentChannel {self.name} {self.state.value}>"
@@ -125,21 +87,6 @@ class AgentChannel:
     ) -> None:
         self.close()
 
-    @property
-    def state(self) -> ChannelState:
-        """Where the channel is in its lifecycle (see :mod:`pytest_gondolin.vm.channel_core`)."""
-        return self._core.state
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called or the socket was lost."""
-        return self._core.gone
-
-    @property
-    def condition(self) -> threading.Condition:
-        """The channel's lock, notified whenever a call changes (for AgentProcess)."""
-        return self._cond
-
     # -- public API --------------------------------------------------------------
 
     def wait_ready(self, timeout: float) -> dict[str, Any]:
@@ -150,14 +97,15 @@ class AgentChannel:
             AgentProtocolError: the agent speaks another protocol version, or broke framing.
             VMError: the channel is closed or lost.
         """
-        deadline = _deadline(timeout)
+        deadline = deadline_after(timeout)
         with self._cond:
-            while self._core.ready is None:
-                self._core.check_usable()
-                remaining = _remaining(deadline)
-                if remaining is not None and remaining <= 0:
-                    raise AgentTimeout(f"{self.name}: agent not ready within {timeout:g} s")
-                self._cond.wait(remaining)
+            self._wait_until(
+                lambda: self._core.ready is not None,
+                deadline,
+                f"agent not ready within {timeout:g} s",
+                check=self._core.check_usable,
+            )
+            assert self._core.ready is not None
             ready = dict(self._core.ready)
         if ready["version"] != proto.PROTOCOL_VERSION:
             raise AgentProtocolError(
@@ -191,7 +139,7 @@ class AgentChannel:
             AgentTimeout: no ``sync_ok`` within ``timeout``.
             VMError: the channel is closed or lost.
         """
-        deadline = _deadline(timeout)
+        deadline = deadline_after(timeout)
         if not self._sync_lock.acquire(timeout=timeout):
             raise AgentTimeout(f"{self.name}: another sync did not finish within {timeout:g} s")
         try:
@@ -203,14 +151,12 @@ class AgentChannel:
             try:
                 self._send_frame(request, deadline)
                 with self._cond:
-                    while not scan.done:
-                        self._core.check_alive()
-                        remaining = _remaining(deadline)
-                        if remaining is not None and remaining <= 0:
-                            raise AgentTimeout(
-                                f"{self.name}: agent did not answer sync within {timeout:g} s"
-                            )
-                        self._cond.wait(remaining)
+                    self._wait_until(
+                        lambda: scan.done,
+                        deadline,
+                        f"agent did not answer sync within {timeout:g} s",
+                        check=self._core.check_alive,
+                    )
             finally:
                 with self._cond:
                     self._core.finish_sync()
@@ -297,18 +243,18 @@ class AgentChannel:
             AgentProtocolError / AgentError / VMError: as for :meth:`exec`.
         """
         argv = list(argv)
-        deadline = _deadline(self._request_timeout)
+        deadline = deadline_after(self._request_timeout)
         call = ExecCall(max_output, streaming=True)
         self._register(call, deadline)
         try:
             header = exec_header(call.id, argv, env, cwd, timeout, max_output, b"")
             self._send_frame(self._core.encode(header), deadline)
             with self._cond:
-                while call.pid is None and not call.done:
-                    remaining = _remaining(deadline)
-                    if remaining is not None and remaining <= 0:
-                        raise AgentTimeout(f"{self.name}: {argv!r} not started in time")
-                    self._cond.wait(remaining)
+                self._wait_until(
+                    lambda: call.pid is not None or call.done,
+                    deadline,
+                    f"{argv!r} not started in time",
+                )
                 if call.error is not None:
                     raise call.error
                 if call.pid is None:
@@ -342,7 +288,7 @@ class AgentChannel:
             AgentTimeout: not done within ``REQUEST_TIMEOUT`` plus size / ``MIN_TRANSFER_RATE``.
             AgentProtocolError / AgentError / VMError: as for :meth:`exec`.
         """
-        deadline = _deadline(self._request_timeout + len(data) / MIN_TRANSFER_RATE)
+        deadline = deadline_after(self._request_timeout + len(data) / MIN_TRANSFER_RATE)
         call = WriteCall(path)
         self._register(call, deadline)
         try:
@@ -398,14 +344,6 @@ class AgentChannel:
             if self._core.state is not ChannelState.LOST:
                 raise
 
-    def close(self) -> None:
-        """Close the channel and its socket; pending calls fail with VMError. Idempotent."""
-        with self._cond:
-            if not self._core.close():
-                return
-            self._cond.notify_all()
-        self._socket.close()
-
     # -- for AgentProcess (see agent_process.ProcessLink) -------------------------------
 
     def send_stdin(self, call: ExecCall, data: bytes, deadline: float | None) -> None:
@@ -423,101 +361,3 @@ class AgentChannel:
     def abandon(self, call: ExecCall) -> None:
         """Forget ``call``, killing its process group if it still runs."""
         self._abandon(call, kill=True)
-
-    # -- request plumbing ----------------------------------------------------------
-
-    def _register(self, call: Call, deadline: float | None) -> None:
-        """Give ``call`` a fresh id and file it; waits while a sync is in progress."""
-        with self._cond:
-            while self._core.state is ChannelState.SYNCING:
-                remaining = _remaining(deadline)
-                if remaining is not None and remaining <= 0:
-                    raise AgentTimeout(f"{self.name}: a sync did not finish in time")
-                self._cond.wait(remaining)
-            self._core.check_usable()
-            self._core.register(call)
-
-    def _abandon(self, call: Call, *, kill: bool = False) -> None:
-        """Forget ``call``; for a running exec, best-effort ``kill`` of its process group."""
-        with self._cond:
-            self._core.forget(call)
-            running = not call.done
-            call.fail(AgentError(f"{self.name}: request abandoned"))
-            self._cond.notify_all()
-        if kill and running and call.id and not self.closed:
-            self._send_kill(call.id, _signal.SIGKILL)
-
-    def _send_kill(self, req_id: int, sig: int) -> None:
-        try:
-            self._send_frame(
-                self._core.encode({"t": "kill", "id": req_id, "signal": int(sig)}),
-                _deadline(KILL_SEND_TIMEOUT),
-            )
-        except (VMError, AgentError) as exc:
-            log.warning("%s: could not send kill for %d: %s", self.name, req_id, exc)
-
-    def _wait(self, call: Call, deadline: float | None) -> None:
-        with self._cond:
-            while not call.done:
-                remaining = _remaining(deadline)
-                if remaining is not None and remaining <= 0:
-                    raise AgentTimeout(f"{self.name}: no answer to {call.kind} in time")
-                self._cond.wait(remaining)
-            if call.error is not None:
-                raise call.error
-
-    def _send_stream(self, call: Call, kind: str, data: bytes, deadline: float | None) -> None:
-        view = memoryview(data)
-        for start in range(0, len(view), proto.CHUNK):
-            if call.done:  # the guest already answered (an error): stop streaming
-                break
-            frame = self._core.encode({"t": kind, "id": call.id}, view[start : start + proto.CHUNK])
-            self._send_frame(frame, deadline)
-
-    def _request(
-        self,
-        call: Call,
-        header: dict[str, Any],
-        payload: bytes = b"",
-        *,
-        timeout: float | None = None,
-    ) -> None:
-        deadline = _deadline(self._request_timeout if timeout is None else timeout)
-        self._register(call, deadline)
-        try:
-            self._send_frame(self._core.encode({**header, "id": call.id}, payload), deadline)
-            self._wait(call, deadline)
-        except BaseException:
-            self._abandon(call)
-            raise
-
-    # -- the socket's callbacks ---------------------------------------------------------
-
-    def _send_frame(self, data: bytes, deadline: float | None) -> None:
-        self._socket.send(data, deadline)
-
-    def _check_alive(self) -> None:
-        with self._lock:
-            self._core.check_alive()
-
-    def _on_data(self, data: bytes) -> bool:
-        """Reader thread: feed ``data`` to the core; False once the channel is closed."""
-        with self._cond:
-            if self._core.state is ChannelState.CLOSED:
-                return False
-            self._core.receive_data(data)
-            self._cond.notify_all()
-        return True
-
-    def _set_lost(self, error: VMError) -> None:
-        with self._cond:
-            if not self._core.lose(error):
-                return
-            self._cond.notify_all()
-            callback = self.on_lost
-        log.warning("%s", error)
-        if callback is not None:
-            try:
-                callback(error)
-            except Exception:
-                log.exception("%s: on_lost callback failed", self.name)

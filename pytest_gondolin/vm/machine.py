@@ -4,9 +4,10 @@ A VM is put together from parts that live next door: what it boots and
 how its snapshots are named (:mod:`~pytest_gondolin.vm.identity`), its
 overlay disk (:mod:`~pytest_gondolin.vm.overlay`), the QEMU child and its
 QMP monitor (:mod:`~pytest_gondolin.vm.qemu_process`), the agent channel
-(:mod:`~pytest_gondolin.vm.channel`), guest commands and their results
-(:mod:`~pytest_gondolin.vm.commands`) and, unless turned off, a network
-driver of its own. This module owns the VM's lifecycle.
+(:mod:`~pytest_gondolin.vm.channel`), its guest API -- commands and files
+(:mod:`~pytest_gondolin.vm.guest_operations`, a base of :class:`VM`) -- and,
+unless turned off, a network driver of its own. This module owns the VM's
+lifecycle, its network and its snapshots.
 
 Its lifecycle (:mod:`~pytest_gondolin.vm.runstate`: the states, the moves
 between them, which error a call in the wrong state gets) changes only in
@@ -28,31 +29,24 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pytest_gondolin.errors import (
-    AgentError,
-    AgentRequestError,
-    ExecTimeout,
-    SnapshotError,
-    StateError,
-    VMError,
-)
+from pytest_gondolin.errors import AgentError, SnapshotError, StateError, VMError
 from pytest_gondolin.hosttools import require as require_tool
 from pytest_gondolin.statemachine import require, transition
 from pytest_gondolin.vm import checkpoint as ckpt
 from pytest_gondolin.vm.agent_process import AgentProcess
-from pytest_gondolin.vm.channel import DEFAULT_MAX_OUTPUT, AgentChannel
-from pytest_gondolin.vm.commands import ExecResult, command_argv, command_env, exec_result
+from pytest_gondolin.vm.channel import AgentChannel
+from pytest_gondolin.vm.commands import ExecResult
 from pytest_gondolin.vm.guest_network import (
     CassetteOpener,
     apply_policy,
     reset_network,
-    secret_env,
     start_network,
 )
+from pytest_gondolin.vm.guest_operations import GuestOperations
 from pytest_gondolin.vm.identity import (
     Snapshot,
     VMConfig,
@@ -75,8 +69,6 @@ __all__ = ["VM", "Checkpoint", "ExecResult", "Runstate", "Snapshot", "VMConfig"]
 
 log = logging.getLogger(__name__)
 
-#: Largest file read_file() returns.
-MAX_READ_FILE = 1024 * 1024 * 1024
 #: The agent of a restored guest answers within a second; 30 s covers a loaded TCG host.
 RESTORE_SYNC_TIMEOUT = 30.0
 #: ``sync`` before a checkpoint writes back the guest's dirty pages: seconds under TCG.
@@ -93,8 +85,12 @@ def _close_all_at_exit() -> None:
         vm.close()
 
 
-class VM:
-    """One guest. Use :meth:`launch` (or the fixtures) to get a running VM."""
+class VM(GuestOperations):
+    """One guest. Use :meth:`launch` (or the fixtures) to get a running VM.
+
+    Its guest API (``exec``, ``spawn``, ``attach``, ``read_file``,
+    ``write_file``, ``secret_env``) comes from :class:`GuestOperations`.
+    """
 
     def __init__(self, config: VMConfig, *, name: str = "vm") -> None:
         self.config = config
@@ -114,10 +110,6 @@ class VM:
         self._backing: Path = config.image.rootfs
 
     # -- lifecycle -----------------------------------------------------------
-
-    @property
-    def state(self) -> Runstate:
-        return self._state
 
     def _set_state(
         self, new: Runstate, *, only_from: Collection[Runstate] = tuple(Runstate)
@@ -349,10 +341,6 @@ class VM:
         self.http = recorder = apply_policy(self.network, policy, open_cassette)
         return recorder
 
-    def secret_env(self) -> dict[str, str]:
-        """``{NAME: placeholder}`` for the current policy's secrets (empty without secrets)."""
-        return secret_env(self.network)
-
     @require(Runstate.RUNNING)
     def forward(self, guest_port: int, host_port: int = 0) -> int:
         """Listen on the host's ``127.0.0.1:host_port`` (0: a free port); return the port.
@@ -368,140 +356,12 @@ class VM:
             raise VMError(f"{self.name} has no network driver (VMConfig.network is off)")
         return self.network.forward(guest_port, host_port)
 
-    # -- guest operations ----------------------------------------------------
-
-    def _require_channel(self) -> AgentChannel:
-        if self._state is Runstate.CLOSED:
-            raise VMError(f"{self.name} is closed")
-        if self._channel is None:
-            raise VMError(f"{self.name} is not running")
-        return self._channel
+    # -- snapshots -------------------------------------------------------------
 
     def _monitor(self) -> QemuProcess:
         if self._qemu is None:
             raise VMError(f"{self.name} is not running")
         return self._qemu
-
-    def _crash_check(self, exc: BaseException) -> None:
-        """Raise VMCrashed (from ``exc``) if QEMU exited under the failed operation."""
-        crashed = self._qemu.crash_error(exc) if self._qemu is not None else None
-        if crashed is not None:
-            raise crashed from exc
-
-    @require(*LAUNCHED)
-    def exec(
-        self,
-        cmd: str | Sequence[str],
-        *,
-        input: str | bytes | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        check: bool = False,
-        max_output: int = DEFAULT_MAX_OUTPUT,
-    ) -> ExecResult:
-        """Run ``cmd`` in the guest and wait for it.
-
-        A ``str`` runs under ``/bin/sh -c``; a sequence is the argv. ``timeout``
-        kills the command's whole process group and raises ExecTimeout;
-        ``check=True`` raises ExecError on a non-zero exit.
-
-        Secrets: when the network policy declares secrets, each ``NAME`` is
-        set to its placeholder in the command's environment (the host swaps
-        in the real value on the way to the secret's hosts). Without ``env``
-        that is the default guest environment plus the placeholders; an
-        explicit ``env`` wins for any name it sets.
-        """
-        command_environment = command_env(env, self.secret_env())
-        argv = command_argv(cmd)
-        data = input.encode() if isinstance(input, str) else input
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"exec: timeout must be positive, got {timeout!r}")
-        channel = self._require_channel()
-        try:
-            raw = channel.exec(
-                argv,
-                input=data,
-                env=command_environment,
-                cwd=cwd,
-                timeout=timeout,
-                max_output=max_output,
-            )
-        except ExecTimeout:
-            raise
-        except (AgentError, VMError) as exc:
-            self._crash_check(exc)
-            raise
-        result = exec_result(raw, argv, timeout)
-        if check:
-            result.check_returncode()
-        return result
-
-    @require(*LAUNCHED)
-    def write_file(self, path: str, data: str | bytes, *, mode: int = 0o644) -> None:
-        """Write ``data`` to ``path`` in the guest (atomically; parents created).
-
-        Raises :class:`~pytest_gondolin.errors.GuestFileError` if the guest
-        cannot: an ``OSError`` (``PermissionError``, ``NotADirectoryError``, ...)
-        whose ``filename`` is ``path``.
-        """
-        blob = data.encode() if isinstance(data, str) else bytes(data)
-        channel = self._require_channel()
-        try:
-            channel.write_file(path, blob, mode=mode)
-        except AgentRequestError:
-            raise  # the agent answered: the VM is up, no crash to look for
-        except (AgentError, VMError) as exc:
-            self._crash_check(exc)
-            raise
-
-    @require(*LAUNCHED)
-    def spawn(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        max_output: int = DEFAULT_MAX_OUTPUT,
-    ) -> AgentProcess:
-        """Start ``argv`` in the guest without waiting; stream its stdin and output."""
-        channel = self._require_channel()
-        try:
-            return channel.spawn(
-                list(argv),
-                env=dict(env) if env is not None else None,
-                cwd=cwd,
-                max_output=max_output,
-            )
-        except (AgentError, VMError) as exc:
-            self._crash_check(exc)
-            raise
-
-    @require(*LAUNCHED)
-    def attach(
-        self, process: AgentProcess, *, max_output: int = DEFAULT_MAX_OUTPUT
-    ) -> AgentProcess:
-        """Attach to ``process``, started in the VM this one was cloned from (see AgentChannel.attach)."""
-        return self._require_channel().attach(process, max_output=max_output)
-
-    @require(*LAUNCHED)
-    def read_file(self, path: str, *, max_size: int = MAX_READ_FILE) -> bytes:
-        """Return the contents of the regular file ``path`` in the guest.
-
-        Raises :class:`~pytest_gondolin.errors.GuestFileError` if the guest
-        cannot: an ``OSError`` (``FileNotFoundError``, ``IsADirectoryError``,
-        ...; EFBIG past ``max_size``) whose ``filename`` is ``path``.
-        """
-        channel = self._require_channel()
-        try:
-            return channel.read_file(path, max_size=max_size)
-        except AgentRequestError:
-            raise  # the agent answered: the VM is up, no crash to look for
-        except (AgentError, VMError) as exc:
-            self._crash_check(exc)
-            raise
-
-    # -- snapshots -------------------------------------------------------------
 
     @require(*LAUNCHED)
     def save_internal(self, tag: str) -> None:

@@ -49,10 +49,13 @@ def test_a_clean_verdict_is_none_and_live_output_before_it_is_skipped() -> None:
 
 def test_a_dirty_verdict_names_the_change_bounded_and_printable() -> None:
     reason = read_settled(
-        lines(settled("the clock was set (+5.0 s)\x1b[2J" + "x" * 5000)), seal=KEY
+        lines(settled("the clock was set (+5.0 s)\x1b[2J\n\u202e" + "x" * 5000)), seal=KEY
     )
     assert reason is not None
-    assert reason.startswith("the test changed kernel state: the clock was set (+5.0 s)?[2J")
+    assert reason.startswith(
+        "the test changed kernel state: the clock was set (+5.0 s)^[[2J^J\\u202exxx"
+    )
+    assert reason.isprintable()
     assert len(reason) < 400
 
 

@@ -728,7 +728,8 @@ def test_eof_fails_pending_calls_and_reports_loss(
     with pytest.raises(VMError) as info:
         future.result(5)
     assert not isinstance(info.value, AgentError)
-    _wait_for(lambda: fake.channel.closed)
+    # on_lost runs on the reader thread just after the channel is marked lost: wait for it.
+    _wait_for(lambda: fake.channel.closed and len(fake.lost) > 0)
     assert len(fake.lost) == 1
     with pytest.raises(VMError, match="EOF"):
         fake.channel.exec(["x"])

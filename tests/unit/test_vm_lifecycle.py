@@ -14,13 +14,14 @@ import itertools
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from pytest_gondolin.errors import SnapshotError, StateError, VMError
 from pytest_gondolin.image.store import Image
 from pytest_gondolin.statemachine import sources
-from pytest_gondolin.vm import machine
+from pytest_gondolin.vm import guest_operations, machine
 from pytest_gondolin.vm.identity import Snapshot, VMConfig
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.runstate import LAUNCHED, VM_TRANSITIONS, Runstate
@@ -198,9 +199,15 @@ def test_guards_name_the_launched_states() -> None:
     assert VM.exec.__name__ == "exec"  # the guard keeps the method's identity
 
 
-def test_state_changes_only_in_set_state() -> None:
-    """Lifecycles as code: ``_state`` is written in ``__init__`` and ``_set_state``, nowhere else."""
-    tree = ast.parse(Path(machine.__file__).read_text())
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [(machine, {"__init__", "_set_state"}), (guest_operations, set())],
+    ids=["machine", "guest_operations"],
+)
+def test_state_changes_only_in_set_state(module: ModuleType, expected: set[str]) -> None:
+    """Lifecycles as code: ``_state`` is written in ``__init__`` and ``_set_state``, nowhere else
+    (the guest API, a base of VM in its own module, never writes it)."""
+    tree = ast.parse(Path(str(module.__file__)).read_text())
     writers: set[str] = set()
     for func in ast.walk(tree):
         if not isinstance(func, ast.FunctionDef):
@@ -215,4 +222,4 @@ def test_state_changes_only_in_set_state() -> None:
                 for sub in ast.walk(target):
                     if isinstance(sub, ast.Attribute) and sub.attr in ("_state", "state"):
                         writers.add(func.name)
-    assert writers == {"__init__", "_set_state"}
+    assert writers == expected

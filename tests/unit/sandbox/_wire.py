@@ -39,7 +39,7 @@ class FakeTransport:
         self.killed = False
         self.broken_pipe = False
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, timeout: float | None = None) -> None:
         if self.broken_pipe:
             raise BrokenPipeError("gone")
         self.sent.append(data)

@@ -51,3 +51,28 @@ def test_a_guest_collection_error_summary_line_is_visible_text() -> None:
         out = io.StringIO()
         repr_.toterminal(TerminalWriter(file=out))
         assert not RAW.search(out.getvalue())
+
+
+def test_one_line_text_shows_line_breaks_and_format_characters_too() -> None:
+    text = FORGED + "\nnext\tcol\u2028sep\u202eevil\xa0nb\U000e0041"
+    shown = safe_host_text(text, one_line=True)
+    assert shown == (
+        "E^[[2J^[[H^Mtest_x.py::test_other PASSED\\x9b31m^G"
+        "^Jnext^Icol\\u2028sep\\u202eevil\\xa0nb\\U000e0041"
+    )
+    assert safe_host_text("ok: été, 日本", one_line=True) == "ok: été, 日本"  # control
+
+
+def test_max_chars_cuts_the_guest_text_before_it_is_escaped() -> None:
+    assert safe_host_text("\x1b" * 10, max_chars=3) == "^[^[^["
+    assert safe_host_text("abc", max_chars=0) == ""
+    assert safe_host_text("abc", max_chars=10) == "abc"  # control: short text is whole
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), st.integers(min_value=0, max_value=50))
+def test_one_line_text_is_printable_and_bounded(text: str, max_chars: int) -> None:
+    shown = safe_host_text(text, max_chars=max_chars, one_line=True)
+    assert shown.isprintable()
+    assert len(shown) <= 10 * max_chars
+    assert safe_host_text(text, max_chars=max_chars) == safe_host_text(text[:max_chars])

@@ -430,7 +430,7 @@ class EndlessTransport:
         self.each = each
         self.killed = False
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, timeout: float | None = None) -> None:
         pass
 
     def recv_line(self, timeout: float) -> bytes | None:

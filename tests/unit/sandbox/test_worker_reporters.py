@@ -55,7 +55,7 @@ class Scripted:
     def __init__(self, lines):
         self.lines = [line.encode("latin-1") for line in lines]
 
-    def send(self, data):
+    def send(self, data, timeout=None):
         pass
 
     def recv_line(self, timeout):

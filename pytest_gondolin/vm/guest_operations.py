@@ -1,0 +1,178 @@
+"""What a running VM does in its guest: commands and files, over the agent channel.
+
+:class:`GuestOperations` is a base of :class:`~pytest_gondolin.vm.machine.VM`
+and holds its guest API: ``exec``, ``spawn``, ``attach``, ``read_file``,
+``write_file`` (and ``secret_env``, the placeholders every ``exec`` gets).
+Each call goes over the VM's :class:`~pytest_gondolin.vm.channel.AgentChannel`;
+a failure while QEMU exits under it becomes
+:class:`~pytest_gondolin.errors.VMCrashed`. The VM's lifecycle, network and
+snapshots stay in :mod:`~pytest_gondolin.vm.machine`, which sets the
+attributes declared here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from pytest_gondolin.errors import AgentError, AgentRequestError, ExecTimeout, VMError
+from pytest_gondolin.statemachine import require
+from pytest_gondolin.vm.agent_process import AgentProcess
+from pytest_gondolin.vm.channel import DEFAULT_MAX_OUTPUT, AgentChannel
+from pytest_gondolin.vm.commands import ExecResult, command_argv, command_env, exec_result
+from pytest_gondolin.vm.guest_network import secret_env
+from pytest_gondolin.vm.qemu_process import QemuProcess
+from pytest_gondolin.vm.runstate import LAUNCHED, Runstate
+
+if TYPE_CHECKING:  # annotations only: guest_network loads the stack when a guest needs it
+    from pytest_gondolin.netpolicy.driver import NetworkDriver
+
+__all__ = ["MAX_READ_FILE", "GuestOperations"]
+
+#: Largest file read_file() returns.
+MAX_READ_FILE = 1024 * 1024 * 1024
+
+
+class GuestOperations:
+    """The guest API of a :class:`~pytest_gondolin.vm.machine.VM` (see the module docstring)."""
+
+    # Set by VM: its name, lifecycle state, agent channel, QEMU child and network driver.
+    name: str
+    _state: Runstate
+    _channel: AgentChannel | None
+    _qemu: QemuProcess | None
+    network: NetworkDriver | None
+
+    @property
+    def state(self) -> Runstate:
+        return self._state
+
+    def secret_env(self) -> dict[str, str]:
+        """``{NAME: placeholder}`` for the current policy's secrets (empty without secrets)."""
+        return secret_env(self.network)
+
+    def _require_channel(self) -> AgentChannel:
+        if self._state is Runstate.CLOSED:
+            raise VMError(f"{self.name} is closed")
+        if self._channel is None:
+            raise VMError(f"{self.name} is not running")
+        return self._channel
+
+    def _crash_check(self, exc: BaseException) -> None:
+        """Raise VMCrashed (from ``exc``) if QEMU exited under the failed operation."""
+        crashed = self._qemu.crash_error(exc) if self._qemu is not None else None
+        if crashed is not None:
+            raise crashed from exc
+
+    @require(*LAUNCHED)
+    def exec(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        input: str | bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+    ) -> ExecResult:
+        """Run ``cmd`` in the guest and wait for it.
+
+        A ``str`` runs under ``/bin/sh -c``; a sequence is the argv. ``timeout``
+        kills the command's whole process group and raises ExecTimeout;
+        ``check=True`` raises ExecError on a non-zero exit.
+
+        Secrets: when the network policy declares secrets, each ``NAME`` is
+        set to its placeholder in the command's environment (the host swaps
+        in the real value on the way to the secret's hosts). Without ``env``
+        that is the default guest environment plus the placeholders; an
+        explicit ``env`` wins for any name it sets.
+        """
+        command_environment = command_env(env, self.secret_env())
+        argv = command_argv(cmd)
+        data = input.encode() if isinstance(input, str) else input
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"exec: timeout must be positive, got {timeout!r}")
+        channel = self._require_channel()
+        try:
+            raw = channel.exec(
+                argv,
+                input=data,
+                env=command_environment,
+                cwd=cwd,
+                timeout=timeout,
+                max_output=max_output,
+            )
+        except ExecTimeout:
+            raise
+        except (AgentError, VMError) as exc:
+            self._crash_check(exc)
+            raise
+        result = exec_result(raw, argv, timeout)
+        if check:
+            result.check_returncode()
+        return result
+
+    @require(*LAUNCHED)
+    def write_file(self, path: str, data: str | bytes, *, mode: int = 0o644) -> None:
+        """Write ``data`` to ``path`` in the guest (atomically; parents created).
+
+        Raises :class:`~pytest_gondolin.errors.GuestFileError` if the guest
+        cannot: an ``OSError`` (``PermissionError``, ``NotADirectoryError``, ...)
+        whose ``filename`` is ``path``.
+        """
+        blob = data.encode() if isinstance(data, str) else bytes(data)
+        channel = self._require_channel()
+        try:
+            channel.write_file(path, blob, mode=mode)
+        except AgentRequestError:
+            raise  # the agent answered: the VM is up, no crash to look for
+        except (AgentError, VMError) as exc:
+            self._crash_check(exc)
+            raise
+
+    @require(*LAUNCHED)
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+    ) -> AgentProcess:
+        """Start ``argv`` in the guest without waiting; stream its stdin and output."""
+        channel = self._require_channel()
+        try:
+            return channel.spawn(
+                list(argv),
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                max_output=max_output,
+            )
+        except (AgentError, VMError) as exc:
+            self._crash_check(exc)
+            raise
+
+    @require(*LAUNCHED)
+    def attach(
+        self, process: AgentProcess, *, max_output: int = DEFAULT_MAX_OUTPUT
+    ) -> AgentProcess:
+        """Attach to ``process``, started in the VM this one was cloned from (see AgentChannel.attach)."""
+        return self._require_channel().attach(process, max_output=max_output)
+
+    @require(*LAUNCHED)
+    def read_file(self, path: str, *, max_size: int = MAX_READ_FILE) -> bytes:
+        """Return the contents of the regular file ``path`` in the guest.
+
+        Raises :class:`~pytest_gondolin.errors.GuestFileError` if the guest
+        cannot: an ``OSError`` (``FileNotFoundError``, ``IsADirectoryError``,
+        ...; EFBIG past ``max_size``) whose ``filename`` is ``path``.
+        """
+        channel = self._require_channel()
+        try:
+            return channel.read_file(path, max_size=max_size)
+        except AgentRequestError:
+            raise  # the agent answered: the VM is up, no crash to look for
+        except (AgentError, VMError) as exc:
+            self._crash_check(exc)
+            raise
