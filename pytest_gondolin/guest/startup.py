@@ -5,21 +5,26 @@ import pytest and wait for the host's ``go`` before it reads anything of the
 project; the host snapshots it there and reuses that state across runs
 (``sandbox/worker_cache.py``). This module says what is imported before the
 go (:func:`preload`) and what the import system must learn after it, when
-the project tree has been copied in (:func:`refresh_path`). Standard
-library and pytest only.
+the project tree has been copied in (:func:`refresh_path`), and how the
+worker's pytest reads the installed distributions once while it parses its
+command line (:func:`distributions_read_once`). Standard library and pytest
+only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 __all__ = [
     "PRELOAD_ENV",
+    "distributions_read_once",
     "plugins_to_preload",
     "preload",
     "refresh_path",
@@ -112,3 +117,59 @@ def refresh_path() -> None:
     for key in [k for k, v in sys.path_importer_cache.items() if v is None]:
         del sys.path_importer_cache[key]
     importlib.invalidate_caches()
+
+
+class _Remembered(importlib.metadata.Distribution):
+    """An installed distribution whose entry points are read once (the rest is read as before)."""
+
+    def __init__(self, dist: importlib.metadata.Distribution) -> None:
+        self._dist = dist
+        self._entry_points = dist.entry_points
+
+    def read_text(self, filename: str) -> str | None:
+        return self._dist.read_text(filename)
+
+    def locate_file(self, path: Any) -> Any:
+        return self._dist.locate_file(path)
+
+    @property
+    def entry_points(self) -> importlib.metadata.EntryPoints:
+        return self._entry_points
+
+    def __getattr__(self, name: str) -> Any:
+        # What the base class does not define (a PathDistribution's ``_path``,
+        # which some plugins read): the distribution's own.
+        return getattr(self._dist, name)
+
+
+@contextlib.contextmanager
+def distributions_read_once() -> Iterator[None]:
+    """While active, ``importlib.metadata.distributions()`` lists and reads the distributions once.
+
+    pytest looks up every ``-p NAME`` among the ``pytest11`` entry points of
+    every installed distribution (pluggy's ``load_setuptools_entrypoints``),
+    reading each one's ``entry_points.txt`` again for each name: under TCG,
+    with the host's distributions carried (dozens) and one ``-p`` per host
+    plugin, that was most of the worker's collection time. Meant for the
+    parsing of the command line only (``WorkerPlugin.pytest_cmdline_parse``),
+    when nothing installs distributions: the first call reads them and later
+    calls get the same ones. Calls with arguments (a name, a path) are
+    passed through.
+    """
+    original = importlib.metadata.distributions
+    read: list[importlib.metadata.Distribution] | None = None
+
+    def distributions(**kwargs: Any) -> Iterable[importlib.metadata.Distribution]:
+        nonlocal read
+        if kwargs:
+            return original(**kwargs)
+        if read is None:
+            read = [_Remembered(dist) for dist in original()]
+        return iter(read)
+
+    importlib.metadata.distributions = distributions
+    try:
+        yield
+    finally:
+        if importlib.metadata.distributions is distributions:
+            importlib.metadata.distributions = original

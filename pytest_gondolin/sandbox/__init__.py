@@ -31,6 +31,7 @@ Modules, one concern each:
 ``debugger``           the host's terminal for pdb in the guest (--pdb, breakpoint())
 ``live_output``        a running test's live output on the host's terminal, made safe
 ``client``             ``WorkerClient``: the host side of the worker protocol
+``worker_transport``   ``WorkerTransport``: the contract a byte pipe to a worker meets
 ``transports``         byte pipes to a worker: local subprocess, guest process
 ``messages``           the worker's lines as validated messages (sans-IO)
 ``json_checks``        typed, bounded reads of the worker's JSON; the memory budget
@@ -42,9 +43,11 @@ Modules, one concern each:
 ``rerun_plugin``       pytest-rerunfailures' reruns, each attempt from a fresh restore
 ``coverage``           pytest-cov: the guest's measurement checked and merged on the host
 ``host_python``        which Python runs the worker: the host's own, carried in, or the image's
+``interpreter_files``  the host interpreter's layout and the files carried for it
 ``elf_checks``         what an ELF object needs: machine, glibc, shared libraries
 ``guest_facts``        what an image offers a carried interpreter (asked once, cached)
 ``interpreter_pack``   the carried interpreter as cached tars, a guest layer's items
+``environment_image``  the host's environment as a file-system image the guest mounts
 =====================  =================================================================
 
 The names below are the package's public API, imported lazily so that

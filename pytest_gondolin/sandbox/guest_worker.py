@@ -63,13 +63,13 @@ from pytest_gondolin.sandbox.debugger import terminal_debugger
 from pytest_gondolin.sandbox.isolation import LaneLedger, run_env
 from pytest_gondolin.sandbox.messages import Collected
 from pytest_gondolin.sandbox.options import SandboxOptions
-from pytest_gondolin.sandbox.outcome import Failure, HostFailure, RunOutcome
+from pytest_gondolin.sandbox.outcome import Failure, HostFailure, RunOutcome, out_of_memory
 from pytest_gondolin.sandbox.queries import answer_query
 from pytest_gondolin.sandbox.transports import VMTransport
 from pytest_gondolin.sandbox.worker_setup import WorkerSetup
 from pytest_gondolin.vm.agent_process import AgentProcess
 from pytest_gondolin.vm.identity import VMConfig, state_key
-from pytest_gondolin.vm.layers import launch_layered, stack_digest
+from pytest_gondolin.vm.layers import launch_layered, layer_config, stack_digest
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.pool import RestorePool
 
@@ -78,6 +78,10 @@ __all__ = ["DEFAULT_RUN_TIMEOUT", "PREFETCH_LANES", "WORKER_TAG", "GuestWorker"]
 log = logging.getLogger(__name__)
 
 WORKER_TAG: Final = "gondolin-worker"
+#: A lane's guest clock is set to the host's when the lane is taken if it was
+#: set longer ago than this (s): a guest's clock rate under TCG is within ~1%
+#: of the host's, and setting it costs a round trip (~6 ms).
+LANE_CLOCK_MAX_AGE: Final = 10.0
 #: VMs per worker taking turns: while a test runs in one, the other is
 #: restored in the background. Two cover the restore (~0.2 s under TCG);
 #: with one CPU there is nothing to overlap.
@@ -122,6 +126,21 @@ def _lane(vm: VM, transport: VMTransport) -> _Lane:
     client = WorkerClient(transport)
     client.on_query = lambda kind, args: answer_query(vm.http, kind, args)
     return _Lane(vm, transport, client)
+
+
+def _out_of_memory(vm: VM, failure: Failure) -> Failure:
+    """``failure`` of a crashed run, saying so when the guest's kernel ran out of memory."""
+    try:
+        vmstat = vm.read_file("/proc/vmstat", max_size=_VMSTAT_MAX_BYTES)
+    except GondolinError as exc:  # the VM is going: the crash says enough
+        log.debug("%s: no /proc/vmstat after a crash: %s", vm.name, exc)
+        return failure
+    text = vmstat.decode("ascii", "replace")
+    return out_of_memory(failure, text, vm.config.memory_mib)
+
+
+#: ``/proc/vmstat`` is ~5 KiB on Linux 6.1.
+_VMSTAT_MAX_BYTES: Final = 64 * 1024
 
 
 def _cassette_verdict(player: CassettePlayer) -> HostFailure | None:
@@ -203,6 +222,8 @@ class GuestWorker:
             self.setup.environment_layer(),
             worker_cache.started_worker_layer(worker),
         ]
+        # Every VM of this stack (clones, cached workers) has the environment's image in its slot.
+        vmconfig = layer_config(vmconfig, layers)
         phases.mark("environment scan")
         tars = self.setup.project_tars()
         go: dict[str, Any] = {
@@ -264,13 +285,8 @@ class GuestWorker:
             collected = first.client.start(WORKER_START_TIMEOUT)
             phases.mark("collect")
             worker_cache.write_state(vm, first.transport.proc, collected)
-            # sync: the unpacked tree must not be dirty in the snapshot, or every
-            # restore would replay its writeback (kernel work in each test's time).
-            # The page cache holds the sources pytest and the project were imported
-            # from; the worker has them in memory now. Dropped, the snapshot is
-            # smaller and every restore loads less (together: 173 -> 136 ms a test).
-            vm.exec(["sh", "-c", "sync && echo 1 > /proc/sys/vm/drop_caches"], check=True)
-            phases.mark("sync")
+            # The tree is on the disk and the page cache was dropped by the copy
+            # (worker_setup.copy_project): nothing dirty is saved.
             vm.save_internal(WORKER_TAG)
             phases.mark("save")
             if reused is not None:
@@ -289,7 +305,13 @@ class GuestWorker:
         runnable = worker_cache.runnable_here(self.config, collected)
         lanes = PREFETCH_LANES if runnable > 1 and not one_test else 1
         self._lanes = RestorePool[_Lane](
-            self._clone if lanes > 1 else None, self._restore, size=lanes, name="sandbox"
+            self._clone if lanes > 1 else None,
+            self._restore,
+            size=lanes,
+            name="sandbox",
+            # A lane waits running after its restore (or, in process mode,
+            # runs test after test): the host's time again when it is taken.
+            on_take=lambda lane: lane.vm.refresh_clock(max_age=LANE_CLOCK_MAX_AGE),
         )
         self._lanes.add(first)
         log.info("%s: start-up phases: %s", name, phases)
@@ -407,6 +429,8 @@ class GuestWorker:
         failure = outcome.failure
         if failure is not None and (not lane.vm.alive or lane.vm.exited(grace=VM_EXIT_GRACE)):
             failure = self._vm_died(lane.vm, failure)
+        elif failure is not None and failure.kind == "crash":
+            failure = _out_of_memory(lane.vm, failure)
         # A dead lane is not restored; the next take() closes and drops it.
         restore = ledger.after_run(lane, options.isolation, failed=failure is not None)
         if restore is None:

@@ -26,6 +26,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import pytest_gondolin
+import pytest_gondolin.sandbox.environment_image as environment_image
 import pytest_gondolin.sandbox.host_environment as host_environment
 import pytest_gondolin.sandbox.host_python as host_python
 import pytest_gondolin.sandbox.interpreter_pack as interpreter_pack
@@ -88,19 +89,21 @@ class WorkerSetup:
         #: Which Python runs the worker, its version and ABI (set by :meth:`choose_interpreter`).
         self.python: host_python.Choice | None = None
 
-    def _environment_items(self) -> list[TarItem]:
+    def _environment_items(self, *, carried: bool = True) -> list[TarItem]:
         """What the guest imports besides the project: the host's environment (or pytest), requirements.
 
         Tar items with content keys: the layer they make is cached as a ready
         snapshot (``vm/layers.py``), so a session whose items are unchanged
-        copies none of them.
+        copies none of them. ``carried=False``: without the host's distributions
+        (an image brings them: ``sandbox/environment_image.py``).
         """
         settings = self.factory.settings
         env = self.scan_environment()
         items: list[TarItem] = []
         requirements = list(settings.requirements)
         if env is not None:
-            items += host_environment.layer_items(env, cache_dir() / "host-environment")
+            if carried:
+                items += host_environment.layer_items(env, cache_dir() / "host-environment")
             requirements += self._fallback_requirements(env)
         if env is None or not env.carries("pytest"):
             shipped = project_files.dependency_closure(
@@ -148,7 +151,18 @@ class WorkerSetup:
         return [tar_layer("host-python", items)]
 
     def environment_layer(self) -> Layer:
-        return tar_layer("host-environment", self._environment_items())
+        """The host's environment: a file-system image the guest mounts, or else a tar layer."""
+        env = self.scan_environment()
+        image = (
+            environment_image.prepare(env, cache_dir() / "host-environment")
+            if env is not None
+            else None
+        )
+        if env is None or image is None:
+            return tar_layer("host-environment", self._environment_items())
+        items = self._environment_items(carried=False)
+        fallback = host_environment.layer_items(env, cache_dir() / "host-environment")
+        return environment_image.image_layer("host-environment", image, items, fallback=fallback)
 
     def project_tars(self) -> list[bytes]:
         """The project tree and editable sources outside it, packed (the rest is a layer)."""
@@ -159,7 +173,18 @@ class WorkerSetup:
         return tars
 
     def copy_project(self, vm: VM, tars: list[bytes]) -> None:
-        """Unpack ``tars`` (:meth:`project_tars`) in the guest."""
+        """Unpack ``tars`` (:meth:`project_tars`) in the guest, written to its disk, page cache dropped.
+
+        For the snapshot saved after collection: an unpacked tree still dirty
+        in it would make every restore replay its writeback (kernel work in
+        each test's time), and the pages read so far (the unpacked files, the
+        commands that did it) would make it bigger; pytest's modules are in
+        the worker's memory, and the started worker's layer was saved with
+        its page cache dropped. Done here, before the go, it costs no round
+        trip of its own (it was one more command after collection, ~0.3 s
+        under TCG); what collection itself reads stays cached (the test
+        files, a few standard library modules, the plugins' metadata).
+        """
         say = self.factory.progress
         say(f"{vm.name}: copying the project tree ({self.config.rootpath}) into the guest")
         started = time.monotonic()
@@ -174,7 +199,8 @@ class WorkerSetup:
                 "sh",
                 "-c",
                 f"{backing_command(folders)} && tar --ignore-zeros -xf - -C /"
-                f" && {{ [ -d {here} ] || mkdir -p {here}; }}",
+                f" && {{ [ -d {here} ] || mkdir -p {here}; }}"
+                " && sync && echo 1 > /proc/sys/vm/drop_caches",
             ],
             input=b"".join(tars),
             check=True,

@@ -71,6 +71,11 @@ class VMConfig:
     #: --pdeathsig``). Off only for VMs that may be kept for debugging
     #: (``--gondolin-keep-vm``); the next run's reaper removes those.
     die_with_parent: bool = True
+    #: The host environment's file-system image in the environment slot
+    #: (``vm/qemu.py``; None: the slot reads zeros). Not part of
+    #: :func:`state_key`: the base state is the same with or without it, and a
+    #: layer that mounts it names it in its own key (``vm/layers.py``).
+    environment_image: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ def state_key(config: VMConfig) -> str:
         "qemu": qemu_version(qemu),
         "cmdline": command_line(
             machine_spec(
-                config,
+                dataclasses.replace(config, environment_image=None),
                 qemu="q",
                 kernel=Path("k"),
                 initrd=Path("i"),
@@ -147,6 +152,7 @@ def machine_spec(
         net_socket=net_socket,
         mtu=config.mtu,
         loadvm=loadvm,
+        environment_image=config.environment_image,
     )
 
 

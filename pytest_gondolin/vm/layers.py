@@ -32,6 +32,7 @@ new one each time).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -65,6 +66,7 @@ __all__ = [
     "Layer",
     "TarItem",
     "launch_layered",
+    "layer_config",
     "stack_digest",
     "tar_layer",
 ]
@@ -104,6 +106,10 @@ class Layer:
     #: Host-side work ``apply`` needs (packing), started on a thread while the
     #: VM it will change starts; ``apply`` must work without it.
     prepare: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    #: A read-only file-system image ``apply`` mounts from the environment slot
+    #: (``vm/qemu.py``): every VM started from this layer's snapshot, or from
+    #: one built on it, needs it there (:func:`layer_config`). ``key`` names it.
+    drive: Path | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,22 @@ class TarItem:
 
     key: str
     pack: Callable[[], bytes] = field(compare=False, repr=False)
+
+
+def layer_config(config: VMConfig, layers: Sequence[Layer]) -> VMConfig:
+    """``config`` with the image a layer of ``layers`` mounts in its environment slot.
+
+    Every VM that loads a snapshot of this stack (its clones, a cached worker
+    on top of it) must be launched with this config. ValueError if two
+    layers need a drive (there is one slot).
+    """
+    drives = [layer.drive for layer in layers if layer.drive is not None]
+    if len(drives) > 1:
+        raise ValueError(f"layers need {len(drives)} drives ({drives}); the guest has one slot")
+    drive = drives[0] if drives else None
+    if drive == config.environment_image:
+        return config
+    return dataclasses.replace(config, environment_image=drive)
 
 
 def stack_digest(base: str, layers: Sequence[Layer]) -> str:
@@ -225,10 +247,12 @@ def launch_layered(
 ) -> VM:
     """A running VM whose internal snapshot ``CLEAN_TAG`` is the ready state with ``layers`` applied.
 
-    Without layers this is :func:`~pytest_gondolin.vm.warm.launch_clean`.
+    The VM runs with :func:`layer_config` of ``config``. Without layers this
+    is :func:`~pytest_gondolin.vm.warm.launch_clean`.
     Raises what a layer's function raises (the VM is then closed and
     nothing is cached), or VMError/VMLaunchError when QEMU fails.
     """
+    config = layer_config(config, layers)
     if not layers:
         return launch_clean(config, name=name, progress=progress, use_cache=use_cache)
     say = progress or (lambda msg: log.info("%s", msg))

@@ -15,8 +15,9 @@ attacks first:
   holds no host device file open for it.
 * Host files: the kernel and initrd (read at start), the image's root disk
   (a read-only backing file), the VM's own overlay, console log and
-  sockets in its runtime folder. :func:`privilege_drop_args` empties the
-  capability sets when QEMU would otherwise start with root's.
+  sockets in its runtime folder, and the host environment's image
+  (read-only, in the environment slot below). :func:`privilege_drop_args`
+  empties the capability sets when QEMU would otherwise start with root's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 AGENT_PORT_NAME = "org.gondolin.agent"
+
+#: The environment slot: a read-only virtio disk every VM has, so that a
+#: snapshot saved with the host environment's file-system image in it loads
+#: in a VM of the same device set (``sandbox/environment_image.py``). Without
+#: an image it reads zeros (``null-co``); with one it is that raw file,
+#: sparse-truncated to this size, so the capacity the guest saw at boot never
+#: changes. ``savevm``/``loadvm`` skip read-only drives, so it needs no
+#: snapshot support (checked with QEMU 7.2, either backend in the slot).
+ENV_SLOT_BYTES = 64 * 2**30
+#: The slot's virtio serial number (``/sys/block/vdX/serial`` in the guest).
+ENV_SLOT_SERIAL = "gondolin-env"
+#: A fixed PCI address: the device set, not the order of options, places it.
+ENV_SLOT_ADDR = "0x10"
 
 #: Kernel command line. ``quiet``: under TCG every console byte is emulated
 #: UART work; ``panic=-1`` + ``-no-reboot``: a guest panic ends QEMU at once;
@@ -91,6 +105,9 @@ class MachineSpec:
     extra_kernel_args: tuple[str, ...] = field(default_factory=tuple)
     #: QEMU's seccomp filter (:data:`SANDBOX`); off only for debugging.
     sandbox: bool = True
+    #: A raw file-system image of :data:`ENV_SLOT_BYTES` for the environment
+    #: slot (None: the slot reads zeros).
+    environment_image: Path | None = None
 
     @property
     def qmp_socket(self) -> Path:
@@ -103,6 +120,20 @@ class MachineSpec:
     @property
     def console_log(self) -> Path:
         return self.rundir / "console.log"
+
+
+def env_slot_blockdev(image: Path | None) -> str:
+    """The ``-blockdev`` of the environment slot: zeros, or ``image`` read-only."""
+    if image is None:
+        return f"driver=null-co,node-name=envslot,size={ENV_SLOT_BYTES},read-zeroes=on,read-only=on"
+    if "," in str(image):
+        raise ValueError(
+            f"environment image path {str(image)!r} has a comma (QEMU's option separator)"
+        )
+    return (
+        "driver=raw,node-name=envslot,read-only=on,"
+        f"file.driver=file,file.filename={image},file.read-only=on"
+    )
 
 
 def command_line(spec: MachineSpec) -> list[str]:
@@ -149,6 +180,10 @@ def command_line(spec: MachineSpec) -> list[str]:
         f"file={spec.disk},if=none,id=root,format=qcow2,node-name=rootdisk,discard=unmap,cache=unsafe",
         "-device",
         "virtio-blk-pci,drive=root",
+        "-blockdev",
+        env_slot_blockdev(spec.environment_image),
+        "-device",
+        f"virtio-blk-pci,drive=envslot,serial={ENV_SLOT_SERIAL},addr={ENV_SLOT_ADDR}",
         "-object",
         "rng-builtin,id=rng0",
         "-device",

@@ -10,6 +10,7 @@ bad input from the issue, each of which must leave the run going.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import subprocess
@@ -25,8 +26,11 @@ import pytest
 
 import pytest_gondolin
 from pytest_gondolin import paths
+from pytest_gondolin.errors import GondolinError
+from pytest_gondolin.sandbox import environment_image, host_environment
 from pytest_gondolin.vm.identity import VMConfig
-from pytest_gondolin.vm.layers import TarItem, launch_layered, tar_layer
+from pytest_gondolin.vm.layers import Layer, TarItem, launch_layered, tar_layer
+from pytest_gondolin.vm.machine import VM
 from tests.integration.test_layers import config, real_cache
 from tests.plugin.test_sandboxed import INNER_TIMEOUT, _inner_env_changes
 
@@ -48,6 +52,10 @@ def test_the_environment_is_the_hosts():
     assert demo.VALUE == Path("expected.txt").read_text().strip()
     assert md.version("demo") == "1.0"
     assert md.version("norecord") == "0.1"  # its metadata, though it has no RECORD
+    # Mounted from the host-built image (sandbox/environment_image.py), not unpacked.
+    with open("/proc/mounts") as mounts:
+        overlays = [f[1] for f in map(str.split, mounts) if f[0] == "gondolin-env"]
+    assert any(demo.__file__.startswith(root + "/") for root in overlays), overlays
 """
 
 
@@ -169,5 +177,142 @@ def test_a_tar_layer_is_packed_while_its_vm_starts_and_kept_on_disk(
         mounts = vm.exec(["awk", "{print $5}", "/proc/self/mountinfo"], check=True).stdout
         assert "/var/tmp/envtree" in mounts.split(), mounts
         assert vm.exec("ls /var/tmp").stdout.split() == ["envtree"], "the pieces were removed"
+    finally:
+        vm.close()
+
+
+def test_an_image_layer_mounts_the_environment_writable_at_host_paths_and_is_never_stale(
+    config: VMConfig, tmp_path: Path
+) -> None:
+    """The host-built image (sandbox/environment_image.py), mounted by a cached layer:
+    the host's paths, mtimes and metadata; writable; reused while nothing changed;
+    a changed distribution, or the image changed in place, builds the layer again."""
+    # Under /tmp: in the guest a tmpfs folder, bound to its disk before the overlay.
+    site = tmp_path / "venv" / "site-packages"
+    site.mkdir(parents=True)
+    _install(site, "demo", "1.0", {"demo/__init__.py": "VALUE = 'one'\n"}, record=True)
+    source = site / "demo" / "__init__.py"
+
+    def layer() -> Layer:
+        env = host_environment.scan(
+            tmp_path / "project", sys_path=[str(site)], site_folders=frozenset({str(site)})
+        )
+        image = environment_image.prepare(env, paths.cache_dir() / "host-environment")
+        assert image is not None, "mkfs.ext4 is on every Debian host"
+        return environment_image.image_layer("host-environment", image, [])
+
+    def start(layer: Layer) -> tuple[VM, list[str]]:
+        said: list[str] = []
+        return launch_layered(config, [layer], name="image", progress=said.append), said
+
+    probe = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]); import demo, importlib.metadata as md;"
+        " print(demo.VALUE, md.version('demo'), int(os.stat(demo.__file__).st_mtime), demo.__file__)"
+    )
+    first = layer()
+    vm, said = start(first)
+    try:
+        assert any(BUILDING in line for line in said), said
+        out = vm.exec(["python3", "-c", probe, str(site)], check=True).stdout.split()
+        assert out == ["one", "1.0", str(int(source.stat().st_mtime)), str(source)]
+        vm.write_file(f"{site}/demo/written.txt", b"w")  # writable, as on the host
+        assert vm.read_file(f"{site}/demo/written.txt") == b"w"
+        mounts = vm.exec(["cat", "/proc/mounts"], check=True).stdout
+        assert f"gondolin-env {site} overlay " in mounts, mounts
+    finally:
+        vm.close()
+
+    vm, said = start(layer())
+    try:
+        assert not any(BUILDING in line for line in said), said  # nothing changed: cached
+        assert vm.read_file(str(source)) == b"VALUE = 'one'\n"
+    finally:
+        vm.close()
+
+    source.write_text("VALUE = 'two'\n")
+    changed = layer()
+    assert changed.key != first.key and changed.drive != first.drive
+    vm, said = start(changed)
+    try:
+        assert any(BUILDING in line for line in said), said
+        assert vm.read_file(str(source)) == b"VALUE = 'two'\n"  # never the stale layer
+    finally:
+        vm.close()
+
+    # The image changed in place after a snapshot was saved with it: that
+    # snapshot is never loaded with it (its guest holds the old file system's state).
+    assert changed.drive is not None
+    with changed.drive.open("r+b") as image:
+        image.seek(1024)
+        image.write(b"\0" * 1024)  # the superblock
+    rebuilt = layer()
+    assert rebuilt.key != changed.key and rebuilt.drive != changed.drive
+    vm, said = start(rebuilt)
+    try:
+        assert any(BUILDING in line for line in said), said
+        assert vm.read_file(str(source)) == b"VALUE = 'two'\n"
+    finally:
+        vm.close()
+
+
+def test_an_image_that_fails_to_build_falls_back_to_unpacking(
+    config: VMConfig, tmp_path: Path
+) -> None:
+    """mkfs failing (faked: it does not fail on its own here) costs time, not the run."""
+    site = tmp_path / "venv" / "site-packages"
+    site.mkdir(parents=True)
+    _install(site, "demo", "1.0", {"demo/__init__.py": "VALUE = 'one'\n"}, record=True)
+    env = host_environment.scan(
+        tmp_path / "project", sys_path=[str(site)], site_folders=frozenset({str(site)})
+    )
+    cache = paths.cache_dir() / "host-environment"
+    image = environment_image.prepare(env, cache)
+    assert image is not None and image.build is not None
+
+    def fails() -> None:
+        raise GondolinError("mkfs.ext4 exited 1 (faked)")
+
+    layer = environment_image.image_layer(
+        "host-environment",
+        dataclasses.replace(image, build=fails),
+        [],
+        fallback=host_environment.layer_items(env, cache / "packs"),
+    )
+    vm = launch_layered(config, [layer], name="fallback")
+    try:
+        assert vm.read_file(str(site / "demo" / "__init__.py")) == b"VALUE = 'one'\n"
+        mounts = vm.exec(["cat", "/proc/mounts"], check=True).stdout
+        assert "gondolin-env" not in mounts, mounts  # unpacked, not mounted
+    finally:
+        vm.close()
+    # Nothing names that image: the next session builds a new one, never this layer's.
+    again = environment_image.prepare(env, cache)
+    assert again is not None and again.key != image.key
+
+
+def test_an_image_over_a_folder_the_guest_already_has_keeps_the_guests_files(
+    config: VMConfig, tmp_path: Path
+) -> None:
+    """A root the guest has files in (a Debian host's dist-packages, say): both are seen."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    _install(site, "demo", "1.0", {"demo/__init__.py": "VALUE = 'host'\n"}, record=True)
+    env = host_environment.scan(
+        tmp_path / "project", sys_path=[str(site)], site_folders=frozenset({str(site)})
+    )
+    image = environment_image.prepare(env, paths.cache_dir() / "host-environment")
+    assert image is not None
+    guest_own = Layer(
+        "guest-own",
+        uuid.uuid4().hex,
+        lambda vm: vm.write_file(f"{site}/guestpkg/own.txt", b"guest"),
+    )
+    layers = [guest_own, environment_image.image_layer("host-environment", image, [])]
+    vm = launch_layered(config, layers, name="under-image")
+    try:
+        assert vm.read_file(f"{site}/guestpkg/own.txt") == b"guest"
+        assert vm.read_file(f"{site}/demo/__init__.py") == b"VALUE = 'host'\n"
+        mounts = vm.exec(["cat", "/proc/mounts"], check=True).stdout
+        assert f"lowerdir=/var/lib/gondolin/env/image{site}:{site}," in mounts, mounts
     finally:
         vm.close()

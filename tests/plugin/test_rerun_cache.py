@@ -70,6 +70,13 @@ def worker_cache_of_our_own(
     # pytest-randomly (installed here) gives each run a new --randomly-seed,
     # which reaches the worker's go: no two runs would share a collected worker.
     monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+    # pytester writes each inner run's output to ./stdout and ./stderr, in
+    # the project tree, while that run packs the tree: the header it holds
+    # then ("warm snapshot: no" on a cold first run) would make the next
+    # run's tree another one. A git repository that ignores them keeps
+    # them out of the copy (sandbox/project_files.py lists git's files).
+    subprocess.run(["git", "init", "-q", str(inner.path)], check=True)
+    (inner.path / ".gitignore").write_text("/stdout\n/stderr\n")
     return root
 
 
@@ -370,3 +377,27 @@ def test_a_taken_file_of_a_dead_process_is_removed(worker_cache_of_our_own: Path
     assert not stale.exists()
     assert live.exists()
     assert worker_disk.take_collected(key) is None  # taken already
+
+
+DIRTY = """
+    import pytest
+
+    @pytest.mark.sandboxed
+    def test_the_tree_is_on_the_disk():
+        with open("/proc/meminfo") as meminfo:
+            dirty = next(int(line.split()[1]) for line in meminfo if line.startswith("Dirty:"))
+        assert dirty < 1024, f"{dirty} kB dirty"
+"""
+
+
+def test_the_copied_tree_is_written_back_before_the_snapshot(inner: pytest.Pytester) -> None:
+    """The snapshot after collection holds no dirty tree (each restore would write it back).
+
+    The copy syncs before the go (``worker_setup.copy_project``); without it
+    the 4 MiB file below stays dirty for the kernel's 30 s writeback delay.
+    """
+    inner.makepyfile(test_x=DIRTY)
+    (inner.path / "data.bin").write_bytes(os.urandom(4 << 20))
+    result = run_gondolin(inner)
+    result.stdout.fnmatch_lines([COLLECTING])
+    result.assert_outcomes(passed=1)

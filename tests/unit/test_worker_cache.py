@@ -6,6 +6,7 @@ import io
 import json
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,113 @@ def test_preload_modules_follow_entry_points() -> None:
     args = ["-p", "gondolin", "-p", "no:cacheprovider", "-p", "some_module", "-p", "xdist.plugin"]
     modules = worker_cache.preload_modules(args)
     assert modules == ["some_module", "xdist.plugin"]  # gondolin: the guest's own plugin
+
+
+def _fake_distribution(site: Path, name: str, entry_points: str) -> None:
+    """An installed distribution ``name`` in ``site`` with a plugin module of its own."""
+    info = site / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    (site / f"{name.replace('-', '_')}.py").write_text("def pytest_configure(config):\n    pass\n")
+
+
+@pytest.fixture
+def two_plugin_distributions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    site = tmp_path / "site"
+    site.mkdir()
+    _fake_distribution(site, "gondolin-fake-one", "[pytest11]\nfake_one = gondolin_fake_one\n")
+    _fake_distribution(site, "gondolin-fake-two", "[pytest11]\nfake_two = gondolin_fake_two\n")
+    monkeypatch.syspath_prepend(str(site))
+    yield site
+    for name in ("gondolin_fake_one", "gondolin_fake_two", "gondolin_fake_three"):
+        sys.modules.pop(name, None)
+
+
+def test_distributions_are_read_once_while_pytest_parses(two_plugin_distributions: Path) -> None:
+    """Each -p NAME looks NAME up among every distribution's entry points: read once, found the same."""
+    from _pytest.config import PytestPluginManager
+
+    site = two_plugin_distributions
+    pm = PytestPluginManager()
+    with startup.distributions_read_once():
+        pm.consider_pluginarg("fake_one")
+        # Written after the first lookup: not seen until the next read.
+        (site / "gondolin_fake_two-1.0.dist-info" / "entry_points.txt").write_text(
+            "[pytest11]\nfake_two = gondolin_fake_two\nfake_three = gondolin_fake_three\n"
+        )
+        (site / "gondolin_fake_three.py").write_text("")
+        assert pm.load_setuptools_entrypoints("pytest11", name="fake_three") == 0
+        pm.consider_pluginarg("fake_two")
+    names = {dist.project_name: plugin for plugin, dist in pm.list_plugin_distinfo()}
+    assert names == {
+        "gondolin-fake-one": sys.modules["gondolin_fake_one"],
+        "gondolin-fake-two": sys.modules["gondolin_fake_two"],
+    }
+    assert pm.get_plugin("fake_one") is sys.modules["gondolin_fake_one"]
+    assert pm.get_plugin("fake_two") is sys.modules["gondolin_fake_two"]
+    # Outside, the distributions are read again.
+    assert pm.load_setuptools_entrypoints("pytest11", name="fake_three") == 1
+
+
+def test_distributions_read_once_is_undone_and_passes_queries_through(
+    two_plugin_distributions: Path,
+) -> None:
+    import importlib.metadata
+
+    original = importlib.metadata.distributions
+    with startup.distributions_read_once():
+        first = list(importlib.metadata.distributions())
+        assert [id(d) for d in importlib.metadata.distributions()] == [id(d) for d in first]
+        mine = [d for d in first if d.metadata["Name"] == "gondolin-fake-one"]
+        assert len(mine) == 1 and mine[0].version == "1.0"
+        assert [ep.value for ep in mine[0].entry_points] == ["gondolin_fake_one"]
+        # A PathDistribution's own attribute (some plugins read it): still there.
+        path = getattr(mine[0], "_path")  # noqa: B009 (private, not in the type stubs)
+        assert path == two_plugin_distributions / "gondolin_fake_one-1.0.dist-info"
+        # A query by name is pytest's or a plugin's own: passed through, read now.
+        (named,) = importlib.metadata.distributions(name="gondolin-fake-two")
+        assert named not in first
+    assert importlib.metadata.distributions is original
+
+
+def test_a_waiting_worker_loads_its_p_plugins_with_their_distributions(tmp_path: Path) -> None:
+    """A real worker process: -p by entry-point name, required_plugins satisfied, no header."""
+    import os
+    import subprocess
+
+    from pytest_gondolin.guest.worker import WAIT_ENV, WAITING_LINE, encode_line
+
+    (tmp_path / "test_x.py").write_text("def test_one(mocker):\n    assert mocker\n")
+    env = {**os.environ, WAIT_ENV: "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    env.pop("PYTEST_ADDOPTS", None)
+    go = {
+        "t": "go",
+        "argv": [
+            "-c",
+            os.devnull,
+            f"--rootdir={tmp_path}",
+            "-o",
+            "required_plugins=pytest-mock",
+            "-p",
+            "pytest_mock",
+            str(tmp_path / "test_x.py"),
+        ],
+        "cwd": str(tmp_path),
+        "env": {},
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest_gondolin.guest.worker"],
+        input=encode_line(go) + encode_line({"t": "quit"}),
+        capture_output=True,
+        env=env,
+        timeout=120,
+        cwd="/",
+    )
+    lines = proc.stdout.splitlines(keepends=True)
+    assert lines[:1] == [WAITING_LINE], proc.stderr.decode()[-2000:]
+    collected = json.loads(lines[1])
+    assert collected == {"t": "collected", "nodeids": ["test_x.py::test_one"], "errors": []}, (
+        proc.stderr.decode()[-2000:]
+    )
+    assert b"rootdir:" not in proc.stderr  # --no-header: the guest's terminal shows none
