@@ -38,7 +38,8 @@ def worker_args(config: pytest.Config) -> list[str]:
     reports look, what is collected and how, or which plugins and conftests
     load: ``-p`` (and ``-p NAME`` for each plugin the host autoloaded, but
     not the plugins the host applies around a run:
-    :func:`~.guest_plugins.guest_plugin_loads`), ``-o``, ``-W``, ``--tb``, ``-l``, verbosity,
+    :func:`~.guest_plugins.guest_plugin_loads`), ``-o`` (and ``-o markers=``
+    with every marker the host registered: :func:`_marker_args`), ``-W``, ``--tb``, ``-l``, verbosity,
     ``--import-mode``, ``--assert``, ``--noconftest``, ``--strict-markers``,
     the doctest options (``--doctest-modules``, ``--doctest-glob``, ...),
     ``--ignore`` and ``--ignore-glob``, pytest-randomly's seed, ``--capture``
@@ -68,6 +69,7 @@ def worker_args(config: pytest.Config) -> list[str]:
         args += ["-p", plugin]
     for override in getattr(option, "override_ini", None) or []:
         args += ["-o", override]
+    args += _marker_args(config)
     for spec in getattr(option, "pythonwarnings", None) or []:
         args += ["-W", spec]
     tbstyle = getattr(option, "tbstyle", "auto")
@@ -92,6 +94,21 @@ def worker_args(config: pytest.Config) -> list[str]:
     for tokens in plugin_options(config).values():
         args += tokens
     return args
+
+
+def _marker_args(config: pytest.Config) -> list[str]:
+    """``-o markers=...`` naming every marker the host has registered, the plugins' too.
+
+    A plugin the worker does not load (pytest-cov, xdist and the others the
+    host applies around a run, or one the guest cannot import) registers no
+    marker there, so ``pytest.mark.no_cover`` would be an unknown mark in the
+    guest: a warning the host never saw, an error under ``filterwarnings =
+    error`` or ``--strict-markers`` (found marking python-dateutil's suite,
+    whose conftest adds ``no_cover``).  The host's list already holds the
+    ini file's and ``-o``'s markers, so the override keeps them.
+    """
+    lines = [str(line) for line in config.getini("markers")]
+    return ["-o", "markers=" + "\n".join(lines)] if lines else []
 
 
 def _collection_args(config: pytest.Config) -> list[str]:

@@ -37,6 +37,7 @@ __all__ = [
     "HostFailure",
     "RunOutcome",
     "RunTally",
+    "out_of_memory",
 ]
 
 FailureKind: TypeAlias = Literal["timeout", "crash", "error"]
@@ -69,6 +70,39 @@ class Failure:
         text = str(exc) or type(exc).__name__
         first, _, rest = text.partition("\n")
         return cls("error", f"{type(exc).__name__}: {first}", rest, duration)
+
+
+def out_of_memory(failure: Failure, vmstat: str, memory_mib: int) -> Failure:
+    """``failure`` (a crashed run) saying the guest ran out of memory, if its kernel says so.
+
+    ``vmstat`` is the guest's ``/proc/vmstat`` read after the crash (hostile
+    text: only a well-formed ``oom_kill N`` line counts).  The run starts
+    from a snapshot taken before any test ran, so a non-zero count means the
+    kernel's OOM killer ended the worker (or something it needed) during
+    this run: a bare "killed by SIGKILL" would leave the user guessing (found
+    marking more-itertools' suite, whose 100-thread ``concurrent_tee`` test
+    needs more than the default guest has).  Any other ``failure`` is returned
+    unchanged.
+    """
+    if failure.kind != "crash":
+        return failure
+    kills = 0
+    for line in vmstat.splitlines()[:_VMSTAT_MAX_LINES]:
+        name, _, value = line.partition(" ")
+        if name == "oom_kill" and value.isdigit() and len(value) < 20:
+            kills = int(value)
+    if kills == 0:
+        return failure
+    note = (
+        f"the guest ran out of memory ({memory_mib} MiB; its kernel's OOM killer ran): "
+        'give it more with sandboxed(memory="1G"), --gondolin-memory or gondolin_memory'
+    )
+    detail = f"{note}\n{failure.detail}" if failure.detail else note
+    return Failure("crash", f"{failure.headline}: out of memory", detail, failure.duration)
+
+
+#: ``/proc/vmstat`` has ~180 lines on Linux 6.1; more is not the kernel's.
+_VMSTAT_MAX_LINES: Final = 1_000
 
 
 @dataclass(frozen=True)

@@ -117,3 +117,90 @@ def test_a_dependency_of_pytest_installed_editable_from_the_project(
     result = inner.run(str(python), "-m", "pytest", "-p", "gondolin", "-v", timeout=INNER_TIMEOUT)
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*test_the_projects_pluggy PASSED (in guest)*"])
+
+
+def test_markers_of_plugins_the_guest_does_not_load(inner: pytest.Pytester) -> None:
+    """A suite that errors on unknown marks uses the markers of host-only plugins.
+
+    Found marking python-dateutil's suite (``filterwarnings = error``, a
+    conftest adding pytest-cov's ``no_cover`` mark): the guest worker does not
+    load pytest-cov or xdist, so their marks were unknown there and the
+    worker's collection stopped on ``PytestUnknownMarkWarning`` -- every test
+    errored, where the plain run passes. One inner session (~20-60 s under TCG).
+    """
+    inner.makeini(
+        """
+        [pytest]
+        filterwarnings = error::pytest.PytestUnknownMarkWarning
+        markers = project_mark: a marker the project's ini file registers
+        """
+    )
+    inner.makeconftest(
+        """
+        import pytest
+
+        def pytest_collection_modifyitems(config, items):
+            for item in items:
+                item.add_marker(pytest.mark.no_cover)  # pytest-cov's, as dateutil's conftest does
+                if config.pluginmanager.hasplugin("gondolin"):
+                    item.add_marker(pytest.mark.sandboxed)
+        """
+    )
+    inner.makepyfile(
+        test_marks="""
+        import pytest
+
+        @pytest.mark.xdist_group("one")
+        def test_xdist_group_mark():
+            pass
+
+        @pytest.mark.project_mark
+        def test_project_mark():
+            pass
+        """
+    )
+    # Control: plain, the host's pytest-cov and xdist register these marks (--strict-markers holds).
+    plain = inner.runpytest_subprocess("-p", "no:gondolin", "--strict-markers", timeout=60)
+    plain.assert_outcomes(passed=2)
+    result = run_gondolin(inner, "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        ["*test_xdist_group_mark PASSED (in guest)*", "*test_project_mark PASSED (in guest)*"]
+    )
+    result.stdout.no_fnmatch_line("*Unknown pytest.mark*")
+
+
+def test_a_test_that_exhausts_the_guests_memory_says_so(inner: pytest.Pytester) -> None:
+    """A test that needs more memory than the guest has fails naming memory and the option.
+
+    Found marking more-itertools' suite: its 100-thread ``concurrent_tee``
+    test passes on the host and, on a loaded run, was OOM-killed in the
+    256 MiB guest, reported only as "worker crashed (killed by SIGKILL)".
+    The next test (a fresh restore) is unaffected. One inner session (~20-60 s under TCG).
+    """
+    inner.makepyfile(
+        test_memory="""
+        import pytest
+
+        @pytest.mark.sandboxed
+        def test_hog():
+            chunks = []
+            for _ in range(512):  # 4 GiB at most, touched (bytearray zero-fills)
+                chunks.append(bytearray(8 * 2**20))
+
+        @pytest.mark.sandboxed
+        def test_after():
+            pass
+        """
+    )
+    result = run_gondolin(inner, "-v", "-p", "no:randomly")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_hog FAILED*",
+            "*test_after PASSED (in guest)*",
+            "*worker crashed (killed by SIGKILL): out of memory*",
+            "the guest ran out of memory (256 MiB; its kernel's OOM killer ran): give it more with "
+            '*sandboxed(memory="1G"), --gondolin-memory or gondolin_memory',
+        ]
+    )
