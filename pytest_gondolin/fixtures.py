@@ -338,6 +338,9 @@ class VMFactory:
                     on_new=self.adopt,
                     on_drop=self._forget,
                     warm=_warm_up,
+                    # A VM restored in the background kept running (and its clock
+                    # its own pace) while it waited: it gets the host's time again.
+                    on_take=VM.refresh_clock,
                 )
                 self._pools[key] = pool
             return pool

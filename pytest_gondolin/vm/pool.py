@@ -79,7 +79,11 @@ class RestorePool(Generic[M]):
     only the members given to :meth:`add` and never replaces one.
     ``restore(vm)`` puts a member back. Both may run in a background thread.
     ``warm(vm)``, if given, runs after a background restore of a member whose
-    test lasted ``warm_after`` s or more. The pool owns its members:
+    test lasted ``warm_after`` s or more. ``on_take(vm)``, if given, runs
+    each time a member is handed out, last (a member made clean in the
+    background has been running since: the ``vm`` fixture's sets the guest
+    clock again, :meth:`~pytest_gondolin.vm.machine.VM.refresh_clock`); a
+    GondolinError from it costs that member, like a failed restore. The pool owns its members:
     :meth:`close` closes them, and one found dead (closed, QEMU killed) is
     closed and replaced. :meth:`take` and :meth:`give_back` are called from
     one thread (pytest runs one test at a time); the pool's own threads only
@@ -97,6 +101,7 @@ class RestorePool(Generic[M]):
         on_drop: Callable[[M], None] | None = None,
         warm: Callable[[M], None] | None = None,
         warm_after: float = 0.1,
+        on_take: Callable[[M], object] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"a restore pool needs at least one VM, got size={size}")
@@ -108,6 +113,7 @@ class RestorePool(Generic[M]):
         self._on_drop = on_drop or (lambda vm: None)
         self._warm = warm
         self.warm_after = warm_after
+        self._on_take = on_take or (lambda vm: None)
         self._lock = threading.Lock()
         self._members: list[_Member[M]] = []
         self._counter = 0
@@ -151,6 +157,8 @@ class RestorePool(Generic[M]):
             launching = member.vm is None and member.future is None
             try:
                 vm = self._make_clean(member)
+                if vm.alive:
+                    self._on_take(vm)
             except GondolinError as exc:
                 self._fail(member, exc, quiet=launching)
                 if launching:

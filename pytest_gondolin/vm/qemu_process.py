@@ -6,7 +6,8 @@ restored one), answers whether it still runs, turns its death into an error that
 carries what is needed to act (the command line, QEMU's stderr, the
 console tail), sends it monitor commands, and stops it: soft, then hard
 (QMP ``quit``, SIGTERM, SIGKILL, each given :data:`SHUTDOWN_GRACE`),
-idempotently.
+idempotently. While it runs, its console log keeps only its newest part
+(:mod:`~pytest_gondolin.vm.console_bound`).
 
 QEMU runs in its own session (Ctrl-C reaches pytest, which then closes VMs
 in order) under ``setpriv --pdeathsig KILL``, so it cannot outlive the
@@ -27,6 +28,7 @@ from typing import Any
 
 from pytest_gondolin.errors import SnapshotError, VMCrashed, VMError, VMLaunchError
 from pytest_gondolin.logtail import read_tail_text
+from pytest_gondolin.vm import console_bound
 from pytest_gondolin.vm.channel import AgentChannel
 from pytest_gondolin.vm.qemu import MachineSpec, command_line, privilege_drop_args
 from pytest_gondolin.vm.qmp import QMP, QMP_TIMEOUT
@@ -108,6 +110,7 @@ class QemuProcess:
                 cwd=spec.rundir,
             )
         (spec.rundir / "qemu.pid").write_text(f"{self._proc.pid}\n")
+        console_bound.watch(spec.console_log)  # a guest may write to its console without end
         while not (spec.qmp_socket.exists() and spec.agent_socket.exists()):
             self.raise_if_exited("QEMU exited before creating its sockets")
             if time.monotonic() > deadline:
@@ -240,6 +243,7 @@ class QemuProcess:
                 except VMError:
                     pass
             _stop_process(proc)
+        console_bound.unwatch(self.spec.console_log)
         self.release()
 
     def release(self) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from pytest_gondolin.errors import SnapshotError
 from pytest_gondolin.vm.machine import VM, Checkpoint
+from pytest_gondolin.vm.pool import RestorePool
 
 # What earlier rounds saw. Host-side module state, so it survives across tests
 # while the guest does not.
@@ -83,6 +84,57 @@ def test_long_lived_process_memory_goes_back_with_restore(vm: VM) -> None:
 def test_clock_is_right_after_restore(vm: VM) -> None:
     guest = float(vm.exec("date +%s.%N").stdout)
     assert abs(guest - time.time()) < 2
+
+
+# A guest whose clock runs 10% fast, as a TCG guest's can when its kernel
+# calibrated the TSC against emulated timers on a loaded host: the kernel's
+# tick length (adjtimex ADJ_TICK, in microseconds per USER_HZ tick) set to
+# 11000 instead of 10000.
+_FAST_CLOCK = """
+import ctypes
+class Timex(ctypes.Structure):
+    _fields_ = [("modes", ctypes.c_uint)] + [(n, ctypes.c_long) for n in
+        ("offset", "freq", "maxerror", "esterror")] + [("status", ctypes.c_int)] + [
+        (n, ctypes.c_long) for n in ("constant", "precision", "tolerance", "sec", "usec",
+        "tick", "ppsfreq", "jitter")] + [("shift", ctypes.c_int)] + [(n, ctypes.c_long) for n in
+        ("stabil", "jitcnt", "calcnt", "errcnt", "stbcnt")] + [("tai", ctypes.c_int),
+        ("pad", ctypes.c_int * 11)]
+tx = Timex(modes=0x4000, tick=11000)
+assert ctypes.CDLL(None, use_errno=True).adjtimex(ctypes.byref(tx)) >= 0, ctypes.get_errno()
+print(tx.tick)
+"""
+#: How long a restored VM waits in the pool: 1.5 s of drift at 10%.
+_IDLE = 15.0
+
+
+def _guest_offset(vm: VM) -> float:
+    """How far the guest's wall clock is from the host's (0 when within the exec's own span)."""
+    before = time.time()
+    guest = float(vm.exec("date +%s.%N", check=True).stdout)
+    after = time.time()
+    return guest - after if guest > after else min(0.0, guest - before)
+
+
+def test_clock_is_right_when_a_vm_waited_in_the_pool(vm_factory) -> None:  # type: ignore[no-untyped-def]
+    """A VM restored in the background runs (its clock at its own pace) until it is handed out;
+    the ``vm`` fixture's pool sets the guest clock again at hand-out (``VM.refresh_clock``).
+    The control (a pool without it) shows the fast guest clock drifting meanwhile."""
+    machine: VM = vm_factory()
+    assert machine.exec(f"python3 -c '{_FAST_CLOCK}'", check=True).stdout == "11000\n"
+    snap = machine.snapshot()
+    for on_take, drift in ((None, True), (VM.refresh_clock, False)):
+        pool = RestorePool[VM](None, lambda vm: vm.restore(snap), size=2, on_take=on_take)
+        pool.add(machine)
+        assert pool.take() is machine
+        pool.give_back(machine)  # restored in the background (size 2), then left running
+        time.sleep(_IDLE)
+        assert pool.take() is machine
+        offset = _guest_offset(machine)
+        if drift:
+            assert offset > 0.5, f"the fast guest clock did not drift: {offset:+.2f} s"
+        else:
+            assert abs(offset) < 0.5, f"guest clock {offset:+.2f} s off the host's at hand-out"
+        pool.discard(machine)
 
 
 def test_snapshot_restore_many_times(vm_factory) -> None:  # type: ignore[no-untyped-def]

@@ -240,3 +240,28 @@ def test_a_pool_without_launch_serves_only_added_members() -> None:
 def test_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="size=0"):
         RestorePool(lambda: cast(VM, None), lambda vm: None, size=0)
+
+
+def test_on_take_runs_at_every_hand_out_and_a_failure_costs_that_vm() -> None:
+    """``on_take`` (the ``vm`` fixture sets the guest clock there) runs last, each time."""
+    taken: list[str] = []
+    broken: set[str] = set()
+
+    def on_take(vm: FakeVM) -> None:
+        if vm.name in broken:
+            raise VMError(f"{vm.name}: setting the guest clock failed")
+        taken.append(vm.name)
+
+    pool = RestorePool[FakeVM](None, lambda vm: None, size=2, name="box", on_take=on_take)
+    a = FakeVM("a")
+    pool.add(a)
+    try:
+        for _ in range(2):
+            pool.give_back(pool.take())  # restored in the background, then handed out again
+        assert taken == ["a", "a"]
+        broken.add("a")
+        with pytest.raises(VMError, match="no box VM is left"):
+            pool.take()  # "a" failed its hand-out: closed, and none is left
+        assert a.closed and taken == ["a", "a"]
+    finally:
+        pool.close()
