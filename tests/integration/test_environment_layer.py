@@ -31,6 +31,7 @@ from pytest_gondolin.sandbox import environment_image, host_environment
 from pytest_gondolin.vm.identity import VMConfig
 from pytest_gondolin.vm.layers import Layer, TarItem, launch_layered, tar_layer
 from pytest_gondolin.vm.machine import VM
+from tests.fake_distributions import install_distribution
 from tests.integration.test_layers import config, real_cache
 from tests.plugin.test_sandboxed import INNER_TIMEOUT, _inner_env_changes
 
@@ -59,18 +60,6 @@ def test_the_environment_is_the_hosts():
 """
 
 
-def _install(site: Path, name: str, version: str, files: dict[str, str], *, record: bool) -> None:
-    for rel, text in files.items():
-        (site / rel).parent.mkdir(parents=True, exist_ok=True)
-        (site / rel).write_text(text)
-    info = site / f"{name}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    if record:
-        listed = [*files, f"{info.name}/METADATA", f"{info.name}/RECORD"]
-        (info / "RECORD").write_text("".join(f"{rel},,\n" for rel in listed))
-
-
 @pytest.fixture
 def project(
     pytester: pytest.Pytester,
@@ -93,8 +82,8 @@ def project(
     link.symlink_to(site, target_is_directory=True)
     (site / "outer_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     (site / "broken.pth").write_text("import no_such_module_gondolin_test\n")
-    _install(site, "demo", "1.0", {"demo/__init__.py": "VALUE = 'one'\n"}, record=True)
-    _install(site, "norecord", "0.1", {"norecord.py": "X = 1\n"}, record=False)
+    install_distribution(site, "demo", {"demo/__init__.py": "VALUE = 'one'\n"}, version="1.0")
+    install_distribution(site, "norecord", {"norecord.py": "X = 1\n"}, version="0.1", record=False)
     pytester.makepyfile(test_env=textwrap.dedent(_TESTS))
     (pytester.path / "expected.txt").write_text("one\n")
     return pytester, venv / "bin" / "python", site
@@ -190,7 +179,7 @@ def test_an_image_layer_mounts_the_environment_writable_at_host_paths_and_is_nev
     # Under /tmp: in the guest a tmpfs folder, bound to its disk before the overlay.
     site = tmp_path / "venv" / "site-packages"
     site.mkdir(parents=True)
-    _install(site, "demo", "1.0", {"demo/__init__.py": "VALUE = 'one'\n"}, record=True)
+    install_distribution(site, "demo", {"demo/__init__.py": "VALUE = 'one'\n"}, version="1.0")
     source = site / "demo" / "__init__.py"
 
     def layer() -> Layer:
@@ -261,7 +250,7 @@ def test_an_image_that_fails_to_build_falls_back_to_unpacking(
     """mkfs failing (faked: it does not fail on its own here) costs time, not the run."""
     site = tmp_path / "venv" / "site-packages"
     site.mkdir(parents=True)
-    _install(site, "demo", "1.0", {"demo/__init__.py": "VALUE = 'one'\n"}, record=True)
+    install_distribution(site, "demo", {"demo/__init__.py": "VALUE = 'one'\n"}, version="1.0")
     env = host_environment.scan(
         tmp_path / "project", sys_path=[str(site)], site_folders=frozenset({str(site)})
     )
@@ -296,7 +285,7 @@ def test_an_image_over_a_folder_the_guest_already_has_keeps_the_guests_files(
     """A root the guest has files in (a Debian host's dist-packages, say): both are seen."""
     site = tmp_path / "site-packages"
     site.mkdir()
-    _install(site, "demo", "1.0", {"demo/__init__.py": "VALUE = 'host'\n"}, record=True)
+    install_distribution(site, "demo", {"demo/__init__.py": "VALUE = 'host'\n"}, version="1.0")
     env = host_environment.scan(
         tmp_path / "project", sys_path=[str(site)], site_folders=frozenset({str(site)})
     )

@@ -26,23 +26,13 @@ from pytest_gondolin.sandbox.environment_image import (
 )
 from pytest_gondolin.vm.layers import Layer, layer_config, tar_layer
 from pytest_gondolin.vm.qemu import ENV_SLOT_BYTES, ENV_SLOT_SERIAL, MachineSpec, command_line
+from tests.fake_distributions import install_distribution
 
 SBIN = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 needs_e2fsprogs = pytest.mark.skipif(
     shutil.which("mkfs.ext4", path=SBIN) is None or shutil.which("debugfs", path=SBIN) is None,
     reason="e2fsprogs (mkfs.ext4, debugfs) not installed",
 )
-
-
-def _install(site: Path, name: str, files: dict[str, str]) -> None:
-    for rel, text in files.items():
-        (site / rel).parent.mkdir(parents=True, exist_ok=True)
-        (site / rel).write_text(text)
-    info = site / f"{name}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    listed = [*files, f"{info.name}/METADATA", f"{info.name}/RECORD"]
-    (info / "RECORD").write_text("".join(f"{rel},,\n" for rel in listed))
 
 
 def _scan(tmp_path: Path, site: Path) -> host_environment.HostEnvironment:
@@ -64,8 +54,10 @@ def _built(env: host_environment.HostEnvironment, cache: Path) -> EnvironmentIma
 def site(tmp_path: Path) -> Path:
     site = tmp_path / "venv" / "site-packages"
     site.mkdir(parents=True)
-    _install(site, "demo", {"demo/__init__.py": "VALUE = 'one'\n", "demo/data.txt": "x" * 5000})
-    _install(site, "other", {"other.py": "Y = 2\n"})
+    install_distribution(
+        site, "demo", {"demo/__init__.py": "VALUE = 'one'\n", "demo/data.txt": "x" * 5000}
+    )
+    install_distribution(site, "other", {"other.py": "Y = 2\n"})
     (site / "extra.pth").write_text("/nowhere\n")
     return site
 
