@@ -14,13 +14,16 @@
   clean" rule), since a change in the same clock tick could leave the mtime
   as it was.
 * **The packs** (:func:`cached_pack`): one tar per carried distribution, at the
-  files' absolute paths, written once under its content key.
+  files' absolute paths, written once under its content key. At most
+  :data:`MAX_PACKS_BYTES` are kept; the least recently used go first (a
+  changed venv leaves its old packs behind).
 
 A read-only or broken cache costs a new scan or pack, never an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -34,7 +37,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["RACY_SECONDS", "cached_pack", "load_scan", "save_scan", "tar_files"]
+__all__ = ["MAX_PACKS_BYTES", "RACY_SECONDS", "cached_pack", "load_scan", "save_scan", "tar_files"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ RACY_SECONDS: Final = 2.0
 #: A saved answer holds the stat of every file the scan read; past this many
 #: the JSON alone would cost more to check than the scan it saves.
 _MAX_WITNESSES: Final = 500_000
+#: The packs kept in a cache folder, in bytes; the least recently used go
+#: first when a new one is written.
+MAX_PACKS_BYTES: Final = 2 * 2**30
 
 
 def _stamp(paths: list[str]) -> str:
@@ -137,9 +143,13 @@ def cached_pack(key: str, files: Iterable[str], cache: Path) -> bytes:
     target = cache / f"{key}.tar"
     with _pack_lock:
         try:
-            return target.read_bytes()
+            data = target.read_bytes()
         except FileNotFoundError:
             pass
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(target)  # recently used: evicted last
+            return data
         data = tar_files(files)
         try:
             cache.mkdir(parents=True, exist_ok=True)
@@ -148,4 +158,34 @@ def cached_pack(key: str, files: Iterable[str], cache: Path) -> bytes:
             os.replace(tmp, target)  # atomic: a reader sees a whole pack or none
         except OSError as exc:
             log.debug("pack %s not cached in %s: %s", key, cache, exc)
+        else:
+            evict_packs(cache, keep=target)
         return data
+
+
+def evict_packs(cache: Path, *, keep: Path, limit: int | None = None) -> None:
+    """Remove the least recently used packs in ``cache`` until they fit in ``limit`` bytes.
+
+    ``limit`` defaults to :data:`MAX_PACKS_BYTES`; ``keep`` (the pack just
+    written) stays. A pack another session is about
+    to read and finds gone is packed again there: eviction never fails a run.
+    """
+    limit = MAX_PACKS_BYTES if limit is None else limit
+    packs: list[tuple[float, int, Path]] = []
+    for path in cache.glob("*.tar"):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        packs.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in packs)
+    for _, size, path in sorted(packs):
+        if total <= limit:
+            break
+        if path == keep:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size

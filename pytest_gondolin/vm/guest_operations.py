@@ -2,7 +2,8 @@
 
 :class:`GuestOperations` is a base of :class:`~pytest_gondolin.vm.machine.VM`
 and holds its guest API: ``exec``, ``spawn``, ``attach``, ``read_file``,
-``write_file`` (and ``secret_env``, the placeholders every ``exec`` gets).
+``write_file`` (and ``secret_env``, the placeholders every ``exec`` gets), and
+the guest's wall clock (``refresh_clock``).
 Each call goes over the VM's :class:`~pytest_gondolin.vm.channel.AgentChannel`;
 a failure while QEMU exits under it becomes
 :class:`~pytest_gondolin.errors.VMCrashed`. The VM's lifecycle, network and
@@ -12,6 +13,8 @@ attributes declared here.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -27,10 +30,13 @@ from pytest_gondolin.vm.runstate import LAUNCHED, Runstate
 if TYPE_CHECKING:  # annotations only: guest_network loads the stack when a guest needs it
     from pytest_gondolin.netpolicy.driver import NetworkDriver
 
-__all__ = ["MAX_READ_FILE", "GuestOperations"]
+__all__ = ["CLOCK_MAX_AGE", "MAX_READ_FILE", "GuestOperations"]
 
 #: Largest file read_file() returns.
 MAX_READ_FILE = 1024 * 1024 * 1024
+#: A guest clock set this long ago is set again before a VM is handed out
+#: (:meth:`GuestOperations.refresh_clock`): a guest clock off by 1% is then 10 ms off.
+CLOCK_MAX_AGE = 1.0
 
 
 class GuestOperations:
@@ -42,6 +48,8 @@ class GuestOperations:
     _channel: AgentChannel | None
     _qemu: QemuProcess | None
     network: NetworkDriver | None
+    #: When the host last set the guest's wall clock (``time.monotonic()``).
+    _clock_set_at: float | None
 
     @property
     def state(self) -> Runstate:
@@ -50,6 +58,35 @@ class GuestOperations:
     def secret_env(self) -> dict[str, str]:
         """``{NAME: placeholder}`` for the current policy's secrets (empty without secrets)."""
         return secret_env(self.network)
+
+    def _refresh_guest(self) -> None:
+        """Give a freshly booted guest the host's wall clock and fresh entropy."""
+        ch = self._require_channel()
+        ch.add_entropy(os.urandom(64))
+        ch.set_clock(time.time_ns())
+        self._clock_set_at = time.monotonic()
+
+    @require(Runstate.RUNNING)
+    def refresh_clock(self, max_age: float = CLOCK_MAX_AGE) -> bool:
+        """Set the guest's wall clock to the host's unless it was set under ``max_age`` s ago.
+
+        Returns whether it was set. A guest keeps its own time between the
+        host's settings, at the rate its kernel calibrated at boot; under TCG
+        that rate can be off (the calibration is against emulated timers),
+        so a VM that waited running after its restore (in a
+        :class:`~pytest_gondolin.vm.pool.RestorePool`) gets the host's time
+        again when it is handed out. Raises VMError if the agent does not answer.
+        """
+        set_at = self._clock_set_at
+        if set_at is not None and time.monotonic() - set_at < max_age:
+            return False
+        try:
+            self._require_channel().set_clock(time.time_ns())
+        except (TimeoutError, VMError) as exc:
+            self._crash_check(exc)
+            raise VMError(f"{self.name}: setting the guest clock failed: {exc}") from exc
+        self._clock_set_at = time.monotonic()
+        return True
 
     def _require_channel(self) -> AgentChannel:
         if self._state is Runstate.CLOSED:

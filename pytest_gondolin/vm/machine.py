@@ -73,9 +73,6 @@ log = logging.getLogger(__name__)
 RESTORE_SYNC_TIMEOUT = 30.0
 #: ``sync`` before a checkpoint writes back the guest's dirty pages: seconds under TCG.
 CHECKPOINT_SYNC_TIMEOUT = 60.0
-#: A guest clock set this long ago is set again before a VM is handed out
-#: (:meth:`VM.refresh_clock`): a guest clock off by 1% is then 10 ms off.
-CLOCK_MAX_AGE = 1.0
 
 
 _LIVE: weakref.WeakSet[VM] = weakref.WeakSet()
@@ -214,35 +211,6 @@ class VM(GuestOperations):
         else:
             self._clock_set_at = time.monotonic()
         log.info("%s: ready in %.2f s", self.name, self.boot_seconds)
-
-    def _refresh_guest(self) -> None:
-        """Give a freshly booted guest the host's wall clock and fresh entropy."""
-        ch = self._require_channel()
-        ch.add_entropy(os.urandom(64))
-        ch.set_clock(time.time_ns())
-        self._clock_set_at = time.monotonic()
-
-    @require(Runstate.RUNNING)
-    def refresh_clock(self, max_age: float = CLOCK_MAX_AGE) -> bool:
-        """Set the guest's wall clock to the host's unless it was set under ``max_age`` s ago.
-
-        Returns whether it was set. A guest keeps its own time between the
-        host's settings, at the rate its kernel calibrated at boot; under TCG
-        that rate can be off (the calibration is against emulated timers),
-        so a VM that waited running after its restore (in a
-        :class:`~pytest_gondolin.vm.pool.RestorePool`) gets the host's time
-        again when it is handed out. Raises VMError if the agent does not answer.
-        """
-        set_at = self._clock_set_at
-        if set_at is not None and time.monotonic() - set_at < max_age:
-            return False
-        try:
-            self._require_channel().set_clock(time.time_ns())
-        except (TimeoutError, VMError) as exc:
-            self._crash_check(exc)
-            raise VMError(f"{self.name}: setting the guest clock failed: {exc}") from exc
-        self._clock_set_at = time.monotonic()
-        return True
 
     @require(Runstate.CREATED, Runstate.BOOTING, Runstate.RUNNING)
     def add_close_hook(self, hook: Callable[[], object], *, after_stop: bool = False) -> None:

@@ -193,3 +193,35 @@ def test_save_refuses_a_witness_changed_just_now(tmp_path: Path) -> None:
     assert environment_cache.load_scan(entry) == {"a": 1}
     fresh.write_text("y")
     assert environment_cache.load_scan(entry) is None
+
+
+def test_packs_past_the_limit_go_least_recently_used_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "packs"
+    cache.mkdir()
+    source = tmp_path / "mod.py"
+    source.write_text("X = 1\n" * 100)
+    now = time.time()
+    for age, name in enumerate(["newest", "middle", "oldest"]):
+        pack = cache / f"{name}.tar"
+        pack.write_bytes(b"\0" * 4096)
+        os.utime(pack, (now - 100 * (age + 1), now - 100 * (age + 1)))
+    # Reading a pack marks it used: "oldest" is then the most recent of the three.
+    assert environment_cache.cached_pack("oldest", [str(source)], cache) == b"\0" * 4096
+    new_size = len(environment_cache.tar_files([str(source)]))
+    monkeypatch.setattr(environment_cache, "MAX_PACKS_BYTES", new_size + 4096)
+    data = environment_cache.cached_pack("new", [str(source)], cache)
+    assert data == (cache / "new.tar").read_bytes()
+    # Room for the new pack and one more: the one read last stays.
+    assert {p.stem for p in cache.glob("*.tar")} == {"new", "oldest"}
+
+
+def test_packs_within_the_limit_all_stay(tmp_path: Path) -> None:
+    cache = tmp_path / "packs"
+    cache.mkdir()
+    (cache / "old.tar").write_bytes(b"x" * 10)
+    source = tmp_path / "mod.py"
+    source.write_text("X = 1\n")
+    environment_cache.cached_pack("new", [str(source)], cache)
+    assert {p.stem for p in cache.glob("*.tar")} == {"old", "new"}
