@@ -218,7 +218,11 @@ class ChannelDriver:
                 return
             self._cond.notify_all()
             callback = self.on_lost
-        log.warning("%s", error)
+        # Not a warning: a call under way fails with this error (and a test's
+        # report says its VM died), and a VM closed while a background restore
+        # starts its QEMU loses a channel nobody uses (a stray line on the
+        # terminal after pytest's summary).
+        log.info("%s", error)
         if callback is not None:
             try:
                 callback(error)
