@@ -2,7 +2,9 @@
 
 An archive holds the complete images (``<cache>/images/``), the CA the
 guests trust (``<cache>/ca/``: a warm snapshot's key digests the boot
-payload, which carries that CA) and every file under ``<cache>/snapshots/``,
+payload, which carries that CA), every file under ``<cache>/snapshots/`` and
+the host environment images layered snapshots were saved with
+(:mod:`~pytest_gondolin.image.archive_environment`),
 behind a manifest (:mod:`~pytest_gondolin.image.archive_manifest`) with
 each file's size and SHA-256 and what each snapshot needs to be loaded.
 
@@ -32,6 +34,7 @@ import pytest_gondolin.paths as paths
 from pytest_gondolin import __version__
 from pytest_gondolin.errors import ImageError
 from pytest_gondolin.hosttools import require as require_tool
+from pytest_gondolin.image import archive_environment
 from pytest_gondolin.image.archive_manifest import (
     CA_FILES,
     MANIFEST_MEMBER,
@@ -108,10 +111,11 @@ def host_facts(accel: str = "auto") -> HostFacts:
 # -- export ------------------------------------------------------------------------------
 
 
-def _sha256(path: Path, say: Progress) -> str:
+def _sha256(path: Path, say: Progress, size: int) -> str:
+    """The SHA-256 of the first ``size`` bytes of ``path``."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for chunk in chunks(fh, path.stat().st_size, f"hashing {path.name}", say):
+        for chunk in chunks(fh, size, f"hashing {path.name}", say):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -162,6 +166,9 @@ def _collect(root: Path, facts: HostFacts, say: Progress) -> tuple[list[ArchiveE
     if all((ca / name).is_file() for name in CA_FILES):
         planned += [(ca / name, "ca") for name in CA_FILES]
     planned += [(f, "snapshot") for f in _regular_files(snapshots_dir().absolute())]
+    # Host environment images travel at their file system's length, not the slot's.
+    lengths = dict(archive_environment.exportable(root))
+    planned += [(f, "environment") for f in lengths]
     names = {p.relative_to(root).as_posix() for p, _ in planned}
     entries: list[ArchiveEntry] = []
     for path, kind in planned:
@@ -174,7 +181,8 @@ def _collect(root: Path, facts: HostFacts, say: Progress) -> tuple[list[ArchiveE
                     skipped.append(f"{path}: {why}")
                     continue
                 state_key = path.name.split(".")[0]
-            size, digest = path.stat().st_size, _sha256(path, say)
+            size = lengths.get(path) or path.stat().st_size
+            digest = _sha256(path, say, size)
         except FileNotFoundError:  # pruned or evicted meanwhile: it was never complete here
             skipped.append(f"{path}: removed while it was exported")
             continue
@@ -307,7 +315,8 @@ def _add(tar: tarfile.TarFile, path: Path, entry: ArchiveEntry, say: Progress) -
         with path.open("rb") as fh:
             info = _info(entry.path, entry.size, mode, path.stat().st_mtime)
             tar.addfile(info, _Feed(hashed(fh)))
-        if digest.hexdigest() != entry.sha256 or path.stat().st_size != entry.size:
+        grown = entry.kind != "environment" and path.stat().st_size != entry.size
+        if digest.hexdigest() != entry.sha256 or grown:
             raise changed
     except FileNotFoundError as exc:
         raise changed from exc

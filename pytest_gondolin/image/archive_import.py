@@ -38,6 +38,7 @@ import filelock
 import pytest_gondolin.paths as paths
 from pytest_gondolin.errors import CacheDirError, GondolinError, ImageError
 from pytest_gondolin.hosttools import require as require_tool
+from pytest_gondolin.image import archive_environment
 from pytest_gondolin.image.archive import LOCK_TIMEOUT, TOOL_TIMEOUT, Progress, chunks
 from pytest_gondolin.image.archive_manifest import (
     CA_FILES,
@@ -99,6 +100,9 @@ def _plan(manifest: ArchiveManifest, root: Path, here: HostFacts | None) -> _Pla
             if why is None and (root / entry.path).exists():
                 plan.present.append(entry.path)
                 continue
+        if entry.kind == "environment" and (root / entry.path).exists():
+            plan.present.append(entry.path)
+            continue
         if why is not None:
             never = " (it would never be loaded here)" if entry.kind == "snapshot" else ""
             plan.skipped.append(f"{entry.path}: skipped, {why}{never}")
@@ -303,6 +307,8 @@ def _verify(plan: _Plan, staging: Path, root: Path) -> None:
             raise ImageError(f"the CA in the archive is unusable: {exc}") from exc
     for entry in plan.write.values():
         staged = staging / entry.path
+        if entry.kind == "environment":
+            archive_environment.check_staged(staged, entry.path, entry.size)
         if entry.kind != "snapshot":
             continue
         if not _is_qcow2(staged):
@@ -380,6 +386,11 @@ def _commit(plan: _Plan, staging: Path, root: Path, say: Progress) -> list[str]:
                 os.replace(staging / "ca" / "gondolin-ca.key", ca / "gondolin-ca.key")
                 os.replace(staging / "ca" / "gondolin-ca.pem", ca / "gondolin-ca.pem")  # last
                 installed.append("ca")
+    for entry in (e for e in plan.write.values() if e.kind == "environment"):
+        if archive_environment.adopt(staging / entry.path, root, entry.path):
+            installed.append(entry.path)
+        else:  # this cache built an image of the same content: kept
+            plan.present.append(entry.path)
     for entry in sorted(
         (e for e in plan.write.values() if e.kind == "snapshot"),
         key=lambda e: _chain_depth(e, plan.manifest),

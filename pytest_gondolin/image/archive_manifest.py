@@ -61,7 +61,7 @@ MAX_ENTRIES = 10_000
 MAX_FILE_BYTES = 64 * 2**30
 #: The CA files the cache holds (:mod:`pytest_gondolin.netpolicy.http.ca`).
 CA_FILES = ("gondolin-ca.key", "gondolin-ca.pem")
-KINDS = ("image", "snapshot", "ca")
+KINDS = ("image", "snapshot", "ca", "environment")
 #: A path part: starts with a letter, digit or underscore (never ``.``, ``..``
 #: or a hidden name), then a bounded run of safe characters.
 _PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}")
@@ -137,8 +137,9 @@ def check_path(path: str, kind: str) -> None:
 
     Safe: relative, "/"-separated parts that each match :data:`_PART` (so no
     ``..``, ``.``, empty or hidden part, no backslash or NUL), under the
-    folder of its kind: ``images/<folder>/<file>``, ``ca/<CA file>``, or
-    ``snapshots/`` and one to three more parts. Lock and temporary files
+    folder of its kind: ``images/<folder>/<file>``, ``ca/<CA file>``,
+    ``snapshots/`` and one to three more parts, or
+    ``host-environment/images/<file>``. Lock and temporary files
     are never archived.
     """
     parts = path.split("/")
@@ -152,6 +153,8 @@ def check_path(path: str, kind: str) -> None:
         ok = len(parts) == 2 and parts[0] == "ca" and parts[1] in CA_FILES
     elif kind == "snapshot":
         ok = 2 <= len(parts) <= 4 and parts[0] == "snapshots"
+    elif kind == "environment":  # a host environment's image (image/archive_environment.py)
+        ok = len(parts) == 3 and parts[:2] == ["host-environment", "images"]
     else:
         raise ImageError(f"archive file {path!r} has an unknown kind {kind!r}")
     if not ok:

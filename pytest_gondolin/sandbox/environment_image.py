@@ -59,8 +59,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-import filelock
-
 import pytest_gondolin.paths as paths
 from pytest_gondolin.errors import ConfigError, GondolinError
 from pytest_gondolin.sandbox.distribution_files import inside, outermost
@@ -69,6 +67,7 @@ from pytest_gondolin.vm.disk_backed import TMPFS_FOLDERS, backing_command
 from pytest_gondolin.vm.layers import Layer, TarItem, tar_layer
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.qemu import ENV_SLOT_BYTES, ENV_SLOT_SERIAL
+from pytest_gondolin.vm.slot_images import image_lock, images_folder, record_image, valid_id
 
 __all__ = [
     "GUEST_ROOT",
@@ -178,7 +177,7 @@ def prepare(env: HostEnvironment, cache: Path) -> EnvironmentImage | None:
     if mkfs is None:
         log.debug("no environment image: mkfs.ext4 is not installed")
         return None
-    folder = cache / "images"
+    folder = images_folder(cache)
     if "," in str(folder):  # a comma ends a QEMU option
         return None
     try:
@@ -191,15 +190,14 @@ def prepare(env: HostEnvironment, cache: Path) -> EnvironmentImage | None:
     if not paths.can_write(folder):
         # A read-only cache: an image built before is used (its side file is
         # written last, by rename), none is built.
-        image_id = _valid_id(folder, content)
+        image_id = valid_id(folder, content)
         if image_id is None:
             return None
         return EnvironmentImage(
             folder / f"{content}-{image_id}.img", f"{content}-{image_id}", roots
         )
-    lock = filelock.FileLock(str(paths.lock_path(folder / f"{content}.lock")))
-    with lock.acquire(timeout=IMAGE_LOCK_TIMEOUT):
-        image_id = _valid_id(folder, content)
+    with image_lock(folder, content).acquire(timeout=IMAGE_LOCK_TIMEOUT):
+        image_id = valid_id(folder, content)
         if image_id is not None:
             try:
                 os.utime(folder / f"{content}.json")  # least recently used goes first (_evict)
@@ -218,26 +216,6 @@ def prepare(env: HostEnvironment, cache: Path) -> EnvironmentImage | None:
         return None
     build = _Build(env, roots, mkfs, image, content, image_id)
     return EnvironmentImage(image, f"{content}-{image_id}", roots, build.run)
-
-
-def _valid_id(folder: Path, content: str) -> str | None:
-    """The id of the image of ``content`` when its side file says it is the file built."""
-    side = folder / f"{content}.json"
-    try:
-        data = json.loads(side.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("id"), str):
-        return None
-    image = folder / f"{content}-{data['id']}.img"
-    try:
-        st = image.stat()
-    except OSError:
-        return None
-    if data.get("stat") != [st.st_size, st.st_mtime_ns, st.st_ino]:
-        log.info("environment image %s changed since it was built; building another", image)
-        return None
-    return str(data["id"])
 
 
 class _Build:
@@ -314,15 +292,8 @@ class _Build:
                 )
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-        st = self._image.stat()
-        side = folder / f"{self._content}.json"
-        lock = filelock.FileLock(str(paths.lock_path(folder / f"{self._content}.lock")))
-        with lock.acquire(timeout=IMAGE_LOCK_TIMEOUT):
-            tmp = side.with_name(f".{side.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(
-                json.dumps({"id": self._id, "stat": [st.st_size, st.st_mtime_ns, st.st_ino]})
-            )
-            os.replace(tmp, side)  # last: an image no side file names is never reused
+        with image_lock(folder, self._content).acquire(timeout=IMAGE_LOCK_TIMEOUT):
+            side = record_image(folder, self._content, self._id)
             _evict(folder, keep=side)
         log.info("built the host environment's image %s (%d files)", self._image, count)
 

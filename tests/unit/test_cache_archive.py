@@ -447,6 +447,11 @@ def test_a_read_only_cache_folder_is_named_and_left_alone(cache_a: Path, tmp_pat
         ("/snapshots/a", "snapshot"),
         ("snapshots/a", "image"),
         ("snapshots/a", "other"),
+        ("host-environment/a.img", "environment"),
+        ("host-environment/other/a.img", "environment"),
+        ("host-environment/images/../a.img", "environment"),
+        ("snapshots/a.img", "environment"),
+        ("host-environment/images/a.img", "snapshot"),
     ],
 )
 def test_unsafe_paths_are_refused(path: str, kind: str) -> None:
