@@ -284,9 +284,8 @@ class GuestWorker:
             worker_cache.send_go(first.transport, go["argv"], go["cwd"], go["env"])
             collected = first.client.start(WORKER_START_TIMEOUT)
             phases.mark("collect")
+            # With the state: written back and page cache dropped (nothing dirty saved).
             worker_cache.write_state(vm, first.transport.proc, collected)
-            # The tree is on the disk and the page cache was dropped by the copy
-            # (worker_setup.copy_project): nothing dirty is saved.
             vm.save_internal(WORKER_TAG)
             phases.mark("save")
             if reused is not None:
