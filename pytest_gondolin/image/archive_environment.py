@@ -82,7 +82,7 @@ def exportable(cache_root: Path) -> list[tuple[Path, int]]:
         image_id = slot_images.valid_id(folder, side.stem)
         if image_id is None:
             continue
-        image = folder / f"{side.stem}-{image_id}.img"
+        image = slot_images.image_path(folder, side.stem, image_id)
         length = data_bytes(image)
         if length is not None:
             found.append((image, length))
@@ -110,7 +110,7 @@ def adopt(staged: Path, cache_root: Path, rel: str) -> bool:
     with slot_images.image_lock(folder, content).acquire(timeout=LOCK_TIMEOUT):
         if slot_images.valid_id(folder, content) is not None:
             return False
-        target = folder / f"{content}-{image_id}.img"
+        target = slot_images.image_path(folder, content, image_id)
         os.rename(staged, target)
         os.truncate(target, ENV_SLOT_BYTES)  # sparse: the capacity the guest saw
         slot_images.record_image(folder, content, image_id)

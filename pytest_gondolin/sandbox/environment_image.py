@@ -67,7 +67,13 @@ from pytest_gondolin.vm.disk_backed import TMPFS_FOLDERS, backing_command
 from pytest_gondolin.vm.layers import Layer, TarItem, tar_layer
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.qemu import ENV_SLOT_BYTES, ENV_SLOT_SERIAL
-from pytest_gondolin.vm.slot_images import image_lock, images_folder, record_image, valid_id
+from pytest_gondolin.vm.slot_images import (
+    image_lock,
+    image_path,
+    images_folder,
+    record_image,
+    valid_id,
+)
 
 __all__ = [
     "GUEST_ROOT",
@@ -194,7 +200,7 @@ def prepare(env: HostEnvironment, cache: Path) -> EnvironmentImage | None:
         if image_id is None:
             return None
         return EnvironmentImage(
-            folder / f"{content}-{image_id}.img", f"{content}-{image_id}", roots
+            image_path(folder, content, image_id), f"{content}-{image_id}", roots
         )
     with image_lock(folder, content).acquire(timeout=IMAGE_LOCK_TIMEOUT):
         image_id = valid_id(folder, content)
@@ -204,10 +210,10 @@ def prepare(env: HostEnvironment, cache: Path) -> EnvironmentImage | None:
             except OSError:
                 pass
             return EnvironmentImage(
-                folder / f"{content}-{image_id}.img", f"{content}-{image_id}", roots
+                image_path(folder, content, image_id), f"{content}-{image_id}", roots
             )
     image_id = str(uuid.uuid4())
-    image = folder / f"{content}-{image_id}.img"
+    image = image_path(folder, content, image_id)
     try:
         with image.open("xb") as empty:
             empty.truncate(ENV_SLOT_BYTES)  # sparse: the slot's capacity never changes
@@ -320,12 +326,12 @@ def _evict(folder: Path, *, keep: Path) -> None:
             image_id = None
         if rank < MAX_IMAGES or side == keep:
             if isinstance(image_id, str):
-                named.add(f"{side.stem}-{image_id}.img")
+                named.add(image_path(folder, side.stem, image_id).name)
             continue
         log.info("removing least recently used environment image %s", side)
         side.unlink(missing_ok=True)
         if isinstance(image_id, str):
-            (folder / f"{side.stem}-{image_id}.img").unlink(missing_ok=True)
+            image_path(folder, side.stem, image_id).unlink(missing_ok=True)
     old = time.time() - LEFTOVER_AGE
     for path in [*folder.glob("*.img"), *folder.glob(".stage-*")]:
         try:

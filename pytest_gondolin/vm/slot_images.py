@@ -21,7 +21,7 @@ import filelock
 
 import pytest_gondolin.paths as paths
 
-__all__ = ["image_lock", "images_folder", "record_image", "valid_id"]
+__all__ = ["image_lock", "image_path", "images_folder", "record_image", "valid_id"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 def images_folder(cache: Path) -> Path:
     """Where the images of host environment cache ``cache`` (``<cache>/host-environment``) are."""
     return cache / "images"
+
+
+def image_path(folder: Path, content: str, image_id: str) -> Path:
+    """The file of image ``image_id`` of ``content`` in ``folder``: ``<content>-<id>.img``."""
+    return folder / f"{content}-{image_id}.img"
 
 
 def image_lock(folder: Path, content: str) -> filelock.FileLock:
@@ -42,7 +47,7 @@ def record_image(folder: Path, content: str, image_id: str) -> Path:
     Call with :func:`image_lock` held. Last of a build (or of an import:
     ``image/archive_environment.py``): an image no side file names is never used.
     """
-    st = (folder / f"{content}-{image_id}.img").stat()
+    st = image_path(folder, content, image_id).stat()
     side = folder / f"{content}.json"
     tmp = side.with_name(f".{side.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps({"id": image_id, "stat": [st.st_size, st.st_mtime_ns, st.st_ino]}))
@@ -59,7 +64,7 @@ def valid_id(folder: Path, content: str) -> str | None:
         return None
     if not isinstance(data, dict) or not isinstance(data.get("id"), str):
         return None
-    image = folder / f"{content}-{data['id']}.img"
+    image = image_path(folder, content, data["id"])
     try:
         st = image.stat()
     except OSError:
