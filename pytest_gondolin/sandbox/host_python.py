@@ -71,6 +71,7 @@ __all__ = [
     "Choice",
     "HostInterpreter",
     "HostLayout",
+    "choice_entry",
     "choose",
     "decide",
     "interpreter_key",
@@ -286,7 +287,7 @@ def decide(
     """
     facts = image_facts(config, cache, progress=progress)
     layout = HostLayout.current()
-    entry = cache / f"choice-{_digest(repr((_FORMAT, layout, facts)))}.json"
+    entry = choice_entry(cache, layout, facts)
     stamp = _folder_stamp(layout)
     choice = _cached_choice(entry, stamp)
     if choice is None:
@@ -302,6 +303,17 @@ def decide(
             "the guest runs the image's Python: the host's cannot run there (%s)", choice.reason
         )
     return choice
+
+
+def choice_entry(cache: Path, layout: HostLayout, facts: GuestFacts) -> Path:
+    """The file in ``cache`` that holds the choice for ``layout`` on an image with ``facts``.
+
+    The same in every process: the library set goes in sorted (a
+    frozenset's repr follows string hashing, which differs between
+    processes; the cache was once never hit, 0.15 s every session).
+    """
+    key = (_FORMAT, layout, facts.machine, facts.glibc, facts.python, sorted(facts.libraries))
+    return cache / f"choice-{_digest(repr(key))}.json"
 
 
 def _digest(text: str) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +93,28 @@ def test_a_damaged_cache_entry_is_checked_again(checks: list[HostLayout], tmp_pa
     stamp = json.loads(entry.read_text())["stamp"]  # rewritten by that check
     entry.write_text(json.dumps({"stamp": stamp, "choice": {"interpreter": 5}}))
     assert decide(cache) == first and len(checks) == 4
+
+
+_ENTRY = """
+import sys
+from pathlib import Path
+from pytest_gondolin.sandbox import guest_facts, host_python
+libraries = frozenset(f"lib{i}.so.{i % 7}" for i in range(200))
+facts = guest_facts.GuestFacts("x86_64", (2, 36), "3.11.2", libraries)
+print(host_python.choice_entry(Path("/c"), host_python.HostLayout.current(), facts).name)
+"""
+
+
+def test_every_process_finds_the_same_cache_entry() -> None:
+    """The entry's name does not follow string hashing (a new name each session: never a hit)."""
+    names = {
+        subprocess.run(
+            [sys.executable, "-c", _ENTRY],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(names) == 1 and next(iter(names)).startswith("choice-")
