@@ -40,6 +40,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -151,6 +152,20 @@ def _cassette_verdict(player: CassettePlayer) -> HostFailure | None:
     except CassetteError as exc:
         return HostFailure("cassette", f"cassette: {exc}")
     return None
+
+
+def _deleting(vm: VM, tag: str) -> threading.Thread:
+    """A started thread deleting ``vm``'s snapshot ``tag`` (failures logged: savevm deletes it then)."""
+
+    def delete() -> None:
+        try:
+            vm.delete_internal(tag)
+        except GondolinError as exc:
+            log.debug("%s: snapshot %s not deleted ahead: %s", vm.name, tag, exc)
+
+    thread = threading.Thread(target=delete, name=f"{vm.name}-delvm", daemon=True)
+    thread.start()
+    return thread
 
 
 class GuestWorker:
@@ -267,9 +282,12 @@ class GuestWorker:
                 if one_test
                 else None
             )
+            stale: threading.Thread | None = None
             if reused is not None:
                 vm, transport, saved = reused
                 self.factory.adopt(vm)
+                # The previous tree's worker snapshot goes while this one collects.
+                stale = _deleting(vm, WORKER_TAG)
                 phases.mark("restore started in place")
             else:
                 vm = launch_layered(vmconfig, layers, name=name, progress=say)
@@ -286,6 +304,8 @@ class GuestWorker:
             phases.mark("collect")
             # With the state: written back and page cache dropped (nothing dirty saved).
             worker_cache.write_state(vm, first.transport.proc, collected)
+            if stale is not None:
+                stale.join()
             vm.save_internal(WORKER_TAG)
             phases.mark("save")
             if reused is not None:
