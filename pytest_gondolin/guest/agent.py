@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 
 from pytest_gondolin.guest.agentio import FrameWriter, describe, errno_of, write_all
+from pytest_gondolin.guest.binds import bind_folders
 from pytest_gondolin.guest.execs import Execs
 from pytest_gondolin.guest.files import Files
 from pytest_gondolin.guest.protocol import (
@@ -94,6 +95,7 @@ class Agent:
             "write_close": self.files.write_close,
             "read": self.files.read,
             "set_clock": self._h_set_clock,
+            "bind": self._h_bind,
             "entropy": self._h_entropy,
             "poweroff": self._h_poweroff,
         }
@@ -183,6 +185,10 @@ class Agent:
 
     def _h_set_clock(self, frame: Frame) -> None:
         time.clock_settime_ns(time.CLOCK_REALTIME, frame.header["ns"])
+        self.writer.send({"t": "ok", "id": frame.id})
+
+    def _h_bind(self, frame: Frame) -> None:
+        bind_folders([(disk, folder) for disk, folder in frame.header["pairs"]])
         self.writer.send({"t": "ok", "id": frame.id})
 
     def _h_entropy(self, frame: Frame) -> None:

@@ -73,6 +73,8 @@ __all__ = [
 
 #: Bumped on any incompatible change; the host refuses an agent that differs.
 PROTOCOL_VERSION: Final = "1"
+#: Folders one ``bind`` request may name.
+MAX_BIND_PAIRS: Final = 256
 
 #: Bounds the memory one frame can claim on either side; a CHUNK plus its header fits easily.
 MAX_FRAME: Final = 1 << 20
@@ -162,6 +164,18 @@ def _is_timeout(v: object) -> bool:
     return math.isfinite(v) and 0 < v <= 10**9
 
 
+def _is_path(v: object) -> bool:
+    return _is_clean_str(v) and v.startswith("/")
+
+
+def _is_bind_pairs(v: object) -> bool:
+    return (
+        isinstance(v, list)
+        and 0 < len(v) <= MAX_BIND_PAIRS
+        and all(isinstance(p, list) and len(p) == 2 and all(map(_is_path, p)) for p in v)
+    )
+
+
 STR: Final = FieldKind("str", lambda v: isinstance(v, str))
 NONCE: Final = FieldKind(
     "non-empty str of at most 128 chars", lambda v: isinstance(v, str) and 0 < len(v) <= 128
@@ -169,9 +183,9 @@ NONCE: Final = FieldKind(
 BOOL: Final = FieldKind("bool", lambda v: isinstance(v, bool))
 ARGV: Final = FieldKind("non-empty list of str without NUL", _is_argv)
 ENV: Final = FieldKind("dict of str -> str (names non-empty, without '=' or NUL)", _is_env)
-PATH: Final = FieldKind(
-    "absolute path (str starting with '/', without NUL)",
-    lambda v: _is_clean_str(v) and v.startswith("/"),
+PATH: Final = FieldKind("absolute path (str starting with '/', without NUL)", _is_path)
+BIND_PAIRS: Final = FieldKind(
+    f"list of 1 to {MAX_BIND_PAIRS} [disk folder, folder] pairs of absolute paths", _is_bind_pairs
 )
 TIMEOUT: Final = FieldKind("finite number of seconds in (0, 1e9]", _is_timeout)
 SIZE: Final = _int_range(0, MAX_ID - 1)
@@ -218,6 +232,8 @@ MESSAGES: Final[Mapping[str, MessageSpec]] = {
     "write_close": MessageSpec("host", {}),
     "read": MessageSpec("host", {"path": PATH, "max_size": SIZE}),
     "set_clock": MessageSpec("host", {"ns": NS}),
+    # Disk folders bound over tmpfs folders (guest/binds.py); "ok" once done.
+    "bind": MessageSpec("host", {"pairs": BIND_PAIRS}),
     "entropy": MessageSpec("host", {}, payload=True),
     "poweroff": MessageSpec("host", {}),
     # guest -> host

@@ -326,6 +326,13 @@ class AgentChannel(ChannelDriver):
         """Set the guest's wall clock to ``ns`` nanoseconds since the epoch."""
         self._request(SimpleCall("set_clock"), {"t": "set_clock", "ns": ns})
 
+    def bind(self, pairs: list[tuple[str, str]]) -> None:
+        """Bind each ``(disk folder, folder)`` pair's disk folder over its folder (``guest/binds.py``).
+
+        Raises AgentRequestError (errno ENOTEMPTY) when a folder holds files.
+        """
+        self._request(SimpleCall("bind"), {"t": "bind", "pairs": [list(p) for p in pairs]})
+
     def add_entropy(self, data: bytes) -> None:
         """Mix ``data`` into the guest kernel RNG (and reseed the agent's ``random``)."""
         self._request(SimpleCall("entropy"), {"t": "entropy"}, data)

@@ -20,16 +20,27 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import shlex
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 
-from pytest_gondolin.errors import VMError
+from pytest_gondolin.errors import AgentRequestError, VMError
 from pytest_gondolin.guest.sysinit import MOUNTS
 from pytest_gondolin.vm.machine import VM
 
-__all__ = ["DISK_ROOT", "TMPFS_FOLDERS", "back_with_disk", "backing_command", "folders_to_back"]
+__all__ = [
+    "DISK_ROOT",
+    "TMPFS_FOLDERS",
+    "back_with_disk",
+    "backing_command",
+    "bind_folders",
+    "disk_folder",
+    "folders_to_back",
+]
+
+log = logging.getLogger(__name__)
 
 #: Where on the guest's root disk the backed folders live.
 DISK_ROOT: Final = "/var/lib/gondolin/disk"
@@ -72,9 +83,29 @@ def folders_to_back(tars: Iterable[bytes]) -> list[str]:
 def back_with_disk(vm: VM, tars: Iterable[bytes]) -> list[str]:
     """Bind a disk folder over each folder ``tars`` will fill under a tmpfs; return them."""
     folders = folders_to_back(tars)
-    if folders:
-        vm.exec(backing_command(folders), check=True, timeout=BIND_TIMEOUT)
+    bind_folders(vm, folders)
     return folders
+
+
+def bind_folders(vm: VM, folders: Sequence[str]) -> None:
+    """Bind a disk folder over each of ``folders`` not bound yet.
+
+    The agent does it in one round trip (``guest/binds.py``); where a folder
+    already holds files in the tmpfs (or an agent does not know the request),
+    :func:`backing_command`'s shell does, copying what it holds first.
+    """
+    if not folders:
+        return
+    try:
+        vm.bind_folders([(disk_folder(folder), folder) for folder in folders])
+    except AgentRequestError as exc:
+        log.debug("%s: the agent did not bind %s (%s); the shell does", vm.name, folders, exc)
+        vm.exec(backing_command(folders), check=True, timeout=BIND_TIMEOUT)
+
+
+def disk_folder(folder: str) -> str:
+    """The folder of the guest's disk bound over ``folder``."""
+    return f"{DISK_ROOT}/{hashlib.sha256(folder.encode()).hexdigest()[:16]}"
 
 
 def backing_command(folders: Iterable[str]) -> str:
@@ -85,7 +116,7 @@ def backing_command(folders: Iterable[str]) -> str:
     """
     steps = []
     for folder in folders:
-        disk = f"{DISK_ROOT}/{hashlib.sha256(folder.encode()).hexdigest()[:16]}"
+        disk = disk_folder(folder)
         q, d = shlex.quote(folder), shlex.quote(disk)
         listed = shlex.quote(_mountinfo_escaped(folder))
         # /proc/self/mountinfo's fifth field is the mount point: skip a bound

@@ -198,6 +198,23 @@ class GuestOperations:
         return self._require_channel().attach(process, max_output=max_output)
 
     @require(*LAUNCHED)
+    def bind_folders(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Bind each ``(disk folder, folder)`` pair's disk folder over its folder, in the agent.
+
+        For :mod:`~pytest_gondolin.vm.disk_backed` (which owns the rules and
+        the shell fallback). Raises AgentRequestError (errno ENOTEMPTY) when
+        a folder holds files, before anything is bound.
+        """
+        channel = self._require_channel()
+        try:
+            channel.bind(list(pairs))
+        except AgentRequestError:
+            raise
+        except (AgentError, VMError) as exc:
+            self._crash_check(exc)
+            raise
+
+    @require(*LAUNCHED)
     def read_file(self, path: str, *, max_size: int = MAX_READ_FILE) -> bytes:
         """Return the contents of the regular file ``path`` in the guest.
 

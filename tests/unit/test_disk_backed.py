@@ -1,9 +1,13 @@
-"""Which folders a carried tar fills under the guest's tmpfs (vm/disk_backed.py), on real tars."""
+"""Which folders a carried tar fills under the guest's tmpfs (vm/disk_backed.py), on real tars;
+the agent's bind request (guest/binds.py) on real folders, with mount(2) recorded."""
 
 from __future__ import annotations
 
+import errno
 import io
 import tarfile
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +68,62 @@ def test_too_many_top_folders_is_refused() -> None:
     names = [f"tmp/d{i}/f" for i in range(MAX_FOLDERS + 1)]
     with pytest.raises(VMError, match="top-level folders"):
         folders_to_back([_tar(*names)])
+
+
+# -- the agent's side (guest/binds.py), with mount(2) recorded, not made -----------
+
+
+def _binds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, points: list[str]
+) -> tuple[Callable[[list[tuple[str, str]]], None], list[tuple[str, str]]]:
+    from pytest_gondolin.guest import binds
+
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "".join(
+            f"{i} 1 0:{i} / {point} rw,relatime shared:1 - tmpfs tmpfs rw\n"
+            for i, point in enumerate(points, start=20)
+        )
+    )
+    made: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        binds, "mount", lambda source, target, fstype, flags: made.append((source, target))
+    )
+    return lambda pairs: binds.bind_folders(pairs, mountinfo=str(table)), made
+
+
+def test_the_agent_binds_missing_and_empty_folders_and_skips_bound_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bound = tmp_path / "has space"
+    escaped = str(bound).replace(" ", "\\040")
+    bind, made = _binds(tmp_path, monkeypatch, [escaped])
+    (tmp_path / "empty").mkdir()
+    pairs = [
+        (str(tmp_path / "disk1"), str(tmp_path / "new" / "deep")),
+        (str(tmp_path / "disk2"), str(tmp_path / "empty")),
+        (str(tmp_path / "disk3"), str(bound)),  # a mount point already (escaped in the table)
+        (str(tmp_path / "disk1"), str(tmp_path / "new" / "deep")),  # named twice
+    ]
+    bind(pairs)
+    assert made == [pairs[0], pairs[1]]
+    assert (tmp_path / "disk1").is_dir() and (tmp_path / "new" / "deep").is_dir()
+
+
+def test_the_agent_binds_nothing_when_one_folder_holds_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bind, made = _binds(tmp_path, monkeypatch, [])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("kept")
+    (tmp_path / "file").write_text("not a folder")
+    for blocked in ("full", "file"):
+        with pytest.raises(OSError, match=blocked) as info:
+            bind(
+                [
+                    (str(tmp_path / "d1"), str(tmp_path / "a")),
+                    (str(tmp_path / "d2"), str(tmp_path / blocked)),
+                ]
+            )
+        assert info.value.errno == errno.ENOTEMPTY
+    assert made == [] and not (tmp_path / "d1").exists()
