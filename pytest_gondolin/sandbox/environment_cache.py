@@ -16,7 +16,7 @@
 * **The packs** (:func:`cached_pack`): one tar per carried distribution, at the
   files' absolute paths, written once under its content key. At most
   :data:`MAX_PACKS_BYTES` are kept; the least recently used go first (a
-  changed venv leaves its old packs behind).
+  changed venv leaves its old packs behind), once per layer (:func:`layer_packs`).
 
 A read-only or broken cache costs a new scan or pack, never an error.
 """
@@ -24,6 +24,7 @@ A read-only or broken cache costs a new scan or pack, never an error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -33,11 +34,21 @@ import stat
 import tarfile
 import threading
 import time
-from collections.abc import Iterable
+from array import array
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["MAX_PACKS_BYTES", "RACY_SECONDS", "cached_pack", "load_scan", "save_scan", "tar_files"]
+__all__ = [
+    "MAX_PACKS_BYTES",
+    "RACY_SECONDS",
+    "cached_pack",
+    "evict_packs",
+    "layer_packs",
+    "load_scan",
+    "save_scan",
+    "tar_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +64,26 @@ _MAX_WITNESSES: Final = 500_000
 MAX_PACKS_BYTES: Final = 2 * 2**30
 
 
-def _stamp(paths: list[str]) -> str:
+def _stamp(paths: Sequence[str]) -> str:
     """A digest of the ``stat`` of each of ``paths``, in order (the paths are stored beside it)."""
-    stats: list[tuple[int, int, int, int] | None] = []
-    add = stats.append
-    for path in paths:  # the hot loop of a cached scan: ~6,000 paths for a 50-distribution venv
+    # Two arrays filled in C, hashed as they are: a tuple per path and the
+    # repr of them all cost 4-9 ms more for 6,400 paths. st_ino is unsigned
+    # 64-bit; mtime (ns) and size fit a signed one.
+    signed, unsigned = array("q"), array("Q")
+    add_signed, add_unsigned = signed.extend, unsigned.extend
+    stat = os.stat
+    for path in paths:  # the hot loop of a cached scan: ~6,400 paths for a 54-distribution venv
         try:
-            st = os.stat(path)  # symlinks followed: the scan reads what they name
+            st = stat(path)  # symlinks followed: the scan reads what they name
         except OSError:
-            add(None)
+            add_signed((-1, -1))
+            add_unsigned((0, 0))  # no file has inode 0
             continue
-        add((st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode))
-    return hashlib.sha256(repr(stats).encode()).hexdigest()
+        add_signed((st.st_mtime_ns, st.st_size))
+        add_unsigned((st.st_ino, st.st_mode))
+    digest = hashlib.sha256(signed)
+    digest.update(unsigned)
+    return digest.hexdigest()
 
 
 def load_scan(entry: Path) -> Any | None:
@@ -138,8 +157,13 @@ def tar_files(paths: Iterable[str]) -> bytes:
 _pack_lock = threading.Lock()
 
 
-def cached_pack(key: str, files: Iterable[str], cache: Path) -> bytes:
-    """The tar of ``files``, from ``cache`` under ``key`` or packed now and cached."""
+def cached_pack(key: str, files: Iterable[str], cache: Path, *, evict: bool = True) -> bytes:
+    """The tar of ``files``, from ``cache`` under ``key`` or packed now and cached.
+
+    With ``evict``, a pack written makes room (:func:`evict_packs`); a layer
+    that asks for many packs passes False and evicts once, after its last
+    (:func:`layer_packs`): listing the folder costs ~5 ms per 2,400 packs.
+    """
     target = cache / f"{key}.tar"
     with _pack_lock:
         try:
@@ -159,18 +183,43 @@ def cached_pack(key: str, files: Iterable[str], cache: Path) -> bytes:
         except OSError as exc:
             log.debug("pack %s not cached in %s: %s", key, cache, exc)
         else:
-            evict_packs(cache, keep=target)
+            if evict:
+                evict_packs(cache, keep=[target])
         return data
 
 
-def evict_packs(cache: Path, *, keep: Path, limit: int | None = None) -> None:
+def layer_packs(
+    packs: Sequence[tuple[str, Sequence[str]]], cache: Path
+) -> list[Callable[[], bytes]]:
+    """For each ``(key, files)`` of ``packs``, a function giving its :func:`cached_pack`.
+
+    Called in order (as a tar layer does), the last one also evicts, once for
+    all of them and keeping them all: the cache may hold one layer's packs
+    past :data:`MAX_PACKS_BYTES` while it is built, never more.
+    """
+    keep = [cache / f"{key}.tar" for key, _ in packs]
+
+    def pack(key: str, files: Sequence[str], last: bool) -> bytes:
+        data = cached_pack(key, files, cache, evict=False)
+        if last and cache.is_dir():
+            evict_packs(cache, keep=keep)
+        return data
+
+    return [
+        functools.partial(pack, key, files, index == len(packs) - 1)
+        for index, (key, files) in enumerate(packs)
+    ]
+
+
+def evict_packs(cache: Path, *, keep: Collection[Path], limit: int | None = None) -> None:
     """Remove the least recently used packs in ``cache`` until they fit in ``limit`` bytes.
 
-    ``limit`` defaults to :data:`MAX_PACKS_BYTES`; ``keep`` (the pack just
-    written) stays. A pack another session is about
+    ``limit`` defaults to :data:`MAX_PACKS_BYTES`; the packs in ``keep`` (those
+    just written or read) stay. A pack another session is about
     to read and finds gone is packed again there: eviction never fails a run.
     """
     limit = MAX_PACKS_BYTES if limit is None else limit
+    kept = set(keep)
     packs: list[tuple[float, int, Path]] = []
     for path in cache.glob("*.tar"):
         try:
@@ -182,7 +231,7 @@ def evict_packs(cache: Path, *, keep: Path, limit: int | None = None) -> None:
     for _, size, path in sorted(packs):
         if total <= limit:
             break
-        if path == keep:
+        if path in kept:
             continue
         try:
             path.unlink()

@@ -42,7 +42,6 @@ error names the largest distributions.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib.metadata
 import json
@@ -76,7 +75,7 @@ from pytest_gondolin.sandbox.distribution_files import (
     regular_stat,
     why_not_loadable,
 )
-from pytest_gondolin.sandbox.environment_cache import cached_pack, tar_files
+from pytest_gondolin.sandbox.environment_cache import layer_packs, tar_files
 from pytest_gondolin.vm.layers import TarItem
 
 __all__ = [
@@ -358,15 +357,16 @@ def layer_items(env: HostEnvironment, cache: Path) -> list[TarItem]:
 
     The ``.pth`` files no distribution owns first (keyed by their path, size,
     mtime and mode), then one item per distribution (:attr:`CarriedDistribution.key`,
-    packed once into ``cache``): a changed distribution changes one key.
+    packed once into ``cache``; the cache evicted once, after the last): a
+    changed distribution changes one key.
     """
     items: list[TarItem] = []
     loose = list(env.loose_files)
     if loose:
         stats = [(f, st) for f in loose if (st := regular_stat(f)) is not None]
         items.append(TarItem(f"pth:{pack_key(stats)}", lambda: tar_files(loose)))
-    for dist in env.carried:
-        pack = functools.partial(cached_pack, dist.key, dist.files, cache)
+    packs = layer_packs([(dist.key, dist.files) for dist in env.carried], cache)
+    for dist, pack in zip(env.carried, packs, strict=True):
         items.append(TarItem(f"dist:{dist.key}", pack))
     return items
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import pickle
 import re
 import subprocess
 import sys
@@ -305,3 +306,70 @@ def test_an_image_over_a_folder_the_guest_already_has_keeps_the_guests_files(
         assert f"lowerdir=/var/lib/gondolin/env/image{site}:{site}," in mounts, mounts
     finally:
         vm.close()
+
+
+_LAUNCHER = """
+import os, pickle, sys, time
+from pathlib import Path
+from pytest_gondolin import paths
+from pytest_gondolin.sandbox import environment_image, host_environment
+from pytest_gondolin.vm.layers import launch_layered
+
+config_file, site, go, project = sys.argv[1:5]
+config = pickle.loads(Path(config_file).read_bytes())
+while not Path(go).exists():
+    time.sleep(0.01)
+env = host_environment.scan(Path(project), sys_path=[site], site_folders=frozenset({site}))
+image = environment_image.prepare(env, paths.cache_dir() / "host-environment")
+print("image", image.key, flush=True)
+# Both processes have their image before either builds it (bounded: a minute).
+Path(go).with_name(f"prepared-{os.getpid()}").touch()
+for _ in range(1200):
+    if len(list(Path(go).parent.glob("prepared-*"))) >= 2:
+        break
+    time.sleep(0.05)
+layer = environment_image.image_layer("host-environment", image, [])
+vm = launch_layered(config, [layer], name=sys.argv[5], progress=lambda line: print(line, flush=True))
+try:
+    print("demo", vm.exec(["python3", "-c", "import sys; sys.path.insert(0, sys.argv[1]);"
+                           " import demo; print(demo.VALUE)", site], check=True).stdout, flush=True)
+finally:
+    vm.close()
+"""
+
+
+def test_two_processes_needing_one_new_image_build_it_and_its_layer_once(
+    config: VMConfig, tmp_path: Path
+) -> None:
+    """The first run of ``-n 2``: both workers need the same new image at once. One builds
+    the image and saves the layer; the other waits and restores that layer (same key)."""
+    site = tmp_path / "venv" / "site-packages"
+    site.mkdir(parents=True)
+    install_distribution(site, "demo", {"demo/__init__.py": "VALUE = 'both'\n"}, version="1.0")
+    (tmp_path / "config.pickle").write_bytes(pickle.dumps(config))
+    (tmp_path / "launcher.py").write_text(_LAUNCHER)
+    argv = [sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "config.pickle")]
+    argv += [str(site), str(tmp_path / "go"), str(tmp_path / "project")]
+    procs = [
+        subprocess.Popen([*argv, f"worker{n}"], stdout=subprocess.PIPE, text=True) for n in range(2)
+    ]
+    try:
+        (tmp_path / "go").touch()
+        outs = [proc.communicate(timeout=INNER_TIMEOUT)[0] for proc in procs]
+    finally:
+        for proc in procs:  # their QEMU dies with them (parent-death signal)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    keys = {line for out in outs for line in out.splitlines() if line.startswith("image ")}
+    assert len(keys) == 1, outs  # one image, so one layer key
+    assert all("demo both" in out for out in outs), outs
+    built = [out for out in outs if BUILDING in out]
+    assert len(built) == 1, outs  # the layer was built and saved once...
+    restored = next(out for out in outs if BUILDING not in out)
+    assert "restored from the cached ready snapshot with 1 layer(s)" in restored, (
+        outs
+    )  # ...and loaded
+    images = list((paths.cache_dir() / "host-environment" / "images").glob("*.img"))
+    assert len(images) == 1, images

@@ -134,7 +134,18 @@ def test_an_answer_read_while_files_are_fresh_is_not_saved(
     assert list(cache.glob("scan-*.json")) == []
 
 
-@pytest.mark.parametrize("garbage", ["", "{", "[]", '{"stamp": 1}', '{"witnesses": [1]}'])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "",
+        "{",
+        "[]",
+        '{"stamp": 1}',
+        '{"witnesses": [1]}',
+        '{"stamp": "", "witnesses": ["/a", 1], "answer": {}}',
+        '{"stamp": "", "witnesses": {"/a": 1}, "answer": {}}',
+    ],
+)
 def test_a_broken_cache_entry_means_a_new_scan(
     layout: tuple[Path, Path, Path], garbage: str
 ) -> None:
@@ -225,3 +236,35 @@ def test_packs_within_the_limit_all_stay(tmp_path: Path) -> None:
     source.write_text("X = 1\n")
     environment_cache.cached_pack("new", [str(source)], cache)
     assert {p.stem for p in cache.glob("*.tar")} == {"old", "new"}
+
+
+def test_a_layers_packs_evict_once_after_the_last_and_keep_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "packs"
+    cache.mkdir()
+    now = time.time()
+    for age in range(3):
+        old = cache / f"old{age}.tar"
+        old.write_bytes(b"\0" * 4096)
+        os.utime(old, (now - 100 * (age + 1), now - 100 * (age + 1)))
+    sources = []
+    for n in range(3):
+        source = tmp_path / f"mod{n}.py"
+        source.write_text(f"X = {n}\n" * 100)
+        sources.append(str(source))
+    # Room for two of the layer's three packs: it keeps all three, nothing else.
+    monkeypatch.setattr(environment_cache, "MAX_PACKS_BYTES", 2 * 10240 + 1)
+    packs = environment_cache.layer_packs([(f"new{n}", [s]) for n, s in enumerate(sources)], cache)
+    olds = {"old0", "old1", "old2"}
+    assert packs[0]() == environment_cache.tar_files([sources[0]])
+    packs[1]()
+    assert {p.stem for p in cache.glob("*.tar")} == {"new0", "new1", *olds}  # not yet
+    packs[2]()
+    assert {p.stem for p in cache.glob("*.tar")} == {"new0", "new1", "new2"}
+    # Read again (all cached), the last one evicts again: an older pack goes.
+    (cache / "old9.tar").write_bytes(b"\0" * 4096)
+    os.utime(cache / "old9.tar", (now - 900, now - 900))
+    for pack in packs:
+        pack()
+    assert {p.stem for p in cache.glob("*.tar")} == {"new0", "new1", "new2"}

@@ -196,6 +196,9 @@ def test_without_mkfs_there_is_no_image(
         (["/v/site", "/w/site"], ["/v/site/a.py", "/w/site/b.py"], ("/v/site", "/w/site")),
         (["/v/site"], ["/v/site/a.py", "/elsewhere/x/c.py"], ("/elsewhere/x", "/v/site")),
         (["/v/site"], [], ()),
+        (["/v/site"], ["/v/x/a.py", "/v/x/b/c.py", "/v/site/d.py"], ("/v/site", "/v/x")),
+        (["/v/x/site"], ["/v/x/a.py", "/v/x/site/b.py", "/v/x/site/c.py"], ("/v/x",)),
+        (["/v/s", "/v/site"], ["/v/site/a.py", "/v/s/b.py", "/v/site/c.py"], ("/v/s", "/v/site")),
         (["/v/si:te"], ["/v/si:te/a.py"], None),  # ':' separates overlay lower folders
         (["/v/si,te"], ["/v/si,te/a.py"], None),  # ',' separates mount options
         (["/site"], ["/site/a.py"], None),  # a top-level folder: not overlaid
