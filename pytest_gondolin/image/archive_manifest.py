@@ -237,7 +237,7 @@ def parse_manifest(raw: bytes) -> ArchiveManifest:
         raise ImageError(f"archive manifest is {len(raw)} bytes, more than {MAX_MANIFEST_BYTES}")
     try:
         doc = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # nesting deep past the parser's stack
         raise ImageError(f"archive manifest is not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise ImageError("archive manifest is not a JSON object")

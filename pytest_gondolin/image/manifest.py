@@ -22,6 +22,8 @@ MANIFEST_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 #: The files every image holds, with their sizes recorded in the manifest.
 IMAGE_FILES = ("vmlinuz", "initrd.img", "rootfs.qcow2")
+#: A manifest is ~1 KiB; read no more than this of one (a cache archive's may be hostile).
+MAX_MANIFEST_BYTES = 1 << 20
 
 
 def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
@@ -48,8 +50,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     format, or a file missing or of another size than recorded.
     """
     try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    except (OSError, ValueError) as exc:
+        with (folder / MANIFEST_NAME).open("rb") as fh:
+            raw = fh.read(MAX_MANIFEST_BYTES + 1)  # an imported archive's is hostile
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"more than {MAX_MANIFEST_BYTES} bytes")
+        manifest = json.loads(raw)
+    except (OSError, ValueError, RecursionError) as exc:
         raise ImageError(f"{folder}: no readable {MANIFEST_NAME} ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ImageError(f"{folder}: {MANIFEST_NAME} has an unknown format")

@@ -32,6 +32,7 @@ client: ``run`` returns an outcome whose ``failure`` says so.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import secrets
 import signal
@@ -206,6 +207,10 @@ class WorkerClient:
         except (OSError, GondolinError) as exc:
             raise _LinkDown(str(exc)) from exc
 
+    def _send_within(self, left: float, message: JSONObject) -> None:
+        """Send with *left* seconds from now (a guest that stopped reading is _Stalled)."""
+        self._send(message, time.monotonic() + left)
+
     def _recv(self, timeout: float) -> WorkerMessage | None:
         """Next message, ``None`` at EOF; raises TimeoutError, WorkerProtocolError.
 
@@ -300,10 +305,13 @@ class WorkerClient:
         time or is gone, ``WorkerProtocolError`` when it answers wrongly.
         """
         nonce = secrets.token_hex(8)
+        deadline = time.monotonic() + timeout
         try:
-            self._send({"t": "ping", "nonce": nonce})
-            msg = self._recv(timeout)
-        except (_LinkDown, TimeoutError) as exc:
+            # The send too is bounded by *timeout*: a guest that stopped reading
+            # held it for the transport's own 30 s (red team round 3).
+            self._send({"t": "ping", "nonce": nonce}, deadline)
+            msg = self._recv(deadline - time.monotonic())
+        except (_LinkDown, _Stalled, TimeoutError) as exc:
             self._die()
             raise AgentError(f"test worker did not answer a ping within {timeout:g}s") from exc
         except WorkerProtocolError as exc:
@@ -372,7 +380,9 @@ class WorkerClient:
                 elif isinstance(msg, OutputMessage):
                     self._show(msg)
                 elif isinstance(msg, PdbOutput | PdbRead | PdbEnd):
-                    deadline += serve(self.debugger, nodeid, msg, self._send, tally.reports)
+                    # pdb's answer gets what is left of the run, the user's typing aside.
+                    answer = functools.partial(self._send_within, deadline - time.monotonic())
+                    deadline += serve(self.debugger, nodeid, msg, answer, tally.reports)
                 else:
                     tally.add(msg)
                 if isinstance(msg, QueryMessage):
@@ -428,17 +438,21 @@ class WorkerClient:
     def _timed_out(self, timeout: float, elapsed: float) -> Failure:
         before = self._transport.stderr_tail()
         try:
-            self._transport.interrupt()
+            # Bounded by the test's own timeout: a guest that stopped reading its
+            # channel never takes the request (red team round 3).
+            refused = self._transport.interrupt(timeout)
         except (OSError, GondolinError) as exc:  # the contract says it never raises; be sure
-            log.debug("interrupting the worker failed: %s", exc)
-        dump = _await_quiet(self._transport.stderr_tail, before)
+            refused = f"interrupting the worker failed: {exc}"
+        # A dump that was never asked for is not waited for.
+        dump = before if refused else _await_quiet(self._transport.stderr_tail, before)
         self._die()
         if dump.startswith(before):
             dump = dump[len(before) :]
         if dump.strip():
             detail = "stack dump of the worker (SIGUSR1):\n" + dump
         else:
-            detail = "no stack dump arrived; worker stderr (tail):\n" + tail_lines(
+            why = f" ({refused})" if refused else ""
+            detail = f"no stack dump arrived{why}; worker stderr (tail):\n" + tail_lines(
                 before, STDERR_TAIL_LINES
             )
         return Failure("timeout", f"Timeout > {timeout:g}s", detail, elapsed)

@@ -40,6 +40,13 @@ STDERR_TAIL_BYTES: Final = 64 * 1024
 #: Bytes of a guest worker's stderr kept for crash reports (the agent
 #: already bounds each chunk; a guest's tracebacks are short).
 VM_STDERR_TAIL_BYTES: Final = 16 * 1024
+#: Most seconds the guest gets to take the request for a stack dump (a ``kill``
+#: run by its agent: well under a second under TCG); the client asks with no
+#: more than the test's own timeout.
+INTERRUPT_TIMEOUT: Final = 10.0
+#: ... and at least this long, so a test of a tiny timeout still gets its dump (an
+#: exec under TCG on a loaded host takes up to ~1 s).
+MIN_INTERRUPT_TIMEOUT: Final = 3.0
 #: How long a killed local worker gets to be reaped.
 EXIT_WAIT: Final = 5.0
 
@@ -173,10 +180,11 @@ class SubprocessTransport:
         except subprocess.TimeoutExpired:
             return None
 
-    def interrupt(self) -> None:
+    def interrupt(self, timeout: float) -> str | None:
         if self._proc.poll() is None:
             with contextlib.suppress(OSError):
                 self._proc.send_signal(signal.SIGUSR1)
+        return None
 
     def kill(self) -> None:
         self._closing.set()
@@ -281,11 +289,29 @@ class VMTransport:
         except (AgentError, VMError):
             return None
 
-    def interrupt(self) -> None:
-        try:
-            self.vm.exec(["kill", "-USR1", str(self.proc.pid)], timeout=10)
-        except GondolinError as exc:
-            log.debug("could not ask the worker for a stack dump: %s", exc)
+    def interrupt(self, timeout: float) -> str | None:
+        bound = max(min(timeout, INTERRUPT_TIMEOUT), MIN_INTERRUPT_TIMEOUT)
+        failed: list[GondolinError] = []
+        done = threading.Event()
+
+        def ask() -> None:
+            try:
+                self.vm.exec(["kill", "-USR1", str(self.proc.pid)], timeout=bound)
+            except GondolinError as exc:
+                failed.append(exc)
+            finally:
+                done.set()
+
+        # exec's own host-side deadline adds EXEC_GRACE (10 s) to ``bound``: a guest
+        # that stopped reading is left to it in the background (the lane's restore
+        # or close ends it), and the run goes on after ``bound`` (red team round 3).
+        threading.Thread(target=ask, name=f"{self.vm.name}-interrupt", daemon=True).start()
+        if not done.wait(bound):
+            return f"the guest did not take the request for a stack dump within {bound:g} s"
+        if failed:
+            log.debug("could not ask the worker for a stack dump: %s", failed[0])
+            return f"the guest did not take the request for a stack dump ({failed[0]})"
+        return None
 
     def kill(self) -> None:
         try:

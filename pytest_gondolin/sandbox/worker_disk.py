@@ -17,7 +17,9 @@ test_x.py::test_one``) needs no second copy for other VMs, so it:
   snapshot's clusters in place (what the run wrote went to new clusters,
   dropped by the next ``loadvm``), so the tree in it is the one its key
   names. A VM whose QEMU was gone before its close (crashed, killed) does
-  not give its file back: it is removed.
+  not give its file back: it is removed. A file is put back to that
+  snapshot before it is kept (:func:`_drop_run_writes`), so nothing the
+  run wrote stays in the cache.
 
 A first run of the project in a one-test session likewise does not copy its
 freshly saved snapshot before the test: the VM's own disk becomes the
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +54,7 @@ import pytest
 
 import pytest_gondolin.paths as paths
 from pytest_gondolin.errors import GondolinError, VMError
+from pytest_gondolin.hosttools import require as require_tool
 from pytest_gondolin.sandbox.transports import VMTransport
 from pytest_gondolin.sandbox.worker_cache import (
     StartedWorker,
@@ -76,6 +80,11 @@ log = logging.getLogger(__name__)
 
 #: The suffix of a taken file; what follows it is the taking process's pid.
 TAKEN: Final = ".taken-"
+#: The kept file's snapshot the next run loads (``guest_worker.WORKER_TAG``; importing
+#: it from there would be a cycle: a test checks they agree).
+KEPT_TAG: Final = "gondolin-worker"
+#: Putting a kept file back to that snapshot: ~1 s when the test wrote 1 GiB.
+DROP_TIMEOUT: Final = 120.0
 
 
 def one_test_session(config: pytest.Config, files: Sequence[str]) -> bool:
@@ -159,7 +168,13 @@ def give_back(vm: VM, taken: Path, key: str, *, saved: Callable[[], bool] = lamb
     def after_stop(alive: bool) -> None:
         try:
             # Not there: found unusable after the launch, and removed.
-            if alive and saved() and taken.exists() and not link_collected(taken, key):
+            if (
+                alive
+                and saved()
+                and taken.exists()
+                and _drop_run_writes(taken)
+                and not link_collected(taken, key)
+            ):
                 log.warning("could not give back the cached worker %s", taken)
         finally:
             taken.unlink(missing_ok=True)
@@ -245,10 +260,36 @@ def keep_at_close(vm: VM, key: str) -> None:
     disk = vm.rundir / "disk.qcow2"
 
     def after_stop(alive: bool) -> None:
-        if alive and not link_collected(disk, key):
+        if alive and _drop_run_writes(disk) and not link_collected(disk, key):
             store_collected(disk, key)
 
     _after_stop(vm, after_stop)
+
+
+def _drop_run_writes(disk: Path) -> bool:
+    """Put stopped ``disk`` back to its worker snapshot, as the next run's ``loadvm`` would.
+
+    The test ran on this file: what it wrote must not stay in the cache (up to
+    the guest's whole disk, on the host until evicted; red team round 3). The
+    freed clusters are punched out of the file (qcow2 passes the discards on).
+    ~10-40 ms when the test wrote little. False, with a warning, if qemu-img
+    could not: the file is then not kept.
+    """
+    try:
+        done = subprocess.run(
+            [require_tool("qemu-img"), "snapshot", "-q", "-a", KEPT_TAG, str(disk)],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=DROP_TIMEOUT,
+        )
+    except (OSError, subprocess.SubprocessError, GondolinError) as exc:
+        log.warning("not keeping the cached worker %s: %s", disk, exc)
+        return False
+    if done.returncode != 0:
+        log.warning("not keeping the cached worker %s: %s", disk, done.stderr.strip()[-300:])
+        return False
+    return True
 
 
 def _after_stop(vm: VM, action: Callable[[bool], None]) -> None:

@@ -23,9 +23,12 @@ What a transport does
 ``wait(timeout: float) -> int | None``
     Wait up to *timeout* for the worker process to exit; return its exit
     status (negative: killed by that signal) or ``None`` if unknown.
-``interrupt() -> None``
-    Ask the worker for a stack dump (SIGUSR1 to the worker process); the
-    dump appears in ``stderr_tail()``.  Best effort, never raises.
+``interrupt(timeout: float) -> str | None``
+    Ask the worker for a stack dump (SIGUSR1 to the worker process) within
+    about *timeout* seconds (the transport keeps it within its own bounds);
+    the dump appears in ``stderr_tail()``.  ``None`` once asked, else why the
+    request was not taken (a guest that stopped reading its channel).  Never
+    raises.
 ``kill() -> None``
     End the worker now and release everything.  Idempotent, never raises.
 ``stderr_tail() -> str``
@@ -49,7 +52,7 @@ class WorkerTransport(Protocol):
 
     def wait(self, timeout: float) -> int | None: ...
 
-    def interrupt(self) -> None: ...
+    def interrupt(self, timeout: float) -> str | None: ...
 
     def kill(self) -> None: ...
 

@@ -59,7 +59,7 @@ def read_trailer(path: Path) -> dict[str, Any]:
             data = json.loads(fh.read(length))
     except OSError as exc:
         raise SnapshotError(f"cannot read checkpoint {path}: {exc}") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # nested past the parser's stack
         raise SnapshotError(f"{path}: checkpoint metadata is not valid JSON") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
         raise SnapshotError(

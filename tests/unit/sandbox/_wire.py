@@ -36,6 +36,7 @@ class FakeTransport:
         self.dump = dump
         self.tail = "worker stderr line\n"
         self.interrupted = False
+        self.interrupt_timeouts: list[float] = []
         self.killed = False
         self.broken_pipe = False
 
@@ -57,9 +58,11 @@ class FakeTransport:
     def wait(self, timeout: float) -> int | None:
         return self.exit_code
 
-    def interrupt(self) -> None:
+    def interrupt(self, timeout: float) -> str | None:
         self.interrupted = True
+        self.interrupt_timeouts.append(timeout)
         self.tail += self.dump
+        return None
 
     def kill(self) -> None:
         self.killed = True

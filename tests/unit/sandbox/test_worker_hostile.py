@@ -443,8 +443,8 @@ class EndlessTransport:
     def wait(self, timeout: float) -> int | None:
         return None
 
-    def interrupt(self) -> None:
-        pass
+    def interrupt(self, timeout: float) -> str | None:
+        return None
 
     def kill(self) -> None:
         self.killed = True

@@ -64,8 +64,8 @@ class Scripted:
     def wait(self, timeout):
         return 0
 
-    def interrupt(self):
-        pass
+    def interrupt(self, timeout):
+        return None
 
     def kill(self):
         pass
