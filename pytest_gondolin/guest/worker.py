@@ -49,8 +49,9 @@ worker → host, on the fd that was fd 1 at start-up, each line at most
 ``errors`` of ``collected`` are the collect reports that failed.
 
 Waiting mode (:data:`WAIT_ENV` set to ``"1"``): the worker imports pytest,
-its built-in plugins and the host's plugin modules
-(:data:`~pytest_gondolin.guest.startup.PRELOAD_ENV`), sends
+its built-in plugins, the modules a session imports late and the host's
+plugin modules (:data:`~pytest_gondolin.guest.startup.PRELOAD_ENV`), reads
+the installed distributions' entry points (``startup.preload``), sends
 ``{"t": "waiting"}`` and reads one ``go`` command; only then does it change
 to ``cwd``, merge ``env`` into its environment, put back on ``sys.path`` the
 folders of the host's ``.pth`` files that exist only now (the project's
@@ -59,7 +60,9 @@ cached about folders, and start the session with ``argv`` (its command line
 arguments) as above, pytest's "already imported" warning silenced for the
 ``-p`` names imported ahead.  The host snapshots a VM whose worker waits
 there and reuses it across runs (``sandbox/worker_cache.py``): nothing of
-the project is read before the go.
+the project is read before the go.  In a guest (:data:`GUEST_ENV`), a
+waiting worker writes back and drops the guest's page cache after
+collection, before its ``collected`` line: the host snapshots it next.
 
 Guarantees the host relies on
 -----------------------------
@@ -127,6 +130,8 @@ WORKER_ENV: Final = "PYTEST_GONDOLIN_WORKER"
 WORKER_MODULE: Final = "pytest_gondolin.guest.worker"
 #: Environment variable: "1" makes the worker wait for a ``go`` before pytest starts.
 WAIT_ENV: Final = "GONDOLIN_WORKER_WAIT"
+#: Environment variable the host sets to "1" for a worker in a guest (sandbox/worker_setup.py).
+GUEST_ENV: Final = "GONDOLIN_GUEST"
 #: The line a waiting worker sends once it is ready for its ``go``.
 WAITING_LINE: Final = b'{"t":"waiting"}\n'
 #: Appended to the worker's pytest arguments.  No cache: the host owns
@@ -168,8 +173,18 @@ def _category_name(category: type[Warning] | None) -> str:
 class WorkerPlugin:
     """The pytest plugin that turns the session into a command server."""
 
-    def __init__(self, channel: HostPipe) -> None:
+    def __init__(
+        self,
+        channel: HostPipe,
+        *,
+        entry_points: startup.EntryPointsRead | None = None,
+        drop_page_cache: bool = False,
+    ) -> None:
         self._channel = channel
+        #: Read before the go (waiting mode): not read again while pytest parses.
+        self._entry_points = entry_points
+        #: The host snapshots this guest after collection (waiting mode in a guest).
+        self._drop_page_cache = drop_page_cache
         self._config: pytest.Config | None = None
         self._collect_errors: list[dict[str, Any]] = []
         self._running: str | None = None
@@ -207,7 +222,7 @@ class WorkerPlugin:
     def pytest_cmdline_parse(self) -> Generator[None, pytest.Config, pytest.Config]:
         # Each -p NAME makes pytest read every distribution's entry points
         # again; while it parses, they are read once (guest/startup.py).
-        with startup.distributions_read_once():
+        with startup.distributions_read_once(self._entry_points):
             return (yield)
 
     @pytest.hookimpl(tryfirst=True)
@@ -289,6 +304,8 @@ class WorkerPlugin:
         collected = {"t": "collected", "nodeids": list(items), "errors": self._collect_errors}
         if len(encode_line(collected)) > MAX_WORKER_LINE:
             collected["errors"] = shrink(self._collect_errors, 64 * 1024)
+        if self._drop_page_cache:
+            startup.drop_page_cache()  # before the host's snapshot, which follows this line
         self._channel.send(collected)
         while True:
             command = self._channel.recv()
@@ -357,9 +374,12 @@ class WorkerPlugin:
             self._running = None
 
 
-def _wait_for_go(channel: HostPipe) -> list[str] | None:
-    """Preload, say ``waiting``, apply the ``go``; its arguments (None: the host went away)."""
-    startup.preload(os.environ.pop(startup.PRELOAD_ENV, "").split(","))
+def _wait_for_go(channel: HostPipe) -> tuple[list[str], startup.EntryPointsRead] | None:
+    """Preload, say ``waiting``, apply the ``go``; its arguments and what was read ahead.
+
+    None: the host went away.
+    """
+    ahead = startup.preload(os.environ.pop(startup.PRELOAD_ENV, "").split(","))
     channel.send({"t": "waiting"})
     while True:
         command = channel.recv()
@@ -378,7 +398,8 @@ def _wait_for_go(channel: HostPipe) -> list[str] | None:
         sys.path[0] = os.getcwd()
     os.environ.update(command.get("env", {}))
     startup.refresh_path()
-    return list(command["argv"])
+    startup.forget_shadowed()
+    return list(command["argv"]), ahead
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -391,13 +412,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, file=dump_file, all_threads=True)
     os.environ[WORKER_ENV] = "1"
     extra = list(_EXTRA_ARGS)
+    ahead: startup.EntryPointsRead | None = None
+    snapshotted = False
     if os.environ.pop(WAIT_ENV, "") == "1":
         go = _wait_for_go(channel)
         if go is None:
             return 0
-        args += go
-        extra += startup.rewrite_warning_filters(go)
-    plugin = WorkerPlugin(channel)
+        go_args, ahead = go
+        args += go_args
+        extra += startup.rewrite_warning_filters(go_args)
+        # In a guest, the host snapshots this worker once it has collected.
+        snapshotted = os.environ.get(GUEST_ENV) == "1"
+    plugin = WorkerPlugin(channel, entry_points=ahead, drop_page_cache=snapshotted)
     exit_code = pytest.main([*args, *extra], plugins=[plugin])
     return int(exit_code)
 

@@ -302,7 +302,7 @@ class GuestWorker:
             worker_cache.send_go(first.transport, go["argv"], go["cwd"], go["env"])
             collected = first.client.start(WORKER_START_TIMEOUT)
             phases.mark("collect")
-            # With the state: written back and page cache dropped (nothing dirty saved).
+            # The worker wrote back and dropped the page cache before its collected line.
             worker_cache.write_state(vm, first.transport.proc, collected)
             if stale is not None:
                 stale.join()

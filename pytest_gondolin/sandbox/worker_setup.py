@@ -175,9 +175,10 @@ class WorkerSetup:
     def copy_project(self, vm: VM, tars: list[bytes]) -> None:
         """Unpack ``tars`` (:meth:`project_tars`) in the guest, on its disk.
 
-        One command (each process started costs ~0.1 s under TCG). The tree
-        is written back and the page cache dropped after collection, before
-        the worker's snapshot (``worker_cache.write_state``), not here.
+        The agent binds the disk folders, then one command unpacks (each
+        process started costs ~0.1 s under TCG). The tree is written back and
+        the page cache dropped by the worker after collection, before its
+        snapshot (``guest/worker.py``), not here.
         """
         say = self.factory.progress
         say(f"{vm.name}: copying the project tree ({self.config.rootpath}) into the guest")

@@ -401,3 +401,86 @@ def test_the_copied_tree_is_written_back_before_the_snapshot(inner: pytest.Pytes
     result = run_gondolin(inner)
     result.stdout.fnmatch_lines([COLLECTING])
     result.assert_outcomes(passed=1)
+
+
+# -- what the started worker did before its go (guest/startup.py) ----------------
+
+HELPER_TEST = """
+    import pytest
+
+    import helper
+
+    @pytest.mark.sandboxed
+    def test_one():
+        assert helper.VALUE == 1
+"""
+
+
+def test_an_edited_project_module_is_imported_anew(inner: pytest.Pytester) -> None:
+    """The started worker imported modules before its go: never one of the project's."""
+    inner.makepyfile(test_x=HELPER_TEST, helper="VALUE = 1\n")
+    run_gondolin(inner).assert_outcomes(passed=1)
+    _edit_in_place(inner.path / "helper.py", "VALUE = 1", "VALUE = 7")
+    edited = run_gondolin(inner)
+    edited.assert_outcomes(failed=1)
+    edited.stdout.fnmatch_lines([COLLECTING, "*assert 7 == 1*"])
+
+
+RESIDENT = """
+    import ctypes
+    import os
+    import pytest
+
+    DATA = os.path.join(os.path.dirname(__file__), "data.bin")
+
+    def resident_pages(path):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        size = os.path.getsize(path)
+        pages = (size + 4095) // 4096
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            address = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+            assert address not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+            try:
+                vector = ctypes.create_string_buffer(pages)
+                assert libc.mincore(address, size, vector) == 0, ctypes.get_errno()
+                return sum(byte & 1 for byte in vector.raw), pages
+            finally:
+                libc.munmap(address, size)
+        finally:
+            os.close(fd)
+
+    @pytest.mark.sandboxed
+    def test_what_collection_read_is_not_in_the_page_cache():
+        resident, pages = resident_pages(DATA)
+        assert resident < pages // 4, f"{resident} of {pages} pages of data.bin resident"
+        with open(DATA, "rb") as fh:
+            fh.read()
+        assert resident_pages(DATA)[0] > pages // 2  # and the measure sees a read
+"""
+
+
+def test_the_collected_snapshot_holds_no_page_cache(inner: pytest.Pytester) -> None:
+    """What collection read is in the worker's memory; the page cache is dropped before the snapshot.
+
+    The conftest reads a 4 MiB file at collection; the test, restored from
+    the snapshot taken after collection, finds none of it resident.
+    """
+    inner.makeconftest(
+        """
+        import os
+
+        with open(os.path.join(os.path.dirname(__file__), "data.bin"), "rb") as fh:
+            DATA = fh.read()
+        """
+    )
+    inner.makepyfile(test_x=RESIDENT)
+    (inner.path / "data.bin").write_bytes(os.urandom(4 << 20))
+    result = run_gondolin(inner)
+    result.stdout.fnmatch_lines([COLLECTING])
+    result.assert_outcomes(passed=1)

@@ -291,7 +291,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("bind relative", _with("bind", pairs=[["/d", "tmp/work"]]), r"bind\.pairs"),
     ("bind triple", _with("bind", pairs=[["/d", "/tmp/w", "/x"]]), r"bind\.pairs"),
     ("bind NUL", _with("bind", pairs=[["/d", "/tmp/\0"]]), r"bind\.pairs"),
-    ("bind too many", _with("bind", pairs=[["/d", f"/tmp/{i}"] for i in range(257)]), r"bind\.pairs"),
+    (
+        "bind too many",
+        _with("bind", pairs=[["/d", f"/tmp/{i}"] for i in range(257)]),
+        r"bind\.pairs",
+    ),
     ("ready id", {**_with("ready"), "id": 3}, r"ready\.id"),
     ("ready pid zero", _with("ready", pid=0), r"ready\.pid"),
     ("version int", _with("ready", version=1), r"ready\.version"),
