@@ -47,6 +47,7 @@ from typing import Any, Final
 
 import pytest
 
+import pytest_gondolin.sandbox.collected_files as collected_files
 import pytest_gondolin.sandbox.coverage as coverage
 import pytest_gondolin.sandbox.interpreter_pack as interpreter_pack
 import pytest_gondolin.sandbox.startup_tree as startup_tree
@@ -272,7 +273,7 @@ class GuestWorker:
             self.vm = vm
             first = _lane(vm, transport)
             first.client.adopt(collected)
-            self._lane_source = taken or worker_cache.collected_path(key)
+            self._lane_source = taken or collected_files.collected_path(key)
             phases.mark("restore collected")
         else:
             # One test after an edit: the started worker loaded in place from the

@@ -24,7 +24,7 @@ what an earlier run already did:
   long by another writer, the write is skipped: it is only a cache) to a
   temporary name and renamed, a file that does not load is removed and the
   session starts the worker as above, a read-only cache is used and not
-  written, at most :data:`MAX_COLLECTED` files are kept (least recently
+  written, at most ``collected_files.MAX_COLLECTED`` files are kept (least recently
   used go first).
 
 The worker's process must outlive the snapshot: the guest's agent keeps it
@@ -50,13 +50,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-import filelock
 import pytest
 
-import pytest_gondolin.paths as paths
 from pytest_gondolin.errors import AgentError, GondolinError, VMError
 from pytest_gondolin.guest.startup import plugins_to_preload
 from pytest_gondolin.guest.worker import MAX_WORKER_LINE, WAIT_ENV, WAITING_LINE, encode_line
+from pytest_gondolin.sandbox.collected_files import (
+    collected_path,
+    remove_collected,
+    store_collected,
+)
 from pytest_gondolin.sandbox.messages import Collected, parse_message
 from pytest_gondolin.sandbox.transports import VMTransport
 from pytest_gondolin.vm.agent_calls import ExecCall
@@ -68,19 +71,15 @@ from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.overlay import copy_disk
 
 __all__ = [
-    "MAX_COLLECTED",
     "STATE_FILE",
     "Phases",
     "StartedWorker",
     "collected_key",
-    "collected_path",
     "keep_snapshot",
-    "link_collected",
     "preload_modules",
     "restore_collected",
     "runnable_here",
     "started_worker_layer",
-    "store_collected",
     "tree_digest",
 ]
 
@@ -94,10 +93,6 @@ FILES_TAR: Final = "/var/tmp/gondolin-worker-files.tar"
 MAX_STATE_BYTES: Final = MAX_WORKER_LINE + 64 * 1024
 #: Python start-up and importing pytest under TCG take a few seconds; a loaded CI host more.
 WAIT_TIMEOUT: Final = 300.0
-#: Collected snapshots kept (each is the environment's disk plus the guest's RAM, ~450 MiB).
-MAX_COLLECTED: Final = 6
-#: A write copies one disk (~0.3 s); a writer holding the lock far longer is stuck.
-STORE_LOCK_TIMEOUT: Final = 30.0
 #: The ``-p`` name of the worker's own plugin (``sandbox/guest_worker.py``).
 GUEST_PLUGIN: Final = "gondolin"
 #: Part of every key: a change in what these states hold makes new ones.
@@ -313,14 +308,6 @@ def collected_key(stack: str, tree: str, go: Mapping[str, object]) -> str:
     return f"{family.hexdigest()[:16]}-{tree_part.hexdigest()[:32]}"
 
 
-def collected_dir() -> Path:
-    return paths.cache_root() / "worker-snapshots"
-
-
-def collected_path(key: str) -> Path:
-    return collected_dir() / f"{key}.qcow2"
-
-
 def restore_collected(
     config: VMConfig,
     key: str,
@@ -353,7 +340,7 @@ def restore_collected(
         return None  # evicted by another process since exists()
     except VMError as exc:
         log.warning("cached worker snapshot %s did not load (%s); starting the worker", cached, exc)
-        _remove(cached)
+        remove_collected(cached)
         return None
     if on_launch is not None:
         on_launch(vm)
@@ -363,7 +350,7 @@ def restore_collected(
             raise VMError(f"{vm.name}: {STATE_FILE} holds no collection")
         proc = vm.attach(_named_process(req_id, pid, list(argv)), max_output=max_output)
     except GondolinError as exc:
-        _remove(cached)  # first: a VM running on it in place must not give it back
+        remove_collected(cached)  # first: a VM running on it in place must not give it back
         vm.close()
         log.warning(
             "cached worker snapshot %s is not usable (%s); starting the worker", cached, exc
@@ -408,97 +395,3 @@ def runnable_here(config: pytest.Config, collected: Collected) -> int:
         return len(collected.nodeids)
     ids = set(collected.nodeids)
     return sum(1 for item in items if getattr(item, "nodeid", None) in ids)
-
-
-def _remove(path: Path) -> None:
-    if paths.can_write(path.parent):
-        path.unlink(missing_ok=True)
-
-
-def store_collected(disk: Path, key: str) -> Path | None:
-    """Cache ``disk`` (a paused or stopped VM's overlay) as collected state ``key``.
-
-    Returns the cached path, or None when the cache cannot be written or
-    another writer held its lock past :data:`STORE_LOCK_TIMEOUT`. Never
-    leaves a partial file.
-    """
-    lock = _folder_lock()
-    if lock is None:
-        return None
-    target = collected_path(key)
-    try:
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            copy_disk(disk, tmp)
-            tmp.rename(target)
-        except OSError as exc:
-            log.warning("could not cache the collected worker at %s: %s", target, exc)
-            return None
-        finally:
-            tmp.unlink(missing_ok=True)
-        _evict(keep=target)
-    finally:
-        lock.release()
-    return target
-
-
-def link_collected(disk: Path, key: str) -> bool:
-    """Cache ``disk`` (a stopped VM's overlay, on the cache's file system) as ``key`` by a hard link.
-
-    True when ``key`` is cached afterwards (by this link, or already);
-    False when it could not be linked (another file system, a read-only
-    cache, the folder's lock held past :data:`STORE_LOCK_TIMEOUT`).
-    """
-    lock = _folder_lock()
-    if lock is None:
-        return False
-    target = collected_path(key)
-    try:
-        os.link(disk, target)
-    except FileExistsError:
-        return True  # another run cached the same tree meanwhile: that one stays
-    except OSError as exc:
-        log.debug("could not link %s to %s: %s", disk, target, exc)
-        return False
-    else:
-        _evict(keep=target)
-        return True
-    finally:
-        lock.release()
-
-
-def _folder_lock() -> filelock.FileLock | None:
-    """The collected folder's lock, held; None when the folder cannot be written or the lock is busy.
-
-    One lock for the folder (writes and evictions), not one file per key left
-    behind; held past :data:`STORE_LOCK_TIMEOUT` by another writer, the
-    caller skips its write (it is only a cache).
-    """
-    folder = collected_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    if not paths.can_write(folder):
-        return None
-    lock = filelock.FileLock(str(paths.lock_path(folder / "worker-snapshots.lock")))
-    try:
-        lock.acquire(timeout=STORE_LOCK_TIMEOUT)
-    except filelock.Timeout:
-        return None
-    return lock
-
-
-def _evict(*, keep: Path) -> None:
-    """Remove the least recently used collected snapshots past :data:`MAX_COLLECTED`."""
-    found: list[tuple[float, Path]] = []
-    for path in collected_dir().glob("*.qcow2"):
-        try:
-            found.append((path.stat().st_mtime, path))
-        except OSError:
-            continue
-    found.sort(reverse=True)
-    for _, path in found[MAX_COLLECTED:]:
-        if path != keep:
-            log.info("removing least recently used worker snapshot %s", path)
-            path.unlink(missing_ok=True)

@@ -55,14 +55,14 @@ import pytest
 import pytest_gondolin.paths as paths
 from pytest_gondolin.errors import GondolinError, VMError
 from pytest_gondolin.hosttools import require as require_tool
-from pytest_gondolin.sandbox.transports import VMTransport
-from pytest_gondolin.sandbox.worker_cache import (
-    StartedWorker,
+from pytest_gondolin.sandbox.collected_files import (
     collected_dir,
     collected_path,
     link_collected,
     store_collected,
 )
+from pytest_gondolin.sandbox.transports import VMTransport
+from pytest_gondolin.sandbox.worker_cache import StartedWorker
 from pytest_gondolin.vm.identity import VMConfig
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.warm import CLEAN_TAG

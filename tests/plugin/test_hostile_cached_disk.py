@@ -23,7 +23,7 @@ import hashlib
 
 import pytest
 
-from pytest_gondolin.sandbox import guest_worker, worker_cache, worker_disk
+from pytest_gondolin.sandbox import collected_files, guest_worker, worker_disk
 from tests.plugin.test_rerun_cache import RESTORED, worker_cache_of_our_own
 from tests.plugin.test_sandboxed import run_gondolin
 
@@ -64,7 +64,7 @@ WRITER = f"""
 def _holding_the_marker() -> list[str]:
     """The cached files (taken ones too) whose bytes hold the test's marker."""
     found = []
-    for path in sorted(worker_cache.collected_dir().glob("*.qcow2*")):
+    for path in sorted(collected_files.collected_dir().glob("*.qcow2*")):
         tail = b""
         with path.open("rb") as fh:
             while chunk := fh.read(4 << 20):
@@ -79,7 +79,7 @@ def test_a_test_s_disk_writes_stay_out_of_the_worker_cache(inner: pytest.Pyteste
     inner.makepyfile(test_x=WRITER.format(version=1))
     # The first run: its VM's own disk is kept when it closes.
     run_gondolin(inner).assert_outcomes(passed=1)
-    assert len(list(worker_cache.collected_dir().glob("*.qcow2"))) == 1
+    assert len(list(collected_files.collected_dir().glob("*.qcow2"))) == 1
     assert _holding_the_marker() == []
     # A re-run: the cached file, taken and run in place, is given back.
     again = run_gondolin(inner)

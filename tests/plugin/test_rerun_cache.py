@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gondolin.sandbox import worker_cache, worker_disk
+from pytest_gondolin.sandbox import collected_files, worker_disk
 from tests.plugin.test_cache_folder import run_read_only
 from tests.plugin.test_sandboxed import run_gondolin
 
@@ -64,7 +64,7 @@ def worker_cache_of_our_own(
     for entry in gondolin_cache.iterdir():
         if entry.name == "ca":
             shutil.copytree(entry, root / "ca")
-        elif entry.name != worker_cache.collected_dir().name:
+        elif entry.name != collected_files.collected_dir().name:
             (root / entry.name).symlink_to(entry)
     monkeypatch.setenv("GONDOLIN_CACHE_DIR", str(root))
     # pytest-randomly (installed here) gives each run a new --randomly-seed,
@@ -101,7 +101,7 @@ def _append(path: Path, text: str) -> None:
 
 
 def _cached() -> set[Path]:
-    return set(worker_cache.collected_dir().glob("*.qcow2"))
+    return set(collected_files.collected_dir().glob("*.qcow2"))
 
 
 def _output(result: pytest.RunResult) -> str:
@@ -209,7 +209,7 @@ STATEFUL = """
 
 
 def _taken() -> list[Path]:
-    return list(worker_cache.collected_dir().glob(f"*{worker_disk.TAKEN}*"))
+    return list(collected_files.collected_dir().glob(f"*{worker_disk.TAKEN}*"))
 
 
 def test_a_one_test_rerun_uses_the_cached_file_in_place(inner: pytest.Pytester) -> None:
@@ -346,10 +346,10 @@ def test_two_tests_restore_a_copy_and_leave_the_cached_file_alone(
 
 
 def test_a_taken_file_of_a_dead_process_is_removed(worker_cache_of_our_own: Path) -> None:
-    folder = worker_cache.collected_dir()
+    folder = collected_files.collected_dir()
     folder.mkdir(parents=True, exist_ok=True)
     key = "0" * 32
-    cached = worker_cache.collected_path(key)
+    cached = collected_files.collected_path(key)
     cached.write_bytes(b"cached")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
