@@ -16,6 +16,7 @@ from pytest_gondolin.guest import startup
 from pytest_gondolin.guest.hostpath import HOST_PATH_ENV, SITE
 from pytest_gondolin.guest.worker import parse_command
 from pytest_gondolin.sandbox import worker_cache
+from tests.fake_distributions import install_plugin_distribution
 
 
 def _tar(files: dict[str, tuple[bytes, int, float]]) -> bytes:
@@ -210,21 +211,16 @@ def test_preload_modules_follow_entry_points() -> None:
     assert modules == ["some_module", "xdist.plugin"]  # gondolin: the guest's own plugin
 
 
-def _fake_distribution(site: Path, name: str, entry_points: str) -> None:
-    """An installed distribution ``name`` in ``site`` with a plugin module of its own."""
-    info = site / f"{name.replace('-', '_')}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(entry_points)
-    (site / f"{name.replace('-', '_')}.py").write_text("def pytest_configure(config):\n    pass\n")
-
-
 @pytest.fixture
 def two_plugin_distributions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     site = tmp_path / "site"
     site.mkdir()
-    _fake_distribution(site, "gondolin-fake-one", "[pytest11]\nfake_one = gondolin_fake_one\n")
-    _fake_distribution(site, "gondolin-fake-two", "[pytest11]\nfake_two = gondolin_fake_two\n")
+    install_plugin_distribution(
+        site, "gondolin-fake-one", "[pytest11]\nfake_one = gondolin_fake_one\n"
+    )
+    install_plugin_distribution(
+        site, "gondolin-fake-two", "[pytest11]\nfake_two = gondolin_fake_two\n"
+    )
     monkeypatch.syspath_prepend(str(site))
     yield site
     for name in ("gondolin_fake_one", "gondolin_fake_two", "gondolin_fake_three"):

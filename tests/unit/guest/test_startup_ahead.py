@@ -21,25 +21,19 @@ import pytest
 
 from pytest_gondolin.guest import startup, worker
 from pytest_gondolin.sandbox import worker_cache
-
-
-def _distribution(site: Path, name: str, entry_points: str) -> Path:
-    """An installed distribution ``name`` in ``site`` with a plugin module of its own."""
-    module = name.replace("-", "_")
-    info = site / f"{module}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(entry_points)
-    (site / f"{module}.py").write_text("def pytest_configure(config):\n    pass\n")
-    return info
+from tests.fake_distributions import install_plugin_distribution
 
 
 @pytest.fixture
 def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     folder = tmp_path / "site"
     folder.mkdir()
-    _distribution(folder, "gondolin-ahead-one", "[pytest11]\nahead_one = gondolin_ahead_one\n")
-    _distribution(folder, "gondolin-ahead-two", "[pytest11]\nahead_two = gondolin_ahead_two\n")
+    install_plugin_distribution(
+        folder, "gondolin-ahead-one", "[pytest11]\nahead_one = gondolin_ahead_one\n"
+    )
+    install_plugin_distribution(
+        folder, "gondolin-ahead-two", "[pytest11]\nahead_two = gondolin_ahead_two\n"
+    )
     monkeypatch.syspath_prepend(str(folder))
     yield folder
     for name in ("gondolin_ahead_one", "gondolin_ahead_two", "gondolin_ahead_three"):
@@ -99,7 +93,9 @@ def test_a_distribution_changed_or_added_after_is_read_anew(
     os.utime(info, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     (site / "gondolin_ahead_three.py").write_text("")
     # Installed after (as the project's own metadata is copied after the go).
-    _distribution(site, "gondolin-ahead-four", "[pytest11]\nahead_four = gondolin_ahead_four\n")
+    install_plugin_distribution(
+        site, "gondolin-ahead-four", "[pytest11]\nahead_four = gondolin_ahead_four\n"
+    )
     entry_point_reads.clear()
     pm = PytestPluginManager()
     with startup.distributions_read_once(ahead):
