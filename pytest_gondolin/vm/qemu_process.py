@@ -30,6 +30,7 @@ from pytest_gondolin.errors import SnapshotError, VMCrashed, VMError, VMLaunchEr
 from pytest_gondolin.logtail import read_tail_text
 from pytest_gondolin.vm import console_bound
 from pytest_gondolin.vm.channel import AgentChannel
+from pytest_gondolin.vm.no_huge_pages import children_without_huge_pages
 from pytest_gondolin.vm.qemu import MachineSpec, command_line, privilege_drop_args
 from pytest_gondolin.vm.qmp import QMP, QMP_TIMEOUT
 
@@ -100,7 +101,7 @@ class QemuProcess:
         answer. Call :meth:`stop` in every case.
         """
         spec = self.spec
-        with (spec.rundir / "qemu.log").open("wb") as errlog:
+        with (spec.rundir / "qemu.log").open("wb") as errlog, children_without_huge_pages():
             self._proc = subprocess.Popen(
                 setpriv_prefix(die_with_parent) + self.argv,
                 stdin=subprocess.DEVNULL,
