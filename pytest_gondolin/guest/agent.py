@@ -37,6 +37,7 @@ import os
 import random
 import struct
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from pytest_gondolin.guest.protocol import (
     validate_frame,
 )
 from pytest_gondolin.guest.reaper import Reaper
+from pytest_gondolin.guest.unpack import unpack_tar
 
 log = logging.getLogger("pytest_gondolin.guest.agent")
 
@@ -96,6 +98,7 @@ class Agent:
             "read": self.files.read,
             "set_clock": self._h_set_clock,
             "bind": self._h_bind,
+            "unpack": self._h_unpack,
             "entropy": self._h_entropy,
             "poweroff": self._h_poweroff,
         }
@@ -189,6 +192,13 @@ class Agent:
 
     def _h_bind(self, frame: Frame) -> None:
         bind_folders([(disk, folder) for disk, folder in frame.header["pairs"]])
+        self.writer.send({"t": "ok", "id": frame.id})
+
+    def _h_unpack(self, frame: Frame) -> None:
+        try:
+            unpack_tar(frame.header["path"], frame.header["folder"])
+        except tarfile.TarError as exc:
+            raise OSError(errno.EINVAL, f"not a tar: {exc}") from exc
         self.writer.send({"t": "ok", "id": frame.id})
 
     def _h_entropy(self, frame: Frame) -> None:

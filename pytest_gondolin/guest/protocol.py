@@ -234,6 +234,8 @@ MESSAGES: Final[Mapping[str, MessageSpec]] = {
     "set_clock": MessageSpec("host", {"ns": NS}),
     # Disk folders bound over tmpfs folders (guest/binds.py); "ok" once done.
     "bind": MessageSpec("host", {"pairs": BIND_PAIRS}),
+    # A tar file the host wrote, unpacked at / and removed, then "folder" made (guest/unpack.py).
+    "unpack": MessageSpec("host", {"path": PATH, "folder": PATH}),
     "entropy": MessageSpec("host", {}, payload=True),
     "poweroff": MessageSpec("host", {}),
     # guest -> host

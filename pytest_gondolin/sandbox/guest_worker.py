@@ -287,8 +287,6 @@ class GuestWorker:
             if reused is not None:
                 vm, transport, saved = reused
                 self.factory.adopt(vm)
-                # The previous tree's worker snapshot goes while this one collects.
-                stale = _deleting(vm, WORKER_TAG)
                 phases.mark("restore started in place")
             else:
                 vm = launch_layered(vmconfig, layers, name=name, progress=say)
@@ -301,6 +299,10 @@ class GuestWorker:
             phases.mark("copy")
             say(f"{name}: collecting in the started guest test worker")
             worker_cache.send_go(first.transport, go["argv"], go["cwd"], go["env"])
+            if reused is not None:
+                # The previous tree's worker snapshot goes while this one collects
+                # (QEMU holds its big lock meanwhile: not while the tree is copied).
+                stale = _deleting(vm, WORKER_TAG)
             collected = first.client.start(WORKER_START_TIMEOUT)
             phases.mark("collect")
             # The worker wrote back and dropped the page cache before its collected line.

@@ -333,6 +333,12 @@ class AgentChannel(ChannelDriver):
         """
         self._request(SimpleCall("bind"), {"t": "bind", "pairs": [list(p) for p in pairs]})
 
+    def unpack(self, path: str, folder: str, *, timeout: float) -> None:
+        """Unpack the guest's tar file ``path`` at ``/``, remove it, make ``folder`` (``guest/unpack.py``)."""
+        self._request(
+            SimpleCall("unpack"), {"t": "unpack", "path": path, "folder": folder}, timeout=timeout
+        )
+
     def add_entropy(self, data: bytes) -> None:
         """Mix ``data`` into the guest kernel RNG (and reseed the agent's ``random``)."""
         self._request(SimpleCall("entropy"), {"t": "entropy"}, data)

@@ -215,6 +215,22 @@ class GuestOperations:
             raise
 
     @require(*LAUNCHED)
+    def unpack_tar(self, path: str, *, folder: str, timeout: float) -> None:
+        """Unpack the guest's tar file ``path`` at ``/`` in the agent, remove it, make ``folder``.
+
+        For a small tree (``sandbox/worker_setup.py``; ``guest/unpack.py``
+        says why). Raises AgentRequestError when the agent could not.
+        """
+        channel = self._require_channel()
+        try:
+            channel.unpack(path, folder, timeout=timeout)
+        except AgentRequestError:
+            raise
+        except (AgentError, VMError) as exc:
+            self._crash_check(exc)
+            raise
+
+    @require(*LAUNCHED)
     def read_file(self, path: str, *, max_size: int = MAX_READ_FILE) -> bytes:
         """Return the contents of the regular file ``path`` in the guest.
 
