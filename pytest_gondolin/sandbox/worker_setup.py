@@ -17,6 +17,7 @@ import importlib.metadata
 import io
 import logging
 import shlex
+import sys
 import tarfile
 import time
 from collections.abc import Mapping
@@ -60,6 +61,8 @@ UNPACK_TIMEOUT: Final = 300.0
 #: ``tar`` (about 2 ms a file under TCG against ``tar``'s 0.5 ms plus ~0.2 s to start it).
 SMALL_TREE_MEMBERS: Final = 64
 SMALL_TREE_BYTES: Final = 4 << 20
+#: Hypothesis's Unicode tables are tens of KiB; larger files are not theirs.
+HYPOTHESIS_TABLES_MAX: Final = 4 << 20
 #: Where such a tree is written first (a tmpfs), until the agent has unpacked it.
 SMALL_TREE_TAR: Final = "/var/tmp/gondolin-tree.tar"
 #: The guest worker's entry module: the host's sys.path first, then the worker.
@@ -80,6 +83,46 @@ def _packages_distributions() -> Mapping[str, list[str]]:
     do not change under a running session.
     """
     return importlib.metadata.packages_distributions()
+
+
+def _hypothesis_tables() -> bytes:
+    """Hypothesis's cached Unicode tables, packed at the same paths for the guest.
+
+    Hypothesis computes them on first use (its charmap, and the code points
+    a codec encodes: ``st.text()`` asks for UTF-8's) and caches them under
+    ``.hypothesis`` in the working folder, which the project copy leaves
+    out. Each sandboxed test starts from the worker's snapshot, so every
+    test that drew text computed them again: a loop over every code point
+    keeping a tuple for each, ~20 MB/s of growth under TCG until a 256 MiB
+    guest ran out of memory (attrs' suite). Here the host, whose tests
+    imported Hypothesis at collection, reads its cached tables (or makes
+    them: ~1 s, once) and the guest, whose working folder is the host's,
+    finds them where it looks. Empty when the tests do not use Hypothesis
+    or anything fails.
+    """
+    if "hypothesis" not in sys.modules:
+        return b""
+    try:
+        from hypothesis.internal import charmap
+
+        charmap.charmap()
+        by_codec = getattr(charmap, "intervals_from_codec", None)
+        if by_codec is not None:
+            by_codec("utf-8")
+        folder = Path(charmap.charmap_file()).resolve().parent
+        tables = {path: path.read_bytes() for path in sorted(folder.glob("*.json.gz"))}
+    except Exception as exc:  # Hypothesis's internals, any version: never fail a run for them
+        log.debug("no Hypothesis Unicode tables for the guest: %s", exc)
+        return b""
+    if sum(map(len, tables.values())) > HYPOTHESIS_TABLES_MAX:
+        return b""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path, data in tables.items():
+            info = tarfile.TarInfo(str(path).lstrip("/"))
+            info.size, info.mode, info.mtime = len(data), 0o644, 1
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def _small_tree(tars: list[bytes]) -> bool:
@@ -195,12 +238,17 @@ class WorkerSetup:
         return environment_image.image_layer("host-environment", image, items, fallback=fallback)
 
     def project_tars(self) -> list[bytes]:
-        """The project tree and editable sources outside it, packed (the rest is a layer)."""
+        """The project tree and editable sources outside it, packed (the rest is a layer).
+
+        With Hypothesis's Unicode tables too, where the tests use Hypothesis
+        (:func:`_hypothesis_tables`).
+        """
         env = self.scan_environment()
         tars = [project_files.pack_project(Path(self.config.rootpath))]
         if env is not None:
             tars += [project_files.pack_project(Path(source)) for source in env.sources]
-        return tars
+        tables = _hypothesis_tables()
+        return [*tars, tables] if tables else tars
 
     def copy_project(self, vm: VM, tars: list[bytes]) -> None:
         """Unpack ``tars`` (:meth:`project_tars`) in the guest, on its disk.

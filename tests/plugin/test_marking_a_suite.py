@@ -204,3 +204,34 @@ def test_a_test_that_exhausts_the_guests_memory_says_so(inner: pytest.Pytester) 
             '*sandboxed(memory="1G"), --gondolin-memory or gondolin_memory',
         ]
     )
+
+
+def test_hypothesis_text_strategies_run_in_a_default_guest(inner: pytest.Pytester) -> None:
+    """Found marking attrs' suite: each test drawing text ran out of the 256 MiB guest.
+
+    Hypothesis computes its Unicode tables on first use (a tuple for each
+    code point) and caches them in ``.hypothesis``, which the copy leaves
+    out, so every sandboxed test computed them again, ~20 MB/s of growth
+    under TCG. The host's tables now go with the tree. Before: the first
+    test hit its timeout.
+    """
+    inner.makepyfile(
+        test_text="""
+        import pytest
+        from hypothesis import given, settings, strategies as st
+
+        @pytest.mark.sandboxed(timeout=90)
+        @settings(max_examples=20, deadline=None, database=None)
+        @given(st.dictionaries(st.text(), st.lists(st.integers())))
+        def test_one(d):
+            assert isinstance(d, dict)
+
+        @pytest.mark.sandboxed(timeout=90)
+        @settings(max_examples=20, deadline=None, database=None)
+        @given(st.text())
+        def test_two(s):
+            assert isinstance(s, str)
+        """
+    )
+    result = run_gondolin(inner)
+    result.assert_outcomes(passed=2)
