@@ -13,6 +13,7 @@ with its go); and the project tree packed and copied in.
 from __future__ import annotations
 
 import functools
+import gzip
 import importlib.metadata
 import io
 import logging
@@ -110,7 +111,13 @@ def _hypothesis_tables() -> bytes:
         if by_codec is not None:
             by_codec("utf-8")
         folder = Path(charmap.charmap_file()).resolve().parent
-        tables = {path: path.read_bytes() for path in sorted(folder.glob("*.json.gz"))}
+        # Recompressed: Hypothesis rewrites a codec's file on every call, its
+        # gzip header naming a temporary file, so the bytes (and the collected
+        # worker's key, which holds them) changed with every run.
+        tables = {
+            path: gzip.compress(gzip.decompress(path.read_bytes()), mtime=0)
+            for path in sorted(folder.glob("*.json.gz"))
+        }
     except Exception as exc:  # Hypothesis's internals, any version: never fail a run for them
         log.debug("no Hypothesis Unicode tables for the guest: %s", exc)
         return b""
