@@ -13,9 +13,10 @@ attributes declared here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pytest_gondolin.errors import AgentError, AgentRequestError, ExecTimeout, VMError
@@ -87,6 +88,17 @@ class GuestOperations:
             raise VMError(f"{self.name}: setting the guest clock failed: {exc}") from exc
         self._clock_set_at = time.monotonic()
         return True
+
+    @contextlib.contextmanager
+    def _crash_checked(self) -> Iterator[None]:
+        """An agent call: its own refusal passes as is; any other failure is checked for a crashed QEMU."""
+        try:
+            yield
+        except AgentRequestError:
+            raise  # the agent answered: the VM is up, no crash to look for
+        except (AgentError, VMError) as exc:
+            self._crash_check(exc)
+            raise
 
     def _require_channel(self) -> AgentChannel:
         if self._state is Runstate.CLOSED:
@@ -206,13 +218,8 @@ class GuestOperations:
         a folder holds files, before anything is bound.
         """
         channel = self._require_channel()
-        try:
+        with self._crash_checked():
             channel.bind(list(pairs))
-        except AgentRequestError:
-            raise
-        except (AgentError, VMError) as exc:
-            self._crash_check(exc)
-            raise
 
     @require(*LAUNCHED)
     def unpack_tar(self, path: str, *, folder: str, timeout: float) -> None:
@@ -222,13 +229,8 @@ class GuestOperations:
         says why). Raises AgentRequestError when the agent could not.
         """
         channel = self._require_channel()
-        try:
+        with self._crash_checked():
             channel.unpack(path, folder, timeout=timeout)
-        except AgentRequestError:
-            raise
-        except (AgentError, VMError) as exc:
-            self._crash_check(exc)
-            raise
 
     @require(*LAUNCHED)
     def read_file(self, path: str, *, max_size: int = MAX_READ_FILE) -> bytes:
