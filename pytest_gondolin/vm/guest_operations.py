@@ -7,8 +7,9 @@ the guest's wall clock (``refresh_clock``).
 Each call goes over the VM's :class:`~pytest_gondolin.vm.channel.AgentChannel`;
 a failure while QEMU exits under it becomes
 :class:`~pytest_gondolin.errors.VMCrashed`. The VM's lifecycle, network and
-snapshots stay in :mod:`~pytest_gondolin.vm.machine`, which sets the
-attributes declared here.
+checkpoints stay in :mod:`~pytest_gondolin.vm.machine`, which sets the
+attributes declared here; its internal snapshots are the base between the
+two (:mod:`~pytest_gondolin.vm.internal_snapshots`).
 """
 
 from __future__ import annotations

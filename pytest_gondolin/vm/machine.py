@@ -5,9 +5,10 @@ how its snapshots are named (:mod:`~pytest_gondolin.vm.identity`), its
 overlay disk (:mod:`~pytest_gondolin.vm.overlay`), the QEMU child and its
 QMP monitor (:mod:`~pytest_gondolin.vm.qemu_process`), the agent channel
 (:mod:`~pytest_gondolin.vm.channel`), its guest API -- commands and files
-(:mod:`~pytest_gondolin.vm.guest_operations`, a base of :class:`VM`) -- and,
-unless turned off, a network driver of its own. This module owns the VM's
-lifecycle, its network and its snapshots.
+(:mod:`~pytest_gondolin.vm.guest_operations`, a base of :class:`VM`), its
+internal snapshots (:mod:`~pytest_gondolin.vm.internal_snapshots`, the base
+between them) -- and, unless turned off, a network driver of its own. This
+module owns the VM's lifecycle, its network and its disk-only checkpoints.
 
 Its lifecycle (:mod:`~pytest_gondolin.vm.runstate`: the states, the moves
 between them, which error a call in the wrong state gets) changes only in
@@ -29,7 +30,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,16 +38,9 @@ from pytest_gondolin.errors import AgentError, SnapshotError, StateError, VMErro
 from pytest_gondolin.hosttools import require as require_tool
 from pytest_gondolin.statemachine import require, transition
 from pytest_gondolin.vm import checkpoint as ckpt
-from pytest_gondolin.vm.agent_process import AgentProcess
 from pytest_gondolin.vm.channel import AgentChannel
 from pytest_gondolin.vm.commands import ExecResult
-from pytest_gondolin.vm.guest_network import (
-    CassetteOpener,
-    apply_policy,
-    reset_network,
-    start_network,
-)
-from pytest_gondolin.vm.guest_operations import GuestOperations
+from pytest_gondolin.vm.guest_network import CassetteOpener, apply_policy, start_network
 from pytest_gondolin.vm.identity import (
     Snapshot,
     VMConfig,
@@ -55,6 +49,7 @@ from pytest_gondolin.vm.identity import (
     machine_spec,
     resume_config,
 )
+from pytest_gondolin.vm.internal_snapshots import InternalSnapshots
 from pytest_gondolin.vm.overlay import copy_disk, create_overlay
 from pytest_gondolin.vm.qemu_process import QemuProcess, console_tail, qemu_log_tail
 from pytest_gondolin.vm.reaper import new_rundir
@@ -69,8 +64,6 @@ __all__ = ["VM", "Checkpoint", "ExecResult", "Runstate", "Snapshot", "VMConfig"]
 
 log = logging.getLogger(__name__)
 
-#: The agent of a restored guest answers within a second; 30 s covers a loaded TCG host.
-RESTORE_SYNC_TIMEOUT = 30.0
 #: ``sync`` before a checkpoint writes back the guest's dirty pages: seconds under TCG.
 CHECKPOINT_SYNC_TIMEOUT = 60.0
 
@@ -85,11 +78,15 @@ def _close_all_at_exit() -> None:
         vm.close()
 
 
-class VM(GuestOperations):
+class VM(InternalSnapshots):
     """One guest. Use :meth:`launch` (or the fixtures) to get a running VM.
 
     Its guest API (``exec``, ``spawn``, ``attach``, ``read_file``,
-    ``write_file``, ``secret_env``) comes from :class:`GuestOperations`.
+    ``write_file``, ``secret_env``) comes from
+    :class:`~pytest_gondolin.vm.guest_operations.GuestOperations`, its
+    internal snapshots (``save_internal``, ``load_internal``,
+    ``delete_internal``, ``pause``, ``resume``, ``snapshot``, ``restore``)
+    from :class:`~pytest_gondolin.vm.internal_snapshots.InternalSnapshots`.
     """
 
     def __init__(self, config: VMConfig, *, name: str = "vm") -> None:
@@ -354,87 +351,7 @@ class VM(GuestOperations):
             raise VMError(f"{self.name} has no network driver (VMConfig.network is off)")
         return self.network.forward(guest_port, host_port)
 
-    # -- snapshots -------------------------------------------------------------
-
-    def _monitor(self) -> QemuProcess:
-        if self._qemu is None:
-            raise VMError(f"{self.name} is not running")
-        return self._qemu
-
-    @require(*LAUNCHED)
-    def save_internal(self, tag: str) -> None:
-        """Save RAM, devices and disk as internal snapshot ``tag`` of the overlay."""
-        self._require_channel()
-        self._monitor().hmp(f"savevm {tag}")
-
-    @require(*LAUNCHED)
-    def delete_internal(self, tag: str) -> None:
-        """Delete internal snapshot ``tag`` of the overlay, if there is one.
-
-        The guest runs on meanwhile: ``savevm`` of a name in use deletes the
-        old one first, in the guest's time (~0.1 s for a worker's snapshot
-        under TCG); done earlier, from another thread, it overlaps guest work.
-        """
-        self._require_channel()
-        self._monitor().hmp(f"delvm {tag}")
-
-    @require(*LAUNCHED)
-    def load_internal(self, tag: str, *, preserve: Sequence[AgentProcess] = ()) -> None:
-        """Put the VM back to internal snapshot ``tag`` and resynchronize the agent.
-
-        ``preserve``: processes that were running when ``tag`` was saved; they stay attached.
-        """
-        channel = self._require_channel()
-        # Paused across loadvm and the network reset (loadvm keeps the run
-        # state it found), so no frame of the old or the restored guest
-        # crosses the reset: nothing a test did on the network survives it.
-        self.pause()
-        try:
-            self._monitor().hmp(f"loadvm {tag}")
-        except SnapshotError:
-            self.resume()  # not left paused: every later call would time out instead
-            raise
-        if self.network is not None:
-            self.http = reset_network(self.network, f"{self.name}: restoring {tag!r}")
-        self.resume()
-        try:
-            channel.sync(
-                timeout=RESTORE_SYNC_TIMEOUT,
-                preserve=preserve,
-                entropy=os.urandom(64),
-                clock_ns=time.time_ns(),
-            )
-        except (TimeoutError, VMError) as exc:
-            self._crash_check(exc)
-            raise SnapshotError(f"the agent did not answer after restoring {tag!r}: {exc}") from exc
-        self._clock_set_at = time.monotonic()
-
-    @require(*LAUNCHED)
-    def pause(self) -> None:
-        """Stop the guest's vCPUs (QMP ``stop``)."""
-        self._monitor().cmd("stop")
-
-    @require(*LAUNCHED)
-    def resume(self) -> None:
-        """Let the guest's vCPUs run again (QMP ``cont``)."""
-        self._monitor().cmd("cont")
-
-    @require(*LAUNCHED)
-    def snapshot(self) -> Snapshot:
-        """Save the whole VM (RAM, devices, disk); restore it with :meth:`restore`, any number of times."""
-        self._snapshots += 1
-        tag = f"snap-{self._snapshots}"
-        self.save_internal(tag)
-        return Snapshot(self.token, tag, time.time())
-
-    @require(*LAUNCHED)
-    def restore(self, snapshot: Snapshot) -> None:
-        """Put the VM back exactly to ``snapshot``; the guest then gets fresh entropy and the host's clock."""
-        if not isinstance(snapshot, Snapshot) or snapshot.vm_token != self.token:
-            raise SnapshotError(
-                f"{snapshot!r} was not taken of {self.name}; snapshots restore only into their own VM"
-            )
-        self.load_internal(snapshot.tag)
+    # -- disk-only checkpoints (internal snapshots: the InternalSnapshots base) ----
 
     def export_disk(self, target: Path, metadata: dict[str, object]) -> None:
         """Copy this VM's current disk (guest view, minus the image) to ``target`` with metadata."""
