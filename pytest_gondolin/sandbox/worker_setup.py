@@ -13,12 +13,9 @@ with its go); and the project tree packed and copied in.
 from __future__ import annotations
 
 import functools
-import gzip
-import importlib.metadata
 import io
 import logging
 import shlex
-import sys
 import tarfile
 import time
 from collections.abc import Mapping
@@ -30,6 +27,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import pytest_gondolin
+import pytest_gondolin.sandbox.cached_reads as cached_reads
 import pytest_gondolin.sandbox.environment_image as environment_image
 import pytest_gondolin.sandbox.host_environment as host_environment
 import pytest_gondolin.sandbox.host_python as host_python
@@ -62,8 +60,8 @@ UNPACK_TIMEOUT: Final = 300.0
 #: ``tar`` (about 2 ms a file under TCG against ``tar``'s 0.5 ms plus ~0.2 s to start it).
 SMALL_TREE_MEMBERS: Final = 64
 SMALL_TREE_BYTES: Final = 4 << 20
-#: Hypothesis's Unicode tables are tens of KiB; larger files are not theirs.
-HYPOTHESIS_TABLES_MAX: Final = 4 << 20
+#: The cache folder of :mod:`.cached_reads`' answers.
+HOST_READS: Final = "host-reads"
 #: Where such a tree is written first (a tmpfs), until the agent has unpacked it.
 SMALL_TREE_TAR: Final = "/var/tmp/gondolin-tree.tar"
 #: The guest worker's entry module: the host's sys.path first, then the worker.
@@ -79,57 +77,11 @@ def _distributions_of(package: str) -> list[str]:
 def _packages_distributions() -> Mapping[str, list[str]]:
     """``importlib.metadata.packages_distributions()``, read once a process.
 
-    It reads every installed distribution's file list: ~0.1 s here, and a
-    session asks once per ``-p`` plugin; the host's installed distributions
-    do not change under a running session.
+    A session asks once per ``-p`` plugin, and the host's installed
+    distributions do not change under a running session; across runs the
+    answer is reused while nothing it read changed (:mod:`.cached_reads`).
     """
-    return importlib.metadata.packages_distributions()
-
-
-def _hypothesis_tables() -> bytes:
-    """Hypothesis's cached Unicode tables, packed at the same paths for the guest.
-
-    Hypothesis computes them on first use (its charmap, and the code points
-    a codec encodes: ``st.text()`` asks for UTF-8's) and caches them under
-    ``.hypothesis`` in the working folder, which the project copy leaves
-    out. Each sandboxed test starts from the worker's snapshot, so every
-    test that drew text computed them again: a loop over every code point
-    keeping a tuple for each, ~20 MB/s of growth under TCG until a 256 MiB
-    guest ran out of memory (attrs' suite). Here the host, whose tests
-    imported Hypothesis at collection, reads its cached tables (or makes
-    them: ~1 s, once) and the guest, whose working folder is the host's,
-    finds them where it looks. Empty when the tests do not use Hypothesis
-    or anything fails.
-    """
-    if "hypothesis" not in sys.modules:
-        return b""
-    try:
-        from hypothesis.internal import charmap
-
-        charmap.charmap()
-        by_codec = getattr(charmap, "intervals_from_codec", None)
-        if by_codec is not None:
-            by_codec("utf-8")
-        folder = Path(charmap.charmap_file()).resolve().parent
-        # Recompressed: Hypothesis rewrites a codec's file on every call, its
-        # gzip header naming a temporary file, so the bytes (and the collected
-        # worker's key, which holds them) changed with every run.
-        tables = {
-            path: gzip.compress(gzip.decompress(path.read_bytes()), mtime=0)
-            for path in sorted(folder.glob("*.json.gz"))
-        }
-    except Exception as exc:  # Hypothesis's internals, any version: never fail a run for them
-        log.debug("no Hypothesis Unicode tables for the guest: %s", exc)
-        return b""
-    if sum(map(len, tables.values())) > HYPOTHESIS_TABLES_MAX:
-        return b""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for path, data in tables.items():
-            info = tarfile.TarInfo(str(path).lstrip("/"))
-            info.size, info.mode, info.mtime = len(data), 0o644, 1
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return cached_reads.packages_distributions(cache_dir() / HOST_READS)
 
 
 def _small_tree(tars: list[bytes]) -> bool:
@@ -248,13 +200,13 @@ class WorkerSetup:
         """The project tree and editable sources outside it, packed (the rest is a layer).
 
         With Hypothesis's Unicode tables too, where the tests use Hypothesis
-        (:func:`_hypothesis_tables`).
+        (:func:`.cached_reads.hypothesis_tables`).
         """
         env = self.scan_environment()
         tars = [project_files.pack_project(Path(self.config.rootpath))]
         if env is not None:
             tars += [project_files.pack_project(Path(source)) for source in env.sources]
-        tables = _hypothesis_tables()
+        tables = cached_reads.hypothesis_tables(cache_dir() / HOST_READS)
         return [*tars, tables] if tables else tars
 
     def copy_project(self, vm: VM, tars: list[bytes]) -> None:
