@@ -27,11 +27,13 @@ bytes::
     {"t": "answer", "ok": bool, "data"|"error"} the reply to a query (only during a run)
     {"t": "quit"}                                end the session (EOF means the same)
     {"t": "go", "argv": [str], "cwd": str,
-     "env": {str: str}}                          start the session (only in waiting mode, below)
+     "env": {str: str}, "pause": bool}           start the session (only in waiting mode, below)
+    {"t": "collect"}                             collect (only after ``configured``, below)
 
 worker → host, on the fd that was fd 1 at start-up, each line at most
 ``MAX_WORKER_LINE`` bytes::
 
+    {"t": "configured", "read": [str] | null}                  with the go's "pause", before collecting
     {"t": "collected", "nodeids": [str], "errors": [report]}   once, before any command is read
     {"t": "report", "data": report}                             a pytest_runtest_logreport report
     {"t": "warning", "message": str, "category": str,
@@ -63,6 +65,9 @@ there and reuses it across runs (``sandbox/worker_cache.py``): nothing of
 the project is read before the go.  In a guest (:data:`GUEST_ENV`), a
 waiting worker writes back and drops the guest's page cache after
 collection, before its ``collected`` line: the host snapshots it next.
+With the go's ``"pause"``, the worker also stops once pytest is configured,
+before it collects: it says ``configured`` (the files it read meanwhile),
+then waits for ``collect`` (:mod:`pytest_gondolin.guest.configured`).
 
 Guarantees the host relies on
 -----------------------------
@@ -111,7 +116,7 @@ from typing import IO, Any, Final
 
 import pytest
 
-from pytest_gondolin.guest import debugger, hostquery, isolation, live, startup
+from pytest_gondolin.guest import configured, debugger, hostquery, isolation, live, startup
 from pytest_gondolin.guest.coverage import GuestCoverage
 from pytest_gondolin.guest.process_runs import ProcessRuns
 from pytest_gondolin.guest.worker_channel import MAX_COMMAND_LINE as MAX_COMMAND_LINE
@@ -158,9 +163,20 @@ _EXTRA_ARGS: Final = (
 _PYTEST_PRIVATE_KEYS: Final = frozenset({"_report_type", "_subtest.context"})
 
 #: Message type names (the ``"t"`` member).
-COMMAND_TYPES: Final = frozenset({"run", "ping", "quit", "answer", "go"})
+COMMAND_TYPES: Final = frozenset({"run", "ping", "quit", "answer", "go", "collect"})
 MESSAGE_TYPES: Final = frozenset(
-    {"collected", "report", "warning", "error", "done", "pong", "coverage", "output", "seal"}
+    {
+        "configured",
+        "collected",
+        "report",
+        "warning",
+        "error",
+        "done",
+        "pong",
+        "coverage",
+        "output",
+        "seal",
+    }
 )
 
 
@@ -179,8 +195,11 @@ class WorkerPlugin:
         *,
         entry_points: startup.EntryPointsRead | None = None,
         drop_page_cache: bool = False,
+        pause: configured.ReadRecorder | None = None,
     ) -> None:
         self._channel = channel
+        #: Stop before collecting (guest/configured.py): what configuring read.
+        self._pause = pause
         #: Read before the go (waiting mode): not read again while pytest parses.
         self._entry_points = entry_points
         #: The host snapshots this guest after collection (waiting mode in a guest).
@@ -238,6 +257,17 @@ class WorkerPlugin:
     def pytest_sessionstart(self) -> None:
         if self._real_stdout is not None:
             sys.stdout, self._real_stdout = self._real_stdout, None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection(self) -> None:
+        # Configured, the session started, nothing collected: the host may
+        # snapshot the worker here (guest/configured.py).
+        if self._pause is None:
+            return
+        recorder, self._pause = self._pause, None
+        before = startup.drop_page_cache if self._drop_page_cache else lambda: None
+        if not configured.pause(recorder, self._channel.send, self._channel.recv, before):
+            pytest.exit("the host ended the session before collection", returncode=0)
 
     def _showing(self) -> contextlib.ExitStack:
         """What the run shows live on the host: its fds 1 and 2 (``-s``), ``--setup-show``."""
@@ -374,8 +404,8 @@ class WorkerPlugin:
             self._running = None
 
 
-def _wait_for_go(channel: HostPipe) -> tuple[list[str], startup.EntryPointsRead] | None:
-    """Preload, say ``waiting``, apply the ``go``; its arguments and what was read ahead.
+def _wait_for_go(channel: HostPipe) -> tuple[list[str], startup.EntryPointsRead, bool] | None:
+    """Preload, say ``waiting``, apply the ``go``; its arguments, what was read ahead, its pause.
 
     None: the host went away.
     """
@@ -399,7 +429,7 @@ def _wait_for_go(channel: HostPipe) -> tuple[list[str], startup.EntryPointsRead]
     os.environ.update(command.get("env", {}))
     startup.refresh_path()
     startup.forget_shadowed()
-    return list(command["argv"]), ahead
+    return list(command["argv"]), ahead, bool(command.get("pause", False))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -414,16 +444,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = list(_EXTRA_ARGS)
     ahead: startup.EntryPointsRead | None = None
     snapshotted = False
+    recorder: configured.ReadRecorder | None = None
     if os.environ.pop(WAIT_ENV, "") == "1":
         go = _wait_for_go(channel)
         if go is None:
             return 0
-        go_args, ahead = go
+        go_args, ahead, pause = go
         args += go_args
         extra += startup.rewrite_warning_filters(go_args)
         # In a guest, the host snapshots this worker once it has collected.
         snapshotted = os.environ.get(GUEST_ENV) == "1"
-    plugin = WorkerPlugin(channel, entry_points=ahead, drop_page_cache=snapshotted)
+        if pause:
+            recorder = configured.ReadRecorder()
+            recorder.start()
+    plugin = WorkerPlugin(channel, entry_points=ahead, drop_page_cache=snapshotted, pause=recorder)
     exit_code = pytest.main([*args, *extra], plugins=[plugin])
     return int(exit_code)
 

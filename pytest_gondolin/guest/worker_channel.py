@@ -216,7 +216,7 @@ def parse_command(line: bytes) -> dict[str, Any]:
             return {"t": "invalid", "message": "ping needs a string nonce"}
     elif kind == "go":
         return _check_go(obj)
-    elif kind != "quit":
+    elif kind not in ("quit", "collect"):
         return {"t": "invalid", "message": f"unknown command type {kind[:100]!r}"}
     return obj
 
@@ -241,4 +241,6 @@ def _check_go(obj: dict[str, Any]) -> dict[str, Any]:
         return {"t": "invalid", "message": f"go needs an absolute cwd, got {str(cwd)[:200]!r}"}
     if not _env_ok(env) or len(env) > MAX_GO_ITEMS:
         return {"t": "invalid", "message": "go env must map variable names to strings"}
+    if not isinstance(obj.get("pause", False), bool):
+        return {"t": "invalid", "message": "go pause must be a boolean"}
     return obj

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+import pytest_gondolin.sandbox.stack_dump as stack_dump
 from pytest_gondolin.errors import AgentError, GondolinError, WorkerProtocolError
 from pytest_gondolin.guest.worker import MAX_COMMAND_LINE, MAX_WORKER_LINE, encode_line
 from pytest_gondolin.logtail import tail_lines
@@ -53,6 +54,7 @@ from pytest_gondolin.sandbox.live_output import (
 )
 from pytest_gondolin.sandbox.messages import (
     Collected,
+    Configured,
     DoneMessage,
     ErrorMessage,
     OutputMessage,
@@ -85,11 +87,6 @@ log = logging.getLogger(__name__)
 DEFAULT_START_TIMEOUT: Final = 120.0
 #: A pong is a round trip through an idle worker (~1 ms on virtio-serial).
 DEFAULT_PING_TIMEOUT: Final = 10.0
-#: After SIGUSR1, faulthandler writes the dump at once; this bounds how long
-#: we wait for it to stop growing before killing the worker.
-STACK_DUMP_GRACE: Final = 2.0
-#: The dump is considered complete once stderr has been quiet this long.
-_STACK_DUMP_QUIET: Final = 0.2
 #: After EOF, how long the worker gets to finish exiting so its exit code
 #: can be reported (it is already past writing its last line).
 EXIT_WAIT: Final = 5.0
@@ -257,15 +254,33 @@ class WorkerClient:
     # -- public API ---------------------------------------------------------
 
     @require(WorkerState.NEW)
-    def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> Collected:
+    def start(
+        self,
+        timeout: float = DEFAULT_START_TIMEOUT,
+        *,
+        on_configured: Callable[[Configured], None] | None = None,
+        resume: bool = False,
+    ) -> Collected:
         """Wait for the worker to finish collecting; return what it collected.
 
+        A worker told to pause (``guest/configured.py``) first says
+        ``configured``: ``on_configured`` is called with it (the host may
+        snapshot the guest then), and the worker is told to collect.
+        ``resume``: the worker already waits there (restored so), tell it now.
         Raises ``AgentError`` if the worker exits or does not finish within
         *timeout* (the worker is then killed) and ``WorkerProtocolError`` if its
         first message is not ``collected``.
         """
+        deadline = time.monotonic() + timeout
+        if resume:
+            self._send_collect()
         try:
             msg = self._recv(timeout)
+            if isinstance(msg, Configured):
+                if on_configured is not None:
+                    on_configured(msg)
+                self._send_collect()
+                msg = self._recv(deadline - time.monotonic())
         except TimeoutError:
             tail = self._transport.stderr_tail()
             self._die()
@@ -289,6 +304,12 @@ class WorkerClient:
         self._collected = msg
         self._set_state(WorkerState.READY)
         return msg
+
+    def _send_collect(self) -> None:
+        try:
+            self._send({"t": "collect"})
+        except _LinkDown as exc:
+            raise AgentError(f"test worker went away before collecting: {exc}") from None
 
     @require(WorkerState.NEW)
     def adopt(self, collected: Collected) -> None:
@@ -436,26 +457,10 @@ class WorkerClient:
         self._send(answer, deadline)
 
     def _timed_out(self, timeout: float, elapsed: float) -> Failure:
-        before = self._transport.stderr_tail()
-        try:
-            # Bounded by the test's own timeout: a guest that stopped reading its
-            # channel never takes the request (red team round 3).
-            refused = self._transport.interrupt(timeout)
-        except (OSError, GondolinError) as exc:  # the contract says it never raises; be sure
-            refused = f"interrupting the worker failed: {exc}"
-        # A dump that was never asked for is not waited for.
-        dump = before if refused else _await_quiet(self._transport.stderr_tail, before)
+        """The run's timeout failure, with the worker's stack dump (``stack_dump.py``); kills it."""
+        failure = stack_dump.timed_out(self._transport, timeout, elapsed)
         self._die()
-        if dump.startswith(before):
-            dump = dump[len(before) :]
-        if dump.strip():
-            detail = "stack dump of the worker (SIGUSR1):\n" + dump
-        else:
-            why = f" ({refused})" if refused else ""
-            detail = f"no stack dump arrived{why}; worker stderr (tail):\n" + tail_lines(
-                before, STDERR_TAIL_LINES
-            )
-        return Failure("timeout", f"Timeout > {timeout:g}s", detail, elapsed)
+        return failure
 
     @require(WorkerState.READY, WorkerState.RUNNING, WorkerState.DEAD)
     def rewind(self) -> None:
@@ -485,17 +490,3 @@ class WorkerClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _await_quiet(read: Callable[[], str], before: str) -> str:
-    """Poll *read* until its value changed and then held still, or the grace ends."""
-    deadline = time.monotonic() + STACK_DUMP_GRACE
-    last, last_change = before, time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = read()
-        if now != last:
-            last, last_change = now, time.monotonic()
-        elif last != before and time.monotonic() - last_change >= _STACK_DUMP_QUIET:
-            break
-    return last

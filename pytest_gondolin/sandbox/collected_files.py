@@ -22,7 +22,9 @@ from pytest_gondolin.vm.overlay import copy_disk
 
 __all__ = [
     "MAX_COLLECTED",
+    "RECORD_SUFFIX",
     "STORE_LOCK_TIMEOUT",
+    "TAKEN",
     "collected_dir",
     "collected_path",
     "link_collected",
@@ -34,6 +36,10 @@ log = logging.getLogger(__name__)
 
 #: Collected snapshots kept (each is the environment's disk plus the guest's RAM, ~450 MiB).
 MAX_COLLECTED: Final = 6
+#: The suffix of a file taken by one run (``sandbox/worker_disk.py``); the taker's pid follows.
+TAKEN: Final = ".taken-"
+#: The suffix of a collected file's configured-snapshot record (``sandbox/configured.py``).
+RECORD_SUFFIX: Final = ".configured.json"
 #: A write copies one disk (~0.3 s); a writer holding the lock far longer is stuck.
 STORE_LOCK_TIMEOUT: Final = 30.0
 
@@ -138,3 +144,10 @@ def _evict(*, keep: Path) -> None:
         if path != keep:
             log.info("removing least recently used worker snapshot %s", path)
             path.unlink(missing_ok=True)
+    # A record whose file is gone (evicted, or removed as unusable), and not taken.
+    for record in collected_dir().glob(f"*{RECORD_SUFFIX}"):
+        key = record.name.removesuffix(RECORD_SUFFIX)
+        if not collected_path(key).exists() and not any(
+            collected_dir().glob(f".{key}.qcow2{TAKEN}*")
+        ):
+            record.unlink(missing_ok=True)

@@ -40,7 +40,6 @@ import dataclasses
 import logging
 import os
 import secrets
-import threading
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -48,6 +47,8 @@ from typing import Any, Final
 import pytest
 
 import pytest_gondolin.sandbox.collected_files as collected_files
+import pytest_gondolin.sandbox.collecting as collecting
+import pytest_gondolin.sandbox.configured as configured
 import pytest_gondolin.sandbox.coverage as coverage
 import pytest_gondolin.sandbox.interpreter_pack as interpreter_pack
 import pytest_gondolin.sandbox.startup_tree as startup_tree
@@ -153,20 +154,6 @@ def _cassette_verdict(player: CassettePlayer) -> HostFailure | None:
     except CassetteError as exc:
         return HostFailure("cassette", f"cassette: {exc}")
     return None
-
-
-def _deleting(vm: VM, tag: str) -> threading.Thread:
-    """A started thread deleting ``vm``'s snapshot ``tag`` (failures logged: savevm deletes it then)."""
-
-    def delete() -> None:
-        try:
-            vm.delete_internal(tag)
-        except GondolinError as exc:
-            log.debug("%s: snapshot %s not deleted ahead: %s", vm.name, tag, exc)
-
-    thread = threading.Thread(target=delete, name=f"{vm.name}-delvm", daemon=True)
-    thread.start()
-    return thread
 
 
 class GuestWorker:
@@ -276,18 +263,23 @@ class GuestWorker:
             self._lane_source = taken or collected_files.collected_path(key)
             phases.mark("restore collected")
         else:
-            # One test after an edit: the started worker loaded in place from the
-            # previous tree's file, not from a copy of the layer's (worker_disk.py).
+            # One test after an edit: the started (or configured) worker loaded in
+            # place from the previous tree's file, not from a copy of the layer's
+            # (worker_disk.py, configured.py).
+            files = configured.tree_files(tars) if one_test else None
             reused = (
-                worker_disk.restore_started(vmconfig, key, worker, name=name, say=say)
+                worker_disk.restore_started(vmconfig, key, worker, name=name, say=say, files=files)
                 if one_test
                 else None
             )
-            stale: threading.Thread | None = None
             if reused is not None:
-                vm, transport, saved = reused
+                vm, transport = reused.vm, reused.transport
                 self.factory.adopt(vm)
-                phases.mark("restore started in place")
+                phases.mark(
+                    "restore configured in place"
+                    if reused.record is not None
+                    else "restore started in place"
+                )
             else:
                 vm = launch_layered(vmconfig, layers, name=name, progress=say)
                 self.factory.adopt(vm)
@@ -298,23 +290,25 @@ class GuestWorker:
             self.setup.copy_project(vm, tars)
             phases.mark("copy")
             say(f"{name}: collecting in the started guest test worker")
-            worker_cache.send_go(first.transport, go["argv"], go["cwd"], go["env"])
-            if reused is not None:
-                # The previous tree's worker snapshot goes while this one collects
-                # (QEMU holds its big lock meanwhile: not while the tree is copied).
-                stale = _deleting(vm, WORKER_TAG)
-            collected = first.client.start(WORKER_START_TIMEOUT)
+            collected, record = collecting.collect(
+                first.client,
+                first.transport,
+                WORKER_TAG,
+                go,
+                phases,
+                reused,
+                files,
+                timeout=WORKER_START_TIMEOUT,
+            )
             phases.mark("collect")
             # The worker wrote back and dropped the page cache before its collected line.
             worker_cache.write_state(vm, first.transport.proc, collected)
-            if stale is not None:
-                stale.join()
             vm.save_internal(WORKER_TAG)
             phases.mark("save")
             if reused is not None:
-                saved()  # the file is given back as this tree's when the VM closes
+                reused.saved(record)  # the file is given back as this tree's when the VM closes
             elif one_test:
-                worker_disk.keep_at_close(vm, key)
+                worker_disk.keep_at_close(vm, key, lambda: record)
             else:
                 self._lane_source = worker_cache.keep_snapshot(vm, key)
                 phases.mark("keep snapshot")

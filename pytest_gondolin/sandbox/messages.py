@@ -52,9 +52,11 @@ from pytest_gondolin.sandbox.report_checks import (
 
 __all__ = [
     "MAX_COLLECTED_ITEMS",
+    "MAX_CONFIGURED_READS",
     "MAX_JSON_VALUES",
     "MAX_OUTPUT_CHARS",
     "Collected",
+    "Configured",
     "DoneMessage",
     "ErrorMessage",
     "OutputMessage",
@@ -80,6 +82,8 @@ MAX_JSON_VALUES: Final = 200_000
 
 _CATEGORY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,31}")
 _MAX_FILENAME_CHARS: Final = 4096
+#: Most paths a ``configured`` line lists (``guest/configured.py``: ``MAX_READS``).
+MAX_CONFIGURED_READS: Final = 4096
 _MAX_NONCE_CHARS: Final = 256
 #: Longest ``data`` of one ``output`` message: the worker sends at most
 #: ``guest.live.CHUNK`` (64 KiB) decoded, plus a truncation note.
@@ -98,6 +102,17 @@ class Collected:
 
     nodeids: tuple[str, ...]
     errors: tuple[JSONObject, ...] = ()
+
+
+@dataclass(frozen=True)
+class Configured:
+    """The worker is configured and waits for ``collect`` (``guest/configured.py``).
+
+    ``read``: the absolute paths it read while configuring, outside the
+    interpreter's and the distributions' folders; None: too many to list.
+    """
+
+    read: tuple[str, ...] | None
 
 
 @dataclass(frozen=True)
@@ -201,6 +216,7 @@ class SealMessage:
 
 WorkerMessage: TypeAlias = (
     Collected
+    | Configured
     | ReportMessage
     | WarningRecord
     | ErrorMessage
@@ -341,6 +357,20 @@ def _parse_collected(msg: JSONObject) -> Collected:
     )
 
 
+def _parse_configured(msg: JSONObject) -> Configured:
+    read = msg.get("read")
+    if read is None:
+        return Configured(None)
+    paths = expect_list(read, "configured.read")
+    if len(paths) > MAX_CONFIGURED_READS:
+        raise bad_message("configured.read", f"more than {MAX_CONFIGURED_READS} paths")
+    checked = tuple(expect_str(p, "configured.read[]", _MAX_FILENAME_CHARS) for p in paths)
+    for path in checked:
+        if not path.startswith("/") or "\0" in path:
+            raise bad_message("configured.read[]", f"not an absolute path: {path[:100]!r}")
+    return Configured(checked)
+
+
 def _parse_report(msg: JSONObject) -> ReportMessage:
     keep = Keep()
     data = check_test_report(msg.get("data"), keep=keep)
@@ -408,6 +438,7 @@ def _parse_seal(msg: JSONObject) -> SealMessage:
 
 _PARSERS: Final[Mapping[str, Callable[[JSONObject], WorkerMessage]]] = {
     "collected": _parse_collected,
+    "configured": _parse_configured,
     "report": _parse_report,
     "warning": _parse_warning,
     "error": _parse_error,

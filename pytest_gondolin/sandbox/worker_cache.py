@@ -45,7 +45,7 @@ import logging
 import os
 import tarfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -81,6 +81,7 @@ __all__ = [
     "runnable_here",
     "started_worker_layer",
     "tree_digest",
+    "tree_members",
 ]
 
 log = logging.getLogger(__name__)
@@ -274,26 +275,48 @@ def preload_modules(session_args: Sequence[str]) -> list[str]:
     return [m for m in modules if m.replace(".", "").replace("_", "").isalnum()]
 
 
-def send_go(transport: VMTransport, argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> None:
-    """Start the waiting worker's session: its arguments, working folder and per-run environment."""
-    transport.send(encode_line({"t": "go", "argv": list(argv), "cwd": cwd, "env": dict(env)}))
+def send_go(
+    transport: VMTransport,
+    argv: Sequence[str],
+    cwd: str,
+    env: Mapping[str, str],
+    *,
+    pause: bool = False,
+) -> None:
+    """Start the waiting worker's session: its arguments, working folder and per-run environment.
+
+    ``pause``: the worker stops once configured (``sandbox/configured.py``).
+    """
+    go = {"t": "go", "argv": list(argv), "cwd": cwd, "env": dict(env), "pause": pause}
+    transport.send(encode_line(go))
 
 
 # -- the collected state ---------------------------------------------------------
+
+
+def tree_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """Each member of the tar ``data``: its name and what it unpacks to, not its times.
+
+    The second item digests the member's type, mode, link target and (a
+    regular file's) bytes.
+    """
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            header = [member.name, member.type.decode("latin-1"), member.mode, member.linkname]
+            digest = hashlib.sha256(json.dumps(header).encode() + b"\n")
+            if member.isfile():
+                source = tar.extractfile(member)
+                assert source is not None  # a regular file always has content
+                digest.update(hashlib.sha256(source.read()).digest())
+            yield member.name, digest.digest()
 
 
 def tree_digest(tars: Sequence[bytes]) -> str:
     """A digest of what ``tars`` unpack to: names, types, modes, link targets and bytes, not times."""
     digest = hashlib.sha256()
     for data in tars:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                header = [member.name, member.type.decode("latin-1"), member.mode, member.linkname]
-                digest.update(json.dumps(header).encode() + b"\n")
-                if member.isfile():
-                    source = tar.extractfile(member)
-                    assert source is not None  # a regular file always has content
-                    digest.update(hashlib.sha256(source.read()).digest())
+        for _, member in tree_members(data):
+            digest.update(member)
         digest.update(b"\0end of tar\0")
     return digest.hexdigest()
 

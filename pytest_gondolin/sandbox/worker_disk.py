@@ -42,19 +42,22 @@ removed by the next run that takes a cached worker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
 import pytest
 
 import pytest_gondolin.paths as paths
+import pytest_gondolin.sandbox.configured as configured
 from pytest_gondolin.errors import GondolinError, VMError
 from pytest_gondolin.hosttools import require as require_tool
+from pytest_gondolin.sandbox.collected_files import TAKEN as TAKEN
 from pytest_gondolin.sandbox.collected_files import (
     collected_dir,
     collected_path,
@@ -68,6 +71,7 @@ from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.warm import CLEAN_TAG
 
 __all__ = [
+    "InPlace",
     "give_back",
     "keep_at_close",
     "one_test_session",
@@ -78,8 +82,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The suffix of a taken file; what follows it is the taking process's pid.
-TAKEN: Final = ".taken-"
 #: The kept file's snapshot the next run loads (``guest_worker.WORKER_TAG``; importing
 #: it from there would be a cycle: a test checks they agree).
 KEPT_TAG: Final = "gondolin-worker"
@@ -156,26 +158,37 @@ def take_collected(key: str) -> Path | None:
     return taken
 
 
-def give_back(vm: VM, taken: Path, key: str, *, saved: Callable[[], bool] = lambda: True) -> None:
+def give_back(
+    vm: VM,
+    taken: Path,
+    key: str,
+    *,
+    saved: Callable[[], bool] = lambda: True,
+    record: Callable[[], configured.Record | None] | None = None,
+) -> None:
     """Put ``taken`` (``vm``'s disk) back as the cached worker ``key`` once ``vm`` closes.
 
     Given back only if QEMU was still running when the close began (it is
     then stopped with ``quit``, which leaves the file whole) and ``saved()``
     says the file holds ``key``'s snapshot; otherwise, or when a newer
-    cached file is there, ``taken`` is removed.
+    cached file is there, ``taken`` is removed. ``record``: what the file's
+    configured snapshot depends on (``sandbox/configured.py``), kept with it
+    for ``key`` (None: the file is given back with the record ``key`` has).
     """
 
     def after_stop(alive: bool) -> None:
         try:
             # Not there: found unusable after the launch, and removed.
-            if (
-                alive
-                and saved()
-                and taken.exists()
-                and _drop_run_writes(taken)
-                and not link_collected(taken, key)
-            ):
+            if not (alive and saved() and taken.exists() and _drop_run_writes(taken)):
+                return
+            if not link_collected(taken, key):
                 log.warning("could not give back the cached worker %s", taken)
+            elif record is not None:
+                kept = record()
+                if kept is None:
+                    configured.forget(key)
+                else:
+                    configured.store(key, kept)
         finally:
             taken.unlink(missing_ok=True)
 
@@ -187,12 +200,12 @@ def lineage(key: str) -> str:
     return key.partition("-")[0]
 
 
-def take_previous(key: str) -> Path | None:
+def take_previous(key: str) -> tuple[Path, str] | None:
     """The most recently used cached collected worker of ``key``'s lineage but not ``key``, taken.
 
     Same layer stack and ``go``, another tree: its started-worker snapshot is
-    the one ``key`` starts from. None when there is none (or the cache
-    cannot be written).
+    the one ``key`` starts from. Returns the taken file and the key it had;
+    None when there is none (or the cache cannot be written).
     """
     found: list[tuple[float, Path]] = []
     for path in collected_dir().glob(f"{lineage(key)}-*.qcow2"):
@@ -203,8 +216,25 @@ def take_previous(key: str) -> Path | None:
     for _, path in sorted(found, reverse=True):
         other = path.name.removesuffix(".qcow2")
         if other != key and (taken := take_collected(other)) is not None:
-            return taken
+            return taken, other
     return None
+
+
+@dataclasses.dataclass(eq=False)
+class InPlace:
+    """A VM run in place on a previous tree's file, its worker waiting (``restore_started``)."""
+
+    vm: VM
+    transport: VMTransport
+    #: Restored configured (``sandbox/configured.py``): the worker waits for ``collect``,
+    #: not for its go, and the file's configured snapshot (this record) holds for this tree.
+    record: configured.Record | None
+    _state: dict[str, object]
+
+    def saved(self, record: configured.Record | None) -> None:
+        """The snapshot of the new key is saved: the file is given back as that key's when
+        the VM closes, kept with ``record`` (what its configured snapshot depends on)."""
+        self._state.update(saved=True, record=record)
 
 
 def restore_started(
@@ -214,54 +244,82 @@ def restore_started(
     *,
     name: str,
     say: Callable[[str], None],
-) -> tuple[VM, VMTransport, Callable[[], None]] | None:
-    """A VM whose started worker waits for its go, run in place on a previous tree's file of ``key``'s lineage.
+    files: Mapping[str, str] | None = None,
+) -> InPlace | None:
+    """A VM whose started worker waits, run in place on a previous tree's file of ``key``'s lineage.
 
+    With ``files`` (the new tree, ``configured.tree_files``) matching the
+    record of the file's configured snapshot, the worker is restored there
+    (configured, waiting for ``collect``); otherwise it waits for its go.
     Returns the VM, the worker's transport and what to call once the
     snapshot of ``key`` is saved in it (the file is then given back as
     ``key`` when the VM closes; before that call, it is removed). None when
     the lineage has no cached file, or the one taken does not load or holds
     no valid worker (it is removed; the caller starts from the layers).
     """
-    taken = take_previous(key)
-    if taken is None:
+    found = take_previous(key)
+    if found is None:
         return None
+    taken, previous = found
+    record = configured.load(previous)
+    configured.forget(previous)  # the file is not ``previous``'s any more
+    if record is not None and (files is None or not record.holds_for(files)):
+        record = None
     started = time.monotonic()
-    try:
-        vm = VM.launch(config, name=name, loadvm_disk=taken, loadvm_tag=CLEAN_TAG, in_place=True)
-    except (VMError, OSError) as exc:
-        log.warning("cached worker snapshot %s did not load (%s); starting the worker", taken, exc)
+    vm: VM | None = None
+    for tag in [configured.CONFIGURED_TAG] * (record is not None) + [CLEAN_TAG]:
+        try:
+            vm = VM.launch(config, name=name, loadvm_disk=taken, loadvm_tag=tag, in_place=True)
+            break
+        except (VMError, OSError) as exc:
+            log.warning("cached worker snapshot %s did not load (%s)", taken, exc)
+            record = None
+    if vm is None:
+        log.warning("starting the worker: no snapshot of %s loaded", taken)
         taken.unlink(missing_ok=True)
         return None
-    state = {"saved": False}
-    give_back(vm, taken, key, saved=lambda: state["saved"])
+    state: dict[str, object] = {"saved": False, "record": None}
+
+    def kept_record() -> configured.Record | None:
+        kept = state["record"]
+        return kept if isinstance(kept, configured.Record) else None
+
+    give_back(vm, taken, key, saved=lambda: state["saved"] is True, record=kept_record)
     try:
         transport = worker.attach(vm)
     except GondolinError as exc:
         vm.close()  # not saved: the file is removed
         log.warning("cached worker snapshot %s is not usable (%s); starting the worker", taken, exc)
         return None
+    what = "configured" if record is not None else "started"
     say(
-        f"{name}: restored the started worker in place from a previous tree's snapshot "
+        f"{name}: restored the {what} worker in place from a previous tree's snapshot "
         f"in {time.monotonic() - started:.2f} s"
     )
-    return vm, transport, lambda: state.__setitem__("saved", True)
+    return InPlace(vm, transport, record, state)
 
 
-def keep_at_close(vm: VM, key: str) -> None:
+def keep_at_close(
+    vm: VM, key: str, record: Callable[[], configured.Record | None] = lambda: None
+) -> None:
     """Cache ``vm``'s disk (holding its worker snapshot) as ``key`` when ``vm`` closes.
 
     Linked into the cache when it is on the same file system and no file is
     cached as ``key`` yet, copied otherwise (``store_collected``, its lock
     and eviction). Nothing is kept from a VM whose QEMU was gone before the
-    close, or when the cache cannot be written.
+    close, or when the cache cannot be written. ``record()``: what the
+    disk's configured snapshot depends on, kept with it (``sandbox/configured.py``).
     """
     assert vm.rundir is not None, "a running VM has its folder"
     disk = vm.rundir / "disk.qcow2"
 
     def after_stop(alive: bool) -> None:
-        if alive and _drop_run_writes(disk) and not link_collected(disk, key):
-            store_collected(disk, key)
+        if not alive or not _drop_run_writes(disk):
+            return
+        if link_collected(disk, key) or store_collected(disk, key) is not None:
+            kept = record()
+            if kept is not None:
+                configured.store(key, kept)
 
     _after_stop(vm, after_stop)
 

@@ -28,7 +28,13 @@ pytest_plugins = ("pytester",)
 
 RESTORED = "gondolin: sandbox1: restored the cached collected worker (* items) in * s"
 COLLECTING = "gondolin: sandbox1: collecting in the started guest test worker"
-IN_PLACE = (
+IN_PLACE = "gondolin: sandbox1: restored the * worker in place from a previous tree's snapshot*"
+#: After an edit of nothing pytest's configuration read (sandbox/configured.py).
+CONFIGURED = (
+    "gondolin: sandbox1: restored the configured worker in place from a previous tree's snapshot*"
+)
+#: After an edit of what it read, or a file added: configured again.
+STARTED = (
     "gondolin: sandbox1: restored the started worker in place from a previous tree's snapshot*"
 )
 
@@ -100,6 +106,15 @@ def _append(path: Path, text: str) -> None:
     path.write_text(path.read_text() + text)
 
 
+def _without_run_folders(inner: pytest.Pytester) -> None:
+    """Remove the inner runs' temporary folders (a failure's artifacts): they are in the tree."""
+    for folder in inner.path.glob("runpytest-*"):
+        if folder.is_symlink():
+            folder.unlink()
+        else:
+            shutil.rmtree(folder)
+
+
 def _cached() -> set[Path]:
     return set(collected_files.collected_dir().glob("*.qcow2"))
 
@@ -126,17 +141,14 @@ def test_an_edited_test_file_changes_the_outcome(inner: pytest.Pytester) -> None
     _edit_in_place(inner.path / "test_x.py", "value == 1", "value == 2")
     edited = run_gondolin(inner)
     edited.assert_outcomes(failed=1)
-    edited.stdout.fnmatch_lines([COLLECTING, "*assert 1 == 2*"])
+    # Only the test file changed: the first run's configured worker collects it.
+    edited.stdout.fnmatch_lines([CONFIGURED, COLLECTING, "*assert 1 == 2*"])
     # And back: the first tree's file was reused by the edit's run (one test:
     # sandbox/worker_disk.py), so it collects again, and passes (the inner
     # runs' temporary folders are part of the tree: the failure's artifacts
     # are there).
     _edit_in_place(inner.path / "test_x.py", "value == 2", "value == 1")
-    for folder in inner.path.glob("runpytest-*"):
-        if folder.is_symlink():
-            folder.unlink()
-        else:
-            shutil.rmtree(folder)
+    _without_run_folders(inner)
     back = run_gondolin(inner)
     back.assert_outcomes(passed=1)
     back.stdout.fnmatch_lines([IN_PLACE, COLLECTING])
@@ -151,7 +163,12 @@ def test_an_edited_conftest_changes_the_outcome(inner: pytest.Pytester) -> None:
     _edit_in_place(inner.path / "conftest.py", "return 1", "return 3")
     edited = run_gondolin(inner)
     edited.assert_outcomes(failed=1)
-    edited.stdout.fnmatch_lines([COLLECTING, "*assert 3 == 1*"])
+    # pytest's configuration read the conftest: configured again, from the started worker.
+    edited.stdout.fnmatch_lines([STARTED, COLLECTING, "*assert 3 == 1*"])
+    _without_run_folders(inner)
+    again = run_gondolin(inner)
+    again.assert_outcomes(failed=1)
+    again.stdout.fnmatch_lines([RESTORED])
 
 
 def test_a_corrupt_cached_worker_is_replaced(inner: pytest.Pytester) -> None:
@@ -423,7 +440,68 @@ def test_an_edited_project_module_is_imported_anew(inner: pytest.Pytester) -> No
     _edit_in_place(inner.path / "helper.py", "VALUE = 1", "VALUE = 7")
     edited = run_gondolin(inner)
     edited.assert_outcomes(failed=1)
-    edited.stdout.fnmatch_lines([COLLECTING, "*assert 7 == 1*"])
+    # Imported by the test, not by pytest's configuration.
+    edited.stdout.fnmatch_lines([CONFIGURED, COLLECTING, "*assert 7 == 1*"])
+
+
+# -- the configured worker (sandbox/configured.py) ---------------------------------
+
+READING_CONFTEST = """
+    import pathlib
+
+    import pytest
+
+    import helper
+
+    LIMIT = int(pathlib.Path(__file__).with_name("limit.txt").read_text())
+
+    @pytest.fixture
+    def value():
+        return helper.VALUE + LIMIT
+"""
+
+
+@pytest.mark.parametrize(
+    ("edited", "old", "new"),
+    [
+        ("helper.py", "VALUE = 1", "VALUE = 5"),  # imported by the conftest
+        ("limit.txt", "10", "50"),  # read by the conftest with open()
+    ],
+)
+def test_an_edit_of_what_configuration_read_configures_again(
+    inner: pytest.Pytester, edited: str, old: str, new: str
+) -> None:
+    inner.makepyfile(test_x=TEST_FILE.format(value=11), helper="VALUE = 1\n")
+    inner.makeconftest(READING_CONFTEST)
+    (inner.path / "limit.txt").write_text("10")
+    run_gondolin(inner).assert_outcomes(passed=1)
+    _edit_in_place(inner.path / "test_x.py", "value == 11", "value == 12")
+    # The test file is not read while pytest configures.
+    run_gondolin(inner).stdout.fnmatch_lines([CONFIGURED, "*assert 11 == 12*"])
+    _without_run_folders(inner)
+    _edit_in_place(inner.path / edited, old, new)
+    result = run_gondolin(inner)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([STARTED, "*assert * == 12*"])
+    assert ("assert 15 == 12" if edited == "helper.py" else "assert 51 == 12") in _output(result)
+
+
+def test_a_file_added_to_the_tree_configures_again(inner: pytest.Pytester) -> None:
+    """A new file may be a conftest or shadow a module: the names are part of the record."""
+    _project(inner, expected=1, given=1)
+    run_gondolin(inner).assert_outcomes(passed=1)
+    _edit_in_place(inner.path / "test_x.py", "value == 1", "value == 2")
+    run_gondolin(inner).stdout.fnmatch_lines([CONFIGURED, "*assert 1 == 2*"])
+    _without_run_folders(inner)
+    _edit_in_place(inner.path / "test_x.py", "value == 2", "value == 3")
+    run_gondolin(inner).stdout.fnmatch_lines([CONFIGURED, "*assert 1 == 3*"])
+    _without_run_folders(inner)
+    sub = inner.path / "sub"
+    sub.mkdir()
+    (sub / "notes.txt").write_text("new\n")
+    result = run_gondolin(inner)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([STARTED, "*assert 1 == 3*"])
 
 
 RESIDENT = """

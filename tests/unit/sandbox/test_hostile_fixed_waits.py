@@ -20,8 +20,9 @@ from collections.abc import Sequence
 import pytest
 
 from pytest_gondolin.errors import AgentError, AgentTimeout
-from pytest_gondolin.sandbox.client import STACK_DUMP_GRACE, WorkerClient, WorkerState
+from pytest_gondolin.sandbox.client import WorkerClient, WorkerState
 from pytest_gondolin.sandbox.json_checks import JSONObject
+from pytest_gondolin.sandbox.stack_dump import STACK_DUMP_GRACE
 from pytest_gondolin.sandbox.transports import (
     INTERRUPT_TIMEOUT,
     MIN_INTERRUPT_TIMEOUT,

@@ -454,7 +454,7 @@ class EndlessTransport:
 
 
 def test_a_flood_of_lines_cannot_outlast_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pytest_gondolin.sandbox.client.STACK_DUMP_GRACE", 0.1)
+    monkeypatch.setattr("pytest_gondolin.sandbox.stack_dump.STACK_DUMP_GRACE", 0.1)
     query = line({"t": "query", "kind": "k", "args": {}})
     collected = line({"t": "collected", "nodeids": [NODEID], "errors": []})
     transport = EndlessTransport(collected, query)
