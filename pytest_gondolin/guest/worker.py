@@ -81,7 +81,9 @@ Guarantees the host relies on
   real VM every run starts from the same clean snapshot.
 * ``random`` is seeded with the command's seed before each run (then
   pytest-randomly, when the host loaded it, reseeds each phase from the
-  seed the host passed it: ``--randomly-seed``).
+  seed the host passed it: ``--randomly-seed``, or the run's own in its
+  environment, :data:`RANDOMLY_SEED_ENV`, since a cached worker was
+  collected in an earlier run).
 * With ``--capture=no`` (``-s``) or ``tee-sys``, what a run writes to fds 1
   and 2 is sent as ``output`` messages while it runs, and so are
   ``--setup-show``'s lines (:mod:`pytest_gondolin.guest.live`); the guest's
@@ -137,6 +139,9 @@ WORKER_MODULE: Final = "pytest_gondolin.guest.worker"
 WAIT_ENV: Final = "GONDOLIN_WORKER_WAIT"
 #: Environment variable the host sets to "1" for a worker in a guest (sandbox/worker_setup.py).
 GUEST_ENV: Final = "GONDOLIN_GUEST"
+#: In a run's environment: the host's pytest-randomly seed for this run. The
+#: worker may have been collected (and cached) under another run's seed.
+RANDOMLY_SEED_ENV: Final = "PYTEST_GONDOLIN_RANDOMLY_SEED"
 #: The line a waiting worker sends once it is ready for its ``go``.
 WAITING_LINE: Final = b'{"t":"waiting"}\n'
 #: Appended to the worker's pytest arguments.  No cache: the host owns
@@ -388,6 +393,10 @@ class WorkerPlugin:
         self._run_item(self._items[nodeid], nodeid, seed)
 
     def _run_item(self, item: pytest.Item, nodeid: str, seed: int) -> None:
+        randomly_seed = os.environ.pop(RANDOMLY_SEED_ENV, "")
+        if randomly_seed.isdigit() and self._config is not None:
+            # pytest-randomly reseeds each phase from this option (sandbox/guest_plugins.py).
+            self._config.option.randomly_seed = int(randomly_seed)
         random.seed(seed)
         self._running = nodeid
         try:

@@ -19,13 +19,17 @@ from typing import Final
 
 import pytest
 
+from pytest_gondolin.guest.worker import RANDOMLY_SEED_ENV
+
 __all__ = [
     "HOST_ONLY_PLUGINS",
     "PLUGIN_OPTION_PREFIXES",
     "entry_point_plugins",
     "guest_plugin_loads",
+    "key_args",
     "output_args",
     "plugin_option_args",
+    "run_seed_env",
 ]
 
 #: Plugins the guest worker never loads, autoloaded on the host or named with
@@ -92,6 +96,26 @@ def plugin_option_args(config: pytest.Config) -> list[str]:
         if getattr(config.option, "randomly_reset_seed", True) is False:
             args.append("--randomly-dont-reset-seed")
     return args
+
+
+def run_seed_env(config: pytest.Config) -> dict[str, str]:
+    """pytest-randomly's seed for each run's environment (the worker sets it before the run).
+
+    A cached worker (``sandbox/worker_cache.py``) was collected under the
+    seed of the run that made it: its key leaves the seed out
+    (:func:`key_args`), so a re-run with a new seed still restores it.
+    """
+    if config.pluginmanager.has_plugin("randomly"):
+        seed = getattr(config.option, "randomly_seed", None)
+        if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
+            return {RANDOMLY_SEED_ENV: str(seed)}
+    return {}
+
+
+def key_args(args: list[str]) -> list[str]:
+    """``args`` as a cached worker's key sees them: without the per-run seed (:func:`run_seed_env`)."""
+    prefix = "--randomly-seed="
+    return [f"{prefix}(each run's)" if a.startswith(prefix) else a for a in args]
 
 
 def output_args(config: pytest.Config) -> list[str]:

@@ -50,6 +50,7 @@ import pytest_gondolin.sandbox.collected_files as collected_files
 import pytest_gondolin.sandbox.collecting as collecting
 import pytest_gondolin.sandbox.configured as configured
 import pytest_gondolin.sandbox.coverage as coverage
+import pytest_gondolin.sandbox.guest_plugins as guest_plugins
 import pytest_gondolin.sandbox.interpreter_pack as interpreter_pack
 import pytest_gondolin.sandbox.startup_tree as startup_tree
 import pytest_gondolin.sandbox.worker_cache as worker_cache
@@ -236,13 +237,16 @@ class GuestWorker:
             "env": coverage.worker_env(self.config),
         }
         key = worker_cache.collected_key(
-            stack_digest(state_key(vmconfig), layers), worker_cache.tree_digest(tars), go
+            stack_digest(state_key(vmconfig), layers),
+            worker_cache.tree_digest(tars),
+            {**go, "argv": guest_plugins.key_args(session_args)},
         )
         phases.mark("pack and digest")
         # One test: one VM, no copy for others; the cached file is used in place
         # (sandbox/worker_disk.py) and a new one kept when the VM closes.
         one_test = worker_disk.one_test_session(self.config, self.paths)
         taken = worker_disk.take_collected(key) if one_test else None
+        keep_taken = {"ok": True}
         restored = worker_cache.restore_collected(
             vmconfig,
             key,
@@ -252,8 +256,21 @@ class GuestWorker:
             max_output=WORKER_MAX_OUTPUT,
             say=say,
             taken=taken,
-            on_launch=None if taken is None else lambda vm: worker_disk.give_back(vm, taken, key),
+            on_launch=None
+            if taken is None
+            else lambda vm: worker_disk.give_back(vm, taken, key, saved=lambda: keep_taken["ok"]),
         )
+        missing = (
+            worker_cache.uncollected(self.config, self.paths, restored[2]) if restored else None
+        )
+        if restored is not None and missing is not None:
+            # Collected under another run's seed (its key leaves pytest-randomly's
+            # out), and the collection drew from it: not this run's items.
+            say(f"{name}: the cached collected worker lacks {missing}: collecting again")
+            keep_taken["ok"] = False
+            restored[0].close()
+            collected_files.remove_collected(collected_files.collected_path(key))
+            restored = None
         if restored is not None:
             vm, transport, collected = restored
             self.factory.adopt(vm)
@@ -426,7 +443,10 @@ class GuestWorker:
                 nodeid,
                 seed=int.from_bytes(secrets.token_bytes(8), "big"),
                 timeout=options.timeout or DEFAULT_RUN_TIMEOUT,
-                env=run_env(options.isolation, lane.vm.secret_env()),
+                env={
+                    **run_env(options.isolation, lane.vm.secret_env()),
+                    **guest_plugins.run_seed_env(self.config),
+                },
             )
         except GondolinError as exc:
             # A worker that broke protocol was killed; the next restore revives it.

@@ -82,6 +82,7 @@ __all__ = [
     "started_worker_layer",
     "tree_digest",
     "tree_members",
+    "uncollected",
 ]
 
 log = logging.getLogger(__name__)
@@ -408,6 +409,23 @@ def keep_snapshot(vm: VM, key: str) -> Path:
     finally:
         vm.resume()
     return source
+
+
+def uncollected(config: pytest.Config, paths: Sequence[str], collected: Collected) -> str | None:
+    """An item of the session in ``paths`` that a restored worker's ``collected`` lacks, if any.
+
+    None too when that collection had errors (collecting again would meet them again).
+    """
+    session = config.pluginmanager.get_plugin("session")
+    items = getattr(session, "items", None)
+    if not isinstance(items, list) or collected.errors:
+        return None
+    ids, wanted = set(collected.nodeids), set(paths)
+    for item in items:
+        nodeid = getattr(item, "nodeid", None)
+        if str(getattr(item, "path", "")) in wanted and nodeid not in ids:
+            return str(nodeid)
+    return None
 
 
 def runnable_here(config: pytest.Config, collected: Collected) -> int:

@@ -12,6 +12,7 @@ its own (the rest of the cache is shared).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,8 +74,9 @@ def worker_cache_of_our_own(
         elif entry.name != collected_files.collected_dir().name:
             (root / entry.name).symlink_to(entry)
     monkeypatch.setenv("GONDOLIN_CACHE_DIR", str(root))
-    # pytest-randomly (installed here) gives each run a new --randomly-seed,
-    # which reaches the worker's go: no two runs would share a collected worker.
+    # pytest-randomly (installed here) draws a new seed each run; the worker
+    # gets it with each run, not in its key (tested on its own below). Off
+    # here: the tests read the inner runs' output line by line.
     monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
     # pytester writes each inner run's output to ./stdout and ./stderr, in
     # the project tree, while that run packs the tree: the header it holds
@@ -562,3 +564,68 @@ def test_the_collected_snapshot_holds_no_page_cache(inner: pytest.Pytester) -> N
     result = run_gondolin(inner)
     result.stdout.fnmatch_lines([COLLECTING])
     result.assert_outcomes(passed=1)
+
+
+# -- pytest-randomly: a new seed each run still restores the cached worker -------
+
+DRAWING_TEST = """
+    import random
+
+    import pytest
+
+    @pytest.mark.sandboxed
+    def test_one():
+        assert random.random() < 0
+"""
+
+
+def _drawn(result: pytest.RunResult) -> str:
+    (value,) = re.findall(r"assert (0\.\d+) < 0", _output(result))[:1]
+    return value
+
+
+def test_each_runs_randomly_seed_reaches_the_cached_worker(
+    inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTEST_ADDOPTS", "")
+    inner.makepyfile(test_x=DRAWING_TEST)
+    drawn: dict[int, list[str]] = {}
+    for seed in (1, 2, 1):
+        result = run_gondolin(inner, "-p", "randomly", f"--randomly-seed={seed}")
+        result.assert_outcomes(failed=1)
+        if drawn:  # the seed is not part of the cached worker's key
+            result.stdout.fnmatch_lines([RESTORED])
+        drawn.setdefault(seed, []).append(_drawn(result))
+        _without_run_folders(inner)
+    assert drawn[1][0] == drawn[1][1]  # the run's seed, not the cached worker's
+    assert drawn[1][0] != drawn[2][0]
+
+
+DRAWN_PARAMETER = """
+    import random
+
+    import pytest
+
+    @pytest.mark.sandboxed
+    @pytest.mark.parametrize("n", [random.randrange(10**9)])
+    def test_drawn(n):
+        assert n >= 0
+"""
+
+
+def test_a_collection_that_drew_from_another_seed_is_collected_again(
+    inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTEST_ADDOPTS", "")
+    inner.makepyfile(test_x=DRAWN_PARAMETER)
+    run_gondolin(inner, "-p", "randomly", "--randomly-seed=1").assert_outcomes(passed=1)
+    other = run_gondolin(inner, "-p", "randomly", "--randomly-seed=2")
+    other.assert_outcomes(passed=1)
+    other.stdout.fnmatch_lines(
+        [
+            "gondolin: sandbox1: the cached collected worker lacks test_x.py::test_drawn*: collecting again"
+        ]
+    )
+    again = run_gondolin(inner, "-p", "randomly", "--randomly-seed=2")
+    again.assert_outcomes(passed=1)
+    again.stdout.fnmatch_lines([RESTORED])

@@ -13,14 +13,17 @@ from __future__ import annotations
 import pytest
 
 from pytest_gondolin.errors import WorkerProtocolError
+from pytest_gondolin.guest.worker import RANDOMLY_SEED_ENV
 from pytest_gondolin.sandbox.arguments import guest_args, worker_args
 from pytest_gondolin.sandbox.client import MAX_LIVE_CHARS_PER_RUN, WorkerClient, safe_terminal_text
 from pytest_gondolin.sandbox.debugger import debugger_notice
 from pytest_gondolin.sandbox.guest_plugins import (
     HOST_ONLY_PLUGINS,
     entry_point_plugins,
+    key_args,
     output_args,
     plugin_option_args,
+    run_seed_env,
 )
 from pytest_gondolin.sandbox.messages import MAX_OUTPUT_CHARS, OutputMessage, parse_message
 from tests.unit.sandbox._wire import COLLECTED, DONE, NODEID, FakeTransport, line, report_line
@@ -108,6 +111,24 @@ def test_a_seed_randomly_picked_is_the_one_the_worker_gets(pytester: pytest.Pyte
         assert plugin_option_args(config) == [f"--randomly-seed={seed}"]
     finally:
         config._ensure_unconfigure()
+
+
+@pytest.mark.usefixtures("autoload")
+def test_the_seed_goes_with_each_run_and_not_into_the_cached_workers_key(
+    pytester: pytest.Pytester,
+) -> None:
+    config = pytester.parseconfig("-p", "randomly", "-p", "no:asyncio", "--randomly-seed=7")
+    config._do_configure()
+    try:
+        assert run_seed_env(config) == {RANDOMLY_SEED_ENV: "7"}
+        args = worker_args(config)
+        assert "--randomly-seed=7" in args and "--randomly-seed=7" not in key_args(args)
+        other = [a.replace("=7", "=8") for a in args]
+        assert key_args(other) == key_args(args)
+    finally:
+        config._ensure_unconfigure()
+    without = pytester.parseconfig("-p", "no:randomly", "-p", "no:asyncio")
+    assert run_seed_env(without) == {}
 
 
 def test_a_dropped_plugin_takes_its_options_along() -> None:
