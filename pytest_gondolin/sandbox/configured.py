@@ -61,22 +61,27 @@ log = logging.getLogger(__name__)
 #: The internal snapshot of the configured worker, in the collected worker's file.
 CONFIGURED_TAG: Final = "gondolin-configured"
 #: Part of every record: a change in what they mean makes old ones unusable.
-RECORD_FORMAT: Final = "configured 1"
+RECORD_FORMAT: Final = "configured 2"
 #: A record file is a few KiB; one this big is not ours.
 MAX_RECORD_BYTES: Final = 4 * 1024 * 1024
 
 
 def tree_files(tars: Iterable[bytes]) -> dict[str, str]:
-    """What the project ``tars`` unpack to in the guest: absolute path -> digest of the member."""
+    """What the project ``tars`` unpack to in the guest: absolute path -> ``<type>:<digest>``.
+
+    The type is tar's code (``0`` a file, ``5`` a folder, ``2`` a link): a
+    name that changed type changes the tree's names (:class:`Record`).
+    """
     files: dict[str, str] = {}
     for data in tars:
-        for name, digest in tree_members(data):
-            files["/" + name.strip("/")] = digest.hex()
+        for name, kind, digest in tree_members(data):
+            files["/" + name.strip("/")] = f"{kind}:{digest.hex()}"
     return files
 
 
 def _names_digest(files: Mapping[str, str]) -> str:
-    return hashlib.sha256("\0".join(sorted(files)).encode("utf-8", "surrogateescape")).hexdigest()
+    names = (f"{value.partition(':')[0]}{path}" for path, value in sorted(files.items()))
+    return hashlib.sha256("\0".join(names).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True)

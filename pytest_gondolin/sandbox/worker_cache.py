@@ -295,11 +295,11 @@ def send_go(
 # -- the collected state ---------------------------------------------------------
 
 
-def tree_members(data: bytes) -> Iterator[tuple[str, bytes]]:
-    """Each member of the tar ``data``: its name and what it unpacks to, not its times.
+def tree_members(data: bytes) -> Iterator[tuple[str, str, bytes]]:
+    """Each member of the tar ``data``: its name, type and what it unpacks to, not its times.
 
-    The second item digests the member's type, mode, link target and (a
-    regular file's) bytes.
+    The type is tar's one-character code; the third item digests the
+    member's type, mode, link target and (a regular file's) bytes.
     """
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:
@@ -309,14 +309,14 @@ def tree_members(data: bytes) -> Iterator[tuple[str, bytes]]:
                 source = tar.extractfile(member)
                 assert source is not None  # a regular file always has content
                 digest.update(hashlib.sha256(source.read()).digest())
-            yield member.name, digest.digest()
+            yield member.name, member.type.decode("latin-1"), digest.digest()
 
 
 def tree_digest(tars: Sequence[bytes]) -> str:
     """A digest of what ``tars`` unpack to: names, types, modes, link targets and bytes, not times."""
     digest = hashlib.sha256()
     for data in tars:
-        for _, member in tree_members(data):
+        for _, _, member in tree_members(data):
             digest.update(member)
         digest.update(b"\0end of tar\0")
     return digest.hexdigest()

@@ -80,6 +80,23 @@ def test_a_file_removed_refuses_the_record() -> None:
     assert not configured.Record.made(_files(), READ).holds_for(fewer)
 
 
+def test_a_name_that_changed_type_refuses_the_record() -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in TREE.items():
+            if "test_x" in name:
+                folder = tarfile.TarInfo(name)
+                folder.type = tarfile.DIRTYPE
+                tar.addfile(folder)
+            else:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    now_a_folder = configured.tree_files([buffer.getvalue()])
+    assert sorted(now_a_folder) == sorted(_files())
+    assert not configured.Record.made(_files(), READ).holds_for(now_a_folder)
+
+
 def test_the_record_round_trips_through_its_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
