@@ -16,9 +16,16 @@ start-up phases come from the session's own log line
   the test: ``sandbox/worker_disk.py``);
 * **re-run**: nothing changed: the cached collected worker is restored (one
   test: QEMU runs on the cached file in place, no copy);
-* **after an edit**: the test file changed: the started worker is restored
-  in place from the previous tree's collected file (its ``gondolin-clean``
-  snapshot; ``sandbox/worker_disk.py``), the tree copied and collected again.
+* **after an edit**: the test file changed: the configured worker is
+  restored in place from the previous tree's collected file (its
+  ``gondolin-configured`` snapshot: ``sandbox/configured.py``), the tree
+  copied and collected again;
+* **after editing the conftest**: pytest's configuration read it, so the
+  started worker is restored in place instead (``gondolin-clean``), and the
+  worker configures pytest again before it collects.
+
+pytest-randomly is left on when installed (the development venv has it):
+each run draws a new seed, which the cached workers do not depend on.
 
 Others' edits to an editable install the guest carries (this checkout, in a
 development venv) change the tree between runs; run it from a venv whose
@@ -45,8 +52,15 @@ TEST = """
     import pytest
 
     @pytest.mark.sandboxed
-    def test_one():
-        assert {value} == {value}
+    def test_one(base):
+        assert base + {value} == base + {value}
+"""
+CONFTEST = """
+    import pytest
+
+    @pytest.fixture
+    def base():
+        return {value}
 """
 PLUGIN = """
 import os, time
@@ -64,9 +78,10 @@ def pytest_runtest_logreport(report):
 _PHASES = re.compile(r"start-up phases: (?P<phases>.*)$", re.M)
 
 
-def _run(project: Path, value: int) -> tuple[float, float, dict[str, float], str]:
+def _run(project: Path, value: int, base: int = 0) -> tuple[float, float, dict[str, float], str]:
     """One inner run: wall s, s to the first report, start-up phases, output."""
     (project / "test_x.py").write_text(textwrap.dedent(TEST.format(value=value)))
+    (project / "conftest.py").write_text(textwrap.dedent(CONFTEST.format(value=base)))
     out = project.parent / "first-report"
     log = project.parent / "log.txt"
     out.unlink(missing_ok=True)
@@ -74,7 +89,6 @@ def _run(project: Path, value: int) -> tuple[float, float, dict[str, float], str
         **os.environ,
         "RERUN_BENCH_OUT": str(out),
         "PYTHONPATH": str(project.parent / "plugins"),
-        "PYTEST_ADDOPTS": "-p no:randomly",
     }
     args = [sys.executable, "-m", "pytest", "-p", "gondolin", "-p", "rerun_timing"]
     args += ["-p", "no:cacheprovider", f"--log-file={log}", "--log-file-level=INFO"]
@@ -109,6 +123,7 @@ def rerun_section(n: int = 3) -> list[Row]:
             "first": [],
             "rerun": [],
             "edit": [],
+            "conftest": [],
         }
         for i in range(n):
             project = Path(tmp) / f"project{i}"  # a new tree: a new collected worker
@@ -119,12 +134,19 @@ def rerun_section(n: int = 3) -> list[Row]:
             if "restored the cached collected worker" not in output:
                 raise SystemExit(f"the re-run did not restore the collected worker:\n{output}")
             results["rerun"].append((wall, first, phases))
-            wall, first, phases, _ = _run(project, 2000 + i)
+            wall, first, phases, output = _run(project, 2000 + i)
+            if "restored the configured worker" not in output:
+                raise SystemExit(f"the edit's run did not restore the configured worker:\n{output}")
             results["edit"].append((wall, first, phases))
+            wall, first, phases, output = _run(project, 2000 + i, base=1)
+            if "restored the started worker in place" not in output:
+                raise SystemExit(f"the conftest's edit did not configure again:\n{output}")
+            results["conftest"].append((wall, first, phases))
     labels = {
         "first": "sandboxed one-test file, first run of the project (started worker cached)",
         "rerun": "same, re-run with nothing changed (cached collected worker)",
-        "edit": "same, re-run after editing the test file",
+        "edit": "same, re-run after editing the test file (configured worker)",
+        "conftest": "same, re-run after editing the conftest (configured again)",
     }
     first_wall = statistics.median(r[0] for r in results["first"])
     for kind, label in labels.items():
