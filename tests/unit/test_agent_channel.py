@@ -142,7 +142,7 @@ def ch(agent: Agent) -> AgentChannel:
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going while read
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
