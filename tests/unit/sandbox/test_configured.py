@@ -15,6 +15,8 @@ import json
 import tarfile
 from pathlib import Path
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 
 from pytest_gondolin.errors import WorkerProtocolError
@@ -187,3 +189,9 @@ def test_the_client_resumes_a_worker_restored_configured() -> None:
     transport = FakeTransport([COLLECTED])
     WorkerClient(transport).start(5, resume=True)
     assert [json.loads(sent) for sent in transport.sent] == [{"t": "collect"}]
+
+
+@hypothesis.given(st.binary(max_size=2048) | st.text(max_size=512).map(str.encode))
+def test_any_record_file_is_read_or_refused_never_raises(raw: bytes) -> None:
+    record = configured.Record.from_json(raw)
+    assert record is None or isinstance(record.read, dict)
