@@ -37,7 +37,7 @@ key once that snapshot is saved, removed otherwise: the previous tree's
 collected state is gone (going back to it collects again).
 
 A taken file whose process is gone (killed before it could give it back) is
-removed by the next run that takes a cached worker.
+removed by the next run (``vm/reaper.py``, and before a run takes a cached worker).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ from pytest_gondolin.sandbox.collected_files import (
 )
 from pytest_gondolin.sandbox.transports import VMTransport
 from pytest_gondolin.sandbox.worker_cache import StartedWorker
+from pytest_gondolin.vm import reaper
 from pytest_gondolin.vm.identity import VMConfig
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.warm import CLEAN_TAG
@@ -108,19 +109,16 @@ def _taken_path(key: str, pid: int) -> Path:
 
 
 def _holder_alive(pid: int, taken: Path) -> bool:
-    """Whether process ``pid`` is there and is the one that took ``taken`` (not a reused pid)."""
+    """Whether process ``pid`` is there and is the one that took ``taken`` (not a reused pid).
+
+    The taker started before it took the file (renamed and touched then: the
+    file's ctime); a process that started later only reuses its pid.
+    """
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process: alive
-    try:
-        # /proc/<pid> is made when the process starts: one started after the
-        # file was taken (its time set then) is another process with that pid.
-        return os.stat(f"/proc/{pid}").st_ctime <= taken.stat().st_mtime + 1.0
+        when = taken.stat().st_ctime
     except OSError:
-        return True  # no /proc (or the file is gone): trust the signal check
+        return True  # gone meanwhile: nothing to remove
+    return reaper.started_before(pid, when)
 
 
 def _remove_orphans() -> None:

@@ -12,7 +12,13 @@ idempotently. While it runs, its console log keeps only its newest part
 QEMU runs in its own session (Ctrl-C reaches pytest, which then closes VMs
 in order) under ``setpriv --pdeathsig KILL``, so it cannot outlive the
 process that launched it, and without root's capabilities (see
-:func:`~pytest_gondolin.vm.qemu.privilege_drop_args`).
+:func:`~pytest_gondolin.vm.qemu.privilege_drop_args`). The death signal
+only covers a parent that dies after setpriv set it: a pytest killed
+between the fork and that moment (SIGKILL right after "starting QEMU")
+left QEMU running for good, reparented, with no ``qemu.pid`` to find it
+by. So a shell between setpriv and QEMU checks that its parent is still
+the launching process before it becomes QEMU (:func:`parent_check`, the
+check ``prctl(2)`` recommends).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ __all__ = [
     "SHUTDOWN_GRACE",
     "QemuProcess",
     "console_tail",
+    "parent_check",
     "qemu_log_tail",
     "setpriv_prefix",
 ]
@@ -67,6 +74,21 @@ def setpriv_prefix(die_with_parent: bool = True) -> list[str]:
         os.geteuid()
     )
     return [setpriv, *options, "--"] if setpriv and options else []
+
+
+#: How the parent check exits when the launching process is already gone.
+ORPHANED_EXIT = 125
+
+
+def parent_check(parent: int) -> list[str]:
+    """A command prefix that runs the rest only if its parent process is ``parent``.
+
+    Put after ``setpriv --pdeathsig``: once the death signal is set, a
+    parent that is still there will send it; one that is gone never will,
+    and the command must not start (it exits :data:`ORPHANED_EXIT`).
+    """
+    shell = shutil.which("sh") or "/bin/sh"
+    return [shell, "-c", f'[ "$PPID" = {int(parent)} ] || exit {ORPHANED_EXIT}; exec "$@"', "sh"]
 
 
 def qemu_log_tail(rundir: Path | None) -> str:
@@ -101,9 +123,12 @@ class QemuProcess:
         answer. Call :meth:`stop` in every case.
         """
         spec = self.spec
+        prefix = setpriv_prefix(die_with_parent)
+        if die_with_parent and prefix:
+            prefix += parent_check(os.getpid())
         with (spec.rundir / "qemu.log").open("wb") as errlog, children_without_huge_pages():
             self._proc = subprocess.Popen(
-                setpriv_prefix(die_with_parent) + self.argv,
+                prefix + self.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=errlog,
                 stderr=subprocess.STDOUT,
