@@ -24,7 +24,7 @@ from typing import Any
 import pytest_gondolin.sandbox.configured as configured
 import pytest_gondolin.sandbox.worker_cache as worker_cache
 import pytest_gondolin.sandbox.worker_disk as worker_disk
-from pytest_gondolin.errors import GondolinError
+from pytest_gondolin.errors import AgentError, GondolinError
 from pytest_gondolin.sandbox.client import WorkerClient
 from pytest_gondolin.sandbox.messages import Collected, Configured
 from pytest_gondolin.sandbox.transports import VMTransport
@@ -76,9 +76,18 @@ def collect(
         kept.append(configured.Record.made(files, message.read))
         phases.mark("save configured")
 
-    collected = client.start(timeout, on_configured=on_configured)
-    if stale is not None:
-        stale.join()
+    try:
+        collected = client.start(timeout, on_configured=on_configured)
+    except AgentError as exc:
+        # A file of tens of thousands of items took 100 s and ~200 MB to collect
+        # (packaging's test_version.py): in a 256 MiB guest, a timeout or a kill.
+        raise AgentError(
+            f"{exc}\n(the guest has {vm.config.memory_mib} MiB of memory: collecting a large "
+            "file may need more, --gondolin-memory or the sandboxed marker's memory=)"
+        ) from exc
+    finally:
+        if stale is not None:
+            stale.join()
     return collected, kept[0] if kept else None
 
 
