@@ -23,18 +23,8 @@ from pytest_gondolin.errors import WorkerProtocolError
 from pytest_gondolin.sandbox import configured
 from pytest_gondolin.sandbox.client import WorkerClient
 from pytest_gondolin.sandbox.messages import MAX_CONFIGURED_READS, Configured, parse_message
+from tests.tars import tar_of
 from tests.unit.sandbox._wire import COLLECTED, FakeTransport, line
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
 
 TREE = {
     "proj/conftest.py": b"import helper\n",
@@ -45,11 +35,11 @@ READ = ["/proj/conftest.py", "/proj/helper.py", "/usr/lib/python3.11/os.py", "/p
 
 
 def _files(**changes: bytes) -> dict[str, str]:
-    return configured.tree_files([_tar({**TREE, **{f"proj/{k}": v for k, v in changes.items()}})])
+    return configured.tree_files([tar_of({**TREE, **{f"proj/{k}": v for k, v in changes.items()}})])
 
 
 def test_tree_files_name_every_member_by_its_guest_path() -> None:
-    files = configured.tree_files([_tar(TREE)])
+    files = configured.tree_files([tar_of(TREE)])
     assert sorted(files) == ["/proj/conftest.py", "/proj/helper.py", "/proj/test_x.py"]
     assert files != _files(test_x=b"def test(): assert 0\n")
 
@@ -78,7 +68,7 @@ def test_the_record_holds_only_for_the_same_configuration_input(
 
 
 def test_a_file_removed_refuses_the_record() -> None:
-    fewer = configured.tree_files([_tar({k: v for k, v in TREE.items() if "test_x" not in k})])
+    fewer = configured.tree_files([tar_of({k: v for k, v in TREE.items() if "test_x" not in k})])
     assert not configured.Record.made(_files(), READ).holds_for(fewer)
 
 

@@ -15,27 +15,18 @@ import pluggy
 import pytest
 
 from pytest_gondolin.sandbox.startup_tree import join_tars, pack_startup_tree, startup_paths
+from tests.tars import tar_of
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def test_joined_tars_unpack_whole_with_plain_tar(tmp_path: Path) -> None:
-    joined = join_tars(_tar({"a/one": b"1"}), b"", _tar({"b/two": b"22"}))
+def test_joined_tars_unpack_whole_with_plaintar_of(tmp_path: Path) -> None:
+    joined = join_tars(tar_of({"a/one": b"1"}), b"", tar_of({"b/two": b"22"}))
     subprocess.run(["tar", "-xf", "-", "-C", str(tmp_path)], input=joined, check=True)
     assert (tmp_path / "a" / "one").read_bytes() == b"1"
     assert (tmp_path / "b" / "two").read_bytes() == b"22"
     # control: concatenated, plain tar stops at the first archive's end
     subprocess.run(
         ["tar", "-xf", "-", "-C", str(tmp_path / "a")],
-        input=_tar({"x": b""}) + _tar({"y": b""}),
+        input=tar_of({"x": b""}) + tar_of({"y": b""}),
         check=True,
     )
     assert (tmp_path / "a" / "x").exists() and not (tmp_path / "a" / "y").exists()
