@@ -12,8 +12,9 @@
   55 distributions, 55-150 ms under that load; a hit (~200 ``stat`` calls
   and the JSON) 1-7 ms.
 
-Each answer is saved under the user cache dir with the ``stat`` (size,
-mtime in ns, inode) of every path it was read from: for the tables, their
+Each answer is saved under the user cache dir with the ``stat`` of every
+path it was read from (the environment scan's mechanism:
+``environment_cache.load_scan`` / ``save_scan``): for the tables, their
 folder and each table file; for the distributions, every ``sys.path``
 entry (a distribution installed or removed changes its folder's mtime),
 each distribution's metadata folder and the files the function reads in it.
@@ -39,11 +40,11 @@ import logging
 import os
 import sys
 import tarfile
-import threading
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
+
+from pytest_gondolin.sandbox.environment_cache import RACY_SECONDS, load_scan, save_scan
 
 __all__ = [
     "HYPOTHESIS_TABLES_MAX",
@@ -59,13 +60,10 @@ log = logging.getLogger(__name__)
 HYPOTHESIS_TABLES_MAX: Final = 4 << 20
 #: Entries kept per kind: one per virtualenv (or Hypothesis folder) in use.
 MAX_ENTRIES: Final = 16
-#: A distribution file changed this recently could change again within the
-#: same coarse mtime tick, unseen: no answer depending on it is saved.
-RACY_SECONDS: Final = 2.0
 #: An entry larger than this is not read (the tables' cap, base64, plus slack).
 _MAX_ENTRY_BYTES: Final = HYPOTHESIS_TABLES_MAX * 2
 #: Bumped when what an entry holds, or how it is made, changes.
-_FORMAT: Final = 1
+_FORMAT: Final = 2
 #: The files ``packages_distributions`` reads in a metadata folder (Python 3.11+).
 _METADATA_FILES: Final = (
     "top_level.txt",
@@ -77,19 +75,6 @@ _METADATA_FILES: Final = (
 )
 
 
-def _stamp(paths: Sequence[str]) -> list[list[int]]:
-    """``[size, mtime_ns, inode]`` of each of ``paths`` (``[-1, -1, 0]``: no such path)."""
-    out: list[list[int]] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            out.append([-1, -1, 0])
-        else:
-            out.append([st.st_size, st.st_mtime_ns, st.st_ino])
-    return out
-
-
 def _entry(cache: Path, kind: str, *key: str) -> Path:
     digest = hashlib.sha256(json.dumps([_FORMAT, kind, *key]).encode()).hexdigest()[:32]
     return cache / f"{kind}-{digest}.json"
@@ -97,56 +82,17 @@ def _entry(cache: Path, kind: str, *key: str) -> Path:
 
 def _load(entry: Path) -> object | None:
     """The answer saved in ``entry`` while every path it depends on is unchanged; else None."""
-    try:
-        with entry.open("rb") as fh:
-            raw = fh.read(_MAX_ENTRY_BYTES + 1)
-        if len(raw) > _MAX_ENTRY_BYTES:
-            return None
-        saved = json.loads(raw)
-        witnesses = saved["witnesses"]
-        if not (isinstance(witnesses, list) and all(isinstance(w, str) for w in witnesses)):
-            return None
-        if _stamp(witnesses) != saved["stamp"]:
-            return None
+    answer: object = load_scan(entry, max_bytes=_MAX_ENTRY_BYTES)
+    if answer is not None:
         with contextlib.suppress(OSError):
             os.utime(entry)  # recently used: evicted last
-        answer: object = saved["answer"]
-        return answer
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.debug("no cached answer in %s: %s", entry, exc)
-        return None
+    return answer
 
 
-def _save(
-    entry: Path,
-    witnesses: Sequence[str],
-    stamp: list[list[int]],
-    answer: object,
-    *,
-    racy: bool,
-) -> bool:
-    """Save ``answer`` for :func:`_load`, with ``stamp``: the stat of ``witnesses`` before they were read.
-
-    True if saved. With ``racy``, not saved while a witness changed in the
-    last :data:`RACY_SECONDS`.
-    """
-    recent = time.time_ns() - int(RACY_SECONDS * 1e9)
-    if racy and any(mtime >= recent for _, mtime, _ in stamp):
-        log.debug("%s not cached: a file it read changed just now", entry.name)
-        return False
-    data = json.dumps({"witnesses": list(witnesses), "stamp": stamp, "answer": answer})
-    if len(data) > _MAX_ENTRY_BYTES:
-        return False
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(data, encoding="utf-8")
-        os.replace(tmp, entry)  # atomic: a reader sees a whole entry or none
-    except OSError as exc:
-        log.debug("%s not cached: %s", entry, exc)
-        return False
-    _evict(entry)
-    return True
+def _save(entry: Path, witnesses: Sequence[str], answer: object, *, racy: bool) -> None:
+    """Save ``answer`` for :func:`_load` (``environment_cache.save_scan``), then evict."""
+    if save_scan(entry, witnesses, answer, racy=racy):
+        _evict(entry)
 
 
 def _evict(entry: Path) -> None:
@@ -202,7 +148,6 @@ def hypothesis_tables(cache: Path) -> bytes:
         if by_codec is not None:
             by_codec("utf-8")
         witnesses = [str(folder), *map(str, sorted(folder.glob("*.json.gz")))]
-        stamp = _stamp(witnesses)
         # Recompressed: Hypothesis rewrites a codec's file on every call, its
         # gzip header naming a temporary file, so the bytes (and the collected
         # worker's key, which holds them) changed with every run.
@@ -220,7 +165,7 @@ def hypothesis_tables(cache: Path) -> bytes:
     # now, by the call above, on every miss. Its content is fixed by
     # Hypothesis's version and the Unicode version (in the entry's name and
     # folder); the stat tells that no table was added or replaced since.
-    _save(entry, witnesses, stamp, base64.b64encode(packed).decode("ascii"), racy=False)
+    _save(entry, witnesses, base64.b64encode(packed).decode("ascii"), racy=False)
     return packed
 
 
@@ -260,13 +205,8 @@ def packages_distributions(cache: Path) -> Mapping[str, list[str]]:
             return importlib.metadata.packages_distributions()
         folders.append(str(folder))
         files += [os.path.join(folder, name) for name in _METADATA_FILES]
-    # Before the read: a change during it shows next run. A file missing now
-    # is no witness: one created later changes its folder's mtime.
-    stamp = _stamp(folders)
-    for path, st in zip(files, _stamp(files), strict=True):
-        if st[0] >= 0:
-            folders.append(path)
-            stamp.append(st)
+    # A file missing now is no witness: one created later changes its folder's
+    # mtime. A change during the read is within RACY_SECONDS: not saved.
     answer = importlib.metadata.packages_distributions()
-    _save(entry, folders, stamp, answer, racy=True)
+    _save(entry, folders + [path for path in files if os.path.exists(path)], answer, racy=True)
     return answer

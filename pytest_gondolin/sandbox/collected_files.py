@@ -19,6 +19,7 @@ import filelock
 
 import pytest_gondolin.paths as paths
 from pytest_gondolin.vm.overlay import copy_disk
+from pytest_gondolin.vm.reaper import TAKEN as TAKEN
 
 __all__ = [
     "MAX_COLLECTED",
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 
 #: Collected snapshots kept (each is the environment's disk plus the guest's RAM, ~450 MiB).
 MAX_COLLECTED: Final = 6
-#: The suffix of a file taken by one run (``sandbox/worker_disk.py``); the taker's pid follows.
-TAKEN: Final = ".taken-"
 #: The suffix of a collected file's configured-snapshot record (``sandbox/configured.py``).
 RECORD_SUFFIX: Final = ".configured.json"
 #: A write copies one disk (~0.3 s); a writer holding the lock far longer is stuck.

@@ -86,10 +86,17 @@ def _stamp(paths: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def load_scan(entry: Path) -> Any | None:
-    """The answer saved in ``entry`` if every path it depends on is unchanged; else None."""
+def load_scan(entry: Path, *, max_bytes: int | None = None) -> Any | None:
+    """The answer saved in ``entry`` if every path it depends on is unchanged; else None.
+
+    ``max_bytes``: a larger entry is not read (None: no bound).
+    """
     try:
-        saved = json.loads(entry.read_text(encoding="utf-8"))
+        with entry.open("rb") as file:
+            raw = file.read() if max_bytes is None else file.read(max_bytes + 1)
+        if max_bytes is not None and len(raw) > max_bytes:
+            return None
+        saved = json.loads(raw)
         witnesses = saved["witnesses"]
         if not isinstance(witnesses, list):
             return None
@@ -98,24 +105,26 @@ def load_scan(entry: Path) -> Any | None:
             return None
         return saved["answer"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.debug("no cached environment scan in %s: %s", entry, exc)
+        log.debug("no cached answer in %s: %s", entry, exc)
         return None
 
 
-def save_scan(entry: Path, witnesses: Iterable[str], answer: Any) -> bool:
+def save_scan(entry: Path, witnesses: Iterable[str], answer: Any, *, racy: bool = True) -> bool:
     """Save ``answer`` for :func:`load_scan`, keyed by the stat of ``witnesses``; True if saved.
 
     Not saved (False) when a witness changed in the last :data:`RACY_SECONDS`
-    or the cache cannot be written.
+    or the cache cannot be written. ``racy=False``: the caller knows a
+    witness changed just now without changing what the answer holds (it
+    rewrote the file itself), so recent changes do not hold it back.
     """
     paths = list(dict.fromkeys(witnesses))
     if len(paths) > _MAX_WITNESSES:
         return False
     recent = time.time_ns() - int(RACY_SECONDS * 1e9)
-    for path in paths:
+    for path in paths if racy else ():
         try:
             if os.stat(path).st_mtime_ns >= recent:
-                log.debug("environment scan not cached: %s changed just now", path)
+                log.debug("%s not cached: %s changed just now", entry.name, path)
                 return False
         except OSError:
             continue
@@ -127,7 +136,7 @@ def save_scan(entry: Path, witnesses: Iterable[str], answer: Any) -> bool:
         os.replace(tmp, entry)  # atomic: a reader sees a whole answer or none
         return True
     except OSError as exc:
-        log.debug("environment scan not cached in %s: %s", entry, exc)
+        log.debug("%s not cached: %s", entry, exc)
         return False
 
 

@@ -37,7 +37,7 @@ key once that snapshot is saved, removed otherwise: the previous tree's
 collected state is gone (going back to it collects again).
 
 A taken file whose process is gone (killed before it could give it back) is
-removed by the next run (``vm/reaper.py``, and before a run takes a cached worker).
+removed by the next run, at its start (``vm/reaper.remove_stale_cache_files``).
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ from pytest_gondolin.sandbox.collected_files import (
 )
 from pytest_gondolin.sandbox.transports import VMTransport
 from pytest_gondolin.sandbox.worker_cache import StartedWorker
-from pytest_gondolin.vm import reaper
 from pytest_gondolin.vm.identity import VMConfig
 from pytest_gondolin.vm.machine import VM
 from pytest_gondolin.vm.warm import CLEAN_TAG
@@ -108,28 +107,6 @@ def _taken_path(key: str, pid: int) -> Path:
     return collected_dir() / f".{key}.qcow2{TAKEN}{pid}"
 
 
-def _holder_alive(pid: int, taken: Path) -> bool:
-    """Whether process ``pid`` is there and is the one that took ``taken`` (not a reused pid).
-
-    The taker started before it took the file (renamed and touched then: the
-    file's ctime); a process that started later only reuses its pid.
-    """
-    try:
-        when = taken.stat().st_ctime
-    except OSError:
-        return True  # gone meanwhile: nothing to remove
-    return reaper.started_before(pid, when)
-
-
-def _remove_orphans() -> None:
-    """Remove taken files (of any key) whose process is gone: it could not give them back."""
-    for path in collected_dir().glob(f".*.qcow2{TAKEN}*"):
-        pid = path.name.rpartition(TAKEN)[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _holder_alive(int(pid), path):
-            log.info("removing %s: its process %s is gone", path, pid)
-            path.unlink(missing_ok=True)
-
-
 def take_collected(key: str) -> Path | None:
     """The cached collected worker ``key``, moved aside for this process alone; None if not there.
 
@@ -140,7 +117,6 @@ def take_collected(key: str) -> Path | None:
     folder = collected_dir()
     if not paths.can_write(folder):
         return None
-    _remove_orphans()
     taken = _taken_path(key, os.getpid())
     try:
         collected_path(key).rename(taken)

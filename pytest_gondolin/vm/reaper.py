@@ -226,7 +226,7 @@ def reap_orphans(*, spare_kept: bool = False) -> list[Path]:
     return removed
 
 
-#: The suffix of a taken cached worker (``sandbox/worker_disk.TAKEN``; a test checks they agree).
+#: The suffix of a taken cached worker (``sandbox/worker_disk.py``); the taker's pid follows.
 TAKEN: Final = ".taken-"
 #: Linux's largest pid (``pid_max`` cannot be set higher): a thread ident is never one.
 PID_LIMIT: Final = 1 << 22

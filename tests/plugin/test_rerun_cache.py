@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pytest_gondolin.sandbox import collected_files, worker_disk
+from pytest_gondolin.vm import reaper
 from tests.plugin.test_cache_folder import run_read_only
 from tests.plugin.test_sandboxed import run_gondolin
 
@@ -381,6 +382,7 @@ def test_a_taken_file_of_a_dead_process_is_removed(worker_cache_of_our_own: Path
     # does not hold it either: the file's ctime cannot be set back here, so that
     # rule (vm/reaper.started_before) is tested on its own in
     # tests/integration/test_interrupted_reaping.py.
+    reaper.remove_stale_cache_files()  # what every session does at its start
     taken = worker_disk.take_collected(key)
     assert taken is not None and taken.read_bytes() == b"cached"
     assert not cached.exists()  # no other run sees it while taken
