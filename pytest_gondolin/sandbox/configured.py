@@ -35,7 +35,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -43,7 +43,7 @@ from typing import Final
 import pytest_gondolin.paths as paths
 from pytest_gondolin.sandbox.collected_files import RECORD_SUFFIX, collected_dir
 from pytest_gondolin.sandbox.messages import MAX_CONFIGURED_READS
-from pytest_gondolin.sandbox.worker_cache import tree_members
+from pytest_gondolin.sandbox.worker_cache import TreeMembers, tree_members
 
 __all__ = [
     "CONFIGURED_TAG",
@@ -66,15 +66,16 @@ RECORD_FORMAT: Final = "configured 2"
 MAX_RECORD_BYTES: Final = 4 * 1024 * 1024
 
 
-def tree_files(tars: Iterable[bytes]) -> dict[str, str]:
+def tree_files(tars: Sequence[bytes] | TreeMembers) -> dict[str, str]:
     """What the project ``tars`` unpack to in the guest: absolute path -> ``<type>:<digest>``.
 
     The type is tar's code (``0`` a file, ``5`` a folder, ``2`` a link): a
     name that changed type changes the tree's names (:class:`Record`).
+    ``tars`` may be given as their ``worker_cache.members_of`` already.
     """
     files: dict[str, str] = {}
     for data in tars:
-        for name, kind, digest in tree_members(data):
+        for name, kind, digest in tree_members(data) if isinstance(data, bytes) else data:
             files["/" + name.strip("/")] = f"{kind}:{digest.hex()}"
     return files
 

@@ -230,6 +230,7 @@ class GuestWorker:
         vmconfig = layer_config(vmconfig, layers)
         phases.mark("environment scan")
         tars = self.setup.project_tars()
+        members = worker_cache.members_of(tars)  # hashed once: the key, the configured record
         go: dict[str, Any] = {
             "argv": session_args,
             "cwd": str(self.config.invocation_params.dir),
@@ -238,7 +239,7 @@ class GuestWorker:
         }
         key = worker_cache.collected_key(
             stack_digest(state_key(vmconfig), layers),
-            worker_cache.tree_digest(tars),
+            worker_cache.tree_digest(members),
             {**go, "argv": guest_plugins.key_args(session_args)},
         )
         phases.mark("pack and digest")
@@ -283,7 +284,7 @@ class GuestWorker:
             # One test after an edit: the started (or configured) worker loaded in
             # place from the previous tree's file, not from a copy of the layer's
             # (worker_disk.py, configured.py).
-            files = configured.tree_files(tars) if one_test else None
+            files = configured.tree_files(members) if one_test else None
             reused = (
                 worker_disk.restore_started(vmconfig, key, worker, name=name, say=say, files=files)
                 if one_test

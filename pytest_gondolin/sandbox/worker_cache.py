@@ -74,8 +74,10 @@ __all__ = [
     "STATE_FILE",
     "Phases",
     "StartedWorker",
+    "TreeMembers",
     "collected_key",
     "keep_snapshot",
+    "members_of",
     "preload_modules",
     "restore_collected",
     "runnable_here",
@@ -312,11 +314,24 @@ def tree_members(data: bytes) -> Iterator[tuple[str, str, bytes]]:
             yield member.name, member.type.decode("latin-1"), digest.digest()
 
 
-def tree_digest(tars: Sequence[bytes]) -> str:
-    """A digest of what ``tars`` unpack to: names, types, modes, link targets and bytes, not times."""
+#: Each tar's members, as :func:`tree_members` gives them: read once, used for
+#: the collected key (:func:`tree_digest`) and the configured record.
+TreeMembers = list[list[tuple[str, str, bytes]]]
+
+
+def members_of(tars: Sequence[bytes]) -> TreeMembers:
+    """Every member of each of ``tars`` (:func:`tree_members`), each tar's in a list."""
+    return [list(tree_members(data)) for data in tars]
+
+
+def tree_digest(tars: Sequence[bytes] | TreeMembers) -> str:
+    """A digest of what ``tars`` unpack to: names, types, modes, link targets and bytes, not times.
+
+    ``tars`` may be given as their :func:`members_of` already.
+    """
     digest = hashlib.sha256()
     for data in tars:
-        for _, _, member in tree_members(data):
+        for _, _, member in tree_members(data) if isinstance(data, bytes) else data:
             digest.update(member)
         digest.update(b"\0end of tar\0")
     return digest.hexdigest()

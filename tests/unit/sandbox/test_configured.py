@@ -20,7 +20,7 @@ import hypothesis.strategies as st
 import pytest
 
 from pytest_gondolin.errors import WorkerProtocolError
-from pytest_gondolin.sandbox import configured
+from pytest_gondolin.sandbox import configured, worker_cache
 from pytest_gondolin.sandbox.client import WorkerClient
 from pytest_gondolin.sandbox.messages import MAX_CONFIGURED_READS, Configured, parse_message
 from tests.tars import tar_of
@@ -185,3 +185,10 @@ def test_the_client_resumes_a_worker_restored_configured() -> None:
 def test_any_record_file_is_read_or_refused_never_raises(raw: bytes) -> None:
     record = configured.Record.from_json(raw)
     assert record is None or isinstance(record.read, dict)
+
+
+def test_members_read_once_give_the_same_key_and_files() -> None:
+    tars = [tar_of(TREE), tar_of({"other/x.py": b"x"})]
+    members = worker_cache.members_of(tars)
+    assert worker_cache.tree_digest(members) == worker_cache.tree_digest(tars)
+    assert configured.tree_files(members) == configured.tree_files(tars)
